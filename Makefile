@@ -1,0 +1,55 @@
+# qbench — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXP ?= demo
+LAUNCHER ?= local
+SWEEP ?= $(EXP)
+ARGS ?=
+# Nothing in tests or the demo touches the network: models are built here, data is bundled.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GPTQMODEL_OFFLINE=1
+
+.PHONY: help install install-gpu test test-gpu demo sweep report bench-check browser clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first, pinned: on these machines pip finds a local CPU wheel; a bare `torch` would pull a CUDA build
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[bnb,eval,gptq,report,slurm,dev]"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install qbench with every extra (CPU torch)
+
+install-gpu: ## on a GPU node: install qbench into the current Python, keeping its CUDA torch
+	python3 -m pip install -e ".[bnb,eval,gptq,report,slurm]"
+
+test: install ## run the CPU test suite (GPU tests skip themselves without a GPU)
+	$(OFFLINE) $(PY) -m pytest -q $(ARGS)
+
+test-gpu: ## run the GPU tier only (on a GPU node)
+	$(OFFLINE) $(PY) -m pytest -q -m gpu $(ARGS)
+
+demo: install ## the embedded default: tiny model x 4 methods on CPU, offline, then reports/demo/index.html
+	$(OFFLINE) $(VENV)/bin/qbench -m experiment=demo $(ARGS)
+	$(VENV)/bin/qbench-report runs/demo
+	@echo "open reports/demo/index.html"
+
+sweep: ## run a sweep: make sweep EXP=<experiment> [LAUNCHER=local|parallel|slurm] [ARGS="key=value ..."]
+	$(if $(wildcard $(VENV)/bin/qbench),$(VENV)/bin/qbench,qbench) -m experiment=$(EXP) hydra/launcher=$(LAUNCHER) $(ARGS)
+
+report: ## build reports/<sweep>/index.html from runs/<sweep>: make report SWEEP=<sweep>
+	$(if $(wildcard $(VENV)/bin/qbench-report),$(VENV)/bin/qbench-report,qbench-report) runs/$(SWEEP)
+
+bench-check: ## re-run one cell N times and print the spread: make bench-check ARGS="model=tiny method=bf16" N=5
+	$(if $(wildcard $(PY)),$(PY),python3) scripts/bench_check.py --repeats $(or $(N),5) $(ARGS)
+
+browser: ## install Debian's chromium for the report's browser test
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+clean: ## remove runs/, reports/ (keeping committed examples) and caches
+	rm -rf runs/*/ reports/*/ .cache/qbench .pytest_cache
+	git checkout -- reports/examples 2>/dev/null || true

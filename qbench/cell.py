@@ -1,0 +1,217 @@
+"""One cell, in its own process: load → quantize → measure (memory, latency, accuracy) → store.
+
+Started by qbench.cli.run_cell as ``python -m qbench.cell <spec.json>``. Whatever happens, the cell ends in a
+result.json: ``ok`` with its metrics, or ``error`` with the error class, message, traceback and the phase it
+failed in, plus every metric measured before the failure. The one exception is Ctrl-C: an interrupted cell
+writes nothing, so that the next run of the sweep redoes it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict
+
+log = logging.getLogger("qbench.cell")
+
+
+def classify(exc: BaseException) -> str:
+    """Error class stored in the result: oom | config | exception."""
+    from qbench.config import ConfigError
+
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return "oom"
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return "oom"
+    if isinstance(exc, ConfigError):
+        return "config"
+    return "exception"
+
+
+def resolve_device(bench_device: str) -> str:
+    import torch
+
+    if bench_device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if bench_device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("bench.device is cuda but torch sees no CUDA device")
+    return bench_device
+
+
+def device_map_for(device: str, num_gpus: int) -> Any:
+    if device == "cpu":
+        return {"": "cpu"}
+    return {"": 0} if num_gpus == 1 else "auto"  # "auto" spreads layers over every visible GPU
+
+
+def run(spec: Dict[str, Any]) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from qbench import methods, models
+    from qbench.store import SCHEMA_VERSION, environment, now_iso
+
+    cfg = OmegaConf.create(spec["config"])
+    t_start = time.perf_counter()
+    result: Dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "attempt_id": spec.get("attempt_id"),
+        "status": "error",
+        "sweep": cfg.run.sweep,
+        "cell": f"{cfg.model.name}__{cfg.method.name}",
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "method_kind": cfg.method.kind,
+        "random_weights": bool(cfg.model.random_init or cfg.model.source.startswith("builtin:")),
+        "started_at": now_iso(),
+        "pid": os.getpid(),  # each cell runs in a process of its own
+        "config": spec["config"],
+        "overrides": spec.get("overrides", []),
+        "command": spec.get("command", ""),
+        "environment": environment(),
+        "timings": {},
+        "metrics": {},
+        "warnings": [],
+        "error": None,
+    }
+    timings = result["timings"]
+    metrics = result["metrics"]
+    phase = "setup"
+    try:
+        import torch
+
+        from qbench.measure import memory
+
+        device = resolve_device(cfg.bench.device)
+        result["device"] = device
+        result["gpus_used"] = list(range(torch.cuda.device_count())) if device == "cuda" else []
+        method = methods.get(cfg.method.kind)
+
+        phase = "resolve"
+        t0 = time.perf_counter()
+        source = models.resolve(cfg.model, cfg.run.cache_dir, device=device)
+        source.info["cache_dir"] = str(Path(cfg.run.cache_dir).expanduser())
+        timings["resolve_s"] = time.perf_counter() - t0
+        result["source"] = {
+            "path": source.path,
+            "revision": source.revision,
+            "trust_remote_code": source.trust_remote_code,
+            "random_weights": source.random_weights,
+            **{k: v for k, v in source.info.items() if k != "cache_dir"},
+        }
+        result["random_weights"] = source.random_weights
+
+        phase = "load"
+        phases = memory.PhaseMemory(device)
+        with phases.phase("load"):
+            t0 = time.perf_counter()
+            model, method_info = method.load(source, cfg.method, device_map_for(device, int(cfg.model.num_gpus)))
+            timings["load_s"] = time.perf_counter() - t0
+        model.eval()
+        tokenizer = models.load_tokenizer(source)
+        result["method_info"] = method_info
+        timings["quantize_s"] = method_info.get("quantize_s")
+        if device == "cuda" and hasattr(model, "hf_device_map"):
+            result["device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
+
+        if cfg.run.inject_failure:
+            _inject(cfg.run.inject_failure, cfg.method.name)
+
+        phase = "memory"
+        footprint = memory.weight_footprint(model)
+        analytic = memory.analytic_weights(model.config, method, cfg.method)
+        metrics["memory"] = {**footprint, **analytic}
+        measured, expected = footprint.get("weight_bytes_measured"), analytic.get("weight_bytes_analytic")
+        metrics["memory"]["weight_measured_over_analytic"] = measured / expected if measured and expected else None
+
+        if cfg.bench.enabled:
+            phase = "latency"
+            from qbench.measure import latency
+
+            t0 = time.perf_counter()
+            lat = latency.measure(model, tokenizer, cfg.bench, device, phases, footprint["weight_bytes_measured"], model.config)
+            timings["latency_s"] = time.perf_counter() - t0
+            result["warnings"].extend(lat.pop("warnings", []))
+            metrics["latency"] = lat
+
+        if cfg.eval.enabled:
+            phase = "eval"
+            from qbench.measure import accuracy
+
+            t0 = time.perf_counter()
+            with phases.phase("eval"):
+                metrics["accuracy"] = accuracy.run(model, tokenizer, cfg.eval, device, result["random_weights"])
+            timings["eval_s"] = time.perf_counter() - t0
+
+        metrics["memory"].update(phases.summary())
+        if "kv_cache_bytes_analytic" not in metrics["memory"] and cfg.bench.enabled:
+            metrics["memory"]["kv_cache_bytes_analytic"] = [
+                {"batch_size": b, "seq_len_tokens": cfg.bench.decode_prompt_tokens + cfg.bench.new_tokens,
+                 "bytes": memory.kv_cache_bytes(model.config, b, cfg.bench.decode_prompt_tokens + cfg.bench.new_tokens,
+                                                _dtype_bytes(model))}
+                for b in cfg.bench.batch_sizes
+            ]
+        result["status"] = "ok"
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # failures are data
+        result["error"] = {
+            "class": classify(exc),
+            "type": type(exc).__name__,
+            "message": str(exc)[:4000],
+            "traceback": traceback.format_exc()[-20000:],
+            "phase": phase,
+        }
+        log.error("cell failed in %s: %s: %s", phase, type(exc).__name__, exc)
+    result["finished_at"] = now_iso()
+    result["wall_time_s"] = time.perf_counter() - t_start
+    return result
+
+
+def _dtype_bytes(model: Any) -> int:
+    import torch
+
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            return torch.finfo(p.dtype).bits // 8
+    return 2
+
+
+def _inject(spec: str, method_name: str) -> None:
+    import torch
+
+    kind, _, only = spec.partition(":")
+    if only and only != method_name:
+        return
+    if kind == "oom":
+        raise torch.OutOfMemoryError("injected by run.inject_failure=oom")
+    raise RuntimeError("injected by run.inject_failure=exception")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qbench.store import write_result
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    spec_path = Path(argv[0])
+    spec = json.loads(spec_path.read_text())
+    cell_dir = spec_path.parent.parent
+    try:
+        result = run(spec)
+    except KeyboardInterrupt:
+        log.warning("interrupted: no result written, the next run redoes this cell")
+        return 130
+    write_result(cell_dir, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

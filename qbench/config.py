@@ -1,0 +1,346 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+The YAML files under conf/ are validated against these dataclasses when Hydra composes them: a
+misspelt key or a value of the wrong type fails at compose time with Hydra's message naming the key.
+Checks that a type cannot express (a negative batch size, ``bits: 5`` for GPTQ) live in
+:func:`validate`, which runs before any model is loaded.
+
+Units live in the field names (``_s``, ``_tokens``, ``_min``) or in the comment beside each field.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """Bad input: reported to the user as one line naming the culprit, before any work starts."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in cell ids and reports, e.g. "llama3_1_8b_instruct"
+    # Hub id ("meta-llama/Llama-3.1-8B-Instruct"), a local directory, or "builtin:tiny" (built here, offline)
+    source: str = MISSING
+    revision: Optional[str] = None  # Hub branch, tag or commit; recorded in every result
+    dtype: str = "bfloat16"  # dtype of the unquantized weights: float32 | float16 | bfloat16
+    # Random-init mode: build the architecture from its config.json, no weights downloaded. For memory and
+    # latency at real sizes; accuracy then sits at chance and the report says so.
+    random_init: bool = False
+    # A config.json bundled with qbench (qbench/architectures/<name>.json), used by random-init mode when
+    # the source is a Hub id, so that random-init works air-gapped.
+    architecture: Optional[str] = None
+    # Fields of config.json to override, e.g. {num_hidden_layers: 8} for a shortened model
+    config_overrides: Dict[str, Any] = field(default_factory=dict)
+    tokenizer: Optional[str] = None  # tokenizer source if not the model's own; null = the model's
+    trust_remote_code: bool = False  # runs code from the model repo: off unless a model config turns it on
+    num_gpus: int = 1  # GPUs one cell uses; >1 spreads the model with device_map="auto"
+    seed: int = 0  # seed of the random-init weights
+
+
+@dataclass
+class CalibrationConfig:
+    # "builtin:tiny_text" (bundled), a local .txt/.jsonl file, or a Hub dataset id (online, e.g. "allenai/c4")
+    source: str = "builtin:tiny_text"
+    text_field: str = "text"  # field read from JSONL / Hub rows ("question" for GSM8K's train.jsonl)
+    num_samples: int = 128  # calibration sequences
+    seq_len_tokens: int = 512  # tokens per calibration sequence
+    seed: int = 0
+
+
+@dataclass
+class MethodConfig:
+    """One schema for every method: each method reads the fields it needs and validates them.
+
+    A union keeps the YAML flat and typed; a key that no method knows still fails at compose time.
+    """
+
+    name: str = MISSING  # method id used in cell ids and reports, e.g. "bnb_nf4"
+    kind: str = MISSING  # implementation in the registry (qbench/methods/__init__.py)
+    dtype: str = "bfloat16"  # dtype of what stays unquantized (embeddings, norms, lm_head) and of compute
+    description: str = ""  # one line shown in the report
+    bits: Optional[int] = None  # bits per quantized weight
+    # bitsandbytes
+    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4 (transformers' default is fp4: we never rely on it)
+    bnb_4bit_use_double_quant: bool = True  # quantize the absmax scales too (4.127 instead of 4.5 bits/weight)
+    bnb_4bit_compute_dtype: str = "bfloat16"  # dtype of the matmul (transformers' default is float32)
+    llm_int8_threshold: float = 6.0  # LLM.int8 outlier threshold; columns above it run in 16-bit
+    # GPTQ / AWQ (GPT-QModel)
+    group_size: int = 128  # weights sharing one scale/zero; must divide the hidden size
+    sym: bool = True  # symmetric quantization
+    desc_act: bool = False  # GPTQ act-order
+    damp_percent: float = 0.05  # GPTQ Hessian damping, fraction of the mean diagonal
+    awq_format: str = "gemm"  # AWQ packing format: gemm | gemv
+    backend: str = "auto"  # GPT-QModel kernel: auto | marlin | exllama_v2 | triton | torch | torch_awq | gemm ...
+    checkpoint: Optional[str] = None  # pre-quantized checkpoint (Hub id or local dir): skip quantizing
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+
+@dataclass
+class BenchConfig:
+    enabled: bool = True  # false: skip latency (memory is always measured)
+    device: str = "auto"  # auto (cuda if present, else cpu) | cuda | cpu
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 8, 32])
+    prompt_tokens: List[int] = field(default_factory=lambda: [512])  # prefill lengths measured
+    decode_prompt_tokens: int = 128  # prompt length before decode
+    new_tokens: int = 128  # decode length, forced (min_new_tokens == max_new_tokens, EOS disabled)
+    decode_paths: List[str] = field(default_factory=lambda: ["eager"])  # eager | static
+    warmup_runs: int = 2  # runs discarded before timing (compile, first-call effects)
+    min_repeats: int = 10  # timed runs at least
+    max_repeats: int = 100  # timed runs at most
+    min_duration_s: float = 1.0  # keep repeating until this much time is timed
+    cv_warn_threshold: float = 0.05  # coefficient of variation above which the cell records a warning
+    seed: int = 0  # seed of the random prompt token ids (same prompts for every method of a sweep)
+    # GPU spec overrides (name -> {mem_bandwidth_gb_s, ...}); see qbench/measure/gpu_specs.py
+    gpu_spec_overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PerplexityConfig:
+    enabled: bool = False
+    # "builtin:tiny_text", a local .txt file, or "wikitext2" (online, the GPTQ/AWQ papers' test split)
+    source: str = "builtin:tiny_text"
+    seq_len_tokens: int = 512  # window length
+    max_windows: Optional[int] = None  # cap on windows scored; null = whole corpus
+
+
+PERPLEXITY_HUB_SOURCES = ("wikitext2",)
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = False
+    tasks: List[str] = field(default_factory=list)  # lm-eval task names: mmlu, gsm8k, or any other
+    num_fewshot: Dict[str, int] = field(default_factory=dict)  # per task; mmlu 5 and gsm8k 5 by default
+    limit: Optional[float] = None  # items per task (or per MMLU subject); <1.0 = fraction; null = all
+    task_limits: Dict[str, float] = field(default_factory=dict)  # per-task override of limit, e.g. {gsm8k: 100}
+    # cap on generated tokens per item of generate_until tasks (gsm8k); null = the task's own (lm-eval: 256).
+    # Set, it changes the task: scores are then not comparable with published ones (recorded in settings).
+    max_gen_toks: Optional[int] = None
+    batch_size: int = 8  # one fixed batch size for every method of a sweep (never "auto")
+    max_length_tokens: Optional[int] = None  # context length handed to lm-eval; null = model's
+    seed: int = 1234  # lm-eval's random / numpy / torch / fewshot seeds
+    # Offline data: hendrycks MMLU CSVs (<data_dir>/mmlu/{dev,val,test}) and GSM8K jsonl (<data_dir>/gsm8k)
+    data_dir: Optional[str] = None
+    offline: str = "auto"  # auto (offline if HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set) | true | false
+    mmlu_subjects: List[str] = field(default_factory=list)  # restrict MMLU to these subjects; [] = all 57
+    log_samples: bool = True  # store per-item correctness for paired statistics
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+
+
+@dataclass
+class RunConfig:
+    sweep: str = "default"  # results go to <runs_dir>/<sweep>/<model>__<method>/result.json
+    runs_dir: str = "runs"
+    cache_dir: str = "${oc.env:QBENCH_CACHE,.cache/qbench}"  # built models, quantized checkpoints
+    force: bool = False  # rerun every cell, also ok ones
+    rerun_failed: bool = False  # rerun cells whose result says error (ok cells are still skipped)
+    timeout_min: float = 120.0  # a cell running longer is stopped and recorded as status error, class timeout
+    # Fail injection for tests and dry runs: the cell raises this error class after loading the model.
+    # "oom" | "exception" for every cell, or "oom:<method name>" for one method's cells only.
+    inject_failure: Optional[str] = None
+    baseline_method: str = "bf16"  # method the report compares against (paired statistics)
+
+
+@dataclass
+class QBenchConfig:
+    model: ModelConfig = MISSING
+    method: MethodConfig = MISSING
+    bench: BenchConfig = MISSING
+    eval: EvalConfig = MISSING
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas; each group's YAML names its schema in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="qbench_schema", node=QBenchConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="method", name="schema", node=MethodConfig)
+    cs.store(group="bench", name="schema", node=BenchConfig)
+    cs.store(group="eval", name="schema", node=EvalConfig)
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _positive_ints(values: List[int], key: str) -> None:
+    if len(values) == 0:
+        raise ConfigError(f"{key}: the list is empty; give at least one value")
+    for v in values:
+        if v <= 0:
+            raise ConfigError(f"{key}: {v} is not a positive integer")
+
+
+def validate(cfg: Any) -> None:
+    """Semantic checks that a type cannot express. Raises ConfigError naming the key.
+
+    Runs in the sweep's main process for every cell before anything is launched, so a bad cell stops the
+    sweep before any model is loaded or anything is written under runs/.
+    """
+    from qbench import methods  # lazy: keeps config importable without torch
+
+    m = cfg.model
+    if m.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype: '{m.dtype}' is not one of {', '.join(DTYPES)}")
+    if m.num_gpus < 1:
+        raise ConfigError(f"model.num_gpus: {m.num_gpus} must be at least 1")
+    if not m.source.startswith("builtin:"):
+        path = Path(m.source).expanduser()
+        if m.source.startswith(("/", ".", "~")) and not path.exists():
+            raise ConfigError(f"model.source: local path '{m.source}' does not exist")
+        if not path.exists() and _offline() and not (m.random_init and m.architecture):
+            raise ConfigError(
+                f"model.source: '{m.source}' is not a local directory and HF_HUB_OFFLINE is set; "
+                "give a local directory, or random_init with a bundled architecture"
+            )
+    if m.architecture is not None:
+        from qbench.models import architecture_path
+
+        if not architecture_path(m.architecture).exists():
+            raise ConfigError(f"model.architecture: no bundled config.json named '{m.architecture}'")
+
+    methods.get(cfg.method.kind, key="method.kind").validate(cfg.method)
+    if cfg.method.dtype not in DTYPES:
+        raise ConfigError(f"method.dtype: '{cfg.method.dtype}' is not one of {', '.join(DTYPES)}")
+
+    b = cfg.bench
+    if b.device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"bench.device: '{b.device}' is not one of auto, cuda, cpu")
+    _positive_ints(list(b.batch_sizes), "bench.batch_sizes")
+    _positive_ints(list(b.prompt_tokens), "bench.prompt_tokens")
+    _positive_ints([b.decode_prompt_tokens], "bench.decode_prompt_tokens")
+    _positive_ints([b.new_tokens], "bench.new_tokens")
+    for p in b.decode_paths:
+        if p not in ("eager", "static"):
+            raise ConfigError(f"bench.decode_paths: '{p}' is not one of eager, static")
+    if b.warmup_runs < 0:
+        raise ConfigError(f"bench.warmup_runs: {b.warmup_runs} is negative")
+    _positive_ints([b.min_repeats], "bench.min_repeats")
+    if b.max_repeats < b.min_repeats:
+        raise ConfigError(f"bench.max_repeats: {b.max_repeats} is below bench.min_repeats ({b.min_repeats})")
+    if b.min_duration_s < 0:
+        raise ConfigError(f"bench.min_duration_s: {b.min_duration_s} is negative")
+
+    validate_eval(cfg.eval)
+
+    r = cfg.run
+    if r.timeout_min <= 0:
+        raise ConfigError(f"run.timeout_min: {r.timeout_min} must be positive")
+    if r.inject_failure is not None and r.inject_failure.split(":")[0] not in ("oom", "exception"):
+        raise ConfigError(f"run.inject_failure: '{r.inject_failure}' is not oom or exception (optionally :<method>)")
+    for key in ("sweep",):
+        value = getattr(r, key)
+        if not value or "/" in value or value.startswith("."):
+            raise ConfigError(f"run.{key}: '{value}' must be a plain name (no '/' or leading '.')")
+
+
+def _check_limit(value: Any, key: str) -> None:
+    if value is None:
+        return
+    if value <= 0:
+        raise ConfigError(f"{key}: {value} must be positive (or null for all items)")
+    if value >= 1 and float(value) != int(value):
+        raise ConfigError(f"{key}: {value} is neither a fraction below 1 nor a whole number of items")
+
+
+def validate_eval(e: Any) -> None:
+    """The eval part of :func:`validate`: checks that need no model and no lm-eval import."""
+    from qbench.tasks import MMLU_SUBJECTS  # a plain dict; importing it pulls in nothing heavy
+
+    _positive_ints([e.batch_size], "eval.batch_size")
+    if e.max_length_tokens is not None:
+        _positive_ints([e.max_length_tokens], "eval.max_length_tokens")
+    if e.max_gen_toks is not None:
+        _positive_ints([e.max_gen_toks], "eval.max_gen_toks")
+    _check_limit(e.limit, "eval.limit")
+    tasks = list(e.tasks)
+    if len(set(tasks)) != len(tasks):
+        raise ConfigError(f"eval.tasks: a task is named twice in {tasks}")
+    for task, value in e.task_limits.items():
+        if task not in tasks:
+            raise ConfigError(f"eval.task_limits.{task}: '{task}' is not in eval.tasks {tasks}")
+        _check_limit(value, f"eval.task_limits.{task}")
+    if e.offline not in ("auto", "true", "false", True, False):
+        hint = ' (write it quoted in YAML: offline: "true")' if str(e.offline) in ("True", "False") else ""
+        raise ConfigError(f"eval.offline: '{e.offline}' is not one of auto, true, false{hint}")
+    if e.enabled and not tasks and not e.perplexity.enabled:
+        raise ConfigError("eval.tasks: eval is enabled but no task is named")
+    for task, shots in e.num_fewshot.items():
+        if int(shots) < 0:
+            raise ConfigError(f"eval.num_fewshot.{task}: {shots} is negative")
+        if task not in tasks:
+            raise ConfigError(f"eval.num_fewshot.{task}: '{task}' is not in eval.tasks {tasks}")
+    for subject in e.mmlu_subjects:
+        if subject not in MMLU_SUBJECTS:
+            raise ConfigError(f"eval.mmlu_subjects: '{subject}' is not an MMLU subject (e.g. abstract_algebra)")
+    offline = eval_offline(e)
+    local = [t for t in ("mmlu", "gsm8k") if t in tasks]
+    if e.data_dir is not None and str(e.data_dir).startswith("builtin:") and e.data_dir != "builtin:fixtures":
+        raise ConfigError(f"eval.data_dir: '{e.data_dir}' is unknown; the bundled data is builtin:fixtures")
+    if e.enabled and offline and local:
+        if e.data_dir is None:
+            raise ConfigError(
+                f"eval.data_dir: offline evaluation of {', '.join(local)} reads local files, but no data directory is "
+                "set; point eval.data_dir (or the QBENCH_DATA environment variable) at a folder holding "
+                "mmlu/{dev,test}/*.csv and gsm8k/{train,test}.jsonl, or use builtin:fixtures (a small bundled subset)"
+            )
+        root = Path(__file__).parent / "data" / "fixtures" if e.data_dir == "builtin:fixtures" else Path(e.data_dir).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"eval.data_dir: '{e.data_dir}' is not a directory")
+        needed = []
+        if "gsm8k" in tasks:
+            needed += [root / "gsm8k" / "train.jsonl", root / "gsm8k" / "test.jsonl"]
+        if "mmlu" in tasks:
+            for subject in e.mmlu_subjects:
+                needed += [root / "mmlu" / s / f"{subject}_{s}.csv" for s in ("dev", "test")]
+            if not e.mmlu_subjects and not list((root / "mmlu" / "test").glob("*_test.csv")):
+                needed.append(root / "mmlu" / "test" / "<subject>_test.csv")
+        for path in needed:
+            if not path.exists():
+                raise ConfigError(f"eval.data_dir: '{path}' is missing (offline data layout: see conf/eval/default.yaml)")
+    elif e.data_dir is not None and offline and not str(e.data_dir).startswith("builtin:"):
+        if not Path(e.data_dir).expanduser().is_dir():
+            raise ConfigError(f"eval.data_dir: '{e.data_dir}' is not a directory")
+    p = e.perplexity
+    if p.enabled:
+        if p.seq_len_tokens < 2:
+            raise ConfigError(f"eval.perplexity.seq_len_tokens: {p.seq_len_tokens} must be at least 2")
+        if p.max_windows is not None:
+            _positive_ints([p.max_windows], "eval.perplexity.max_windows")
+        if p.source in PERPLEXITY_HUB_SOURCES:
+            if offline:
+                raise ConfigError(
+                    f"eval.perplexity.source: '{p.source}' is read from the Hub but evaluation is offline; "
+                    "give a local .txt file or builtin:tiny_text"
+                )
+        elif p.source.startswith("builtin:"):
+            if p.source != "builtin:tiny_text":
+                raise ConfigError(f"eval.perplexity.source: '{p.source}' is unknown; the bundled text is builtin:tiny_text")
+        elif not Path(p.source).expanduser().is_file():
+            raise ConfigError(
+                f"eval.perplexity.source: '{p.source}' is not a file (nor wikitext2 or builtin:tiny_text)"
+            )
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def eval_offline(e: Any) -> bool:
+    """Whether accuracy reads local data files instead of the Hub."""
+    if e.offline in (True, "true"):
+        return True
+    if e.offline in (False, "false"):
+        return False
+    return _offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def cell_id(cfg: Any) -> str:
+    """Directory name of one cell under runs/<sweep>/."""
+    return f"{cfg.model.name}__{cfg.method.name}"

@@ -1,0 +1,155 @@
+"""Load stage, first half: turn a model config into a ``Source`` every method can load from.
+
+A source is always something ``from_pretrained`` accepts: a Hub id, a local directory, or, for the builtin
+tiny model and random-init mode, a directory qbench writes once into its cache (random weights from a fixed
+seed, saved as safetensors). Materialising random weights on disk costs one write per architecture and seed,
+and in exchange every method (bitsandbytes, GPT-QModel) takes the same path as with real weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
+
+TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+@dataclass
+class Source:
+    """Where a cell's unquantized model comes from, plus what the result must say about it."""
+
+    path: str  # Hub id or local directory, handed to from_pretrained
+    revision: Optional[str]
+    trust_remote_code: bool
+    random_weights: bool  # true: accuracy sits at chance
+    tokenizer_path: str
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+def architecture_path(name: str) -> Path:
+    return ARCHITECTURES_DIR / f"{name}.json"
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_config_dict(model_cfg: Any) -> Dict[str, Any]:
+    """config.json of the architecture: a local dir's, a bundled one, or the Hub's (online only)."""
+    local = Path(model_cfg.source).expanduser()
+    if (local / "config.json").exists():
+        return json.loads((local / "config.json").read_text())
+    if model_cfg.architecture:
+        return json.loads(architecture_path(model_cfg.architecture).read_text())
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        model_cfg.source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    return config.to_dict()
+
+
+def resolve(model_cfg: Any, cache_dir: str | Path, device: str = "cpu") -> Source:
+    """The Source for ``model_cfg``, writing the tiny or random-init model into the cache if needed."""
+    cache = Path(cache_dir).expanduser()
+    if model_cfg.source == "builtin:tiny":
+        from qbench import tiny
+
+        key = _hash({"tiny": tiny.TINY_LLAMA, "seed": model_cfg.seed, "v": 1})
+        out = cache / "models" / f"tiny-{key}"
+        info = _materialise(out, lambda tmp: tiny.build(tmp, seed=model_cfg.seed))
+        return Source(str(out), None, False, True, str(out), {"built": "qbench.tiny", **info})
+
+    if not model_cfg.random_init:
+        path = str(Path(model_cfg.source).expanduser()) if Path(model_cfg.source).expanduser().exists() else model_cfg.source
+        return Source(
+            path,
+            model_cfg.revision,
+            bool(model_cfg.trust_remote_code),
+            False,
+            model_cfg.tokenizer or path,
+            {},
+        )
+
+    config_dict = _load_config_dict(model_cfg)
+    config_dict.update(dict(model_cfg.config_overrides))
+    key = _hash({"config": config_dict, "seed": model_cfg.seed, "dtype": model_cfg.dtype, "v": 1})
+    out = cache / "models" / f"random-{model_cfg.name}-{key}"
+    info = _materialise(out, lambda tmp: _build_random(tmp, config_dict, model_cfg, device))
+    return Source(str(out), None, bool(model_cfg.trust_remote_code), True, str(out), {"config_hash": key, **info})
+
+
+def _materialise(out: Path, build) -> Dict[str, Any]:
+    """Build into a temp dir and rename, under a lock, so parallel cells build a model once."""
+    from qbench.store import file_lock
+
+    if (out / ".complete").exists():
+        return {"materialised_cached": True}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out.parent / f".{out.name}.lock"):
+        if (out / ".complete").exists():
+            return {"materialised_cached": True}
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        t0 = time.perf_counter()
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        if out.exists():  # a directory without .complete: left by an interrupted build
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return {"materialised_cached": False, "materialise_s": time.perf_counter() - t0}
+
+
+def _build_random(out: Path, config_dict: Dict[str, Any], model_cfg: Any, device: str) -> None:
+    """Random weights at the architecture's real size, plus a tokenizer (the model's if local, else tiny's)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in config_dict.items() if k != "transformers_version"})
+    torch.manual_seed(model_cfg.seed)
+    build_device = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
+    with torch.device(build_device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model_cfg.dtype))
+    model.save_pretrained(out)
+    del model
+    tok_src = model_cfg.tokenizer or (model_cfg.source if Path(model_cfg.source).expanduser().exists() else None)
+    if tok_src:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tok_src).save_pretrained(out)
+    else:
+        # No tokenizer travels with a bundled architecture: the demo tokenizer's ids (2048) fit any vocab.
+        from qbench import tiny
+
+        tiny.build_tokenizer().save_pretrained(out)
+
+
+def load_tokenizer(source: Source):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        source.tokenizer_path, revision=source.revision, trust_remote_code=source.trust_remote_code
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def from_pretrained(source: Source, device_map: Any, **kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained`` with the source's revision and trust settings."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        source.path,
+        revision=source.revision,
+        trust_remote_code=source.trust_remote_code,
+        device_map=device_map,
+        **kwargs,
+    )

@@ -1,0 +1,234 @@
+"""Store stage: result.json, the only contract between measuring and reporting.
+
+- Written atomically: a unique temp file in the same directory, fsync, then ``os.replace``. A cell killed
+  mid-write leaves no result.json, so the next run of the sweep redoes exactly that cell.
+- Skip-if-done: a cell whose result says ``ok`` is skipped unless forced; ``error`` cells are skipped unless
+  ``rerun_failed`` (or forced).
+- Environment metadata (host, GPU, driver, CUDA, library versions, git commit) goes into every result.
+- Secrets never reach a result: environment variables are not recorded wholesale, and any string that
+  contains the value of a token-like variable is redacted.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+SCHEMA_VERSION = 1
+RESULT_FILE = "result.json"
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL", re.I)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_result(cell_dir: Path) -> Optional[Dict[str, Any]]:
+    path = Path(cell_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # unreadable counts as not done
+
+
+def should_skip(cell_dir: Path, force: bool, rerun_failed: bool) -> Optional[str]:
+    """The status of a finished cell that this run leaves alone, or None if the cell must run."""
+    if force:
+        return None
+    result = read_result(cell_dir)
+    if result is None:
+        return None
+    status = result.get("status")
+    if status == "ok" or (status == "error" and not rerun_failed):
+        return status
+    return None
+
+
+def _secret_values() -> list[str]:
+    return [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 6]
+
+
+def redact(obj: Any, secrets: Optional[list[str]] = None) -> Any:
+    """Replace any secret value found in strings of ``obj`` (recursively) by '<redacted>'."""
+    secrets = _secret_values() if secrets is None else secrets
+    if not secrets:
+        return obj
+    if isinstance(obj, str):
+        for s in secrets:
+            obj = obj.replace(s, "<redacted>")
+        return obj
+    if isinstance(obj, dict):
+        return {k: redact(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v, secrets) for v in obj]
+    return obj
+
+
+def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(redact(data), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(obj: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def sanitize_floats(obj: Any) -> Any:
+    """NaN and inf are not JSON: they become null."""
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(obj, dict):
+        return {k: sanitize_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [sanitize_floats(v) for v in obj]
+    return obj
+
+
+def write_result(cell_dir: Path, result: Dict[str, Any]) -> Path:
+    path = Path(cell_dir) / RESULT_FILE
+    write_json_atomic(path, sanitize_floats(result))
+    return path
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock): released by the kernel if the holder dies, even by SIGKILL."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def check_writable(directory: Path, min_free_bytes: int = 100 * 2**20) -> None:
+    """Fail early, with the path in the message, if results could not be written there."""
+    from qbench.config import ConfigError
+
+    directory = Path(directory)
+    probe_dir = directory
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    try:  # a real write, not os.access: root on a read-only mount passes os.access
+        with tempfile.TemporaryFile(dir=probe_dir):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"run.runs_dir: '{directory}' is not writable ({exc.strerror})") from exc
+    free = os.statvfs(probe_dir).f_bavail * os.statvfs(probe_dir).f_frsize
+    if free < min_free_bytes:
+        raise ConfigError(f"run.runs_dir: '{directory}' has only {free / 2**20:.0f} MiB free")
+
+
+def _version(dist: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> Optional[str]:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> Dict[str, Any]:
+    """What produced the numbers: host, accelerator, and library versions. No environment variables."""
+    env: Dict[str, Any] = {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "qbench_git_commit": git_commit(),
+        "versions": {
+            d: _version(d)
+            for d in (
+                "qbench", "torch", "transformers", "accelerate", "bitsandbytes", "gptqmodel", "optimum",
+                "lm_eval", "hydra-core", "numpy",
+            )
+        },
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "gpus": [],
+    }
+    try:
+        import torch
+
+        env["torch_cuda"] = torch.version.cuda
+        env["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                env["gpus"].append(
+                    {"index": i, "name": p.name, "total_memory_bytes": p.total_memory, "capability": f"{p.major}.{p.minor}"}
+                )
+    except ImportError:  # pragma: no cover
+        pass
+    env.update(_nvml_info())
+    env["gpu_count"] = len(env["gpus"])
+    env["gpu_name"] = env["gpus"][0]["name"] if env["gpus"] else None
+    return env
+
+
+def _nvml_info() -> Dict[str, Any]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no GPU: the fields stay absent
+        return {"nvml": False}
+    try:
+        info: Dict[str, Any] = {"nvml": True, "driver": pynvml.nvmlSystemGetDriverVersion()}
+        info["cuda_driver_version"] = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+        return info
+    except Exception:
+        return {"nvml": True}
+    finally:
+        pynvml.nvmlShutdown()

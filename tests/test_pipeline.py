@@ -1,0 +1,170 @@
+"""End to end through the real `qbench` command: sweeps, fresh processes, failure rows, resume, launchers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+QBENCH = [sys.executable, "-m", "qbench.cli"]
+# Small and fast: the tiny model, no accuracy, a minimal latency run.
+FAST = ["model=tiny", "bench=quick", "bench.batch_sizes=[1]", "bench.new_tokens=4", "bench.min_repeats=1",
+        "bench.max_repeats=1", "bench.warmup_runs=0", "bench.prompt_tokens=[8]", "bench.decode_prompt_tokens=8",
+        "bench.device=cpu"]
+
+
+def env(cache: Path) -> dict:
+    e = dict(os.environ)
+    e.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", QBENCH_CACHE=str(cache), PYTHONPATH=str(REPO))
+    return e
+
+
+def qbench(args, runs: Path, cache: Path, timeout=600, check=True, **kw):
+    proc = subprocess.run(QBENCH + args + [f"run.runs_dir={runs}"], cwd=REPO, env=env(cache),
+                          capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qbench {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def results(sweep_dir: Path) -> dict:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/result.json"))}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_sweep_with_a_failing_cell_goes_on(tmp_path, cache):
+    runs = tmp_path / "runs"
+    proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=s", "run.inject_failure=oom:bf16"], runs, cache)
+    res = results(runs / "s")
+    assert set(res) == {"tiny__fp32", "tiny__bf16", "tiny__bnb_int8"}
+    assert res["tiny__fp32"]["status"] == "ok" and res["tiny__bnb_int8"]["status"] == "ok"
+    bad = res["tiny__bf16"]
+    assert bad["status"] == "error"
+    assert bad["error"]["class"] == "oom"
+    assert bad["error"]["type"] == "OutOfMemoryError"
+    assert "inject_failure" in bad["error"]["message"] and "Traceback" in bad["error"]["traceback"]
+    assert bad["timings"]["load_s"] > 0, "what was measured before the failure is kept"
+    assert "ran 3, skipped 0, failed 1" in proc.stdout + proc.stderr
+
+    # each cell ran in its own process (Hydra's basic launcher alone would run them all in one)
+    assert len({r["pid"] for r in res.values()}) == 3
+    ok = res["tiny__fp32"]
+    assert ok["environment"]["versions"]["torch"]
+    assert ok["metrics"]["memory"]["weight_bytes_measured"] > 0
+    assert ok["metrics"]["latency"]["decode"], "decode measured"
+
+    # resume: nothing reruns; rerun_failed reruns only the failed cell; force reruns everything
+    proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=s"], runs, cache)
+    assert "ran 0, skipped 3, failed 0" in proc.stdout + proc.stderr
+    proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=s", "run.rerun_failed=true"], runs, cache)
+    assert "ran 1, skipped 2, failed 0" in proc.stdout + proc.stderr
+    assert results(runs / "s")["tiny__bf16"]["status"] == "ok"
+    proc = qbench(["-m", *FAST, "method=fp32", "run.sweep=s", "run.force=true"], runs, cache)
+    assert "ran 1," in proc.stdout + proc.stderr
+
+
+def test_timeout_becomes_an_error_row(tmp_path, cache):
+    runs = tmp_path / "runs"
+    qbench([*FAST, "method=fp32", "run.sweep=t", "run.timeout_min=0.02"], runs, cache)
+    row = results(runs / "t")["tiny__fp32"]
+    assert row["status"] == "error" and row["error"]["class"] == "timeout"
+
+
+def test_sigkill_mid_cell_then_resume_redoes_exactly_that_cell(tmp_path, cache):
+    runs = tmp_path / "runs"
+    args = ["-m", *FAST, "method=fp32,bf16,bnb_nf4", "run.sweep=k", f"run.runs_dir={runs}"]
+    proc = subprocess.Popen(QBENCH + args, cwd=REPO, env=env(cache), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sweep = runs / "k"
+    deadline = time.time() + 300
+    # wait until one cell has finished and the next one has started
+    while time.time() < deadline:
+        done = list(sweep.glob("*/result.json"))
+        started = list(sweep.glob("*/.attempt/spec.json"))
+        if len(done) == 1 and len(started) == 2:
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the sweep never reached its second cell")
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the cell process with it
+    proc.wait()
+    time.sleep(0.5)
+    before = results(sweep)
+    assert len(before) == 1 and all(r["status"] == "ok" for r in before.values()), "the killed cell left no result"
+
+    out = qbench(["-m", *FAST, "method=fp32,bf16,bnb_nf4", "run.sweep=k"], runs, cache)
+    after = results(sweep)
+    assert set(after) == {"tiny__fp32", "tiny__bf16", "tiny__bnb_nf4"}
+    assert all(r["status"] == "ok" for r in after.values())
+    assert "ran 2, skipped 1" in out.stdout + out.stderr
+    first = next(iter(before))
+    assert after[first]["attempt_id"] == before[first]["attempt_id"], "the finished cell was not redone"
+
+
+def test_ctrl_c_stops_cleanly_and_says_what_finished(tmp_path, cache):
+    runs = tmp_path / "runs"
+    args = ["-m", *FAST, "method=fp32,bf16", "run.sweep=c", f"run.runs_dir={runs}"]
+    proc = subprocess.Popen(QBENCH + args, cwd=REPO, env=env(cache), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((runs / "c").glob("*/.attempt/spec.json")):
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert "interrupted" in out
+    assert "ran" in out and "skipped" in out
+
+
+def test_two_sweeps_writing_the_same_directory(tmp_path, cache):
+    runs = tmp_path / "runs"
+    args = ["-m", *FAST, "method=fp32,bf16", "run.sweep=two", f"run.runs_dir={runs}"]
+    procs = [subprocess.Popen(QBENCH + args, cwd=REPO, env=env(cache), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    res = results(runs / "two")
+    assert set(res) == {"tiny__fp32", "tiny__bf16"}
+    assert all(r["status"] == "ok" for r in res.values())
+    # each cell was measured once: the other sweep found it done under the slot lock and skipped it
+    leftovers = [p.name for p in (runs / "two").rglob("*.tmp")]
+    assert not leftovers
+
+
+def test_parallel_launcher_runs_cells_through_submitit_local(tmp_path, cache):
+    runs = tmp_path / "runs"
+    proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=p", "hydra/launcher=parallel"], runs, cache)
+    res = results(runs / "p")
+    assert set(res) == {"tiny__fp32", "tiny__bf16", "tiny__bnb_int8"}
+    assert all(r["status"] == "ok" for r in res.values()), {k: r.get("error") for k, r in res.items()}
+    assert (runs / "p" / ".submitit").is_dir(), "the jobs went through submitit"
+    assert "ran 3, skipped 0, failed 0" in proc.stdout + proc.stderr
+
+
+def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, cache):
+    runs = tmp_path / "runs"
+    proc = qbench(["-m", "model=tiny", "method=fp32,nope"], runs, cache, check=False)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("qbench: error")]
+    assert len(lines) == 1 and "method/nope" in lines[0]
+    assert not runs.exists()
+
+
+def test_trust_remote_code_stays_off_and_is_recorded(tmp_path, cache):
+    runs = tmp_path / "runs"
+    qbench([*FAST, "method=fp32", "run.sweep=trc"], runs, cache)
+    row = results(runs / "trc")["tiny__fp32"]
+    assert row["source"]["trust_remote_code"] is False
+    assert row["config"]["model"]["trust_remote_code"] is False

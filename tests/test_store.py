@@ -1,0 +1,110 @@
+"""result.json: atomic writes, skip-if-done, secrets kept out, environment recorded."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+
+import pytest
+
+from qbench import store
+
+
+def test_atomic_write_leaves_old_file_or_new_one(tmp_path, monkeypatch):
+    path = tmp_path / "cell" / "result.json"
+    store.write_json_atomic(path, {"status": "ok", "n": 1})
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store.os, "replace", boom)
+    with pytest.raises(OSError):
+        store.write_json_atomic(path, {"status": "error", "n": 2})
+    assert json.loads(path.read_text()) == {"status": "ok", "n": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"], "temp file left behind"
+
+
+def _writer(path, i):
+    for _ in range(50):
+        store.write_json_atomic(path, {"writer": i, "payload": "x" * 20000})
+
+
+def test_concurrent_writers_never_leave_a_torn_file(tmp_path):
+    path = tmp_path / "result.json"
+    procs = [mp.get_context("fork").Process(target=_writer, args=(path, i)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for _ in range(200):
+        if path.exists():
+            data = json.loads(path.read_text())  # never a partial document
+            assert len(data["payload"]) == 20000
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+
+
+@pytest.mark.parametrize(
+    "status,force,rerun_failed,expected",
+    [
+        ("ok", False, False, "ok"),
+        ("ok", False, True, "ok"),
+        ("ok", True, False, None),
+        ("error", False, False, "error"),
+        ("error", False, True, None),
+        ("error", True, False, None),
+        (None, False, False, None),
+    ],
+)
+def test_should_skip(tmp_path, status, force, rerun_failed, expected):
+    if status is not None:
+        store.write_result(tmp_path, {"status": status})
+    assert store.should_skip(tmp_path, force, rerun_failed) == expected
+
+
+def test_unreadable_result_is_not_done(tmp_path):
+    (tmp_path / "result.json").write_text('{"status": "ok"')  # truncated by hand
+    assert store.should_skip(tmp_path, False, False) is None
+
+
+def test_secrets_are_redacted(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnop")
+    store.write_result(tmp_path, {"status": "error", "error": {"message": "401 for token hf_abcdefghijklmnop"}})
+    text = (tmp_path / "result.json").read_text()
+    assert "hf_abcdefghijklmnop" not in text
+    assert "<redacted>" in text
+
+
+def test_nan_becomes_null(tmp_path):
+    store.write_result(tmp_path, {"status": "ok", "x": float("nan"), "y": [float("inf"), 1.0]})
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert data["x"] is None and data["y"] == [None, 1.0]
+
+
+def test_environment_has_versions_and_no_env_vars(monkeypatch):
+    monkeypatch.setenv("SOME_SECRET_TOKEN", "s3cr3t-value-123")
+    env = store.environment()
+    assert env["versions"]["torch"]
+    assert env["versions"]["transformers"]
+    assert env["python"]
+    assert "s3cr3t-value-123" not in json.dumps(env)
+
+
+def test_file_lock_is_released_when_holder_is_killed(tmp_path):
+    import signal
+    import time
+
+    lock = tmp_path / "x.lock"
+
+    def hold():
+        with store.file_lock(lock):
+            time.sleep(60)
+
+    p = mp.get_context("fork").Process(target=hold)
+    p.start()
+    time.sleep(0.5)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    t0 = time.time()
+    with store.file_lock(lock):
+        pass
+    assert time.time() - t0 < 5
