@@ -137,9 +137,15 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
             from qbench.measure import latency
 
             t0 = time.perf_counter()
-            lat = latency.measure(model, tokenizer, cfg.bench, device, phases, footprint["weight_bytes_measured"], model.config)
+            lat = latency.measure(
+                model, tokenizer, cfg.bench, device, phases,
+                footprint["weight_bytes_read_per_token"],  # the untied input embedding is read a row at a time
+                model.config,
+                compute_dtype="int8" if cfg.method.kind == "bnb_int8" else None,
+            )
             timings["latency_s"] = time.perf_counter() - t0
             result["warnings"].extend(lat.pop("warnings", []))
+            metrics["memory"]["kv_cache_bytes_analytic"] = lat.pop("kv_cache_bytes_analytic", None)
             metrics["latency"] = lat
 
         if cfg.eval.enabled:
@@ -152,13 +158,6 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
             timings["eval_s"] = time.perf_counter() - t0
 
         metrics["memory"].update(phases.summary())
-        if "kv_cache_bytes_analytic" not in metrics["memory"] and cfg.bench.enabled:
-            metrics["memory"]["kv_cache_bytes_analytic"] = [
-                {"batch_size": b, "seq_len_tokens": cfg.bench.decode_prompt_tokens + cfg.bench.new_tokens,
-                 "bytes": memory.kv_cache_bytes(model.config, b, cfg.bench.decode_prompt_tokens + cfg.bench.new_tokens,
-                                                _dtype_bytes(model))}
-                for b in cfg.bench.batch_sizes
-            ]
         result["status"] = "ok"
     except KeyboardInterrupt:
         raise
@@ -174,15 +173,6 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     result["finished_at"] = now_iso()
     result["wall_time_s"] = time.perf_counter() - t_start
     return result
-
-
-def _dtype_bytes(model: Any) -> int:
-    import torch
-
-    for p in model.parameters():
-        if p.dtype.is_floating_point:
-            return torch.finfo(p.dtype).bits // 8
-    return 2
 
 
 def _inject(spec: str, method_name: str) -> None:

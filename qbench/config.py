@@ -45,12 +45,19 @@ class ModelConfig:
 
 @dataclass
 class CalibrationConfig:
-    # "builtin:tiny_text" (bundled), a local .txt/.jsonl file, or a Hub dataset id (online, e.g. "allenai/c4")
+    """What GPTQ / AWQ calibrate on (qbench/calibration.py): texts are joined, tokenized with the model's
+    tokenizer, and ``num_samples`` windows of ``seq_len_tokens`` are cut at seeded random offsets."""
+
+    # "builtin:tiny_text" (bundled, offline), a local .txt / .jsonl file, "c4" (allenai/c4, one en validation
+    # shard) or "wikitext2" (wikitext-2-raw-v1 train), or any Hub dataset id (online only)
     source: str = "builtin:tiny_text"
     text_field: str = "text"  # field read from JSONL / Hub rows ("question" for GSM8K's train.jsonl)
     num_samples: int = 128  # calibration sequences
     seq_len_tokens: int = 512  # tokens per calibration sequence
-    seed: int = 0
+    seed: int = 0  # seed of the window offsets
+    subset: Optional[str] = None  # Hub dataset config name (e.g. "wikitext-2-raw-v1"); null = none / shortcut's
+    split: Optional[str] = None  # Hub split; null = "train" (the shortcuts pick their own)
+    data_files: Optional[str] = None  # Hub data file(s) in the dataset repo; null = all (C4: one shard by default)
 
 
 @dataclass
@@ -70,13 +77,18 @@ class MethodConfig:
     bnb_4bit_use_double_quant: bool = True  # quantize the absmax scales too (4.127 instead of 4.5 bits/weight)
     bnb_4bit_compute_dtype: str = "bfloat16"  # dtype of the matmul (transformers' default is float32)
     llm_int8_threshold: float = 6.0  # LLM.int8 outlier threshold; columns above it run in 16-bit
-    # GPTQ / AWQ (GPT-QModel)
-    group_size: int = 128  # weights sharing one scale/zero; must divide the hidden size
-    sym: bool = True  # symmetric quantization
-    desc_act: bool = False  # GPTQ act-order
-    damp_percent: float = 0.05  # GPTQ Hessian damping, fraction of the mean diagonal
-    awq_format: str = "gemm"  # AWQ packing format: gemm | gemv
-    backend: str = "auto"  # GPT-QModel kernel: auto | marlin | exllama_v2 | triton | torch | torch_awq | gemm ...
+    # GPTQ / AWQ (GPT-QModel; qbench/methods/gptq.py, awq.py)
+    group_size: int = 128  # input weights sharing one scale/zero (-1 = one group per row); should divide in_features
+    sym: bool = True  # symmetric quantization (zero point fixed at mid-range); AWQ's own default is false
+    desc_act: bool = False  # GPTQ act-order: quantize columns by decreasing Hessian diagonal
+    # GPT-QModel's group-aware reordering (GAR, act-order within groups, keeps g_idx trivial); null = library
+    # default (on for GPTQ when desc_act is off, in gptqmodel 7.6)
+    act_group_aware: Optional[bool] = None
+    damp_percent: float = 0.05  # GPTQ Hessian damping, fraction of the mean Hessian diagonal (0 < x < 1)
+    awq_format: str = "gemm"  # AWQ checkpoint packing format: gemm | gemv | gemv_fast
+    # GPT-QModel kernel at load: auto (cuda: marlin, cpu: torch; never machete, which downloads CUTLASS) | marlin |
+    # exllama_v2 | triton | torch | torch_aten | torch_fused | machete | bitblas | gemm | gemv | ... (gptqmodel BACKEND)
+    backend: str = "auto"
     checkpoint: Optional[str] = None  # pre-quantized checkpoint (Hub id or local dir): skip quantizing
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 

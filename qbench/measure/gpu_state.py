@@ -1,0 +1,193 @@
+"""What the GPUs were doing around a cell: clocks, temperature, power, throttling, other processes (NVML).
+
+Read-only: nothing here changes a GPU setting (no clock locking, no persistence mode, no power limits). A
+figure NVML does not support on a board is null. On a machine without NVML (CPU) everything is {}.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
+_NVML_READY: Optional[bool] = None
+
+
+def nvml():
+    """The pynvml module, initialised once; None where NVML is missing (no driver, CPU machine)."""
+    global _NVML_READY
+    if _NVML_READY is False:
+        return None
+    try:
+        import pynvml
+
+        if not _NVML_READY:
+            pynvml.nvmlInit()
+            _NVML_READY = True
+        return pynvml
+    except Exception:
+        _NVML_READY = False
+        return None
+
+
+def _safe(fn, *args, scale: float = 1.0):
+    try:
+        value = fn(*args)
+    except Exception:  # NVMLError_NotSupported and friends: the board does not report it
+        return None
+    if isinstance(value, bytes):
+        return value.decode()
+    return value * scale if scale != 1.0 and value is not None else value
+
+
+def nvml_handle(cuda_index: int):
+    """NVML handle of the CUDA device ``cuda_index`` as torch numbers it (after CUDA_VISIBLE_DEVICES).
+
+    NVML numbers all GPUs of the host, so CUDA index 0 may be NVML index 3: match by UUID, then by PCI bus
+    id, then by CUDA_VISIBLE_DEVICES, then (no mask) by index.
+    """
+    pynvml = nvml()
+    if pynvml is None:
+        return None
+    try:
+        import torch
+
+        props = torch.cuda.get_device_properties(cuda_index)
+        uuid = str(getattr(props, "uuid", "") or "")
+        if uuid:
+            return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+    except Exception:
+        pass
+    try:
+        import torch
+
+        props = torch.cuda.get_device_properties(cuda_index)
+        bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        return pynvml.nvmlDeviceGetHandleByPciBusId(bus)
+    except Exception:
+        pass
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        if mask:
+            entry = mask.split(",")[cuda_index].strip()
+            if entry.isdigit():
+                return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+            return pynvml.nvmlDeviceGetHandleByUUID(entry)
+        return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
+    except Exception:
+        return None
+
+
+def _reasons(pynvml, handle) -> Optional[List[str]]:
+    """Names of the active clock-event (throttle) reasons, e.g. ["SwThermalSlowdown"]."""
+    getter = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+        pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None
+    )
+    if getter is None:
+        return None
+    mask = _safe(getter, handle)
+    if mask is None:
+        return None
+    names = []
+    for attr in dir(pynvml):
+        for prefix in ("nvmlClocksEventReason", "nvmlClocksThrottleReason"):
+            if attr.startswith(prefix) and attr[len(prefix):] not in ("All", "None"):
+                bit = getattr(pynvml, attr)
+                if isinstance(bit, int) and bit and mask & bit and attr[len(prefix):] not in names:
+                    names.append(attr[len(prefix):])
+    return sorted(names)
+
+
+def _processes(pynvml, handle) -> Optional[List[Dict[str, Any]]]:
+    """Compute and graphics processes on the GPU other than this one (pid as NVML sees it: inside a container
+    the host pid differs from os.getpid(), so this process may appear here too)."""
+    seen: Dict[int, Dict[str, Any]] = {}
+    ok = False
+    for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+        fn = getattr(pynvml, name, None)
+        procs = _safe(fn, handle) if fn else None
+        if procs is None:
+            continue
+        ok = True
+        for p in procs:
+            if p.pid == os.getpid():
+                continue
+            used = getattr(p, "usedGpuMemory", None)
+            seen[p.pid] = {"pid": p.pid, "used_memory_bytes": used if isinstance(used, int) and used < 2**63 else None}
+    return list(seen.values()) if ok else None
+
+
+def gpu_snapshot(cuda_index: int) -> Dict[str, Any]:
+    pynvml = nvml()
+    handle = nvml_handle(cuda_index)
+    if pynvml is None or handle is None:
+        return {"index": cuda_index, "nvml": False}
+    mem = _safe(pynvml.nvmlDeviceGetMemoryInfo, handle)
+    util = _safe(pynvml.nvmlDeviceGetUtilizationRates, handle)
+    return {
+        "index": cuda_index,
+        "name": _safe(pynvml.nvmlDeviceGetName, handle),
+        "uuid": _safe(pynvml.nvmlDeviceGetUUID, handle),
+        "sm_clock_mhz": _safe(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_SM),
+        "mem_clock_mhz": _safe(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_MEM),
+        "sm_clock_max_mhz": _safe(pynvml.nvmlDeviceGetMaxClockInfo, handle, pynvml.NVML_CLOCK_SM),
+        "mem_clock_max_mhz": _safe(pynvml.nvmlDeviceGetMaxClockInfo, handle, pynvml.NVML_CLOCK_MEM),
+        "temperature_c": _safe(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU),
+        "power_draw_w": _safe(pynvml.nvmlDeviceGetPowerUsage, handle, scale=1e-3),  # NVML: milliwatts
+        "power_limit_w": _safe(pynvml.nvmlDeviceGetEnforcedPowerLimit, handle, scale=1e-3),
+        "performance_state": _safe(pynvml.nvmlDeviceGetPerformanceState, handle),
+        "clock_event_reasons": _reasons(pynvml, handle),
+        "utilization_gpu_pct": getattr(util, "gpu", None),
+        "memory_used_bytes": getattr(mem, "used", None),
+        "memory_total_bytes": getattr(mem, "total", None),
+        "other_processes": _processes(pynvml, handle),
+    }
+
+
+def cuda_indices(device: Any, indices: Optional[List[int]] = None) -> List[int]:
+    if not str(device).startswith("cuda"):
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return list(indices) if indices is not None else list(range(torch.cuda.device_count()))
+
+
+def snapshot(device: Any, indices: Optional[List[int]] = None) -> Dict[str, Any]:
+    """State of the GPUs the cell uses: ``{"gpus": [per-GPU dict]}``; {} on CPU or without NVML."""
+    idx = cuda_indices(device, indices)
+    if not idx or nvml() is None:
+        return {}
+    return {"gpus": [gpu_snapshot(i) for i in idx]}
+
+
+def total_energy_j(device: Any, indices: Optional[List[int]] = None) -> Optional[float]:
+    """Sum over the GPUs of NVML's total energy counter (joules since the driver loaded); None where the
+    counter is missing (pre-Volta boards, CPU). Differences of two reads give the energy in between."""
+    idx = cuda_indices(device, indices)
+    pynvml = nvml()
+    if not idx or pynvml is None:
+        return None
+    total = 0.0
+    for i in idx:
+        handle = nvml_handle(i)
+        value = _safe(pynvml.nvmlDeviceGetTotalEnergyConsumption, handle) if handle is not None else None
+        if value is None:
+            return None
+        total += value * 1e-3  # NVML: millijoules
+    return total
+
+
+def nvml_used_bytes(device: Any, indices: Optional[List[int]] = None) -> Optional[int]:
+    """Device memory used as NVML reports it (all processes, the CUDA context included), summed over GPUs."""
+    idx = cuda_indices(device, indices)
+    pynvml = nvml()
+    if not idx or pynvml is None:
+        return None
+    total = 0
+    for i in idx:
+        handle = nvml_handle(i)
+        mem = _safe(pynvml.nvmlDeviceGetMemoryInfo, handle) if handle is not None else None
+        if mem is None:
+            return None
+        total += int(mem.used)
+    return total

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Is a cell's latency reproducible? Re-run one cell N times, each in a fresh process, and print the spread.
+
+    python scripts/bench_check.py --repeats 5 model=tiny method=bf16 bench=quick
+    make bench-check ARGS="model=tiny method=bf16" N=5
+
+Each run is ``python -m qbench.cli <overrides> run.sweep=bench_check-<i> run.runs_dir=<dir> run.force=true``
+(a fresh process: no warm caches, allocator state or compiled graphs carried over). For every median figure of
+the cell (prefill TTFT p50 per batch size and prompt length, decode tokens/s and per-token p50 per path and
+batch size) it prints the N medians, their spread ((max - min) / median) and their CV across runs.
+Exit status: 0, or 1 when a run failed or (with --max-spread) a figure spreads more than allowed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+
+def figures(result: dict) -> Dict[str, Tuple[float, str]]:
+    """(label -> (median, unit)) of the cell's latency section."""
+    lat = (result.get("metrics") or {}).get("latency") or {}
+    out: Dict[str, Tuple[float, str]] = {}
+    for p in lat.get("prefill") or []:
+        d = p.get("ttft_ms")
+        if d:
+            out[f"prefill ttft bs={p['batch_size']} prompt={p['prompt_tokens']}"] = (d["p50"], d["unit"])
+    for d in lat.get("decode") or []:
+        key = f"decode {d['decode_path']} bs={d['batch_size']}"
+        if d.get("tokens_per_s"):
+            out[f"{key} tokens/s"] = (d["tokens_per_s"]["p50"], d["tokens_per_s"]["unit"])
+        if d.get("per_token_ms"):
+            out[f"{key} per-token"] = (d["per_token_ms"]["p50"], d["per_token_ms"]["unit"])
+    return out
+
+
+def spread(values: List[float]) -> Tuple[float, float]:
+    """((max - min) / median, stdev / mean) of the runs' medians."""
+    ordered = sorted(values)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    mean = sum(values) / n
+    stdev = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return ((ordered[-1] - ordered[0]) / median if median else float("nan"), stdev / mean if mean else float("nan"))
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", "-n", type=int, default=5, help="fresh-process runs of the cell (default 5)")
+    parser.add_argument("--runs-dir", default=None, help="where the runs go (default: a new temporary directory)")
+    parser.add_argument("--max-spread", type=float, default=None,
+                        help="fail (exit 1) when a figure's (max-min)/median exceeds this, e.g. 0.05")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides naming one cell, e.g. model=tiny method=bf16")
+    args = parser.parse_args(argv)
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2 to show a spread")
+    if any(o.startswith(("run.sweep=", "-m", "--multirun")) for o in args.overrides):
+        parser.error("give the overrides of one cell; run.sweep and -m are set here")
+
+    runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="qbench-bench-check-")).resolve()
+    print(f"bench-check: {args.repeats} runs of [{' '.join(args.overrides)}] under {runs_dir}", flush=True)
+    per_run: List[Dict[str, Tuple[float, str]]] = []
+    failed = False
+    for i in range(args.repeats):
+        sweep = f"bench_check-{i}"
+        cmd = [sys.executable, "-m", "qbench.cli", *args.overrides, f"run.sweep={sweep}",
+               f"run.runs_dir={runs_dir}", "run.force=true"]
+        print(f"  run {i + 1}/{args.repeats}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, env=os.environ.copy())
+        results = sorted((runs_dir / sweep).glob("*/result.json"))
+        if proc.returncode != 0 or len(results) != 1:
+            print(f"  run {i + 1}: exit {proc.returncode}, {len(results)} result.json under {runs_dir / sweep} "
+                  "(expected one cell)", file=sys.stderr)
+            failed = True
+            continue
+        result = json.loads(results[0].read_text())
+        if result.get("status") != "ok":
+            err = result.get("error") or {}
+            print(f"  run {i + 1}: status {result.get('status')}: {err.get('type')}: {err.get('message')}", file=sys.stderr)
+            failed = True
+            continue
+        per_run.append(figures(result))
+
+    if not per_run:
+        print("bench-check: no run succeeded", file=sys.stderr)
+        return 1
+    labels = [k for k in per_run[0] if all(k in r for r in per_run)]
+    if not labels:
+        print("bench-check: the cell has no latency figures (bench.enabled=false?)", file=sys.stderr)
+        return 1
+    too_wide = []
+    width = max(len(k) for k in labels)
+    print(f"\n{'figure (median of each run)':<{width}}  {'unit':<9} {'spread':>7} {'cv':>7}  values")
+    for label in labels:
+        values = [r[label][0] for r in per_run]
+        unit = per_run[0][label][1]
+        rng, cv = spread(values)
+        flag = ""
+        if args.max_spread is not None and rng > args.max_spread:
+            too_wide.append(label)
+            flag = "  <-- above --max-spread"
+        shown = " ".join(f"{v:.4g}" for v in values)
+        print(f"{label:<{width}}  {unit:<9} {rng * 100:6.1f}% {cv * 100:6.1f}%  {shown}{flag}")
+    print(f"\n{len(per_run)} of {args.repeats} runs succeeded; results under {runs_dir}")
+    if too_wide:
+        print(f"bench-check: {len(too_wide)} figure(s) spread more than {args.max_spread * 100:.1f}%", file=sys.stderr)
+    return 1 if failed or too_wide else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Timing loop bounds, roofline arithmetic, forced generation length, and the latency section on CPU."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+import torch
+
+from qbench import tiny
+from qbench.config import BenchConfig
+from qbench.measure import gpu_specs, latency, memory, timing
+
+
+# ---- the repeat loop -----------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """A clock that moves only when the fake workload runs: the loop's decisions become exact."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def workload(clock, seconds, log):
+    def run():
+        clock.t += seconds
+        log.append(seconds)
+        return len(log)
+
+    return run
+
+
+def test_repeat_min_repeats_when_runs_are_long():
+    clock, log = FakeClock(), []
+    r = timing.repeat(workload(clock, 0.5, log), warmup_runs=2, min_repeats=10, max_repeats=100,
+                      min_duration_s=1.0, clock=clock)
+    assert r["n"] == 10 and len(log) == 12  # 2 warm-ups discarded, then min_repeats rule
+    assert r["results"] == list(range(3, 13))  # warm-up results are not among the values
+    assert r["first_call_s"] == 0.5 and r["warmup_s"] == [0.5, 0.5]
+    assert r["timed_s"] == pytest.approx(5.0)
+
+
+def test_repeat_min_duration_when_runs_are_short():
+    clock, log = FakeClock(), []
+    r = timing.repeat(workload(clock, 0.01, log), warmup_runs=1, min_repeats=10, max_repeats=1000,
+                      min_duration_s=1.0, clock=clock)
+    assert r["n"] == 100  # 10 runs give only 0.1 s: repeat until 1.0 s is timed
+    assert r["timed_s"] == pytest.approx(1.0)
+
+
+def test_repeat_max_repeats_caps():
+    clock, log = FakeClock(), []
+    r = timing.repeat(workload(clock, 0.01, log), warmup_runs=0, min_repeats=3, max_repeats=20,
+                      min_duration_s=60.0, clock=clock)
+    assert r["n"] == 20 and r["first_call_s"] is None  # no warm-up: the first call is among the values
+
+
+def test_repeat_real_sleep():
+    t0 = time.perf_counter()
+    r = timing.repeat(lambda: time.sleep(0.01), warmup_runs=1, min_repeats=3, max_repeats=50, min_duration_s=0.1)
+    assert 3 <= r["n"] < 50 and r["timed_s"] >= 0.1
+    assert time.perf_counter() - t0 >= 0.11
+    with pytest.raises(ValueError):
+        timing.repeat(lambda: None, warmup_runs=0, min_repeats=5, max_repeats=2, min_duration_s=0)
+
+
+def test_time_call_cpu():
+    secs, result = timing.time_call(lambda: (time.sleep(0.02), 7)[1], "cpu")
+    assert result == 7 and 0.02 <= secs < 0.5
+
+
+# ---- roofline arithmetic -------------------------------------------------------------------------------
+
+
+def test_bandwidth_bound():
+    h100 = gpu_specs.bandwidth_bytes_per_s(gpu_specs.lookup("NVIDIA H100 80GB HBM3"))
+    # Llama-3.1-8B bf16: 16,060,522,496 weight bytes of which a step reads all but the 1,050,673,152-byte
+    # embedding table; KV 131,072 bytes per token, mean context 128 + 128/2 = 192 tokens
+    weights = 16_060_522_496 - 1_050_673_152
+    kv_seq = 131_072 * latency.mean_decode_context(128, 128)
+    assert latency.mean_decode_context(128, 128) == 192
+    b1 = latency.bandwidth_bound_tokens_per_s(h100, weights, kv_seq, 1)
+    assert b1 == pytest.approx(3.35e12 / (weights + 25_165_824))  # ~223 tokens/s
+    assert b1 == pytest.approx(222.82, abs=0.01)
+    # batch 32 shares one weight read: 32 x bandwidth / (weights + 32 x kv)
+    b32 = latency.bandwidth_bound_tokens_per_s(h100, weights, kv_seq, 32)
+    assert b32 == pytest.approx(32 * 3.35e12 / (weights + 32 * 25_165_824))
+    assert 28 * b1 < b32 < 32 * b1
+    assert latency.bandwidth_bound_tokens_per_s(None, weights, kv_seq, 1) is None
+
+
+def test_prefill_compute_bound():
+    params = {"body": 6_979_321_856, "head": 525_336_576}
+    flops = latency.prefill_flops(params, batch=8, prompt_tokens=512)
+    assert flops == 2 * 6_979_321_856 * 8 * 512 + 2 * 525_336_576 * 8
+    peak = gpu_specs.peak_flops(gpu_specs.lookup("NVIDIA H100 80GB HBM3"), torch.bfloat16)
+    assert latency.compute_bound_s(flops, peak) == pytest.approx(flops / 989.5e12)  # ~58 ms
+    assert latency.compute_bound_s(flops, None) is None
+
+
+def test_random_prompt_fixed_seed_no_specials():
+    a, mask = latency.random_prompt(4, 64, 50, [0, 1, 2], seed=0, device="cpu")
+    b, _ = latency.random_prompt(4, 64, 50, [0, 1, 2], seed=0, device="cpu")
+    c, _ = latency.random_prompt(4, 64, 50, [0, 1, 2], seed=1, device="cpu")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (4, 64) and mask.sum() == 4 * 64
+    assert not torch.isin(a, torch.tensor([0, 1, 2])).any() and a.max() < 50
+
+
+# ---- on the tiny model ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny.build(tmp_path_factory.mktemp("tiny") / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map="cpu")
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def test_forced_generation_length_even_when_eos_is_emitted(tiny_model):
+    model, _ = tiny_model
+    n = 8
+    ids, mask = latency.random_prompt(1, 8, 2048, [0, 1, 2], seed=0, device="cpu")
+    saved = copy.deepcopy(model.generation_config)
+    try:
+        free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        emitted = int(free[0, ids.shape[1] + 2])  # the token greedy decoding emits at step 3
+        model.generation_config.eos_token_id = emitted
+        stopped = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        assert stopped.shape[1] - ids.shape[1] <= 3  # a plain generate stops at that EOS
+        for path in ("eager", "static"):  # static runs uncompiled on CPU: same forcing, other cache
+            r = latency.generate_timed(model, ids, mask, n, path, "cpu", pad_token_id=0)
+            assert r["output_ids"].shape[1] - ids.shape[1] == n
+            assert len(r["steps_s"]) == n and r["steps_s"][0] == 0.0
+            assert all(b >= a for a, b in zip(r["steps_s"], r["steps_s"][1:]))
+    finally:
+        model.generation_config = saved
+
+
+def _quick(**kw):
+    base = dict(batch_sizes=[1, 2], prompt_tokens=[8, 16], decode_prompt_tokens=8, new_tokens=4,
+                decode_paths=["eager", "static"], warmup_runs=1, min_repeats=2, max_repeats=3, min_duration_s=0.0)
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+def test_measure_on_cpu(tiny_model, monkeypatch):
+    model, tok = tiny_model
+    # Pretend the CPU is an H100 for the bounds, so that their arithmetic runs end to end here.
+    monkeypatch.setattr(latency.gpu_specs, "for_device",
+                        lambda *a, **k: gpu_specs.lookup("NVIDIA H100 80GB HBM3"))
+    fp = memory.weight_footprint(model)
+    pm = memory.PhaseMemory("cpu")
+    out = latency.measure(model, tok, _quick(), "cpu", pm, fp["weight_bytes_read_per_token"], model.config)
+    json.dumps(out)  # result.json material
+    assert out["device"] == "cpu" and out["timer"] == "perf_counter"
+    assert [(p["batch_size"], p["prompt_tokens"]) for p in out["prefill"]] == [(1, 8), (1, 16), (2, 8), (2, 16)]
+    for p in out["prefill"]:
+        assert 2 <= p["ttft_ms"]["n"] <= 3 and p["ttft_ms"]["unit"] == "ms"
+        assert p["tokens_per_s"] == pytest.approx(p["batch_size"] * p["prompt_tokens"] / (p["ttft_ms"]["p50"] / 1e3))
+        assert p["compute_bound_fraction"] == pytest.approx(p["flops"] / 989.5e12 / (p["ttft_ms"]["p50"] / 1e3))
+    assert [(d["decode_path"], d["batch_size"]) for d in out["decode"]] == [("eager", 1), ("eager", 2)]
+    kv_token = memory.kv_cache_bytes(model.config, 1, 1, 2)
+    for d in out["decode"]:
+        runs = d["tokens_per_s"]["n"]
+        assert 2 <= runs <= 3 and d["per_token_ms"]["n"] == runs * 3  # 4 tokens: 3 step intervals per run
+        bound = d["batch_size"] * 3.35e12 / (fp["weight_bytes_read_per_token"] + d["batch_size"] * kv_token * (8 + 2))
+        assert d["bandwidth_bound_tokens_per_s"] == pytest.approx(bound)
+        assert d["energy_j_per_token"] is None  # no NVML on CPU
+        assert d["new_tokens"] == 4 and d["prompt_tokens"] == 8
+    assert out["unsupported"] == [{"decode_path": "static", "batch_size": None,
+                                   "reason": "transformers compiles the static-cache decode only on cuda/xpu, not on cpu"}]
+    assert any(w.startswith("decode static: not measured") for w in out["warnings"])
+    assert out["one_time"]["first_call_s"] > 0 and out["one_time"]["compile_s"] is None
+    assert out["gpu_state"] == {}
+    assert {"batch_size": 2, "seq_len_tokens": 16, "bytes": memory.kv_cache_bytes(model.config, 2, 16, 2)} in out["kv_cache_bytes_analytic"]
+    assert set(pm.summary()["rss_bytes_at_phase_end"]) == {"prefill", "decode"}
+
+
+def test_cv_warnings_are_returned(tiny_model):
+    model, tok = tiny_model
+    out = latency.measure(model, tok, _quick(batch_sizes=[1], prompt_tokens=[8], decode_paths=["eager"],
+                                             cv_warn_threshold=0.0), "cpu", None, 1, model.config)
+    # threshold 0: any spread warns, once per figure (prefill and decode tokens/s)
+    assert len([w for w in out["warnings"] if "CV" in w]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_measure_on_gpu(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny.build(tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map="cuda")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    fp = memory.weight_footprint(model)
+    pm = memory.PhaseMemory("cuda")
+    out = latency.measure(model, tok, _quick(), "cuda", pm, fp["weight_bytes_read_per_token"], model.config)
+    assert out["timer"] == "cuda_events"
+    assert {d["decode_path"] for d in out["decode"]} | {u["decode_path"] for u in out["unsupported"]} == {"eager", "static"}
+    for d in out["decode"]:
+        assert d["tokens_per_s"]["p50"] > 0
+        if out["gpu_spec"] is not None:
+            assert 0 < d["bandwidth_bound_fraction"]
+    assert out["gpu_state"]["start"]["gpus"][0]["index"] == 0
+    assert pm.summary()["peak_allocated_bytes"]["decode"] > 0
