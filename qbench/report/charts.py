@@ -1,0 +1,388 @@
+"""The report's plotly figures, built from the summary rows and the results.
+
+Every function returns a Figure, or None when the sweep did not measure what the chart needs: the page
+then says "not measured in this sweep" instead of drawing an empty frame.
+
+Plotly renders its label strings as a small subset of HTML, so every string that comes from a result
+(model and method names above all) is html-escaped before it goes into a figure (``esc``).
+"""
+from __future__ import annotations
+
+import html
+import math
+from typing import Any, Dict, List, Optional
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from qbench.report import tables as T
+
+# Okabe & Ito (2008), colour-blind safe; yellow last because it is faint on white paper.
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
+MEMORY_COLOURS = {"weights": "#0072B2", "KV cache": "#E69F00", "overhead": "#999999"}
+# Diverging blue (better) - white - vermillion (worse), both ends from the Okabe-Ito set.
+DIVERGING = [[0.0, "#D55E00"], [0.5, "#FFFFFF"], [1.0, "#0072B2"]]
+DAGGER, DOUBLE_DAGGER = "\u2020", "\u2021"
+FONT = dict(family="system-ui, -apple-system, Segoe UI, Roboto, Helvetica, Arial, sans-serif", size=13)
+TASK_LABEL = {"mmlu": "MMLU", "gsm8k": "GSM8K"}
+ROW_HEIGHT_PX = 380
+
+
+def esc(s: Any) -> str:
+    # quote=False: plotly decodes &lt; &gt; &amp; back to text but shows &quot; literally; quotes are inert
+    # in plotly labels (no tag, no attribute is parsed without a '<').
+    return html.escape(str(s), quote=False)
+
+
+def label(r: Dict[str, Any], task: Optional[str] = None) -> str:
+    """A method's axis / legend label with its caveats: dagger = random weights, double dagger = limited."""
+    s = esc(r["method"])
+    if r["random_weights"]:
+        s += f" {DAGGER}"
+    if task and T.num(r.get(f"{task}_limit")) is not None:
+        s += f" {DOUBLE_DAGGER}"
+    return s
+
+
+def colours(rows: List[Dict[str, Any]]) -> Dict[str, str]:
+    """method -> colour, stable across every chart of the page (baseline first, then sweep order)."""
+    methods = list(dict.fromkeys(r["method"] for r in sorted(rows, key=lambda r: not r["is_baseline"])))
+    return {m: OKABE_ITO[i % len(OKABE_ITO)] for i, m in enumerate(methods)}
+
+
+def models(rows: List[Dict[str, Any]]) -> List[str]:
+    return list(dict.fromkeys(r["model"] for r in rows))
+
+
+def fmt(x: Any, digits: int = 2, suffix: str = "") -> str:
+    v = T.num(x)
+    return "n/a" if v is None else f"{v:,.{digits}f}{suffix}"
+
+
+def hover_row(r: Dict[str, Any]) -> str:
+    """The whole summary row of a cell as hover text (escaped: it is rendered by plotly as HTML)."""
+    dag = f" {DAGGER}" if r["random_weights"] else ""
+    lines = [f"<b>{esc(r['model'])} / {esc(r['method'])}</b>",
+             f"weights {fmt(r['weights_gb'])} GB, {fmt(r['compression_x'])}x vs baseline",
+             f"peak memory {fmt(r['peak_gb'])} GB" + (" (RSS)" if r.get("peak_source") == "rss" else ""),
+             f"TTFT {fmt(r['ttft_ms'], 1)} ms, decode bs=1 {fmt(r['decode_tps'], 1)} tok/s"
+             f" ({fmt(r['bw_bound_pct'], 0)} % of bandwidth bound)"]
+    for task in ("mmlu", "gsm8k"):
+        if T.num(r.get(f"{task}_pct")) is None:
+            continue
+        lim = f" {DOUBLE_DAGGER} {fmt(r[f'{task}_n'], 0)} items" if T.num(r.get(f"{task}_limit")) else ""
+        line = f"{TASK_LABEL[task]} {fmt(r[f'{task}_pct'], 1)} %{dag}{lim}"
+        if T.num(r.get(f"{task}_delta_pp")) is not None:
+            line += f", \u0394 {fmt(r[f'{task}_delta_pp'], 1)} pp{dag}"
+            if T.num(r.get(f"{task}_ci_low_pp")) is not None:
+                line += f" [{fmt(r[f'{task}_ci_low_pp'], 1)}, {fmt(r[f'{task}_ci_high_pp'], 1)}]"
+        lines.append(line)
+    if T.num(r.get("quantize_s")) is not None:
+        lines.append(f"quantization {fmt(r['quantize_s'], 0)} s")
+    if r["random_weights"]:
+        lines.append(f"{DAGGER} random weights: accuracy at chance")
+    return "<br>".join(lines)
+
+
+def _grid(n_panels: int, titles: List[str]):
+    """One panel per model, three to a row: facets stay readable on a laptop screen."""
+    cols = min(n_panels, 3)
+    rows = math.ceil(n_panels / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.08,
+                        vertical_spacing=0.16 if rows > 1 else 0.1)
+    return fig, cols
+
+
+def _layout(fig: go.Figure, n_rows: int, **kw: Any) -> go.Figure:
+    fig.update_layout(template="plotly_white", font=FONT, height=120 + ROW_HEIGHT_PX * n_rows,
+                      margin=dict(l=60, r=20, t=50, b=60), hoverlabel=dict(align="left"),
+                      legend=dict(orientation="h", yanchor="top", y=-0.14, x=0), **kw)
+    return fig
+
+
+def _or(x: Any, default: float) -> float:
+    v = T.num(x)
+    return default if v is None else v
+
+
+def _pos(i: int, cols: int) -> Dict[str, int]:
+    return {"row": i // cols + 1, "col": i % cols + 1}
+
+
+# ---------------------------------------------------------------- Pareto
+
+
+def pareto_front(points: List[tuple]) -> List[tuple]:
+    """Points (x = memory, y = accuracy, ...) that no other point beats on both: less memory and more accuracy."""
+    front, best = [], -math.inf
+    for p in sorted(points, key=lambda p: (p[0], -p[1])):
+        if p[1] > best:
+            front.append(p)
+            best = p[1]
+    return front
+
+
+def pareto_chart(rows: List[Dict[str, Any]]) -> Optional[go.Figure]:
+    tasks = [t for t in ("mmlu", "gsm8k") if any(T.num(r.get(f"{t}_pct")) is not None and
+                                                  T.num(r.get("weights_gb")) is not None for r in rows)]
+    if not tasks:
+        return None
+    ms, col = models(rows), colours(rows)
+    panels = [(t, m) for t in tasks for m in ms]  # one row per task, one column per model
+    cols = len(ms)
+    fig = make_subplots(rows=len(tasks), cols=cols, horizontal_spacing=0.08, vertical_spacing=0.14,
+                        subplot_titles=[f"{TASK_LABEL[t]} \u2014 {esc(m)}" for t, m in panels])
+    shown = set()
+    for i, (task, model) in enumerate(panels):
+        pts = [r for r in rows if r["model"] == model and r["status"] == "ok"
+               and T.num(r.get(f"{task}_pct")) is not None and T.num(r.get("weights_gb")) is not None]
+        if not pts:
+            fig.add_annotation(text="not measured", showarrow=False, font=dict(color="#777", size=15),
+                               xref="x domain", yref="y domain", x=0.5, y=0.5, **_pos(i, cols))
+            fig.update_xaxes(visible=False, **_pos(i, cols))
+            fig.update_yaxes(visible=False, **_pos(i, cols))
+            continue
+        # Random-weight accuracy is noise: such cells are drawn (open markers) but never make the frontier.
+        front = pareto_front([(r["weights_gb"], r[f"{task}_pct"], id(r)) for r in pts if not r["random_weights"]])
+        front_ids = {p[2] for p in front}
+        if len(front) > 1:
+            fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines",
+                                     line=dict(color="#444", dash="dash", width=1.5, shape="hv"),
+                                     name="Pareto frontier", legendgroup="frontier",
+                                     showlegend="frontier" not in shown, hoverinfo="skip"), **_pos(i, cols))
+            shown.add("frontier")
+        for r in pts:
+            on_front = id(r) in front_ids
+            fig.add_trace(go.Scatter(
+                x=[r["weights_gb"]], y=[r[f"{task}_pct"]], mode="markers",
+                name=esc(r["method"]), legendgroup=esc(r["method"]), showlegend=r["method"] not in shown,
+                marker=dict(color=col[r["method"]], size=15 if on_front else 11,
+                            symbol="circle-open" if r["random_weights"] else "circle",
+                            line=dict(color="#000" if on_front else col[r["method"]], width=2.5 if on_front else 1)),
+                hovertext=[hover_row(r) + ("<br><i>on the Pareto frontier</i>" if on_front else "")],
+                hoverinfo="text"), **_pos(i, cols))
+            shown.add(r["method"])
+        fig.update_xaxes(title_text="weight footprint (GB)", rangemode="tozero", **_pos(i, cols))
+        fig.update_yaxes(title_text=f"{TASK_LABEL[task]} accuracy (%)", **_pos(i, cols))
+    return _layout(fig, len(tasks))
+
+
+# ---------------------------------------------------------------- decode throughput vs batch size
+
+
+def decode_series(r: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
+    """decode_path -> points {batch_size, p50, lo, hi} (lo/hi: p10/p90, else mean -/+ stdev)."""
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for d in T.decode_rows(r):
+        s = T.dist_stats(d.get("tokens_per_s"))
+        bs, mid = T.num(d.get("batch_size")), s.get("p50", s.get("mean"))
+        if bs is None or mid is None:
+            continue
+        if "p10" in s and "p90" in s:
+            lo, hi, band = s["p10"], s["p90"], "p10\u2013p90"
+        elif "stdev" in s:
+            lo, hi, band = mid - s["stdev"], mid + s["stdev"], "\u00b1 stdev"
+        else:
+            lo = hi = mid
+            band = "no spread recorded"
+        out.setdefault(str(d.get("decode_path") or "?"), []).append(
+            {"batch_size": bs, "p50": mid, "lo": lo, "hi": hi, "band": band, "cv": s.get("cv")})
+    for pts in out.values():
+        pts.sort(key=lambda p: p["batch_size"])
+    return out
+
+
+def throughput_chart(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Optional[go.Figure]:
+    by_cell = {r["cell"]: r for r in results}
+    series = {row["cell"]: decode_series(by_cell[row["cell"]]) for row in rows if row["cell"] in by_cell}
+    if not any(series.values()):
+        return None
+    ms, col = models(rows), colours(rows)
+    fig, cols = _grid(len(ms), [esc(m) for m in ms])
+    shown = set()
+    all_bs = sorted({p["batch_size"] for s in series.values() for pts in s.values() for p in pts})
+    for i, model in enumerate(ms):
+        for row in rows:
+            if row["model"] != model:
+                continue
+            for path, pts in series.get(row["cell"], {}).items():
+                label = esc(row["method"]) + ("" if path == "eager" else f" ({esc(path)})")
+                fig.add_trace(go.Scatter(
+                    x=[p["batch_size"] for p in pts], y=[p["p50"] for p in pts], mode="lines+markers",
+                    name=label, legendgroup=label, showlegend=label not in shown,
+                    line=dict(color=col[row["method"]], dash="solid" if path == "eager" else "dot", width=2),
+                    marker=dict(size=8),
+                    error_y=dict(type="data", symmetric=False, array=[p["hi"] - p["p50"] for p in pts],
+                                 arrayminus=[p["p50"] - p["lo"] for p in pts], thickness=1.2, width=4),
+                    hovertext=[f"<b>{label}</b><br>batch {p['batch_size']:.0f}: {p['p50']:,.1f} tok/s (p50)"
+                               f"<br>{p['band']}: {p['lo']:,.1f} \u2013 {p['hi']:,.1f}"
+                               f"<br>CV {fmt(100 * p['cv'] if p['cv'] is not None else None, 1)} %"
+                               for p in pts],
+                    hoverinfo="text"), **_pos(i, cols))
+                shown.add(label)
+        fig.update_xaxes(title_text="batch size", type="log", tickvals=all_bs, ticktext=[f"{b:.0f}" for b in all_bs],
+                         **_pos(i, cols))
+        fig.update_yaxes(title_text="decode throughput (tokens/s)", rangemode="tozero", **_pos(i, cols))
+    return _layout(fig, math.ceil(len(ms) / cols))
+
+
+# ---------------------------------------------------------------- memory breakdown
+
+
+def memory_parts(r: Dict[str, Any], row: Dict[str, Any]) -> Optional[Dict[str, float]]:
+    """weights, KV cache (analytic, largest measured shape), overhead = peak - weights - KV, in GB."""
+    w, peak = T.weight_bytes(r), T.peak_bytes(r)[0]
+    if w is None or peak is None:
+        return None
+    kv = T.kv_bytes_at_peak(r) or 0.0
+    overhead = peak - w - kv
+    return {"weights": w / T.GB, "KV cache": kv / T.GB, "overhead": max(overhead, 0.0) / T.GB,
+            "overhead_raw": overhead / T.GB, "peak": peak / T.GB}
+
+
+def memory_chart(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Optional[go.Figure]:
+    by_cell = {r["cell"]: r for r in results}
+    parts = {row["cell"]: memory_parts(by_cell[row["cell"]], row) for row in rows if row["cell"] in by_cell}
+    if not any(parts.values()):
+        return None
+    ms = models(rows)
+    fig, cols = _grid(len(ms), [esc(m) for m in ms])
+    for i, model in enumerate(ms):
+        cells = [row for row in rows if row["model"] == model and parts.get(row["cell"])]
+        x = [esc(row["method"]) for row in cells]
+        for part, colour in MEMORY_COLOURS.items():
+            fig.add_trace(go.Bar(
+                x=x, y=[parts[row["cell"]][part] for row in cells], name=part, legendgroup=part,
+                showlegend=i == 0, marker_color=colour,
+                hovertext=[f"<b>{esc(row['method'])}</b><br>{part}: {parts[row['cell']][part]:,.2f} GB<br>"
+                           f"peak {'RSS' if row.get('peak_source') == 'rss' else 'allocated'}: "
+                           f"{parts[row['cell']]['peak']:,.2f} GB"
+                           + (f"<br>peak &lt; weights + KV by {-parts[row['cell']]['overhead_raw']:,.2f} GB: "
+                              "overhead shown as 0" if parts[row["cell"]]["overhead_raw"] < 0 else "")
+                           for row in cells],
+                hoverinfo="text"), **_pos(i, cols))
+        fig.update_yaxes(title_text="memory (GB)", **_pos(i, cols))
+    fig = _layout(fig, math.ceil(len(ms) / cols))
+    fig.update_layout(barmode="stack")
+    return fig
+
+
+# ---------------------------------------------------------------- accuracy delta with CI
+
+
+def delta_chart(rows: List[Dict[str, Any]]) -> Optional[go.Figure]:
+    tasks = [t for t in ("mmlu", "gsm8k") if any(T.num(r.get(f"{t}_delta_pp")) is not None for r in rows)]
+    if not tasks:
+        return None
+    ms = [m for m in models(rows) if any(T.num(r.get(f"{t}_delta_pp")) is not None
+                                         for r in rows if r["model"] == m for t in tasks)]
+    fig, cols = _grid(len(ms), [esc(m) for m in ms])
+    task_colour = {"mmlu": OKABE_ITO[0], "gsm8k": OKABE_ITO[1]}
+    for i, model in enumerate(ms):
+        for task in tasks:
+            pts = [r for r in rows if r["model"] == model and T.num(r.get(f"{task}_delta_pp")) is not None]
+            if not pts:
+                continue
+            d = [r[f"{task}_delta_pp"] for r in pts]
+            # no interval (no per-item records): a zero-length bar, the hover says why
+            hi = [_or(r.get(f"{task}_ci_high_pp"), r[f"{task}_delta_pp"]) - r[f"{task}_delta_pp"] for r in pts]
+            lo = [r[f"{task}_delta_pp"] - _or(r.get(f"{task}_ci_low_pp"), r[f"{task}_delta_pp"]) for r in pts]
+            fig.add_trace(go.Scatter(
+                x=[label(r, task) for r in pts], y=d,
+                mode="markers", name=TASK_LABEL[task], legendgroup=task, showlegend=i == 0,
+                marker=dict(color=task_colour[task], size=11, symbol="diamond" if task == "gsm8k" else "circle"),
+                error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo, thickness=1.5, width=6),
+                hovertext=[hover_row(r) + ("" if T.num(r.get(f"{task}_ci_low_pp")) is not None else
+                                           "<br>no paired interval (per-item records or paired module absent)")
+                           for r in pts],
+                hoverinfo="text"), **_pos(i, cols))
+        fig.add_hline(y=0, line=dict(color="#444", width=1), **_pos(i, cols))
+        fig.update_yaxes(title_text="\u0394 vs baseline (pp)", **_pos(i, cols))
+    fig = _layout(fig, math.ceil(len(ms) / cols))
+    fig.update_layout(scattermode="group")
+    return fig
+
+
+# ---------------------------------------------------------------- MMLU categories heatmap
+
+
+def category_deltas(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """model -> method -> category -> delta (pp) of the MMLU category accuracy vs the baseline cell."""
+    base = T.baseline_method(results)
+    bases = T.baseline_cells(results, base)
+    by_cell = {r["cell"]: r for r in results}
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for row in rows:
+        r, b = by_cell.get(row["cell"]), bases.get(row["model"])
+        if r is None or b is None or r is b or r["status"] != "ok":
+            continue
+        cats, bcats = (T.get(x, "metrics", "accuracy", "tasks", "mmlu", "categories", default={}) for x in (r, b))
+        if not isinstance(cats, dict) or not isinstance(bcats, dict):
+            continue
+        d = {c: 100 * (T.category_score(cats[c]) - T.category_score(bcats[c])) for c in cats
+             if c in bcats and T.category_score(cats[c]) is not None and T.category_score(bcats[c]) is not None}
+        if d:
+            out.setdefault(row["model"], {})[row["cell"]] = d
+    return out
+
+
+def category_heatmap(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Optional[go.Figure]:
+    deltas = category_deltas(rows, results)
+    if not deltas:
+        return None
+    row_of = {r["cell"]: r for r in rows}
+    ms = [m for m in models(rows) if m in deltas]
+    cats = list(T.MMLU_CATEGORIES) + sorted({c for d in deltas.values() for cd in d.values() for c in cd}
+                                            - set(T.MMLU_CATEGORIES))
+    cats = [c for c in cats if any(c in cd for d in deltas.values() for cd in d.values())]
+    zmax = max(abs(v) for d in deltas.values() for cd in d.values() for v in cd.values()) or 1.0
+    # One model per row: method labels can be long, and rows stay comparable category by category.
+    heights = [len(deltas[m]) for m in ms]
+    height = 140 + 55 * sum(heights) + 90 * len(ms)
+    fig = make_subplots(rows=len(ms), cols=1, subplot_titles=[esc(m) for m in ms], row_heights=heights,
+                        vertical_spacing=min(0.3, 90 / height) if len(ms) > 1 else 0.1)
+    cols = 1
+    for i, model in enumerate(ms):
+        cells = list(deltas[model])
+        ylab = [label(row_of[c], "mmlu") for c in cells]
+        z = [[deltas[model][c].get(cat) for cat in cats] for c in cells]
+        fig.add_trace(go.Heatmap(
+            z=z, x=[cat.replace("_", " ") for cat in cats], y=ylab, colorscale=DIVERGING, zmid=0,
+            zmin=-zmax, zmax=zmax, showscale=i == 0, colorbar=dict(title=dict(text="\u0394 pp")),
+            texttemplate="%{z:+.1f}", hovertemplate="%{y}<br>%{x}: %{z:+.1f} pp<extra></extra>", xgap=2, ygap=2),
+            **_pos(i, cols))
+        fig.update_yaxes(autorange="reversed", **_pos(i, cols))
+    fig = _layout(fig, 1)
+    fig.update_layout(height=height, margin=dict(l=20, r=20, t=50, b=40))
+    return fig
+
+
+# ---------------------------------------------------------------- all of them
+
+
+def build_charts(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The page's charts in order: key, title, caption, and the figure (None = not measured in this sweep)."""
+    return [
+        {"key": "pareto", "title": "Accuracy vs weight memory (Pareto front)",
+         "caption": "Up and to the left is better. Dashed: the frontier (cells no other cell beats on both); "
+                    "large outlined markers lie on it. Open markers: random weights (never on the frontier). "
+                    "Hover a point for its whole row.",
+         "figure": pareto_chart(rows)},
+        {"key": "throughput", "title": "Decode throughput vs batch size",
+         "caption": "Median tokens/s per method; bars span p10\u2013p90 of the timed runs (\u00b1 stdev where raw "
+                    "values are absent). Dotted lines: the static decode path.",
+         "figure": throughput_chart(rows, results)},
+        {"key": "memory", "title": "Memory breakdown at peak",
+         "caption": "Weights (measured), KV cache (analytic, largest measured shape) and overhead = peak \u2212 "
+                    "weights \u2212 KV (activations, allocator slack, CUDA context). CPU cells use peak RSS.",
+         "figure": memory_chart(rows, results)},
+        {"key": "delta", "title": "Accuracy change vs baseline",
+         "caption": "\u0394 in percentage points; bars are the paired 95 % CI over the items both cells evaluated. "
+                    f"{DAGGER}: random weights, the change means nothing.",
+         "figure": delta_chart(rows)},
+        {"key": "categories", "title": "MMLU change per category",
+         "caption": "\u0394 of each MMLU category vs the baseline (pp); blue better, vermillion worse. "
+                    "A plain difference of category scores (no pairing, no interval): small categories swing widely. "
+                    f"{DAGGER}: random weights; {DOUBLE_DAGGER}: limited evaluation, a subset of items.",
+         "figure": category_heatmap(rows, results)},
+    ]

@@ -1,0 +1,384 @@
+"""Renders a sweep's self-contained HTML page and the reports index.
+
+Self-contained: plotly.js is embedded once in a <script>; each figure travels as JSON inside
+<script type="application/json"> and is drawn by Plotly.newPlot. No CDN, no fetch: the page opens from
+file:// and copies to any static host.
+
+Safety: jinja2 autoescapes every string from the results; the figure JSON is made inert inside <script> by
+escaping '<', '>' and '&' as \\u003c / \\u003e / \\u0026 (valid JSON, and no '</script>' can close the tag).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+from urllib.parse import quote
+
+import jinja2
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
+
+from qbench.report import charts as C
+from qbench.report import tables as T
+
+TEMPLATE = "template.html.j2"
+DAGGER, DOUBLE_DAGGER, WARN, STAR = "\u2020", "\u2021", "\u26a0", "\u2605"
+MINUS = "\u2212"
+
+
+def script_json(obj: Any) -> str:
+    """JSON that is safe to paste between <script> tags: nothing in it can end the tag or open a comment."""
+    s = obj if isinstance(obj, str) else json.dumps(obj, allow_nan=False)
+    return s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
+                              autoescape=True, undefined=jinja2.StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True)
+
+
+# ---------------------------------------------------------------- number formatting
+
+
+def fmt_num(x: Any, digits: int = 1, signed: bool = False) -> str:
+    v = T.num(x)
+    if v is None:
+        return "\u2014"
+    if v != 0 and round(v, digits) == 0:
+        s = f"{v:+.2g}" if signed else f"{v:.2g}"  # a tiny model's 0.0021 GB must not print as 0.00
+        return s.replace("-", MINUS)
+    s = f"{v:+,.{digits}f}" if signed else f"{v:,.{digits}f}"
+    return s.replace("-", MINUS)
+
+
+# ---------------------------------------------------------------- summary table
+
+
+def _columns(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Column specs: header, unit, key in the summary row, digits, which way is better ("high"/"low")."""
+    prompt = {r["prefill_prompt_tokens"] for r in rows if T.num(r.get("prefill_prompt_tokens")) is not None}
+    ttft_unit = f"ms, p50, bs 1, {int(next(iter(prompt)))} tok" if len(prompt) == 1 else "ms, p50, bs 1"
+    path = next((r["decode_path"] for r in rows if r.get("decode_path")), "eager")
+    cols = [
+        {"key": "weights_gb", "head": "Weights", "unit": "GB", "digits": 2, "better": "low"},
+        {"key": "compression_x", "head": "Compression", "unit": "\u00d7 vs baseline", "digits": 2, "better": "high"},
+        {"key": "peak_gb", "head": "Peak memory", "unit": "GB", "digits": 2, "better": "low"},
+        {"key": "ttft_ms", "head": "Prefill TTFT", "unit": ttft_unit, "digits": 1, "better": "low",
+         "cv": "ttft_cv_high"},
+        {"key": "decode_tps", "head": "Decode bs 1", "unit": f"tokens/s, p50, {path}", "digits": 1, "better": "high",
+         "cv": "decode_cv_high"},
+        {"key": "bw_bound_pct", "head": "of bandwidth bound", "unit": "%", "digits": 0, "better": "high",
+         "cv": "decode_cv_high"},
+    ]
+    for task, label in (("mmlu", "MMLU"), ("gsm8k", "GSM8K")):
+        cols += [
+            {"key": f"{task}_pct", "head": label, "unit": "% correct", "digits": 1, "better": "high", "acc": task},
+            {"key": f"{task}_delta_pp", "head": f"{label} \u0394", "unit": "pp vs baseline [paired 95 % CI]",
+             "digits": 1, "better": "high", "acc": task, "signed": True, "ci": task},
+            {"key": f"{task}_flip_pct", "head": f"{label} flips", "unit": "% of paired items", "digits": 1,
+             "better": "low", "acc": task},
+        ]
+    cols.append({"key": "quantize_s", "head": "Quantization", "unit": "s", "digits": 0, "better": "low"})
+    # A column nobody measured only adds dashes; the notes under the table say what was not measured.
+    return [c for c in cols if any(T.num(r.get(c["key"])) is not None for r in rows)]
+
+
+def _best(rows: List[Dict[str, Any]], col: Dict[str, Any]) -> set:
+    """Cells holding the best value of a column, per model (comparing a 1B with an 8B model says nothing).
+
+    Failed cells and, for accuracy, random-weight cells are not eligible; neither is a baseline's own
+    compression of 1x. A column with a single eligible value, or where all tie, marks nothing.
+    """
+    best = set()
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cand = [r for r in rows if r["model"] == model and r["status"] == "ok" and T.num(r.get(col["key"])) is not None
+                and not (col.get("acc") and r["random_weights"])
+                and not (col["key"] == "compression_x" and r["is_baseline"])]
+        if len({r[col["key"]] for r in cand}) < 2:
+            continue
+        pick = max if col["better"] == "high" else min
+        v = pick(r[col["key"]] for r in cand)
+        best |= {r["cell"] for r in cand if r[col["key"]] == v}
+    return best
+
+
+def _marks(row: Dict[str, Any], col: Dict[str, Any]) -> List[Dict[str, str]]:
+    m = []
+    task = col.get("acc")
+    if task and row["random_weights"]:
+        m.append({"sym": DAGGER, "title": "random weights: accuracy at chance, the number means nothing"})
+    if task and T.num(row.get(f"{task}_limit")) is not None:
+        m.append({"sym": DOUBLE_DAGGER, "title": f"limited evaluation: limit {fmt_num(row[f'{task}_limit'], 2)}, "
+                                                 f"{fmt_num(row.get(f'{task}_n'), 0)} items"})
+    if col.get("cv") and row.get(col["cv"]):
+        m.append({"sym": WARN, "title": "coefficient of variation above the sweep's threshold: noisy measurement"})
+    return m
+
+
+def summary_view(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    cols = _columns(rows)
+    best = {c["key"]: _best(rows, c) for c in cols}
+    out_rows = []
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = T.num(r.get(c["key"]))
+            text = fmt_num(v, c["digits"], c.get("signed", False))
+            if c.get("ci"):
+                lo, hi = T.num(r.get(f"{c['ci']}_ci_low_pp")), T.num(r.get(f"{c['ci']}_ci_high_pp"))
+                if lo is not None and hi is not None:
+                    text += f" [{fmt_num(lo, 1, True)}, {fmt_num(hi, 1, True)}]"
+                elif v is not None:
+                    text += " (no CI)"
+            if c["key"] == "peak_gb" and v is not None and r.get("peak_source") == "rss":
+                text += " RSS"
+            if c["key"] == "compression_x" and r["is_baseline"] and v is not None:
+                text = "1.00 (baseline)"
+            is_best = r["cell"] in best[c["key"]]
+            cells.append({"text": text, "sort": "" if v is None else repr(v), "best": is_best,
+                          "marks": _marks(r, c) if v is not None else []})
+        notes = []
+        if r["status"] == "error":
+            notes.append(f"{r.get('error_type') or 'error'}"
+                         f"{' in ' + r['error_phase'] if r.get('error_phase') else ''}: {r.get('error_message') or ''}")
+        notes += r["warnings"]
+        for task in ("mmlu", "gsm8k"):
+            if r.get(f"{task}_delta_source") == "difference":
+                notes.append(f"{C.TASK_LABEL[task]} \u0394 is a plain difference (no per-item pairing)")
+        out_rows.append({"row": r, "cells": cells, "notes": notes})
+    return {"columns": cols, "rows": out_rows}
+
+
+# ---------------------------------------------------------------- honesty panel
+
+
+def _cv_findings(r: Dict[str, Any]) -> List[str]:
+    thr = T.cv_threshold(r)
+    found = []
+    for kind, rows_ in (("prefill", T.prefill_rows(r)), ("decode", T.decode_rows(r))):
+        for x in rows_:
+            for key in ("ttft_ms", "tokens_per_s", "per_token_ms"):
+                cv = T.dist_stats(x.get(key)).get("cv")
+                if cv is not None and cv > thr:
+                    where = f"{kind} {x.get('decode_path') or ''} bs={x.get('batch_size')}".replace("  ", " ")
+                    found.append(f"{where} {key}: CV {100 * cv:.1f} % > {100 * thr:.0f} %")
+    return found
+
+
+def _mixed_environment(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Environment keys whose value differs between cells of the sweep, with the cells per value."""
+    keys = {"device": lambda r: r.get("device"),
+            "GPU": lambda r: T.get(r, "environment", "gpu_name"),
+            "GPU count": lambda r: T.get(r, "environment", "gpu_count"),
+            "driver": lambda r: T.get(r, "environment", "driver"),
+            "CUDA (torch)": lambda r: T.get(r, "environment", "torch_cuda"),
+            "qbench commit": lambda r: T.get(r, "environment", "qbench_git_commit"),
+            "host": lambda r: T.get(r, "environment", "host")}
+    libs = sorted({k for r in results for k in (T.get(r, "environment", "versions", default={}) or {})})
+    for lib in libs:
+        keys[lib] = lambda r, lib=lib: T.get(r, "environment", "versions", lib)
+    out = []
+    for name, f in keys.items():
+        by_value: Dict[str, List[str]] = defaultdict(list)
+        for r in results:
+            if r.get("environment"):
+                by_value[str(f(r))].append(r["cell"])
+        if len(by_value) > 1:
+            out.append({"key": name, "values": [{"value": v, "cells": cells} for v, cells in by_value.items()]})
+    return out
+
+
+def honesty_view(results: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    random_cells = [r["cell"] for r in results if T.is_random(r)]
+    limited = []
+    fewshot: Dict[str, Counter] = defaultdict(Counter)
+    for r in results:
+        for task, t in (T.get(r, "metrics", "accuracy", "tasks", default={}) or {}).items():
+            if not isinstance(t, dict):
+                continue
+            if T.num(t.get("limit")) is not None:
+                limited.append({"cell": r["cell"], "task": task, "limit": t.get("limit"), "n_items": t.get("n_items")})
+            if t.get("num_fewshot") is not None:
+                fewshot[task][str(t["num_fewshot"])] += 1
+    fewshot_view = [{"task": task, "shots": dict(c), "mixed": len(c) > 1,
+                     "cells": {shot: [r["cell"] for r in results
+                                      if str(T.get(r, "metrics", "accuracy", "tasks", task, "num_fewshot")) == shot]
+                               for shot in c}}
+                    for task, c in sorted(fewshot.items())]
+    noisy = []
+    for r in results:
+        found = list(dict.fromkeys([str(w) for w in r.get("warnings") or []] + _cv_findings(r)))
+        if found:
+            noisy.append({"cell": r["cell"], "items": found})
+    unsupported = [{"cell": r["cell"], "path": u.get("decode_path"), "reason": u.get("reason")}
+                   for r in results for u in T.get(r, "metrics", "latency", "unsupported", default=[]) or []
+                   if isinstance(u, dict)]
+    no_pairing = [f"{r['cell']} ({C.TASK_LABEL[t]})" for r in rows for t in ("mmlu", "gsm8k")
+                  if r.get(f"{t}_delta_source") == "difference"]
+    schema = sorted({str(r.get("schema_version")) for r in results} - {"1"})
+    return {"random": random_cells, "limited": limited, "fewshot": fewshot_view, "noisy": noisy,
+            "mixed": _mixed_environment(results), "unsupported": unsupported, "no_pairing": no_pairing,
+            "schema": schema, "paired_available": T.load_paired_compare() is not None}
+
+
+# ---------------------------------------------------------------- environment and provenance
+
+
+def environment_view(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    libs = sorted({k for r in results for k in (T.get(r, "environment", "versions", default={}) or {})})
+    head = ["cell", "device", "GPU", "driver", "CUDA", *libs, "qbench commit", "host", "python"]
+    body = []
+    for r in results:
+        e = r.get("environment") or {}
+        v = e.get("versions") or {}
+        body.append([r["cell"], r.get("device"), e.get("gpu_name"), e.get("driver"), e.get("torch_cuda"),
+                     *[v.get(lib) for lib in libs], e.get("qbench_git_commit"), e.get("host"), e.get("python")])
+    body = [["\u2014" if x is None else str(x) for x in row] for row in body]
+    commands = list(dict.fromkeys(str(r["command"]) for r in results if r.get("command")))
+    cells = []
+    for r in results:
+        cal = T.get(r, "method_info", "calibration")
+        cells.append({
+            "cell": r["cell"], "status": r["status"], "overrides": " ".join(str(o) for o in r.get("overrides") or []),
+            "started_at": r.get("started_at"), "finished_at": r.get("finished_at"),
+            "calibration": None if cal is None else json.dumps(cal, indent=2, sort_keys=True, default=str),
+            "config": json.dumps(r.get("config"), indent=2, sort_keys=True, default=str),
+            "method_info": json.dumps(r.get("method_info") or {}, indent=2, sort_keys=True, default=str),
+            "source": json.dumps(r.get("source") or {}, indent=2, sort_keys=True, default=str),
+            "timings": json.dumps(r.get("timings") or {}, sort_keys=True, default=str),
+        })
+    return {"head": head, "body": body, "commands": commands, "cells": cells}
+
+
+# ---------------------------------------------------------------- page
+
+
+def figure_json(fig: Any) -> str:
+    """The figure as JSON for Plotly.newPlot, made inert inside <script>."""
+    return script_json(pio.to_json(fig, validate=False, remove_uids=True))
+
+
+def sweep_meta(results: List[Dict[str, Any]], sweep: str) -> Dict[str, Any]:
+    return {"sweep": sweep, "n_cells": len(results), "n_ok": sum(r["status"] == "ok" for r in results),
+            "n_error": sum(r["status"] == "error" for r in results),
+            "models": list(dict.fromkeys(r["model"] for r in results)),
+            "methods": list(dict.fromkeys(r["method"] for r in results)),
+            "demo": any(T.is_demo(r) for r in results), "random": sum(T.is_random(r) for r in results),
+            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def sweep_context(results: List[Dict[str, Any]], sweep: str, downloads: Optional[Dict[str, str]] = None,
+                  plotlyjs: Optional[str] = None) -> Dict[str, Any]:
+    """Everything the page template shows. ``plotlyjs`` overrides the embedded library (tests only)."""
+    rows = T.summary_rows(results)
+    charts = C.build_charts(rows, results)
+    base = T.baseline_method(results)
+    configured = T.configured_baseline(results)
+    models_without_base = [m for m in dict.fromkeys(r["model"] for r in results)
+                           if m not in T.baseline_cells(results, base)]
+    errors = [{"cell": r["cell"], **(r.get("error") if isinstance(r.get("error"), dict) else {})}
+              for r in results if r["status"] == "error"]
+    measured = {
+        "accuracy": any(T.get(r, "metrics", "accuracy", "tasks") for r in results),
+        "latency": any(T.decode_rows(r) or T.prefill_rows(r) for r in results),
+    }
+    ctx = {
+        "meta": sweep_meta(results, sweep),
+        "demo_cells": [r["cell"] for r in results if T.is_demo(r)],
+        "baseline": base, "configured_baseline": configured, "models_without_base": models_without_base,
+        "summary": summary_view(rows), "errors": errors, "measured": measured,
+        "charts": [{**c, "json": figure_json(c["figure"]) if c["figure"] is not None else None} for c in charts],
+        "honesty": honesty_view(results, rows), "env": environment_view(results),
+        "downloads": downloads or {}, "several_models": len({r["model"] for r in results}) > 1,
+        "sym": {"dagger": DAGGER, "ddagger": DOUBLE_DAGGER, "warn": WARN, "star": STAR},
+        "plotlyjs": plotlyjs if plotlyjs is not None else get_plotlyjs(),
+    }
+    ctx["meta"]["n_charts"] = sum(c["json"] is not None for c in ctx["charts"])
+    return ctx
+
+
+def render_sweep(results: List[Dict[str, Any]], sweep: str, downloads: Optional[Dict[str, str]] = None,
+                 plotlyjs: Optional[str] = None) -> str:
+    """The sweep page as one HTML string."""
+    return render_context(sweep_context(results, sweep, downloads, plotlyjs))
+
+
+def render_context(ctx: Dict[str, Any]) -> str:
+    # plotly.js is inserted raw (|safe in the template): it is the library's own code, never result data.
+    return _env().get_template(TEMPLATE).render(**ctx)
+
+
+INDEX_TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>qbench reports</title>
+<style>
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1a1a1a;
+ max-width:1100px;margin:2rem auto;padding:0 1rem}
+table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #ddd;padding:.4rem .6rem;text-align:left;
+ vertical-align:top}th{background:#f3f3f3}.tag{font-size:.8em;border-radius:3px;padding:0 .3em;background:#fde7c8}
+.err{color:#a33a00}.muted{color:#666}
+</style></head><body>
+<h1>qbench reports</h1>
+<p class="muted">{{ sweeps|length }} sweep(s); rebuilt {{ built_at }}.</p>
+{% if sweeps %}
+<table><thead><tr><th>sweep</th><th>cells</th><th>models</th><th>methods</th><th>built</th></tr></thead><tbody>
+{% for s in sweeps %}<tr>
+<td><a href="{{ s.href }}">{{ s.sweep }}</a>{% if s.demo %} <span class="tag">demo</span>{% endif %}</td>
+<td>{{ s.n_ok }} ok{% if s.n_error %}, <span class="err">{{ s.n_error }} failed</span>{% endif %}
+{% if s.random %}<br><span class="muted">{{ s.random }} on random weights</span>{% endif %}</td>
+<td>{{ s.models|join(", ") }}</td><td>{{ s.methods|join(", ") }}</td><td class="muted">{{ s.built_at }}</td>
+</tr>{% endfor %}
+</tbody></table>
+{% else %}<p>No sweep reports yet: run <code>qbench-report runs/&lt;sweep&gt;</code>.</p>{% endif %}
+</body></html>
+"""
+
+
+def render_index(sweeps: List[Dict[str, Any]]) -> str:
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(INDEX_TEMPLATE).render(
+        sweeps=sweeps, built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def write_index(out_root: Path) -> Path:
+    """reports/index.html from every reports/<sweep>/report.json (the metadata each sweep build leaves)."""
+    out_root = Path(out_root)
+    sweeps = []
+    for meta_path in sorted(out_root.glob("*/report.json")):
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (meta_path.parent / "index.html").exists():
+            # quote the directory name for the href: it comes from the file system
+            sweeps.append({**meta, "href": quote(meta_path.parent.name) + "/index.html"})
+    out_root.mkdir(parents=True, exist_ok=True)
+    path = out_root / "index.html"
+    path.write_text(render_index(sweeps), encoding="utf-8")
+    return path
+
+
+def build_sweep_report(sweep_dir: Path, out_root: Path, plotlyjs: Optional[str] = None) -> Path:
+    """reports/<sweep>/{index.html, results_tidy.csv, results_tidy.parquet, summary.csv, report.json}, then
+    reports/index.html. Returns the sweep page's path. Raises FileNotFoundError for a sweep with no result."""
+    sweep_dir = Path(sweep_dir)
+    results = T.load_results(sweep_dir)
+    if not results:
+        raise FileNotFoundError(f"{sweep_dir}: no */result.json found")
+    sweep = sweep_dir.resolve().name
+    out_dir = Path(out_root) / sweep
+    paths = T.write_tables(results, out_dir)
+    downloads = {"tidy table (CSV)": paths["tidy_csv"].name, "tidy table (Parquet)": paths["tidy_parquet"].name,
+                 "summary (CSV)": paths["summary_csv"].name}
+    ctx = sweep_context(results, sweep, downloads, plotlyjs=plotlyjs)
+    page = out_dir / "index.html"
+    tmp = page.with_suffix(".html.tmp")
+    tmp.write_text(render_context(ctx), encoding="utf-8")
+    tmp.replace(page)  # a reader never sees half a page
+    meta = ctx["meta"]
+    (out_dir / "report.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    write_index(Path(out_root))
+    return page

@@ -1,0 +1,504 @@
+"""Tables of a sweep: read runs/<sweep>/*/result.json, build the summary (one row per cell) and the tidy
+table (one row per cell x metric x statistic).
+
+result.json (docs/results.md) is the only input. A missing measurement stays missing (NaN / None): the
+report never fills a gap with a guess. Sizes are reported in GB = 1e9 bytes, as in the results' byte counts.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import numpy as np
+import pandas as pd
+
+GB = 1e9
+# Methods tried, in order, when the configured baseline did not run in the sweep (brief: bf16, fp16, fp32).
+BASELINE_FALLBACKS = ("bf16", "fp16", "fp32")
+CV_WARN_DEFAULT = 0.05  # bench.cv_warn_threshold's default (qbench/config.py)
+# MMLU categories in the order the heatmap shows them; other keys found in results are appended.
+MMLU_CATEGORIES = ("stem", "humanities", "social_sciences", "other")
+# Which GSM8K number is "the" score when a task reports several (lm-eval's strict match first).
+TASK_METRIC_PREFERENCE = ("exact_match,strict-match", "exact_match,flexible-extract", "acc", "acc_norm")
+
+TIDY_COLUMNS = [
+    "sweep", "cell", "model", "method", "method_kind", "status", "error_class", "random_weights", "device",
+    "group", "metric", "stat", "value", "unit",
+    "phase", "batch_size", "prompt_tokens", "new_tokens", "seq_len_tokens", "decode_path",
+    "task", "category", "num_fewshot", "limit", "n_items",
+]
+_INT_COLUMNS = ("batch_size", "prompt_tokens", "new_tokens", "seq_len_tokens", "num_fewshot", "n_items")
+_DIST_STATS = ("p50", "mean", "p10", "p90", "p99", "min", "max", "stdev", "cv", "n")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def get(d: Any, *keys: Any, default: Any = None) -> Any:
+    """Nested lookup that treats absent keys, nulls and wrong types alike: the value or ``default``."""
+    for k in keys:
+        if isinstance(d, dict):
+            d = d.get(k)
+        elif isinstance(d, list) and isinstance(k, int) and -len(d) <= k < len(d):
+            d = d[k]
+        else:
+            return default
+        if d is None:
+            return default
+    return d
+
+
+def num(x: Any) -> Optional[float]:
+    """A finite float or None (bools and strings are not measurements)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def load_results(sweep_dir: Path) -> List[Dict[str, Any]]:
+    """Every runs/<sweep>/<cell>/result.json, sorted by cell directory.
+
+    An unreadable file becomes an error cell (class "unreadable") instead of vanishing from the report:
+    a cell that silently disappears looks like a cell that was never planned.
+    """
+    sweep_dir = Path(sweep_dir)
+    results = []
+    for path in sorted(sweep_dir.glob("*/result.json")):
+        try:
+            r = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(r, dict):
+                raise ValueError("result.json is not a JSON object")
+        except (OSError, ValueError) as e:
+            r = {"status": "error", "error": {"class": "unreadable", "type": type(e).__name__,
+                                              "message": f"{path}: {e}"}}
+        cell = str(r.get("cell") or path.parent.name)
+        r["cell"] = cell
+        model, _, method = cell.partition("__")
+        r["model"] = str(r.get("model") or model)
+        r["method"] = str(r.get("method") or method or "?")
+        r.setdefault("sweep", sweep_dir.name)
+        r["sweep"] = str(r["sweep"])
+        if r.get("status") not in ("ok", "error"):
+            r["status"] = "error" if r.get("error") else "ok"
+        results.append(r)
+    return results
+
+
+def is_random(r: Dict[str, Any]) -> bool:
+    """Accuracy of this cell sits at chance: random weights, or the evaluation said so."""
+    return bool(r.get("random_weights")) or bool(get(r, "metrics", "accuracy", "chance"))
+
+
+def is_demo(r: Dict[str, Any]) -> bool:
+    return get(r, "config", "model", "source") == "builtin:tiny"
+
+
+def cv_threshold(r: Dict[str, Any]) -> float:
+    return num(get(r, "config", "bench", "cv_warn_threshold")) or CV_WARN_DEFAULT
+
+
+# ---------------------------------------------------------------- distributions
+
+
+def dist_stats(dist: Any) -> Dict[str, Optional[float]]:
+    """The statistics of a Dist; p10 (not stored) is computed from the raw values when they are there."""
+    if isinstance(dist, (int, float)) and not isinstance(dist, bool):
+        return {"p50": num(dist)}  # a bare number (e.g. prefill tokens_per_s, "Dist-derived p50")
+    if not isinstance(dist, dict):
+        return {}
+    out = {k: num(dist.get(k)) for k in _DIST_STATS}
+    values = [v for v in (num(x) for x in dist.get("values") or []) if v is not None]
+    if values:
+        if out["p10"] is None:
+            out["p10"] = float(np.percentile(values, 10))
+        if out["p50"] is None:
+            out["p50"] = float(np.percentile(values, 50))
+        if out["p90"] is None:
+            out["p90"] = float(np.percentile(values, 90))
+    if out["cv"] is None and out["stdev"] is not None and out["mean"]:
+        out["cv"] = out["stdev"] / out["mean"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def central(dist: Any) -> Optional[float]:
+    """The figure a table shows for a Dist: the median (robust to a stray slow run), else the mean."""
+    s = dist_stats(dist)
+    return s.get("p50", s.get("mean"))
+
+
+# ---------------------------------------------------------------- picking figures out of a result
+
+
+def weight_bytes(r: Dict[str, Any]) -> Optional[float]:
+    mem = get(r, "metrics", "memory", default={})
+    return num(mem.get("weight_bytes_measured")) or num(mem.get("weight_bytes_get_memory_footprint"))
+
+
+def peak_bytes(r: Dict[str, Any]) -> tuple[Optional[float], Optional[str]]:
+    """Peak memory and where it comes from: the CUDA allocator (max over phases), else process RSS (CPU)."""
+    mem = get(r, "metrics", "memory", default={})
+    phases = mem.get("peak_allocated_bytes")
+    if isinstance(phases, dict):
+        vals = [v for v in (num(x) for x in phases.values()) if v is not None]
+        if vals:
+            return max(vals), "allocator"
+    elif num(phases) is not None:
+        return num(phases), "allocator"
+    rss = num(mem.get("rss_peak_bytes"))
+    return (rss, "rss") if rss is not None else (None, None)
+
+
+def kv_bytes_at_peak(r: Dict[str, Any]) -> Optional[float]:
+    """Analytic KV cache of the largest measured shape: the one that sets the decode peak."""
+    rows = get(r, "metrics", "memory", "kv_cache_bytes_analytic", default=[])
+    vals = [num(get(x, "bytes")) for x in rows if isinstance(x, dict)]
+    vals = [v for v in vals if v is not None]
+    return max(vals) if vals else None
+
+
+def prefill_rows(r: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return [x for x in get(r, "metrics", "latency", "prefill", default=[]) if isinstance(x, dict)]
+
+
+def decode_rows(r: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return [x for x in get(r, "metrics", "latency", "decode", default=[]) if isinstance(x, dict)]
+
+
+def preferred_decode_path(results: Iterable[Dict[str, Any]]) -> Optional[str]:
+    """eager when any cell measured it (every method can run it), else the first path found."""
+    paths = [get(d, "decode_path") for r in results for d in decode_rows(r)]
+    paths = [p for p in paths if p]
+    if "eager" in paths:
+        return "eager"
+    return paths[0] if paths else None
+
+
+def first_prefill_bs1(r: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    rows = [x for x in prefill_rows(r) if get(x, "batch_size") == 1]
+    return rows[0] if rows else None
+
+
+def decode_bs1(r: Dict[str, Any], path: Optional[str]) -> Optional[Dict[str, Any]]:
+    rows = [x for x in decode_rows(r) if get(x, "batch_size") == 1 and (path is None or x.get("decode_path") == path)]
+    return rows[0] if rows else None
+
+
+def task_entry(r: Dict[str, Any], task: str) -> Optional[Dict[str, Any]]:
+    t = get(r, "metrics", "accuracy", "tasks", task)
+    return t if isinstance(t, dict) else None
+
+
+def task_score(t: Optional[Dict[str, Any]]) -> Optional[float]:
+    """The task's headline score as a fraction: ``value``, else the preferred of ``metrics``."""
+    if not t:
+        return None
+    if num(t.get("value")) is not None:
+        return num(t["value"])
+    metrics = t.get("metrics") if isinstance(t.get("metrics"), dict) else {}
+    for k in TASK_METRIC_PREFERENCE:
+        if num(metrics.get(k)) is not None:
+            return num(metrics[k])
+    for v in metrics.values():
+        if num(v) is not None:
+            return num(v)
+    return None
+
+
+def category_score(v: Any) -> Optional[float]:
+    if isinstance(v, dict):
+        return num(v.get("value", v.get("acc")))
+    return num(v)
+
+
+def task_items(r: Dict[str, Any], task: str) -> Optional[Dict[str, Any]]:
+    it = get(r, "metrics", "accuracy", "items", task)
+    if isinstance(it, dict) and isinstance(it.get("correct"), str):
+        return it
+    return None
+
+
+def align_items(base: Dict[str, Any], cell: Dict[str, Any]) -> tuple[str, str]:
+    """The two correctness strings restricted to the items both evaluated, in the baseline's order.
+
+    Items are matched by doc_id (a limited or re-ordered evaluation still pairs up); without usable
+    doc_ids the strings are paired by position only when they have the same length.
+    """
+    b_ids, c_ids = base.get("doc_ids"), cell.get("doc_ids")
+    b_c, c_c = base["correct"], cell["correct"]
+    usable = (isinstance(b_ids, list) and isinstance(c_ids, list) and len(b_ids) == len(b_c)
+              and len(c_ids) == len(c_c))
+    if usable and b_ids == c_ids:
+        return b_c, c_c
+    if usable:
+        cell_by_id: Dict[str, str] = {}
+        for i, ch in zip(c_ids, c_c):
+            cell_by_id.setdefault(json.dumps(i, sort_keys=True), ch)
+        bs, cs = [], []
+        for i, ch in zip(b_ids, b_c):
+            key = json.dumps(i, sort_keys=True)
+            if key in cell_by_id:
+                bs.append(ch)
+                cs.append(cell_by_id.pop(key))
+        return "".join(bs), "".join(cs)
+    if len(b_c) == len(c_c):
+        return b_c, c_c
+    return "", ""
+
+
+def load_paired_compare() -> Optional[Callable[[str, str], Dict[str, Any]]]:
+    """qbench.measure.paired.paired_compare, imported lazily; None when that module is not installed.
+
+    The statistics live in one place (qbench/measure/paired.py); the report never carries its own copy.
+    """
+    try:
+        return importlib.import_module("qbench.measure.paired").paired_compare
+    except (ImportError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------- baseline
+
+
+def baseline_method(results: List[Dict[str, Any]]) -> Optional[str]:
+    """config.run.baseline_method of the cells (most common, default bf16), else bf16 / fp16 / fp32."""
+    methods = {r["method"] for r in results}
+    configured = Counter(str(get(r, "config", "run", "baseline_method", default="bf16")) for r in results)
+    for m, _ in configured.most_common():
+        if m in methods:
+            return m
+    for m in BASELINE_FALLBACKS:
+        if m in methods:
+            return m
+    return None
+
+
+def configured_baseline(results: List[Dict[str, Any]]) -> str:
+    c = Counter(str(get(r, "config", "run", "baseline_method", default="bf16")) for r in results)
+    return c.most_common(1)[0][0] if c else "bf16"
+
+
+def baseline_cells(results: List[Dict[str, Any]], base: Optional[str]) -> Dict[str, Dict[str, Any]]:
+    """model -> its baseline cell, when that cell finished ok."""
+    return {r["model"]: r for r in results if r["method"] == base and r["status"] == "ok"}
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _ordered(results: List[Dict[str, Any]], base: Optional[str]) -> List[Dict[str, Any]]:
+    """Sweep order for display: models in first-seen order, the baseline first within a model."""
+    models = list(dict.fromkeys(r["model"] for r in results))
+    return sorted(results, key=lambda r: (models.index(r["model"]), r["method"] != base, r["method"]))
+
+
+def _task_columns(r: Dict[str, Any], task: str, base_cell: Optional[Dict[str, Any]],
+                  paired: Optional[Callable]) -> Dict[str, Any]:
+    t = task_entry(r, task)
+    score = task_score(t)
+    out: Dict[str, Any] = {
+        f"{task}_pct": None if score is None else 100 * score,
+        f"{task}_n": num(get(t, "n_items")),
+        f"{task}_limit": num(get(t, "limit")),
+        f"{task}_fewshot": num(get(t, "num_fewshot")),
+        f"{task}_delta_pp": None, f"{task}_ci_low_pp": None, f"{task}_ci_high_pp": None,
+        f"{task}_flip_pct": None, f"{task}_mcnemar_p": None, f"{task}_paired_n": None,
+        f"{task}_delta_source": None,
+    }
+    if score is None or base_cell is None or base_cell is r:
+        return out
+    base_score = task_score(task_entry(base_cell, task))
+    b_items, c_items = task_items(base_cell, task), task_items(r, task)
+    if paired is not None and b_items and c_items:
+        b, c = align_items(b_items, c_items)
+        try:
+            res = paired(b, c) if b else None
+        except ValueError:
+            res = None  # malformed records (a character other than 0/1): fall back to the plain difference
+        if res:
+            out.update({
+                f"{task}_delta_pp": _pp(res.get("delta")), f"{task}_ci_low_pp": _pp(res.get("ci_low")),
+                f"{task}_ci_high_pp": _pp(res.get("ci_high")), f"{task}_flip_pct": _pp(res.get("flip_rate")),
+                f"{task}_mcnemar_p": num(res.get("mcnemar_p")), f"{task}_paired_n": num(res.get("n")),
+                f"{task}_delta_source": "paired",
+            })
+            return out
+    if base_score is not None:
+        # No per-item records (or no paired module): the plain difference, with no interval.
+        out[f"{task}_delta_pp"] = 100 * (score - base_score)
+        out[f"{task}_delta_source"] = "difference"
+    return out
+
+
+def _pp(x: Any) -> Optional[float]:
+    v = num(x)
+    return None if v is None else 100 * v
+
+
+def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One dict per cell (= model x method) with the numbers of the summary table, raw (not formatted)."""
+    base = baseline_method(results)
+    bases = baseline_cells(results, base)
+    paired = load_paired_compare()
+    path = preferred_decode_path(results)
+    rows = []
+    for r in _ordered(results, base):
+        b = bases.get(r["model"])
+        wb, bw = weight_bytes(r), (weight_bytes(b) if b else None)
+        peak, peak_src = peak_bytes(r)
+        pre = first_prefill_bs1(r)
+        dec = decode_bs1(r, path)
+        thr = cv_threshold(r)
+        ttft = dist_stats(get(pre, "ttft_ms"))
+        tps = dist_stats(get(dec, "tokens_per_s"))
+        bwf = num(get(dec, "bandwidth_bound_fraction"))
+        err = r.get("error") if isinstance(r.get("error"), dict) else {}
+        row = {
+            "sweep": r["sweep"], "cell": r["cell"], "model": r["model"], "method": r["method"],
+            "method_kind": r.get("method_kind"), "status": r["status"], "is_baseline": r["method"] == base,
+            "random_weights": is_random(r), "device": r.get("device"),
+            "error_class": err.get("class"), "error_type": err.get("type"), "error_message": err.get("message"),
+            "error_phase": err.get("phase"),
+            "weights_gb": None if wb is None else wb / GB,
+            "compression_x": (bw / wb) if (wb and bw) else None,
+            "peak_gb": None if peak is None else peak / GB, "peak_source": peak_src,
+            "prefill_prompt_tokens": num(get(pre, "prompt_tokens")),
+            "ttft_ms": ttft.get("p50", ttft.get("mean")), "ttft_cv": ttft.get("cv"),
+            "ttft_cv_high": (ttft.get("cv") or 0) > thr,
+            "decode_path": get(dec, "decode_path"),
+            "decode_tps": tps.get("p50", tps.get("mean")), "decode_cv": tps.get("cv"),
+            "decode_cv_high": (tps.get("cv") or 0) > thr,
+            "bw_bound_pct": None if bwf is None else 100 * bwf,
+            "quantize_s": num(get(r, "timings", "quantize_s")),
+            "wall_time_s": num(r.get("wall_time_s")),
+            "warnings": [str(w) for w in r.get("warnings") or []],
+        }
+        for task in ("mmlu", "gsm8k"):
+            row.update(_task_columns(r, task, b, paired))
+        rows.append(row)
+    return rows
+
+
+def summary_table(results: List[Dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(summary_rows(results))
+
+
+# ---------------------------------------------------------------- tidy
+
+
+def _cell_context(r: Dict[str, Any]) -> Dict[str, Any]:
+    err = r.get("error") if isinstance(r.get("error"), dict) else {}
+    return {"sweep": r["sweep"], "cell": r["cell"], "model": r["model"], "method": r["method"],
+            "method_kind": r.get("method_kind"), "status": r["status"], "error_class": err.get("class"),
+            "random_weights": is_random(r), "device": r.get("device")}
+
+
+def _tidy_cell(r: Dict[str, Any]) -> List[Dict[str, Any]]:
+    ctx = _cell_context(r)
+    rows: List[Dict[str, Any]] = []
+
+    def add(group: str, metric: str, value: Any, unit: Optional[str], stat: str = "value", **extra: Any) -> None:
+        v = num(value)
+        if v is None:
+            return
+        rows.append({**ctx, "group": group, "metric": metric, "stat": stat, "value": v, "unit": unit, **extra})
+
+    def add_dist(group: str, metric: str, dist: Any, unit: Optional[str], **extra: Any) -> None:
+        for stat, v in dist_stats(dist).items():
+            add(group, metric, v, None if stat in ("cv", "n") else unit, stat=stat, **extra)
+
+    # Every cell gets its wall time row (NaN when null), so an error cell with nothing measured is still there.
+    rows.append({**ctx, "group": "run", "metric": "wall_time_s", "stat": "value",
+                 "value": num(r.get("wall_time_s")), "unit": "s"})
+    for k, v in (get(r, "timings", default={}) or {}).items():
+        add("run", f"timings.{k}", v, "s" if k.endswith("_s") else None)
+
+    mem = get(r, "metrics", "memory", default={})
+    for k in ("weight_bytes_measured", "weight_bytes_get_memory_footprint", "weight_bytes_analytic",
+              "rss_peak_bytes"):
+        add("memory", k, mem.get(k), "bytes")
+    add("memory", "weight_measured_over_analytic", mem.get("weight_measured_over_analytic"), "ratio")
+    add("memory", "bits_per_weight_quantized", mem.get("bits_per_weight_quantized"), "bits")
+    add("memory", "params_total", mem.get("params_total"), "count")
+    add("memory", "params_quantized", mem.get("params_quantized"), "count")
+    for k in ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes"):
+        if isinstance(mem.get(k), dict):
+            for phase, v in mem[k].items():
+                add("memory", k, v, "bytes", phase=phase)
+        else:
+            add("memory", k, mem.get(k), "bytes")
+    for kv in mem.get("kv_cache_bytes_analytic") or []:
+        add("memory", "kv_cache_bytes_analytic", get(kv, "bytes"), "bytes",
+            batch_size=get(kv, "batch_size"), seq_len_tokens=get(kv, "seq_len_tokens"))
+
+    for p in prefill_rows(r):
+        shape = {"batch_size": p.get("batch_size"), "prompt_tokens": p.get("prompt_tokens")}
+        add_dist("latency", "prefill.ttft_ms", p.get("ttft_ms"), "ms", **shape)
+        add_dist("latency", "prefill.tokens_per_s", p.get("tokens_per_s"), "tokens/s", **shape)
+        add("latency", "prefill.compute_bound_fraction", p.get("compute_bound_fraction"), "fraction", **shape)
+    for d in decode_rows(r):
+        shape = {"batch_size": d.get("batch_size"), "prompt_tokens": d.get("prompt_tokens"),
+                 "new_tokens": d.get("new_tokens"), "decode_path": d.get("decode_path")}
+        add_dist("latency", "decode.tokens_per_s", d.get("tokens_per_s"), "tokens/s", **shape)
+        add_dist("latency", "decode.per_token_ms", d.get("per_token_ms"), "ms", **shape)
+        add("latency", "decode.bandwidth_bound_tokens_per_s", d.get("bandwidth_bound_tokens_per_s"), "tokens/s",
+            **shape)
+        add("latency", "decode.bandwidth_bound_fraction", d.get("bandwidth_bound_fraction"), "fraction", **shape)
+        add("latency", "decode.energy_j_per_token", d.get("energy_j_per_token"), "J/token", **shape)
+    for k, v in (get(r, "metrics", "latency", "one_time", default={}) or {}).items():
+        add("latency", f"one_time.{k}", v, "s" if k.endswith("_s") else None)
+
+    for task, t in (get(r, "metrics", "accuracy", "tasks", default={}) or {}).items():
+        if not isinstance(t, dict):
+            continue
+        ctx_t = {"task": task, "num_fewshot": t.get("num_fewshot"), "limit": num(t.get("limit")),
+                 "n_items": t.get("n_items")}
+        if num(t.get("value")) is not None:
+            add("accuracy", f"{task}.{t.get('metric') or 'value'}", t["value"], "fraction", **ctx_t)
+        for mk, mv in (t.get("metrics") or {}).items() if isinstance(t.get("metrics"), dict) else []:
+            add("accuracy", f"{task}.{mk}", mv, "fraction", **ctx_t)
+        add("accuracy", f"{task}.stderr", t.get("stderr"), "fraction", **ctx_t)
+        add("accuracy", f"{task}.eval_time_s", t.get("eval_time_s"), "s", **ctx_t)
+        add("accuracy", f"{task}.items_per_s", t.get("items_per_s"), "items/s", **ctx_t)
+        for cat, cv in (t.get("categories") or {}).items() if isinstance(t.get("categories"), dict) else []:
+            add("accuracy", f"{task}.category", category_score(cv), "fraction", category=cat, **ctx_t)
+    ppl = get(r, "metrics", "accuracy", "perplexity")
+    if isinstance(ppl, dict):
+        add("accuracy", "perplexity", ppl.get("value"), "perplexity", seq_len_tokens=ppl.get("seq_len_tokens"),
+            task=str(ppl.get("source")) if ppl.get("source") else None)
+    return rows
+
+
+def tidy_table(results: List[Dict[str, Any]]) -> pd.DataFrame:
+    """Every cell and metric, one row per cell x metric x statistic (p50, mean, p90, ... for a Dist)."""
+    rows = [row for r in results for row in _tidy_cell(r)]
+    df = pd.DataFrame(rows, columns=TIDY_COLUMNS)
+    df["value"] = pd.to_numeric(df["value"], errors="coerce").astype("float64")
+    df["limit"] = pd.to_numeric(df["limit"], errors="coerce").astype("float64")
+    for c in _INT_COLUMNS:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
+    df["random_weights"] = df["random_weights"].astype("boolean")
+    for c in ("sweep", "cell", "model", "method", "method_kind", "status", "error_class", "device", "group",
+              "metric", "stat", "unit", "phase", "decode_path", "task", "category"):
+        df[c] = df[c].astype("string")
+    return df
+
+
+def write_tables(results: List[Dict[str, Any]], out_dir: Path) -> Dict[str, Path]:
+    """results_tidy.csv / .parquet and summary.csv in ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tidy = tidy_table(results)
+    paths = {"tidy_csv": out_dir / "results_tidy.csv", "tidy_parquet": out_dir / "results_tidy.parquet",
+             "summary_csv": out_dir / "summary.csv"}
+    tidy.to_csv(paths["tidy_csv"], index=False)
+    tidy.to_parquet(paths["tidy_parquet"], index=False)
+    summary = summary_table(results)
+    if "warnings" in summary:
+        summary["warnings"] = summary["warnings"].map(lambda w: " | ".join(w))
+    summary.to_csv(paths["summary_csv"], index=False)
+    return paths
