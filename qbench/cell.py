@@ -155,6 +155,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
             t0 = time.perf_counter()
             with phases.phase("eval"):
                 metrics["accuracy"] = accuracy.run(model, tokenizer, cfg.eval, device, result["random_weights"])
+            result["warnings"].extend((metrics["accuracy"] or {}).get("warnings", []))
             timings["eval_s"] = time.perf_counter() - t0
 
         metrics["memory"].update(phases.summary())

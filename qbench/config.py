@@ -278,9 +278,9 @@ def validate_eval(e: Any) -> None:
         if task not in tasks:
             raise ConfigError(f"eval.task_limits.{task}: '{task}' is not in eval.tasks {tasks}")
         _check_limit(value, f"eval.task_limits.{task}")
-    if e.offline not in ("auto", "true", "false", True, False):
-        hint = ' (write it quoted in YAML: offline: "true")' if str(e.offline) in ("True", "False") else ""
-        raise ConfigError(f"eval.offline: '{e.offline}' is not one of auto, true, false{hint}")
+    # OmegaConf stores a bare YAML true in this str field as "True": compare case-insensitively
+    if str(e.offline).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"eval.offline: '{e.offline}' is not one of auto, true, false")
     if e.enabled and not tasks and not e.perplexity.enabled:
         raise ConfigError("eval.tasks: eval is enabled but no task is named")
     for task, shots in e.num_fewshot.items():
@@ -346,9 +346,9 @@ def _offline() -> bool:
 
 def eval_offline(e: Any) -> bool:
     """Whether accuracy reads local data files instead of the Hub."""
-    if e.offline in (True, "true"):
+    if str(e.offline).lower() == "true":
         return True
-    if e.offline in (False, "false"):
+    if str(e.offline).lower() == "false":
         return False
     return _offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
 

@@ -56,6 +56,7 @@ def test_every_model_composes(hydra_ctx, model, monkeypatch):
 @pytest.mark.parametrize("group", ["bench", "eval"])
 def test_every_bench_and_eval_composes(hydra_ctx, group, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("QBENCH_DATA", "builtin:fixtures")  # offline evaluation needs a data folder
     for option in options(group):
         cfg = compose(config_name="config", overrides=[f"{group}={option}"])
         validate(cfg)
