@@ -1,0 +1,331 @@
+"""GPTQ and AWQ through GPT-QModel, on the tiny Llama, on a CPU, offline.
+
+The two end-to-end tests quantize for real (GPT-QModel 7.6, in the child process qbench uses), reload through
+``load()``, check the forward, the kernels, the packed bytes against ``linear_weight_bytes``, and that a second
+``load()`` hits the cache without quantizing. About a minute each on 2 cores once GPT-QModel's CPU packing
+extension is built (the first run ever builds it, about a minute more; see _kernel_cache below).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from omegaconf import OmegaConf
+
+from qbench.config import ConfigError, MethodConfig
+
+
+def _cfg(kind: str, **over):
+    base = {"gptq": dict(sym=True), "awq": dict(sym=False)}[kind]
+    cfg = OmegaConf.structured(MethodConfig(name=kind, kind=kind, dtype="bfloat16", bits=4, **base))
+    cfg.calibration.num_samples = 8
+    cfg.calibration.seq_len_tokens = 64
+    for k, v in over.items():
+        OmegaConf.update(cfg, k, v, merge=False)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fast: validation, names, formulas, calibration, cache locking
+
+
+@pytest.mark.parametrize(
+    "kind,over,message",
+    [
+        ("gptq", {"bits": 5}, "method.bits: 5 is not supported by gptq (2, 3, 4, 8)"),
+        ("awq", {"bits": 8}, "method.bits: 8 is not supported by awq (4)"),
+        ("gptq", {"group_size": 0}, "method.group_size: 0 must be -1"),
+        ("gptq", {"group_size": -2}, "method.group_size: -2 must be -1"),
+        ("gptq", {"group_size": 100}, "method.group_size: 100 has no GPT-QModel gptq kernel"),
+        ("awq", {"group_size": 256}, "method.group_size: 256 has no GPT-QModel awq kernel"),
+        ("gptq", {"dtype": "float32"}, "method.dtype: 'float32' is not supported by gptq"),
+        ("gptq", {"damp_percent": 0.0}, "method.damp_percent: 0.0 must lie strictly between 0 and 1"),
+        ("gptq", {"desc_act": True, "act_group_aware": True}, "method.act_group_aware"),
+        ("awq", {"desc_act": True}, "method.desc_act"),
+        ("awq", {"awq_format": "gemv"}, "method.awq_format: 'gemv'"),
+        ("gptq", {"backend": "foo"}, "method.backend: 'foo' is not a GPT-QModel gptq kernel"),
+        ("awq", {"backend": "exllama"}, "method.backend: 'exllama'"),
+        ("gptq", {"calibration.num_samples": 0}, "method.calibration.num_samples: 0"),
+        ("gptq", {"calibration.seq_len_tokens": -1}, "method.calibration.seq_len_tokens: -1"),
+        ("gptq", {"calibration.source": "/nonexistent/cal.jsonl"}, "method.calibration.source: file"),
+        ("gptq", {"calibration.source": "builtin:nope"}, "method.calibration.source: unknown builtin"),
+        ("gptq", {"checkpoint": "/nonexistent/ckpt"}, "method.checkpoint: local directory"),
+    ],
+)
+def test_validate_rejects_naming_the_key(kind, over, message):
+    from qbench import methods
+
+    with pytest.raises(ConfigError) as e:
+        methods.get(kind).validate(_cfg(kind, **over))
+    assert message in str(e.value)
+
+
+def test_validate_accepts_the_shipped_yamls():
+    from qbench import methods
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "method"
+    for name in ("gptq", "gptq_int8", "awq"):
+        y = OmegaConf.load(conf / f"{name}.yaml")
+        cfg = OmegaConf.merge(OmegaConf.structured(MethodConfig), {k: v for k, v in y.items() if k != "defaults"})
+        methods.get(cfg.kind).validate(cfg)
+        assert cfg.name == name
+    assert OmegaConf.load(conf / "gptq_int8.yaml").bits == 8
+
+
+def test_hub_calibration_rejected_offline(monkeypatch):
+    from qbench import methods
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="method.calibration.source: 'c4' is a Hub dataset"):
+        methods.get("gptq").validate(_cfg("gptq", **{"calibration.source": "c4"}))
+
+
+def test_backend_names_are_gptqmodel_backends():
+    from gptqmodel import extension
+    from gptqmodel.utils.backend import BACKEND
+
+    from qbench.methods import gptq
+
+    values = {b.value for b in BACKEND}
+    for kind, names in gptq.BACKENDS.items():
+        for short in names:
+            assert gptq.resolve_backend_name(short, kind) in values
+            assert gptq.resolve_backend_name(f"{kind}_{short}", kind) == f"{kind}_{short}"
+    assert gptq.resolve_backend_name("torch_awq", "awq") == "awq_torch"
+    assert gptq.resolve_backend_name("auto", "gptq") is None
+    known_ext = set(extension.available_extensions()) if hasattr(extension, "available_extensions") else None
+    for backend, ext in gptq._EXTENSIONS.items():
+        assert backend in values
+        if known_ext is not None and ext != "marlin":
+            assert ext in known_ext
+
+
+def test_auto_backend_never_machete():
+    from qbench.methods import gptq
+
+    assert gptq.auto_backend(_cfg("gptq"), "gptq", "cpu")[0] == "gptq_torch"
+    assert gptq.auto_backend(_cfg("awq"), "awq", "cpu")[0] == "awq_torch"
+    assert gptq.auto_backend(_cfg("gptq"), "gptq", "cuda")[0] == "gptq_marlin"
+    assert gptq.auto_backend(_cfg("gptq", bits=8), "gptq", "cuda")[0] == "gptq_marlin"
+    assert gptq.auto_backend(_cfg("awq"), "awq", "cuda")[0] == "awq_marlin"  # AWQ Marlin takes zero points
+    assert gptq.auto_backend(_cfg("gptq", sym=False), "gptq", "cuda")[0] in ("gptq_triton", "gptq_torch")
+
+
+def test_linear_weight_bytes_formula():
+    from qbench.methods import awq, gptq
+
+    n = 4096 * 4096
+    g4 = gptq.linear_weight_bytes(4096, 4096, _cfg("gptq"))
+    assert g4 == n // 2 + 32 * 4096 // 2 + 32 * 4096 * 2 + 4096 * 4
+    assert abs(8 * (g4 - 4096 * 4) / n - 4.15625) < 1e-9  # 4 + 16/128 + 4/128
+    a4 = awq.linear_weight_bytes(4096, 4096, _cfg("awq"))
+    assert a4 == g4 - 4096 * 4  # same packing, no g_idx
+    g8 = gptq.linear_weight_bytes(4096, 4096, _cfg("gptq", bits=8))
+    assert abs(8 * (g8 - 4096 * 4) / n - (8 + 16 / 128 + 8 / 128)) < 1e-9
+    g3 = gptq.linear_weight_bytes(256, 128, _cfg("gptq", bits=3))  # 3-bit: 12 int32 rows per 128 inputs
+    assert g3 == 12 * 256 * 4 + 1 * 24 * 4 + 256 * 2 + 128 * 4
+    gcol = gptq.linear_weight_bytes(256, 128, _cfg("gptq", group_size=-1))
+    assert gcol == 16 * 256 * 4 + 32 * 4 + 256 * 2 + 128 * 4
+
+
+def test_calibration_windows(tmp_path):
+    from qbench import calibration, tiny
+
+    tok = tiny.build_tokenizer()
+    rows = [{"question": f"Question {i}: how many apples are left after {i} are eaten?", "answer": "x"} for i in range(200)]
+    f = tmp_path / "train.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cal = SimpleNamespace(source=str(f), text_field="question", num_samples=5, seq_len_tokens=32, seed=3)
+    a, info = calibration.build(cal, tok)
+    b, _ = calibration.build(cal, tok)
+    assert a == b and len(a) == 5 and all(len(r["input_ids"]) == 32 == sum(r["attention_mask"]) for r in a)
+    assert info["format"] == "jsonl" and info["texts"] == 200 and info["text_field"] == "question"
+    assert "answer" not in tok.decode(sum((r["input_ids"] for r in a), []))
+    c, info_c = calibration.build(SimpleNamespace(**{**vars(cal), "seed": 4}), tok)
+    assert c != a and info_c["token_ids_sha256"] != info["token_ids_sha256"]
+    with pytest.raises(KeyError, match="text_field"):
+        calibration.build(SimpleNamespace(**{**vars(cal), "text_field": "text"}), tok)
+    with pytest.raises(ValueError, match="seq_len_tokens"):
+        calibration.build(SimpleNamespace(**{**vars(cal), "seq_len_tokens": 10**7}), tok)
+    d = calibration.describe(SimpleNamespace(source="c4", text_field="text", num_samples=1, seq_len_tokens=8, seed=0))
+    assert d["hub"]["dataset"] == "allenai/c4" and "validation" in d["hub"]["data_files"]
+
+
+def test_cache_builds_once_under_parallel_demand(tmp_path):
+    from qbench import quant_cache
+
+    calls = []
+
+    def build(tmp):
+        calls.append(tmp)
+        time.sleep(0.3)
+        (tmp / "weights").write_text("w")
+        return {"quantize_s": 0.3}
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(quant_cache.get_or_build(tmp_path, "k1", build))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(hit for _, _, hit in results) == [False, True, True]
+    path = results[0][0]
+    assert (path / "weights").read_text() == "w" and quant_cache.read_meta(path)["quantize_s"] == 0.3
+    assert not [p for p in (tmp_path / "quantized").iterdir() if ".tmp-" in p.name]
+
+    def fail(tmp):
+        (tmp / "quantize.log").write_text("boom")
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        quant_cache.get_or_build(tmp_path, "k2", fail)
+    assert not (tmp_path / "quantized" / "k2").exists()
+    assert (tmp_path / "quantized" / ".k2.failed.log").read_text() == "boom"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end: quantize on the CPU, cache, reload, bytes
+
+
+@pytest.fixture(scope="module")
+def env():
+    keep = dict(os.environ)
+    os.environ.update(HF_HUB_OFFLINE="1", GPTQMODEL_OFFLINE="1", GPTQMODEL_CPU_WORKERS="2", TRANSFORMERS_OFFLINE="1")
+    # GPT-QModel's CPU packing extension takes about a minute to build: keep its build in the user's cache
+    # rather than in this test's temporary cache_dir, so that only the first test run ever pays it.
+    os.environ.setdefault("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gptqmodel" / "torch_extensions"))
+    yield
+    os.environ.clear()
+    os.environ.update(keep)
+
+
+@pytest.fixture(scope="module")
+def tiny_source(env, tmp_path_factory):
+    from qbench import models
+
+    cache = tmp_path_factory.mktemp("qbench_cache")
+    src = models.resolve(SimpleNamespace(source="builtin:tiny", seed=0, name="tiny"), cache)
+    src.info["cache_dir"] = str(cache)
+    return src
+
+
+def _packed_bytes_by_layer(model):
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, BaseQuantLinear):
+            out[name] = (mod.out_features, mod.in_features, sum(
+                b.numel() * b.element_size() for n, b in mod.named_buffers(recurse=False)
+                if n in ("qweight", "qzeros", "scales", "g_idx")
+            ))
+    return out
+
+
+def _end_to_end(kind, tiny_source, monkeypatch):
+    import torch
+
+    from qbench import methods
+    from qbench.measure import memory
+    from qbench.methods import gptq
+
+    method = methods.get(kind)
+    cfg = _cfg(kind)
+    t0 = time.perf_counter()
+    model, info = method.load(tiny_source, cfg, {"": "cpu"})
+    first_s = time.perf_counter() - t0
+    assert info["cache_hit"] is False and info["pre_quantized"] is False
+    assert info["quantize_s"] > 0 and info["quant_peak_memory_bytes"] > 0
+    assert info["quant_peak_memory_kind"] == "process_rss" and info["quant_device"] == "cpu"
+    assert info["backend"] == "auto" and info["backend_resolved"] == f"{kind}_torch"
+    expected_kernel = {"gptq": "TorchLinear", "awq": "AwqTorchLinear"}[kind]
+    assert info["kernels"] == {expected_kernel: 14}  # 2 layers x (q, k, v, o, gate, up, down)
+    assert info["calibration"]["source"] == "builtin:tiny_text"
+    assert info["calibration"]["num_samples"] == 8 and info["calibration"]["seq_len_tokens"] == 64
+    assert info["quantization_config"]["bits"] == 4 and info["quantization_config"]["group_size"] == 128
+    ckpt = Path(info["quantized_checkpoint"])
+    assert ckpt.parent.name == "quantized" and (ckpt / "qbench_quantize.json").exists()
+    assert info["versions"]["gptqmodel"] == "7.6.0"
+    json.dumps(info)  # goes into result.json
+
+    ids = torch.randint(0, 2048, (2, 16))
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (2, 16, 2048) and torch.isfinite(logits).all()
+    with torch.inference_mode():
+        gen = model.generate(input_ids=ids[:1, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert gen.shape == (1, 7)
+
+    # the analytic bytes are the packed tensors' bytes, exactly, layer by layer
+    for name, (out_f, in_f, nbytes) in _packed_bytes_by_layer(model).items():
+        assert nbytes == method.linear_weight_bytes(out_f, in_f, cfg), name
+    # and the whole model's footprint matches the analytic total (non-quantized parts at 16-bit)
+    measured = memory.weight_footprint(model)["weight_bytes_measured"]
+    analytic = memory.analytic_weights(model.config, method, cfg)["weight_bytes_analytic"]
+    assert abs(measured / analytic - 1) < 0.01, (measured, analytic)
+
+    # second load: cache hit, no quantization, the original cost reported
+    def boom(*a, **k):
+        raise AssertionError("quantized again despite the cache")
+
+    monkeypatch.setattr(gptq, "quantize_checkpoint", boom)
+    t0 = time.perf_counter()
+    model2, info2 = method.load(tiny_source, cfg, {"": "cpu"})
+    hit_s = time.perf_counter() - t0
+    assert info2["cache_hit"] is True and info2["quantized_checkpoint"] == info["quantized_checkpoint"]
+    assert info2["quantize_s"] == info["quantize_s"]
+    with torch.inference_mode():
+        assert torch.equal(model2(input_ids=ids).logits, logits)
+
+    # a different calibration seed is a different checkpoint (would quantize: boom)
+    with pytest.raises(AssertionError, match="quantized again"):
+        method.load(tiny_source, _cfg(kind, **{"calibration.seed": 1}), {"": "cpu"})
+
+    # the cached checkpoint as a pre-quantized `method.checkpoint`
+    # ... loaded with an explicit kernel: torch_aten (CPU int4 ATen kernel, no torch.compile), which repacks
+    model3, info3 = method.load(tiny_source, _cfg(kind, checkpoint=str(ckpt), backend="torch_aten"), {"": "cpu"})
+    assert info3["pre_quantized"] is True and info3["quantize_s"] is None and info3["cache_hit"] is None
+    assert info3["backend_resolved"] == f"{kind}_torch_aten"
+    assert info3["kernels"] == {{"gptq": "TorchAtenLinear", "awq": "TorchAtenAwqLinear"}[kind]: 14}
+    with torch.inference_mode():
+        logits3 = model3(input_ids=ids).logits
+    assert torch.isfinite(logits3).all() and (logits3.float() - logits.float()).abs().max() < 0.1
+    with pytest.raises(ValueError, match="method.checkpoint: .* group_size 128"):
+        method.load(tiny_source, _cfg(kind, checkpoint=str(ckpt), group_size=64), {"": "cpu"})
+    print(f"{kind}: first load {first_s:.1f}s (quantize_s {info['quantize_s']:.1f}, load {info['load_s_excluding_quantize']:.1f}, warm {info['warmup_forwards_s']}), hit {hit_s:.1f}s (load {info2['load_s_excluding_quantize']:.1f} warm {info2['warmup_forwards_s']})")
+    return info
+
+
+def test_gptq_end_to_end(tiny_source, monkeypatch):
+    info = _end_to_end("gptq", tiny_source, monkeypatch)
+    assert info["quantization_config"]["quant_method"] == "gptq" and info["quantization_config"]["sym"] is True
+
+
+def test_awq_end_to_end(tiny_source, monkeypatch):
+    info = _end_to_end("awq", tiny_source, monkeypatch)
+    assert info["quantization_config"]["quant_method"] == "awq"
+    assert info["quantization_config"]["zero_point"] is True  # sym: false
+
+
+def test_quantization_failure_is_a_clear_exception(tiny_source, tmp_path):
+    """A source GPT-QModel cannot quantize raises naming the model and the cause (the runner's error row)."""
+    import shutil
+
+    from qbench import models
+    from qbench.methods import gptq
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_source.path, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    src = models.Source(str(broken), None, False, True, tiny_source.path, {"cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(RuntimeError, match=r"gptq quantization of .*broken failed"):
+        gptq.load(src, _cfg("gptq"), {"": "cpu"})
+    assert not (tmp_path / "cache" / "quantized").exists() or not [
+        p for p in (tmp_path / "cache" / "quantized").iterdir() if not p.name.startswith(".")
+    ]
