@@ -36,6 +36,9 @@ test-gpu: ## run the GPU tier only (on a GPU node)
 demo: install ## the embedded default: tiny model x 4 methods on CPU, offline, then reports/demo/index.html
 	$(OFFLINE) $(VENV)/bin/qbench -m experiment=demo $(ARGS)
 	$(VENV)/bin/qbench-report runs/demo
+	@if command -v chromium >/dev/null; then \
+	  $(PY) scripts/browser_check.py reports/demo/index.html --screenshot reports/demo/screenshot.png; \
+	else echo "chromium not installed (make browser): skipped the headless-browser check"; fi
 	@echo "open reports/demo/index.html"
 
 sweep: ## run a sweep: make sweep EXP=<experiment> [LAUNCHER=local|parallel|slurm] [ARGS="key=value ..."]

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU checks of the closing notes, as run on a lent H100 (no network). Each step has its own time budget
+# so that one slow step cannot eat the others; results go to $OUT (or ./gpu_out) as tarballs of runs/.
+#   bash scripts/gpu_session.sh setup            install the carried wheels (.whl/) into /tmp/site
+#   bash scripts/gpu_session.sh sweep1b          issue 2: Llama-3.2-1B shape, random init x 5 methods
+#   bash scripts/gpu_session.sh eval1b           issue 4: bf16 and bnb_nf4 on MMLU + GSM8K (stated limits)
+#   bash scripts/gpu_session.sh gptq_awq         issue 5: GPTQ + AWQ on an 8-layer 1B shape, then the cache hit
+#   bash scripts/gpu_session.sh repeat           issue 3: batch-1 decode, both paths, 5 fresh runs per method
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 GPTQMODEL_OFFLINE=1 PYTHONUNBUFFERED=1
+export QBENCH_CACHE=${QBENCH_CACHE:-/tmp/qbench-cache} QBENCH_DATA=$PWD/.gpudata
+Q="python3 -m qbench.cli"
+RUNS=/tmp/gpu_runs
+step() { local budget=$1; shift; echo "=== $(date +%T) [$budget s] $*"; timeout --signal=INT "$budget" "$@"; echo "=== rc=$?"; }
+pack() { tar czf "$OUT/$1.tgz" -C "$RUNS" "$1" --exclude='.submitit' 2>/dev/null; ls -la "$OUT/$1.tgz"; }
+
+case "${1:-}" in
+  setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    python3 -c "import torch, transformers, bitsandbytes, lm_eval, gptqmodel, hydra; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bnb', bitsandbytes.__version__, 'gpu', torch.cuda.get_device_name(0))"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,power.limit --format=csv
+    ;;
+  sweep1b)
+    step "${BUDGET:-300}" $Q -m experiment=gpu_1b run.runs_dir=$RUNS \
+      bench.batch_sizes=[1,8,32] bench.new_tokens=64 bench.decode_paths=[eager] bench.min_repeats=5 bench.min_duration_s=0
+    pack gpu_1b
+    ;;
+  eval1b)
+    step "${BUDGET:-240}" $Q -m model=llama3_2_1b_instruct model.random_init=true method=bf16,bnb_nf4 run.sweep=eval_1b \
+      run.runs_dir=$RUNS bench.enabled=false eval=quick eval.limit=5 eval.task_limits.gsm8k=64 eval.batch_size=32
+    pack eval_1b
+    ;;
+  gptq_awq)
+    for pass in 1 2; do  # the second pass must hit the quantized-checkpoint cache
+      step "${BUDGET:-420}" $Q -m model=llama3_2_1b_instruct model.random_init=true +model.config_overrides.num_hidden_layers=8 \
+        model.name=llama3_2_1b_8layers method=bf16,gptq,awq run.sweep=gptq_awq_pass$pass run.runs_dir=$RUNS \
+        method.calibration.source=$PWD/.gpudata/gsm8k/train.jsonl method.calibration.text_field=question \
+        bench.batch_sizes=[1,8] bench.new_tokens=64 bench.decode_paths=[eager] bench.min_repeats=5 bench.min_duration_s=0
+      pack gptq_awq_pass$pass
+    done
+    ;;
+  repeat)
+    for m in ${METHODS:-bf16 fp16 bnb_nf4 bnb_int8}; do
+      step "${BUDGET:-120}" python3 scripts/bench_check.py --repeats "${N:-5}" --runs-dir $RUNS/repeat_$m \
+        model=llama3_2_1b_instruct model.random_init=true method=$m bench.batch_sizes=[1] bench.prompt_tokens=[512] \
+        bench.new_tokens=128 bench.decode_paths=[eager,static] bench.min_repeats=10
+    done
+    tar czf "$OUT/repeat.tgz" -C $RUNS $(cd $RUNS && ls -d repeat_* 2>/dev/null) 2>/dev/null
+    ;;
+  *) sed -n 2,9p "$0"; exit 2 ;;
+esac
