@@ -24,7 +24,7 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,power.limit --format=csv
     ;;
   sweep1b)
-    step "${BUDGET:-300}" $Q -m experiment=gpu_1b run.runs_dir=$RUNS \
+    step "${BUDGET:-300}" $Q -m experiment=gpu_1b run.runs_dir=$RUNS ${METHODS:+method=$METHODS} \
       bench.batch_sizes=[1,8,32] bench.new_tokens=64 bench.decode_paths=[eager] bench.min_repeats=5 bench.min_duration_s=0
     pack gpu_1b
     ;;
@@ -34,11 +34,16 @@ case "${1:-}" in
     pack eval_1b
     ;;
   gptq_awq)
-    for pass in 1 2; do  # the second pass must hit the quantized-checkpoint cache
-      step "${BUDGET:-420}" $Q -m model=llama3_2_1b_instruct model.random_init=true +model.config_overrides.num_hidden_layers=8 \
-        model.name=llama3_2_1b_8layers method=bf16,gptq,awq run.sweep=gptq_awq_pass$pass run.runs_dir=$RUNS \
+    # pass 1 quantizes (and builds the kernels); pass 2, a new sweep, must hit the quantized-checkpoint cache
+    for pass in 1 2; do
+      methods=${METHODS1:-bf16,gptq,awq}; budget=${BUDGET:-400}
+      [ $pass = 2 ] && methods=${METHODS2:-gptq,awq} && budget=${BUDGET2:-120}
+      [ "$budget" = 0 ] && continue
+      step "$budget" $Q -m model=llama3_2_1b_instruct model.random_init=true +model.config_overrides.num_hidden_layers=8 \
+        model.name=llama3_2_1b_8layers method=$methods run.sweep=gptq_awq_pass$pass run.runs_dir=$RUNS \
         method.calibration.source=$PWD/.gpudata/gsm8k/train.jsonl method.calibration.text_field=question \
-        bench.batch_sizes=[1,8] bench.new_tokens=64 bench.decode_paths=[eager] bench.min_repeats=5 bench.min_duration_s=0
+        bench.batch_sizes=[1,8] bench.new_tokens=64 bench.decode_paths=[eager] bench.min_repeats=5 bench.min_duration_s=0 \
+        ${EXTRA:-}
       pack gptq_awq_pass$pass
     done
     ;;
