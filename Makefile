@@ -16,6 +16,11 @@ help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
+	@# GPT-QModel's dependency pypcre compiles against libpcre2: install it where we can, else say how
+	@command -v pcre2-config >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpcre2-dev >/dev/null; \
+	  else echo "make install: GPT-QModel needs the pcre2 headers: sudo apt-get install libpcre2-dev"; exit 1; fi; }
 	python3 -m venv $(VENV)
 	# torch first, pinned: on these machines pip finds a local CPU wheel; a bare `torch` would pull a CUDA build
 	$(PY) -m pip install -q "torch==2.13.0"
@@ -34,6 +39,7 @@ test-gpu: ## run the GPU tier only (on a GPU node)
 	$(OFFLINE) $(PY) -m pytest -q -m gpu $(ARGS)
 
 demo: install ## the embedded default: tiny model x 4 methods on CPU, offline, then reports/demo/index.html
+	-@$(MAKE) --no-print-directory browser 2>/dev/null || true
 	$(OFFLINE) $(VENV)/bin/qbench -m experiment=demo $(ARGS)
 	$(VENV)/bin/qbench-report runs/demo
 	@if command -v chromium >/dev/null; then \
@@ -50,8 +56,9 @@ report: ## build reports/<sweep>/index.html from runs/<sweep>: make report SWEEP
 bench-check: ## re-run one cell N times and print the spread: make bench-check ARGS="model=tiny method=bf16" N=5
 	$(if $(wildcard $(PY)),$(PY),python3) scripts/bench_check.py --repeats $(or $(N),5) $(ARGS)
 
-browser: ## install Debian's chromium for the report's browser test
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+browser: ## install Debian's chromium for the report's browser test (root, Debian/Ubuntu)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 clean: ## remove runs/, reports/ (keeping committed examples) and caches
 	rm -rf runs/*/ reports/*/ .cache/qbench .pytest_cache

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 import uuid
-from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -39,7 +38,7 @@ def conf_dir() -> str:
     """conf/ of a source checkout, else the copy packaged as qbench.conf in a wheel."""
     if _REPO_CONF.is_dir():
         return str(_REPO_CONF)
-    return str(resources.files("qbench.conf"))
+    return str(Path(__file__).resolve().parent / "conf")
 
 
 # ----------------------------------------------------------------------------------------------- preflight
