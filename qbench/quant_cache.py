@@ -86,13 +86,9 @@ def cache_key(payload: Dict[str, Any]) -> str:
 
 
 def read_meta(checkpoint: Path) -> Optional[Dict[str, Any]]:
-    path = Path(checkpoint) / META_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    from qbench.store import read_json
+
+    return read_json(Path(checkpoint) / META_FILE)
 
 
 def get_or_build(

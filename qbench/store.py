@@ -33,14 +33,16 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def read_result(cell_dir: Path) -> Optional[Dict[str, Any]]:
-    path = Path(cell_dir) / RESULT_FILE
-    if not path.exists():
-        return None
+def read_json(path: Path) -> Optional[Dict[str, Any]]:
+    """The JSON document at ``path``, or None if it is missing or unreadable (which counts as not done)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
-        return None  # unreadable counts as not done
+        return None
+
+
+def read_result(cell_dir: Path) -> Optional[Dict[str, Any]]:
+    return read_json(Path(cell_dir) / RESULT_FILE)
 
 
 def should_skip(cell_dir: Path, force: bool, rerun_failed: bool) -> Optional[str]:

@@ -160,9 +160,8 @@ def snapshot(device: Any, indices: Optional[List[int]] = None) -> Dict[str, Any]
     return {"gpus": [gpu_snapshot(i) for i in idx]}
 
 
-def total_energy_j(device: Any, indices: Optional[List[int]] = None) -> Optional[float]:
-    """Sum over the GPUs of NVML's total energy counter (joules since the driver loaded); None where the
-    counter is missing (pre-Volta boards, CPU). Differences of two reads give the energy in between."""
+def _sum_over_gpus(device: Any, indices: Optional[List[int]], read) -> Optional[float]:
+    """Sum ``read(pynvml, handle)`` over the cell's GPUs; None if NVML or any GPU's reading is missing."""
     idx = cuda_indices(device, indices)
     pynvml = nvml()
     if not idx or pynvml is None:
@@ -170,24 +169,21 @@ def total_energy_j(device: Any, indices: Optional[List[int]] = None) -> Optional
     total = 0.0
     for i in idx:
         handle = nvml_handle(i)
-        value = _safe(pynvml.nvmlDeviceGetTotalEnergyConsumption, handle) if handle is not None else None
+        value = _safe(read, pynvml, handle) if handle is not None else None
         if value is None:
             return None
-        total += value * 1e-3  # NVML: millijoules
+        total += value
     return total
+
+
+def total_energy_j(device: Any, indices: Optional[List[int]] = None) -> Optional[float]:
+    """Sum over the GPUs of NVML's total energy counter (joules since the driver loaded); None where the
+    counter is missing (pre-Volta boards, CPU). Differences of two reads give the energy in between."""
+    # NVML counts millijoules
+    return _sum_over_gpus(device, indices, lambda nv, h: nv.nvmlDeviceGetTotalEnergyConsumption(h) * 1e-3)
 
 
 def nvml_used_bytes(device: Any, indices: Optional[List[int]] = None) -> Optional[int]:
     """Device memory used as NVML reports it (all processes, the CUDA context included), summed over GPUs."""
-    idx = cuda_indices(device, indices)
-    pynvml = nvml()
-    if not idx or pynvml is None:
-        return None
-    total = 0
-    for i in idx:
-        handle = nvml_handle(i)
-        mem = _safe(pynvml.nvmlDeviceGetMemoryInfo, handle) if handle is not None else None
-        if mem is None:
-            return None
-        total += int(mem.used)
-    return total
+    total = _sum_over_gpus(device, indices, lambda nv, h: nv.nvmlDeviceGetMemoryInfo(h).used)
+    return None if total is None else int(total)

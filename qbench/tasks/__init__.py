@@ -12,9 +12,11 @@ From the lm-eval command line::
     lm_eval --include_path qbench/tasks --tasks qbench_mmlu --num_fewshot 5 \\
         --metadata '{"qbench_data_dir": "../shared/data"}' ...
 """
+import os
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).parent
+FIXTURES_DIR = TASKS_DIR.parent / "data" / "fixtures"
 # public task name -> offline task/group name
 OFFLINE_NAMES = {"mmlu": "qbench_mmlu", "gsm8k": "qbench_gsm8k"}
 # lm-eval's four MMLU categories (group names mmlu_<category>), in its reporting order
@@ -81,3 +83,19 @@ MMLU_SUBJECTS = {
     "virology": "other",
     "world_religions": "humanities",
 }
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """``builtin:fixtures`` -> the bundled fixtures; None -> $QBENCH_DATA; else the given directory."""
+    data_dir = data_dir or os.environ.get("QBENCH_DATA")
+    if not data_dir:
+        raise ValueError(
+            "offline MMLU/GSM8K needs a data directory: pass metadata {'qbench_data_dir': DIR} to lm-eval's "
+            "TaskManager (qbench does it from eval.data_dir) or set QBENCH_DATA; 'builtin:fixtures' = bundled subset"
+        )
+    if str(data_dir) == "builtin:fixtures":
+        return FIXTURES_DIR
+    path = Path(data_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"offline data directory '{data_dir}' does not exist")
+    return path

@@ -1,6 +1,6 @@
 """Local GSM8K for the offline ``qbench_gsm8k`` task: openai/grade-school-math jsonl -> the Hub (openai/gsm8k) schema.
 
-Self-contained (lm-eval imports this file by path): only the standard library and ``datasets``.
+lm-eval imports this file by path; it needs only the standard library, ``datasets`` and qbench.tasks.
 """
 from __future__ import annotations
 
@@ -8,23 +8,7 @@ import json
 import os
 from pathlib import Path
 
-FIXTURES_DIR = Path(__file__).resolve().parents[2] / "data" / "fixtures"
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """``builtin:fixtures`` -> the bundled fixtures; None -> $QBENCH_DATA; else the given directory."""
-    data_dir = data_dir or os.environ.get("QBENCH_DATA")
-    if not data_dir:
-        raise ValueError(
-            "offline MMLU/GSM8K needs a data directory: pass metadata {'qbench_data_dir': DIR} to lm-eval's "
-            "TaskManager (qbench does it from eval.data_dir) or set QBENCH_DATA; 'builtin:fixtures' = bundled subset"
-        )
-    if str(data_dir) == "builtin:fixtures":
-        return FIXTURES_DIR
-    path = Path(data_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"offline data directory '{data_dir}' does not exist")
-    return path
+from qbench.tasks import FIXTURES_DIR, resolve_data_dir  # noqa: F401  (lm-eval loads this file by path)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

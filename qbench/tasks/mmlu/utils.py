@@ -1,6 +1,6 @@
 """Local MMLU for the offline ``qbench_mmlu_*`` tasks: hendrycks CSVs -> the Hub (cais/mmlu) schema.
 
-Self-contained (lm-eval imports this file by path): only the standard library and ``datasets``.
+lm-eval imports this file by path; it needs only the standard library, ``datasets`` and qbench.tasks.
 Cells are read with the csv module, never through pandas type inference, so "None", "NA", "1.50" or "FALSE"
 stay the exact strings the question shows.
 """
@@ -10,26 +10,10 @@ import csv
 import os
 from pathlib import Path
 
-FIXTURES_DIR = Path(__file__).resolve().parents[2] / "data" / "fixtures"
+from qbench.tasks import FIXTURES_DIR, resolve_data_dir  # noqa: F401  (lm-eval loads this file by path)
 LETTERS = ("A", "B", "C", "D")
 # hendrycks file split name -> Hub split name
 SPLITS = {"dev": "dev", "val": "validation", "test": "test"}
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """``builtin:fixtures`` -> the bundled fixtures; None -> $QBENCH_DATA; else the given directory."""
-    data_dir = data_dir or os.environ.get("QBENCH_DATA")
-    if not data_dir:
-        raise ValueError(
-            "offline MMLU/GSM8K needs a data directory: pass metadata {'qbench_data_dir': DIR} to lm-eval's "
-            "TaskManager (qbench does it from eval.data_dir) or set QBENCH_DATA; 'builtin:fixtures' = bundled subset"
-        )
-    if str(data_dir) == "builtin:fixtures":
-        return FIXTURES_DIR
-    path = Path(data_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"offline data directory '{data_dir}' does not exist")
-    return path
 
 
 def read_mmlu_csv(path: str | os.PathLike, subject: str) -> list[dict]:
