@@ -246,10 +246,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"run.timeout_min: {r.timeout_min} must be positive")
     if r.inject_failure is not None and r.inject_failure.split(":")[0] not in ("oom", "exception"):
         raise ConfigError(f"run.inject_failure: '{r.inject_failure}' is not oom or exception (optionally :<method>)")
-    for key in ("sweep",):
-        value = getattr(r, key)
-        if not value or "/" in value or value.startswith("."):
-            raise ConfigError(f"run.{key}: '{value}' must be a plain name (no '/' or leading '.')")
+    # These name directories under runs/: a '/' or '..' would write results outside the configured folder.
+    for key, value in (("run.sweep", r.sweep), ("model.name", m.name), ("method.name", cfg.method.name)):
+        if not value or "/" in value or "\\" in value or value.startswith("."):
+            raise ConfigError(f"{key}: '{value}' must be a plain name (no '/' or leading '.')")
 
 
 def _check_limit(value: Any, key: str) -> None:

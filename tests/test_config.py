@@ -109,6 +109,8 @@ BAD_INPUTS = [
     (["model=llama3_1_8b_instruct"], "HF_HUB_OFFLINE"),
     (["method.kind=nope"], "method.kind"),
     (["bench.decode_paths=[warp]"], "bench.decode_paths"),
+    (["model.name=../../etc"], "model.name"),
+    (["run.sweep=a/b"], "run.sweep"),
 ]
 
 
