@@ -33,6 +33,7 @@ install-gpu: ## on a GPU node: install qbench into the current Python, keeping i
 	python3 -m pip install -e ".[bnb,eval,gptq,report,slurm]"
 
 test: install ## run the CPU test suite (GPU tests skip themselves without a GPU)
+	-@$(MAKE) --no-print-directory browser 2>/dev/null || true
 	$(OFFLINE) $(PY) -m pytest -q $(ARGS)
 
 test-gpu: ## run the GPU tier only (on a GPU node)

@@ -236,6 +236,17 @@ def run_cell(cfg: Any) -> str:
         task_overrides = list(HydraConfig.get().overrides.task)
     except ValueError:
         task_overrides = []
+    device = cfg.bench.device
+    want_gpu = device == "cuda" or (device == "auto" and bool(_visible_gpus()))
+    slot_dir = Path(cfg.run.cache_dir).expanduser() / "slots"
+    locks, gpus = acquire_slot(int(cfg.model.num_gpus), want_gpu, slot_dir)
+    # Again, under the slot: another sweep writing the same directory may have finished this cell meanwhile.
+    skipped = should_skip(cell_dir, cfg.run.force, cfg.run.rerun_failed)
+    if skipped:
+        for f in locks:
+            f.close()
+        log.info("%s: skipped, finished by another process while this one waited", cid)
+        return f"skipped:{skipped}"
     spec = {
         "attempt_id": uuid.uuid4().hex,  # ties the child's result to this attempt
         "config": cfg_dict,
@@ -246,17 +257,6 @@ def run_cell(cfg: Any) -> str:
     spec_path = attempt_dir / "spec.json"
     write_json_atomic(spec_path, spec)
 
-    device = cfg.bench.device
-    want_gpu = device == "cuda" or (device == "auto" and bool(_visible_gpus()))
-    slot_dir = Path(cfg.run.cache_dir).expanduser() / "slots"
-    locks, gpus = acquire_slot(int(cfg.model.num_gpus), want_gpu, slot_dir)
-    # Again, under the slot: another sweep writing the same directory may have finished this cell meanwhile.
-    skipped = should_skip(cell_dir, cfg.run.force, cfg.run.rerun_failed)
-    if skipped and not cfg.run.force:
-        for f in locks:
-            f.close()
-        log.info("%s: skipped, finished by another process while this one waited", cid)
-        return f"skipped:{skipped}"
     env = dict(os.environ)
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # indices mean the same to NVML, nvidia-smi and torch
     if want_gpu:
@@ -272,7 +272,8 @@ def run_cell(cfg: Any) -> str:
     try:
         rc = proc.wait(timeout=timeout_s)
         if rc != 0:
-            error = ("killed" if rc == -signal.SIGKILL else "crash", f"cell process exited with code {rc}")
+            error = ("killed", "cell process killed by SIGKILL (often the kernel's OOM killer)") \
+                if rc == -signal.SIGKILL else ("crash", f"cell process exited with code {rc}")
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -291,8 +292,6 @@ def run_cell(cfg: Any) -> str:
     result = read_result(cell_dir)
     fresh = result is not None and result.get("attempt_id") == spec["attempt_id"]
     if error is not None and not fresh:
-        if error[0] == "killed":
-            error = ("killed", error[1] + " (SIGKILL: often the kernel's OOM killer)")
         row = _error_row(cfg_dict, error[0], error[1], "cell")
         row["wall_time_s"] = time.perf_counter() - t0
         row["overrides"] = task_overrides
