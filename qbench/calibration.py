@@ -74,9 +74,9 @@ def validate(cfg: Any) -> None:
         if path.suffix not in (".txt", ".jsonl", ".json"):
             raise ConfigError(f"method.calibration.source: '{source}' is neither .txt nor .jsonl")
     else:
-        from qbench.config import _offline
+        from qbench.config import hub_offline
 
-        if _offline():
+        if hub_offline():
             raise ConfigError(
                 f"method.calibration.source: '{source}' is a Hub dataset and HF_HUB_OFFLINE is set; "
                 "use builtin:tiny_text or a local .txt/.jsonl file"

@@ -206,7 +206,7 @@ def validate(cfg: Any) -> None:
         path = Path(m.source).expanduser()
         if m.source.startswith(("/", ".", "~")) and not path.exists():
             raise ConfigError(f"model.source: local path '{m.source}' does not exist")
-        if not path.exists() and _offline() and not (m.random_init and m.architecture):
+        if not path.exists() and hub_offline() and not (m.random_init and m.architecture):
             raise ConfigError(
                 f"model.source: '{m.source}' is not a local directory and HF_HUB_OFFLINE is set; "
                 "give a local directory, or random_init with a bundled architecture"
@@ -340,7 +340,7 @@ def validate_eval(e: Any) -> None:
             )
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
@@ -350,7 +350,7 @@ def eval_offline(e: Any) -> bool:
         return True
     if str(e.offline).lower() == "false":
         return False
-    return _offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def cell_id(cfg: Any) -> str:

@@ -7,7 +7,6 @@ and in exchange every method (bitsandbytes, GPT-QModel) takes the same path as w
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+from qbench.store import content_hash
 
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 
@@ -35,10 +36,6 @@ class Source:
 
 def architecture_path(name: str) -> Path:
     return ARCHITECTURES_DIR / f"{name}.json"
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _load_config_dict(model_cfg: Any) -> Dict[str, Any]:
@@ -62,7 +59,7 @@ def resolve(model_cfg: Any, cache_dir: str | Path, device: str = "cpu") -> Sourc
     if model_cfg.source == "builtin:tiny":
         from qbench import tiny
 
-        key = _hash({"tiny": tiny.TINY_LLAMA, "seed": model_cfg.seed, "v": 1})
+        key = content_hash({"tiny": tiny.TINY_LLAMA, "seed": model_cfg.seed, "v": 1})
         out = cache / "models" / f"tiny-{key}"
         info = _materialise(out, lambda tmp: tiny.build(tmp, seed=model_cfg.seed))
         return Source(str(out), None, False, True, str(out), {"built": "qbench.tiny", **info})
@@ -80,7 +77,7 @@ def resolve(model_cfg: Any, cache_dir: str | Path, device: str = "cpu") -> Sourc
 
     config_dict = _load_config_dict(model_cfg)
     config_dict.update(dict(model_cfg.config_overrides))
-    key = _hash({"config": config_dict, "seed": model_cfg.seed, "dtype": model_cfg.dtype, "v": 1})
+    key = content_hash({"config": config_dict, "seed": model_cfg.seed, "dtype": model_cfg.dtype, "v": 1})
     out = cache / "models" / f"random-{model_cfg.name}-{key}"
     info = _materialise(out, lambda tmp: _build_random(tmp, config_dict, model_cfg, device))
     return Source(str(out), None, bool(model_cfg.trust_remote_code), True, str(out), {"config_hash": key, **info})

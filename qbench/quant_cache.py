@@ -19,7 +19,6 @@ original cost from it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -37,15 +36,9 @@ def cache_root(source: Any) -> Path:
 
 
 def versions() -> Dict[str, Optional[str]]:
-    from importlib import metadata
+    from qbench.store import package_versions
 
-    out = {}
-    for dist in ("gptqmodel", "transformers", "torch"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    return package_versions(("gptqmodel", "transformers", "torch"))
 
 
 def source_fingerprint(source: Any) -> Dict[str, Any]:
@@ -70,7 +63,9 @@ def source_fingerprint(source: Any) -> Dict[str, Any]:
 
 def _hub_commit(repo: str, revision: Optional[str]) -> Optional[str]:
     """The commit a Hub id resolves to, when online; None offline (the key then relies on path + revision)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    from qbench.config import hub_offline
+
+    if hub_offline():
         return None
     try:
         from huggingface_hub import HfApi
@@ -81,8 +76,9 @@ def _hub_commit(repo: str, revision: Optional[str]) -> Optional[str]:
 
 
 def cache_key(payload: Dict[str, Any]) -> str:
-    text = json.dumps({"v": KEY_VERSION, **payload}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+    from qbench.store import content_hash
+
+    return content_hash({"v": KEY_VERSION, **payload}, length=20)
 
 
 def read_meta(checkpoint: Path) -> Optional[Dict[str, Any]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -154,18 +155,29 @@ def check_writable(directory: Path, min_free_bytes: int = 100 * 2**20) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"run.runs_dir: '{directory}' is not writable ({exc.strerror})") from exc
-    free = os.statvfs(probe_dir).f_bavail * os.statvfs(probe_dir).f_frsize
+    fs = os.statvfs(probe_dir)
+    free = fs.f_bavail * fs.f_frsize
     if free < min_free_bytes:
         raise ConfigError(f"run.runs_dir: '{directory}' has only {free / 2**20:.0f} MiB free")
 
 
-def _version(dist: str) -> Optional[str]:
+def package_versions(dists) -> Dict[str, Optional[str]]:
+    """Installed version of each distribution, None where it is not installed."""
     from importlib import metadata
 
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
+    out: Dict[str, Optional[str]] = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def content_hash(obj: Any, length: int = 16) -> str:
+    """A stable hex digest of a JSON-able object (key order does not matter): names caches by content."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 def git_commit() -> Optional[str]:
@@ -190,13 +202,10 @@ def environment() -> Dict[str, Any]:
         "python": sys.version.split()[0],
         "cpu_count": os.cpu_count(),
         "qbench_git_commit": git_commit(),
-        "versions": {
-            d: _version(d)
-            for d in (
-                "qbench", "torch", "transformers", "accelerate", "bitsandbytes", "gptqmodel", "optimum",
-                "lm_eval", "hydra-core", "numpy",
-            )
-        },
+        "versions": package_versions(
+            ("qbench", "torch", "transformers", "accelerate", "bitsandbytes", "gptqmodel", "optimum",
+             "lm_eval", "hydra-core", "numpy")
+        ),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "gpus": [],
     }

@@ -72,7 +72,7 @@ def bits_of(cfg: Any) -> int:
 
 def validate_common(cfg: Any, kind: str) -> None:
     from qbench import calibration
-    from qbench.config import ConfigError, _offline
+    from qbench.config import ConfigError, hub_offline
 
     bits = bits_of(cfg)
     if bits not in BITS[kind]:
@@ -107,7 +107,7 @@ def validate_common(cfg: Any, kind: str) -> None:
         p = Path(cfg.checkpoint).expanduser()
         if cfg.checkpoint.startswith(("/", ".", "~")) and not p.is_dir():
             raise ConfigError(f"method.checkpoint: local directory '{cfg.checkpoint}' does not exist")
-        if not p.is_dir() and _offline():
+        if not p.is_dir() and hub_offline():
             raise ConfigError(
                 f"method.checkpoint: '{cfg.checkpoint}' is not a local directory and HF_HUB_OFFLINE is set"
             )
