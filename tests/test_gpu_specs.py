@@ -76,6 +76,22 @@ def test_cpu_has_no_spec_and_no_state():
     assert gpu_state.nvml_used_bytes("cpu") is None
 
 
+def test_host_cpu_load_from_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice; then a per-CPU line that must be ignored
+    stat.write_text("cpu  100 0 50 800 40 0 10 0 7 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    before = gpu_state.cpu_times(str(stat))
+    assert before == {"user": 100, "nice": 0, "system": 50, "idle": 800, "iowait": 40, "irq": 0, "softirq": 10,
+                      "steal": 0}
+    stat.write_text("cpu  400 0 150 1200 40 0 10 200 99 0\n")
+    load = gpu_state.host_cpu_load(before, gpu_state.cpu_times(str(stat)))
+    # 1000 ticks went by: 300 user + 100 system + 200 steal busy, 400 idle; guest (already in user) not counted
+    assert load["busy_pct"] == pytest.approx(60.0) and load["steal_pct"] == pytest.approx(20.0)
+    assert load["cpu_count"] >= 1
+    assert gpu_state.cpu_times(str(tmp_path / "missing")) is None
+    assert gpu_state.host_cpu_load(None, before) == {} and gpu_state.host_cpu_load(before, before) == {}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_state_on_gpu():

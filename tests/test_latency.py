@@ -180,6 +180,7 @@ def test_measure_on_cpu(tiny_model, monkeypatch):
     assert any(w.startswith("decode static: not measured") for w in out["warnings"])
     assert out["one_time"]["first_call_s"] > 0 and out["one_time"]["compile_s"] is None
     assert out["gpu_state"] == {}
+    assert 0 < out["host_cpu"]["busy_pct"] <= 100 and 0 <= out["host_cpu"]["steal_pct"] <= out["host_cpu"]["busy_pct"]
     assert {"batch_size": 2, "seq_len_tokens": 16, "bytes": memory.kv_cache_bytes(model.config, 2, 16, 2)} in out["kv_cache_bytes_analytic"]
     assert set(pm.summary()["rss_bytes_at_phase_end"]) == {"prefill", "decode"}
 

@@ -1,4 +1,6 @@
-"""What the GPUs were doing around a cell: clocks, temperature, power, throttling, other processes (NVML).
+"""What the GPUs were doing around a cell: clocks, temperature, power, throttling, other processes (NVML);
+and how busy the host's CPUs were, because eager decode is launch-bound and a shared host's load shows up
+directly in tokens/s.
 
 Read-only: nothing here changes a GPU setting (no clock locking, no persistence mode, no power limits). A
 figure NVML does not support on a board is null. On a machine without NVML (CPU) everything is {}.
@@ -187,3 +189,40 @@ def nvml_used_bytes(device: Any, indices: Optional[List[int]] = None) -> Optiona
     """Device memory used as NVML reports it (all processes, the CUDA context included), summed over GPUs."""
     total = _sum_over_gpus(device, indices, lambda nv, h: nv.nvmlDeviceGetMemoryInfo(h).used)
     return None if total is None else int(total)
+
+
+# /proc/stat's aggregate "cpu" line: user nice system idle iowait irq softirq steal guest guest_nice (ticks).
+# guest and guest_nice are already counted in user and nice, so they are left out of the total.
+_PROC_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_times(proc_stat: str = "/proc/stat") -> Optional[Dict[str, int]]:
+    """The host's cumulative CPU time by kind (clock ticks, all CPUs) from /proc/stat; None off Linux."""
+    try:
+        with open(proc_stat) as fh:
+            first = fh.readline().split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu":
+        return None
+    ticks = [int(x) for x in first[1:1 + len(_PROC_STAT_FIELDS)]]
+    return dict(zip(_PROC_STAT_FIELDS, ticks + [0] * (len(_PROC_STAT_FIELDS) - len(ticks))))
+
+
+def host_cpu_load(before: Optional[Dict[str, int]], after: Optional[Dict[str, int]]) -> Dict[str, Any]:
+    """Share of the host's CPU time that was busy and stolen (by the hypervisor) between two ``cpu_times``
+    reads, in percent of all CPUs, with the 1-minute load average; {} where /proc/stat is missing.
+    The measuring process itself keeps about one CPU busy, i.e. 100 / cpu_count percent."""
+    if not before or not after:
+        return {}
+    delta = {k: after[k] - before[k] for k in _PROC_STAT_FIELDS}
+    total = sum(delta.values())
+    if total <= 0:
+        return {}
+    idle = delta["idle"] + delta["iowait"]
+    try:
+        load_1m = round(os.getloadavg()[0], 2)
+    except OSError:
+        load_1m = None
+    return {"busy_pct": 100.0 * (total - idle) / total, "steal_pct": 100.0 * delta["steal"] / total,
+            "cpu_count": os.cpu_count(), "loadavg_1m": load_1m}

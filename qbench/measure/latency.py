@@ -250,6 +250,7 @@ def measure(
     cuda = timing.is_cuda(device)
     idx = gpu_state.cuda_indices(device, cuda_indices)
     state_start = gpu_state.snapshot(device, idx)
+    cpu_start = gpu_state.cpu_times()
     spec = gpu_specs.for_device(device, overrides, index=idx[0] if idx else None)  # None on CPU
     dtype = compute_dtype or getattr(model, "dtype", None)
     peak = gpu_specs.peak_flops(spec, dtype)
@@ -403,6 +404,7 @@ def measure(
         "one_time": one_time,
         "gpu_spec": spec,
         "gpu_state": {"start": state_start, "end": gpu_state.snapshot(device, idx)} if state_start else {},
+        "host_cpu": gpu_state.host_cpu_load(cpu_start, gpu_state.cpu_times()),
         "compute_dtype": gpu_specs.dtype_key(dtype) if dtype is not None else None,
         "settings": {**loop, "seed": seed, "batch_sizes": batch_sizes, "prompt_tokens": prompt_lengths,
                      "decode_prompt_tokens": decode_prompt, "new_tokens": new_tokens, "decode_paths": paths,
