@@ -9,6 +9,10 @@ Each run is ``python -m qbench.cli <overrides> run.sweep=bench_check-<i> run.run
 the cell (prefill TTFT p50 per batch size and prompt length, decode tokens/s and per-token p50 per path and
 batch size) it prints the N medians, their spread ((max - min) / median) and their CV across runs.
 Exit status: 0, or 1 when a run failed or (with --max-spread) a figure spreads more than allowed.
+
+Runs can be split over several sessions (a GPU lease that ends, a job time limit): ``--first-index 3`` numbers
+the new runs from 3, and ``--summarize --runs-dir DIR`` runs nothing and prints the spread over every
+``DIR/bench_check-*`` run found.
 """
 from __future__ import annotations
 
@@ -56,10 +60,18 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default=None, help="where the runs go (default: a new temporary directory)")
     parser.add_argument("--max-spread", type=float, default=None,
                         help="fail (exit 1) when a figure's (max-min)/median exceeds this, e.g. 0.05")
+    parser.add_argument("--first-index", type=int, default=0,
+                        help="number the runs from here (bench_check-<i>), to add runs to an earlier --runs-dir")
+    parser.add_argument("--summarize", action="store_true",
+                        help="run nothing: print the spread over the runs already under --runs-dir")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides naming one cell, e.g. model=tiny method=bf16")
     args = parser.parse_args(argv)
-    if args.repeats < 2:
-        parser.error("--repeats must be at least 2 to show a spread")
+    if args.summarize:
+        if not args.runs_dir or not Path(args.runs_dir).is_dir():
+            parser.error("--summarize needs --runs-dir naming an existing directory")
+        return summarize(Path(args.runs_dir).resolve(), args.max_spread)
+    if args.repeats < (2 if args.first_index == 0 else 1):
+        parser.error("--repeats must be at least 2 to show a spread (1 when adding to earlier runs)")
     if any(o.startswith(("run.sweep=", "-m", "--multirun")) for o in args.overrides):
         parser.error("give the overrides of one cell; run.sweep and -m are set here")
 
@@ -67,26 +79,56 @@ def main(argv: List[str] | None = None) -> int:
     print(f"bench-check: {args.repeats} runs of [{' '.join(args.overrides)}] under {runs_dir}", flush=True)
     per_run: List[Dict[str, Tuple[float, str]]] = []
     failed = False
-    for i in range(args.repeats):
+    for i in range(args.first_index, args.first_index + args.repeats):
         sweep = f"bench_check-{i}"
         cmd = [sys.executable, "-m", "qbench.cli", *args.overrides, f"run.sweep={sweep}",
                f"run.runs_dir={runs_dir}", "run.force=true"]
-        print(f"  run {i + 1}/{args.repeats}: {' '.join(cmd[1:])}", flush=True)
+        print(f"  run {i + 1}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd, env=os.environ.copy())
-        results = sorted((runs_dir / sweep).glob("*/result.json"))
-        if proc.returncode != 0 or len(results) != 1:
-            print(f"  run {i + 1}: exit {proc.returncode}, {len(results)} result.json under {runs_dir / sweep} "
-                  "(expected one cell)", file=sys.stderr)
+        run_figures = load_run(runs_dir / sweep, f"run {i + 1}", proc.returncode)
+        if run_figures is None:
             failed = True
-            continue
-        result = json.loads(results[0].read_text())
-        if result.get("status") != "ok":
-            err = result.get("error") or {}
-            print(f"  run {i + 1}: status {result.get('status')}: {err.get('type')}: {err.get('message')}", file=sys.stderr)
-            failed = True
-            continue
-        per_run.append(figures(result))
+        else:
+            per_run.append(run_figures)
+    if args.first_index > 0:  # added to earlier runs: the spread is over all of them
+        return summarize(runs_dir, args.max_spread) or (1 if failed else 0)
+    return print_spread(per_run, args.repeats, runs_dir, args.max_spread, failed)
 
+
+def load_run(sweep_dir: Path, name: str, returncode: int = 0) -> Dict[str, Tuple[float, str]] | None:
+    """The figures of one run's single cell, or None (with the reason on stderr) when it failed."""
+    results = sorted(sweep_dir.glob("*/result.json"))
+    if returncode != 0 or len(results) != 1:
+        print(f"  {name}: exit {returncode}, {len(results)} result.json under {sweep_dir} (expected one cell)",
+              file=sys.stderr)
+        return None
+    result = json.loads(results[0].read_text())
+    if result.get("status") != "ok":
+        err = result.get("error") or {}
+        print(f"  {name}: status {result.get('status')}: {err.get('type')}: {err.get('message')}", file=sys.stderr)
+        return None
+    host = ((result.get("metrics") or {}).get("latency") or {}).get("host_cpu") or {}
+    if host:  # a launch-bound decode slows down when the host's CPUs are busy: show it next to the spread
+        print(f"  {name}: host CPUs {host['busy_pct']:.0f}% busy, {host['steal_pct']:.1f}% stolen "
+              f"({host['cpu_count']} CPUs, load {host['loadavg_1m']})", flush=True)
+    return figures(result)
+
+
+def summarize(runs_dir: Path, max_spread: float | None) -> int:
+    """The spread over every bench_check-<i> run already under runs_dir (runs from several sessions)."""
+    sweeps = sorted(runs_dir.glob("bench_check-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])
+                    if p.name.rsplit("-", 1)[1].isdigit() else -1)
+    print(f"bench-check: summarizing {len(sweeps)} runs under {runs_dir}", flush=True)
+    per_run = []
+    for sweep in sweeps:
+        run_figures = load_run(sweep, sweep.name)
+        if run_figures is not None:
+            per_run.append(run_figures)
+    return print_spread(per_run, len(sweeps), runs_dir, max_spread, failed=len(per_run) < len(sweeps))
+
+
+def print_spread(per_run: List[Dict[str, Tuple[float, str]]], attempted: int, runs_dir: Path,
+                 max_spread: float | None, failed: bool) -> int:
     if not per_run:
         print("bench-check: no run succeeded", file=sys.stderr)
         return 1
@@ -102,14 +144,14 @@ def main(argv: List[str] | None = None) -> int:
         unit = per_run[0][label][1]
         rng, cv = spread(values)
         flag = ""
-        if args.max_spread is not None and rng > args.max_spread:
+        if max_spread is not None and rng > max_spread:
             too_wide.append(label)
             flag = "  <-- above --max-spread"
         shown = " ".join(f"{v:.4g}" for v in values)
         print(f"{label:<{width}}  {unit:<9} {rng * 100:6.1f}% {cv * 100:6.1f}%  {shown}{flag}")
-    print(f"\n{len(per_run)} of {args.repeats} runs succeeded; results under {runs_dir}")
+    print(f"\n{len(per_run)} of {attempted} runs succeeded; results under {runs_dir}")
     if too_wide:
-        print(f"bench-check: {len(too_wide)} figure(s) spread more than {args.max_spread * 100:.1f}%", file=sys.stderr)
+        print(f"bench-check: {len(too_wide)} figure(s) spread more than {max_spread * 100:.1f}%", file=sys.stderr)
     return 1 if failed or too_wide else 0
 
 

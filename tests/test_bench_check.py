@@ -1,0 +1,114 @@
+"""scripts/bench_check.py: the spread arithmetic, --summarize over runs from several sessions, and --first-index.
+
+No cell is measured here: result.json files are written by hand (the schema's latency section, trimmed to the
+figures bench_check reads), and the fresh-process runs are replaced by a fake subprocess.run."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_check():
+    spec = importlib.util.spec_from_file_location("bench_check", ROOT / "scripts" / "bench_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_run(runs_dir: Path, index: int, static_tps: float, eager_tps: float = 25.0, status: str = "ok") -> None:
+    cell = runs_dir / f"bench_check-{index}" / "tiny__bf16"
+    cell.mkdir(parents=True)
+    result = {
+        "status": status,
+        "error": None if status == "ok" else {"type": "OutOfMemoryError", "message": "CUDA out of memory"},
+        "metrics": {"latency": {
+            "prefill": [{"batch_size": 1, "prompt_tokens": 512, "ttft_ms": {"p50": 30.0, "unit": "ms"}}],
+            "decode": [
+                {"decode_path": "static", "batch_size": 1, "tokens_per_s": {"p50": static_tps, "unit": "tokens/s"},
+                 "per_token_ms": {"p50": 1000.0 / static_tps, "unit": "ms"}},
+                {"decode_path": "eager", "batch_size": 1, "tokens_per_s": {"p50": eager_tps, "unit": "tokens/s"},
+                 "per_token_ms": None},
+            ],
+            "host_cpu": {"busy_pct": 8.0, "steal_pct": 0.1, "cpu_count": 16, "loadavg_1m": 1.5},
+        }} if status == "ok" else {},
+    }
+    (cell / "result.json").write_text(json.dumps(result))
+
+
+def test_spread_arithmetic(bench_check):
+    rng, cv = bench_check.spread([100.0, 110.0, 90.0, 105.0, 95.0])
+    assert rng == pytest.approx(20.0 / 100.0)  # (max - min) / median
+    assert cv == pytest.approx((250.0 / 4) ** 0.5 / 100.0)  # sample stdev / mean
+    rng, cv = bench_check.spread([4.0, 2.0])  # even count: median is the mean of the middle two
+    assert rng == pytest.approx(2.0 / 3.0)
+    assert bench_check.spread([7.0]) == (0.0, 0.0)
+
+
+def test_summarize_orders_runs_numerically(bench_check, tmp_path, capsys):
+    for i, tps in [(0, 100.0), (1, 101.0), (2, 99.0), (10, 104.0)]:
+        write_run(tmp_path, i, tps)
+    assert bench_check.main(["--summarize", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "summarizing 4 runs" in out and "4 of 4 runs succeeded" in out
+    row = next(line for line in out.splitlines() if line.startswith("decode static bs=1 tokens/s"))
+    # bench_check-10 comes last (numeric order, not '10' < '2'), and the spread is (104 - 99) / 100.5
+    assert row.split()[-4:] == ["100", "101", "99", "104"]
+    assert f"{5 / 100.5 * 100:6.1f}%" in row
+    # a figure missing from one run (eager per-token is null) is not tabulated
+    assert "decode eager bs=1 per-token" not in out
+    assert "prefill ttft bs=1 prompt=512" in out and "host CPUs 8% busy" in out
+
+
+def test_failed_run_and_max_spread_exit_1(bench_check, tmp_path, capsys):
+    write_run(tmp_path, 0, 100.0)
+    write_run(tmp_path, 1, 100.5)
+    assert bench_check.main(["--summarize", "--runs-dir", str(tmp_path), "--max-spread", "0.01"]) == 0
+    assert bench_check.main(["--summarize", "--runs-dir", str(tmp_path), "--max-spread", "0.001"]) == 1
+    out, err = capsys.readouterr()
+    assert "above --max-spread" in out and "spread more than 0.1%" in err
+    write_run(tmp_path, 2, 0.0, status="error")
+    assert bench_check.main(["--summarize", "--runs-dir", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert "2 of 3 runs succeeded" in out and "OutOfMemoryError: CUDA out of memory" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--repeats", "1", "model=tiny"],  # one fresh set of runs cannot show a spread
+    ["--repeats", "3", "model=tiny", "run.sweep=x"],  # run.sweep is bench_check's to set
+    ["--summarize"],  # nothing to summarize
+])
+def test_bad_arguments_exit_2(bench_check, argv, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        bench_check.main(argv)
+    assert exc.value.code == 2
+
+
+def test_first_index_adds_runs_to_earlier_ones(bench_check, tmp_path, monkeypatch, capsys):
+    write_run(tmp_path, 0, 100.0)
+    write_run(tmp_path, 1, 102.0)
+    calls = []
+
+    def fake_run(cmd, env=None):  # stands in for the fresh `python -m qbench.cli` process of one run
+        calls.append(cmd)
+        sweep = next(a for a in cmd if a.startswith("run.sweep=")).split("=", 1)[1]
+        write_run(tmp_path, int(sweep.rsplit("-", 1)[1]), 110.0)
+
+        class Done:
+            returncode = 0
+        return Done()
+
+    monkeypatch.setattr(bench_check.subprocess, "run", fake_run)
+    # one new run is allowed when adding to earlier ones; the spread is over all three
+    assert bench_check.main(["--repeats", "1", "--first-index", "2", "--runs-dir", str(tmp_path),
+                             "model=tiny", "method=bf16"]) == 0
+    assert len(calls) == 1 and "run.sweep=bench_check-2" in calls[0] and "run.force=true" in calls[0]
+    assert f"run.runs_dir={tmp_path.resolve()}" in calls[0] and "model=tiny" in calls[0]
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("decode static bs=1 tokens/s"))
+    assert row.split()[-3:] == ["100", "102", "110"] and "3 of 3 runs succeeded" in out
