@@ -6,6 +6,7 @@
 #   bash scripts/gpu_session.sh eval1b           issue 4: bf16 and bnb_nf4 on MMLU + GSM8K (stated limits)
 #   bash scripts/gpu_session.sh gptq_awq         issue 5: GPTQ + AWQ on an 8-layer 1B shape, then the cache hit
 #   bash scripts/gpu_session.sh repeat           issue 3: batch-1 decode, both paths, 5 fresh runs per method
+#   bash scripts/gpu_session.sh report1b         issue 6: latency and accuracy in the same cells, for the example
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -48,12 +49,21 @@ case "${1:-}" in
     done
     ;;
   repeat)
+    # MODEL (default the 1B shape; llama3_1_8b_instruct for the issue's shape), NEW_TOKENS, BUDGET per method
+    model=${MODEL:-llama3_2_1b_instruct}
     for m in ${METHODS:-bf16 fp16 bnb_nf4 bnb_int8}; do
-      step "${BUDGET:-120}" python3 scripts/bench_check.py --repeats "${N:-5}" --runs-dir $RUNS/repeat_$m \
-        model=llama3_2_1b_instruct model.random_init=true method=$m bench.batch_sizes=[1] bench.prompt_tokens=[512] \
-        bench.new_tokens=128 bench.decode_paths=[eager,static] bench.min_repeats=10
+      step "${BUDGET:-120}" python3 scripts/bench_check.py --repeats "${N:-5}" --runs-dir $RUNS/repeat_${model}_$m \
+        model=$model model.random_init=true method=$m bench.batch_sizes=[1] bench.prompt_tokens=[512] \
+        bench.new_tokens=${NEW_TOKENS:-128} bench.decode_paths=[eager,static] bench.min_repeats=10 ${EXTRA:-}
     done
     tar czf "$OUT/repeat.tgz" -C $RUNS $(cd $RUNS && ls -d repeat_* 2>/dev/null) 2>/dev/null
     ;;
-  *) sed -n 2,9p "$0"; exit 2 ;;
+  report1b)
+    # one sweep whose cells carry latency AND accuracy, so every chart of the report has real numbers
+    step "${BUDGET:-560}" $Q -m experiment=gpu_1b run.sweep=report_1b run.runs_dir=$RUNS method=${METHODS:-fp16,bf16,bnb_nf4,bnb_int8} \
+      bench.batch_sizes=[1,8,32] bench.new_tokens=64 bench.decode_paths=[eager] bench.min_repeats=5 bench.min_duration_s=0 \
+      eval=quick eval.limit=5 eval.task_limits.gsm8k=32 eval.max_gen_toks=128 eval.batch_size=8
+    pack report_1b
+    ;;
+  *) sed -n 2,10p "$0"; exit 2 ;;
 esac
