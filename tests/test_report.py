@@ -281,6 +281,13 @@ def test_summary_table_rows_marks_and_errors(mixed_page, results):
     assert page.count('<tr class="cell-row') == 6
     err = row_html(page, "llama3_8b__bnb_int8")
     assert "error: oom" in err and "CUDA out of memory. Tried to allocate 2.00 GiB" in err
+    # the error stays visible in the notes; warnings fold into a <details> so rows stay short
+    assert '<td class="notes"><p class="status-error">OutOfMemoryError' in err and "<details>" not in err
+    warned = next(r for r in results if r.get("warnings"))
+    warned_notes = row_html(page, warned["cell"]).split('<td class="notes">', 1)[1]
+    n = len(warned["warnings"])
+    assert f"<details><summary>{n} note{'s' if n > 1 else ''}</summary><ul>" in warned_notes
+    assert warned_notes.count("<li>") == n
     hostile = row_html(page, f"{HOSTILE_MODEL}__bf16")
     # every accuracy number of a random-weight cell carries the dagger
     assert hostile.count('<sup class="mark" title="random weights') == 1  # MMLU % (baseline: no delta)

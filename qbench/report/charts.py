@@ -66,7 +66,7 @@ def hover_row(r: Dict[str, Any]) -> str:
              f"weights {fmt(r['weights_gb'])} GB, {fmt(r['compression_x'])}x vs baseline",
              f"peak memory {fmt(r['peak_gb'])} GB" + (" (RSS)" if r.get("peak_source") == "rss" else ""),
              f"TTFT {fmt(r['ttft_ms'], 1)} ms, decode bs=1 {fmt(r['decode_tps'], 1)} tok/s"
-             f" ({fmt(r['bw_bound_pct'], 0)} % of bandwidth bound)"]
+             f" ({fmt(r['bw_bound_pct'], 1)} % of bandwidth bound)"]
     for task in ("mmlu", "gsm8k"):
         if T.num(r.get(f"{task}_pct")) is None:
             continue
