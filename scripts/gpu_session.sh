@@ -49,17 +49,19 @@ case "${1:-}" in
     done
     ;;
   repeat)
-    # MODEL (default the 1B shape; llama3_1_8b_instruct for the shape), NEW_TOKENS, BUDGET per method
+    # MODEL (default the 1B shape; llama3_1_8b_instruct for the shape), NEW_TOKENS, BUDGET per method;
+    # FIRST numbers the runs from there, to add runs to those of an earlier call on the same warm machine
     model=${MODEL:-llama3_2_1b_instruct}
     for m in ${METHODS:-bf16 fp16 bnb_nf4 bnb_int8}; do
-      step "${BUDGET:-120}" python3 scripts/bench_check.py --repeats "${N:-5}" --runs-dir $RUNS/repeat_${model}_$m \
+      step "${BUDGET:-120}" python3 scripts/bench_check.py --repeats "${N:-5}" --first-index "${FIRST:-0}" --runs-dir $RUNS/repeat_${model}_$m \
         model=$model model.random_init=true method=$m bench.batch_sizes=[1] bench.prompt_tokens=[512] \
         bench.new_tokens=${NEW_TOKENS:-128} bench.decode_paths=[eager,static] bench.min_repeats=10 ${EXTRA:-}
     done
     tar czf "$OUT/repeat.tgz" -C $RUNS $(cd $RUNS && ls -d repeat_* 2>/dev/null) 2>/dev/null
     ;;
   report1b)
-    # one sweep whose cells carry latency AND accuracy, so every chart of the report has real numbers
+    # one sweep whose cells carry latency AND accuracy, so every chart of the report has real numbers. On an H100
+    # fp16+bf16+bnb_nf4 take ~520 s and bnb_int8 ~250 s more: the sweep skips finished cells, so run it twice
     step "${BUDGET:-560}" $Q -m experiment=gpu_1b run.sweep=report_1b run.runs_dir=$RUNS method=${METHODS:-fp16,bf16,bnb_nf4,bnb_int8} \
       bench.batch_sizes=[1,8,32] bench.new_tokens=64 bench.decode_paths=[eager] bench.min_repeats=5 bench.min_duration_s=0 \
       eval=quick eval.limit=5 eval.task_limits.gsm8k=32 eval.max_gen_toks=128 eval.batch_size=8
