@@ -112,3 +112,23 @@ def test_first_index_adds_runs_to_earlier_ones(bench_check, tmp_path, monkeypatc
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("decode static bs=1 tokens/s"))
     assert row.split()[-3:] == ["100", "102", "110"] and "3 of 3 runs succeeded" in out
+
+
+H100_8B = ROOT / "docs" / "stability" / "h100_8b"
+
+
+@pytest.mark.parametrize("method, static_spread, eager_spread", [("bf16", "2.3%", "9.7%"), ("fp16", "8.1%", "27.6%")])
+def test_summarize_the_recorded_h100_runs(bench_check, capsys, method, static_spread, eager_spread):
+    """The committed 8B runs of docs/stability.md give the spreads that page quotes."""
+    assert bench_check.main(["--summarize", "--runs-dir", str(H100_8B / method)]) == 0
+    out = capsys.readouterr().out
+    static = next(line for line in out.splitlines() if line.startswith("decode static bs=1 tokens/s"))
+    eager = next(line for line in out.splitlines() if line.startswith("decode eager bs=1 tokens/s"))
+    assert static.split()[5] == static_spread and eager.split()[5] == eager_spread
+    assert f"| {method} | static |" in (ROOT / "docs" / "stability.md").read_text()
+
+
+def test_recorded_h100_footprints_match_analytic():
+    for result in H100_8B.glob("*/bench_check-*/*/result.json"):
+        memory = json.loads(result.read_text())["metrics"]["memory"]
+        assert memory["weight_bytes_measured"] == memory["weight_bytes_analytic"], result
