@@ -64,11 +64,15 @@ def test_footprint_measured_equals_analytic_and_shrinks(loaded, name, max_ratio_
     assert measured <= fp32 * max_ratio_to_fp32 + 1
 
 
-def test_quantized_linears_really_are_bitsandbytes(loaded):
+def test_quantized_linears_really_are_bitsandbytes(loaded, tiny_source):
     import bitsandbytes as bnb
 
     int8 = loaded["bnb_int8"][2]
-    nf4 = loaded["bnb_nf4"][2]
+    # A fresh load: on CPU, bitsandbytes 0.50 repacks a Linear4bit for its CPU kernel at the first forward pass
+    # and turns the double-quantized absmax back into one bf16 scale per block (quant_state.nested becomes
+    # False), so the shared fixture, which the forward-pass tests have run, no longer shows the stored format.
+    cfg = method_cfg("bnb_nf4")
+    nf4, _ = methods.get(cfg.method.kind).load(tiny_source, cfg.method, {"": "cpu"})
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in int8.modules())
     layers4 = [m for m in nf4.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers4
