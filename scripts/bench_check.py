@@ -109,7 +109,8 @@ def load_run(sweep_dir: Path, name: str, returncode: int = 0) -> Dict[str, Tuple
         return None
     host = ((result.get("metrics") or {}).get("latency") or {}).get("host_cpu") or {}
     if host:  # a launch-bound decode slows down when the host's CPUs are busy: show it next to the spread
-        print(f"  {name}: host CPUs {host['busy_pct']:.0f}% busy, {host['steal_pct']:.1f}% stolen "
+        stolen = "steal not reported" if host["steal_pct"] is None else f"{host['steal_pct']:.1f}% stolen"
+        print(f"  {name}: host CPUs {host['busy_pct']:.0f}% busy, {stolen} "
               f"({host['cpu_count']} CPUs, load {host['loadavg_1m']})", flush=True)
     return figures(result)
 

@@ -76,20 +76,36 @@ def test_cpu_has_no_spec_and_no_state():
     assert gpu_state.nvml_used_bytes("cpu") is None
 
 
-def test_host_cpu_load_from_proc_stat(tmp_path):
-    stat = tmp_path / "stat"
-    # user nice system idle iowait irq softirq steal guest guest_nice; then a per-CPU line that must be ignored
-    stat.write_text("cpu  100 0 50 800 40 0 10 0 7 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
-    before = gpu_state.cpu_times(str(stat))
+def test_host_cpu_load_from_cpu_times(monkeypatch):
+    import collections
+
+    import psutil
+
+    # psutil.cpu_times() on Linux: user nice system idle iowait irq softirq steal guest guest_nice (seconds)
+    fields = "user nice system idle iowait irq softirq steal guest guest_nice".split()
+    Times = collections.namedtuple("scputimes", fields)
+    monkeypatch.setattr(psutil, "cpu_times", lambda: Times(100, 0, 50, 800, 40, 0, 10, 0, 7, 0))
+    before = gpu_state.cpu_times()
     assert before == {"user": 100, "nice": 0, "system": 50, "idle": 800, "iowait": 40, "irq": 0, "softirq": 10,
                       "steal": 0}
-    stat.write_text("cpu  400 0 150 1200 40 0 10 200 99 0\n")
-    load = gpu_state.host_cpu_load(before, gpu_state.cpu_times(str(stat)))
-    # 1000 ticks went by: 300 user + 100 system + 200 steal busy, 400 idle; guest (already in user) not counted
+    monkeypatch.setattr(psutil, "cpu_times", lambda: Times(400, 0, 150, 1200, 40, 0, 10, 200, 99, 0))
+    load = gpu_state.host_cpu_load(before, gpu_state.cpu_times())
+    # 1000 s went by: 300 user + 100 system + 200 steal busy, 400 idle; guest (already in user) not counted
     assert load["busy_pct"] == pytest.approx(60.0) and load["steal_pct"] == pytest.approx(20.0)
     assert load["cpu_count"] >= 1
-    assert gpu_state.cpu_times(str(tmp_path / "missing")) is None
     assert gpu_state.host_cpu_load(None, before) == {} and gpu_state.host_cpu_load(before, before) == {}
+    # macOS reports no steal: null, not a guessed 0
+    Mac = collections.namedtuple("scputimes", "user nice system idle")
+    monkeypatch.setattr(psutil, "cpu_times", lambda: Mac(10, 0, 10, 80))
+    mac_before = gpu_state.cpu_times()
+    monkeypatch.setattr(psutil, "cpu_times", lambda: Mac(40, 0, 20, 140))
+    mac = gpu_state.host_cpu_load(mac_before, gpu_state.cpu_times())
+    assert mac["busy_pct"] == pytest.approx(40.0) and mac["steal_pct"] is None
+
+    def unreadable():
+        raise OSError("no /proc")
+    monkeypatch.setattr(psutil, "cpu_times", unreadable)
+    assert gpu_state.cpu_times() is None
 
 
 @pytest.mark.gpu

@@ -191,38 +191,38 @@ def nvml_used_bytes(device: Any, indices: Optional[List[int]] = None) -> Optiona
     return None if total is None else int(total)
 
 
-# /proc/stat's aggregate "cpu" line: user nice system idle iowait irq softirq steal guest guest_nice (ticks).
-# guest and guest_nice are already counted in user and nice, so they are left out of the total.
-_PROC_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+# Linux counts guest time inside user and nice as well, so it is left out of the total.
+_COUNTED_TWICE = ("guest", "guest_nice")
 
 
-def cpu_times(proc_stat: str = "/proc/stat") -> Optional[Dict[str, int]]:
-    """The host's cumulative CPU time by kind (clock ticks, all CPUs) from /proc/stat; None off Linux."""
+def cpu_times() -> Optional[Dict[str, float]]:
+    """The host's cumulative CPU time by kind (seconds, all CPUs) from psutil; None where it cannot be read.
+    The kinds are the OS's: Linux has iowait and steal, macOS only user, nice, system and idle."""
     try:
-        with open(proc_stat) as fh:
-            first = fh.readline().split()
-    except OSError:
+        import psutil
+
+        times = psutil.cpu_times()._asdict()
+    except Exception:  # no psutil, or an OS it cannot read: provenance is optional
         return None
-    if not first or first[0] != "cpu":
-        return None
-    ticks = [int(x) for x in first[1:1 + len(_PROC_STAT_FIELDS)]]
-    return dict(zip(_PROC_STAT_FIELDS, ticks + [0] * (len(_PROC_STAT_FIELDS) - len(ticks))))
+    return {k: v for k, v in times.items() if k not in _COUNTED_TWICE}
 
 
-def host_cpu_load(before: Optional[Dict[str, int]], after: Optional[Dict[str, int]]) -> Dict[str, Any]:
+def host_cpu_load(before: Optional[Dict[str, float]], after: Optional[Dict[str, float]]) -> Dict[str, Any]:
     """Share of the host's CPU time that was busy and stolen (by the hypervisor) between two ``cpu_times``
-    reads, in percent of all CPUs, with the 1-minute load average; {} where /proc/stat is missing.
-    The measuring process itself keeps about one CPU busy, i.e. 100 / cpu_count percent."""
+    reads, in percent of all CPUs, with the 1-minute load average; {} where the times are missing, and
+    steal_pct null where the OS does not report steal. The measuring process itself keeps about one CPU busy,
+    i.e. 100 / cpu_count percent."""
     if not before or not after:
         return {}
-    delta = {k: after[k] - before[k] for k in _PROC_STAT_FIELDS}
+    delta = {k: after[k] - before[k] for k in before if k in after}
     total = sum(delta.values())
     if total <= 0:
         return {}
-    idle = delta["idle"] + delta["iowait"]
+    idle = delta.get("idle", 0.0) + delta.get("iowait", 0.0)
     try:
         load_1m = round(os.getloadavg()[0], 2)
     except OSError:
         load_1m = None
-    return {"busy_pct": 100.0 * (total - idle) / total, "steal_pct": 100.0 * delta["steal"] / total,
+    return {"busy_pct": 100.0 * (total - idle) / total,
+            "steal_pct": 100.0 * delta["steal"] / total if "steal" in delta else None,
             "cpu_count": os.cpu_count(), "loadavg_1m": load_1m}
