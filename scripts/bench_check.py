@@ -77,8 +77,9 @@ def main(argv: List[str] | None = None) -> int:
 
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="qbench-bench-check-")).resolve()
     print(f"bench-check: {args.repeats} runs of [{' '.join(args.overrides)}] under {runs_dir}", flush=True)
-    per_run: List[Dict[str, Tuple[float, str]]] = []
-    failed = False
+    # added to earlier runs: the spread is over those numbered below --first-index and the new ones
+    earlier = [p for p in run_dirs(runs_dir) if 0 <= run_index(p) < args.first_index]
+    per_run, failed = load_runs(earlier)
     for i in range(args.first_index, args.first_index + args.repeats):
         sweep = f"bench_check-{i}"
         cmd = [sys.executable, "-m", "qbench.cli", *args.overrides, f"run.sweep={sweep}",
@@ -90,9 +91,7 @@ def main(argv: List[str] | None = None) -> int:
             failed = True
         else:
             per_run.append(run_figures)
-    if args.first_index > 0:  # added to earlier runs: the spread is over all of them
-        return summarize(runs_dir, args.max_spread) or (1 if failed else 0)
-    return print_spread(per_run, args.repeats, runs_dir, args.max_spread, failed)
+    return print_spread(per_run, len(earlier) + args.repeats, runs_dir, args.max_spread, failed)
 
 
 def load_run(sweep_dir: Path, name: str, returncode: int = 0) -> Dict[str, Tuple[float, str]] | None:
@@ -115,17 +114,29 @@ def load_run(sweep_dir: Path, name: str, returncode: int = 0) -> Dict[str, Tuple
     return figures(result)
 
 
+def run_index(sweep_dir: Path) -> int:
+    """i of a bench_check-<i> directory (-1 for a name without a number)."""
+    suffix = sweep_dir.name.rsplit("-", 1)[1]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def run_dirs(runs_dir: Path) -> List[Path]:
+    """The bench_check-<i> runs under runs_dir, in numeric order (bench_check-10 after bench_check-2)."""
+    return sorted(runs_dir.glob("bench_check-*"), key=run_index)
+
+
+def load_runs(sweeps: List[Path]) -> Tuple[List[Dict[str, Tuple[float, str]]], bool]:
+    """The figures of each run that succeeded, and whether any failed."""
+    loaded = [load_run(sweep, sweep.name) for sweep in sweeps]
+    return [f for f in loaded if f is not None], any(f is None for f in loaded)
+
+
 def summarize(runs_dir: Path, max_spread: float | None) -> int:
     """The spread over every bench_check-<i> run already under runs_dir (runs from several sessions)."""
-    sweeps = sorted(runs_dir.glob("bench_check-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])
-                    if p.name.rsplit("-", 1)[1].isdigit() else -1)
+    sweeps = run_dirs(runs_dir)
     print(f"bench-check: summarizing {len(sweeps)} runs under {runs_dir}", flush=True)
-    per_run = []
-    for sweep in sweeps:
-        run_figures = load_run(sweep, sweep.name)
-        if run_figures is not None:
-            per_run.append(run_figures)
-    return print_spread(per_run, len(sweeps), runs_dir, max_spread, failed=len(per_run) < len(sweeps))
+    per_run, failed = load_runs(sweeps)
+    return print_spread(per_run, len(sweeps), runs_dir, max_spread, failed)
 
 
 def print_spread(per_run: List[Dict[str, Tuple[float, str]]], attempted: int, runs_dir: Path,

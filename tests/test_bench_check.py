@@ -92,6 +92,7 @@ def test_bad_arguments_exit_2(bench_check, argv, tmp_path):
 def test_first_index_adds_runs_to_earlier_ones(bench_check, tmp_path, monkeypatch, capsys):
     write_run(tmp_path, 0, 100.0)
     write_run(tmp_path, 1, 102.0)
+    write_run(tmp_path, 5, 500.0)  # numbered above the new runs: not one of "the earlier runs"
     calls = []
 
     def fake_run(cmd, env=None):  # stands in for the fresh `python -m qbench.cli` process of one run
