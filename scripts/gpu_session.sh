@@ -7,6 +7,7 @@
 #   bash scripts/gpu_session.sh gptq_awq         issue 5: GPTQ + AWQ on an 8-layer 1B shape, then the cache hit
 #   bash scripts/gpu_session.sh repeat           issue 3: batch-1 decode, both paths, 5 fresh runs per method
 #   bash scripts/gpu_session.sh report1b         issue 6: latency and accuracy in the same cells, for the example
+#   bash scripts/gpu_session.sh topup            issue 3: add runs to the committed 8B bench-check until each method has 5
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -58,6 +59,25 @@ case "${1:-}" in
         bench.new_tokens=${NEW_TOKENS:-128} bench.decode_paths=[eager,static] bench.min_repeats=10 ${EXTRA:-}
     done
     tar czf "$OUT/repeat.tgz" -C $RUNS $(cd $RUNS && ls -d repeat_* 2>/dev/null) 2>/dev/null
+    ;;
+  topup)
+    # The committed runs of STAB (docs/stability/h100_8b) are copied to $RUNS/topup/<method>, then one fresh-process
+    # run at a time is added until a method has TARGET ok runs, so the step can stop between runs when BUDGET (s) is
+    # spent and a later call on the warm machine goes on from there. Same shape as the committed runs (bnb_int8
+    # decodes 32 tokens, at 6 tokens/s). Only this call's new result.json files come back, in $OUT/topup.tgz.
+    src=${STAB:-docs/stability/h100_8b}; deadline=$((SECONDS + ${BUDGET:-540})); mark=$(mktemp)
+    for m in ${METHODS:-bf16 fp16 bnb_nf4 bnb_int8}; do
+      dir=$RUNS/topup/$m; mkdir -p "$dir"; [ -d "$src/$m" ] && cp -an "$src/$m/." "$dir/"
+      tokens=64; [ "$m" = bnb_int8 ] && tokens=32; tries=0
+      while n=$(grep -l '"status": "ok"' "$dir"/bench_check-*/*/result.json 2>/dev/null | wc -l); [ "$n" -lt "${TARGET:-5}" ]; do
+        [ $((deadline - SECONDS)) -lt "${RUN_S:-150}" ] && { echo "=== $m: $n runs, no time for another"; break 2; }
+        tries=$((tries + 1)); [ "$tries" -gt 5 ] && { echo "=== $m: $n ok runs after 5 tries, next method"; break; }
+        step $((deadline - SECONDS)) python3 scripts/bench_check.py --repeats 1 --first-index "$n" --runs-dir "$dir" \
+          model=llama3_1_8b_instruct model.random_init=true method=$m bench.batch_sizes=[1] bench.prompt_tokens=[512] \
+          bench.new_tokens=$tokens bench.decode_paths=[eager,static] bench.min_repeats=10 ${EXTRA:-}
+      done
+    done
+    (cd $RUNS && find topup -name result.json -newer "$mark" | tar czf "$OUT/topup.tgz" -T -) && tar tzf "$OUT/topup.tgz"
     ;;
   report1b)
     # one sweep whose cells carry latency AND accuracy, so every chart of the report has real numbers. On an H100
