@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from qbench.measure.cpu_affinity import GPU_LOCAL, parse_cpulist
+
 
 class ConfigError(ValueError):
     """Bad input: reported to the user as one line naming the culprit, before any work starts."""
@@ -108,6 +110,9 @@ class BenchConfig:
     min_duration_s: float = 1.0  # keep repeating until this much time is timed
     cv_warn_threshold: float = 0.05  # coefficient of variation above which the cell records a warning
     seed: int = 0  # seed of the random prompt token ids (same prompts for every method of a sweep)
+    # CPUs the cell's process is pinned to: null (the OS's choice) | gpu_local (NVML's CPUs near the cell's GPUs)
+    # | a Linux cpulist such as "0-3,8" (an int 2 reads as "2"); see qbench/measure/cpu_affinity.py
+    cpu_affinity: Optional[str] = None
     # GPU spec overrides (name -> {mem_bandwidth_gb_s, ...}); see qbench/measure/gpu_specs.py
     gpu_spec_overrides: Dict[str, Any] = field(default_factory=dict)
 
@@ -238,6 +243,13 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"bench.max_repeats: {b.max_repeats} is below bench.min_repeats ({b.min_repeats})")
     if b.min_duration_s < 0:
         raise ConfigError(f"bench.min_duration_s: {b.min_duration_s} is negative")
+    if b.cpu_affinity is not None and b.cpu_affinity != GPU_LOCAL:
+        try:
+            parse_cpulist(b.cpu_affinity)
+        except ValueError as exc:
+            raise ConfigError(
+                f"bench.cpu_affinity: '{b.cpu_affinity}' is neither null, {GPU_LOCAL} nor a CPU list like 0-3,8 ({exc})"
+            ) from None
 
     validate_eval(cfg.eval)
 

@@ -111,6 +111,8 @@ BAD_INPUTS = [
     (["bench.decode_paths=[warp]"], "bench.decode_paths"),
     (["model.name=../../etc"], "model.name"),
     (["run.sweep=a/b"], "run.sweep"),
+    (["bench.cpu_affinity=0-3x"], "bench.cpu_affinity: '0-3x'"),  # malformed cpulist
+    (["bench.cpu_affinity=gpu_near"], "bench.cpu_affinity: 'gpu_near'"),  # neither null, gpu_local nor a cpulist
 ]
 
 
