@@ -57,9 +57,12 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
     from qbench import methods, models
+    from qbench.measure.cpu_affinity import apply_cpu_affinity
     from qbench.store import SCHEMA_VERSION, environment, now_iso
 
     cfg = OmegaConf.create(spec["config"])
+    # First, before torch is imported (environment() imports it): threads inherit the affinity of their parent
+    affinity, affinity_warning = apply_cpu_affinity(cfg.bench.get("cpu_affinity"), int(cfg.model.num_gpus))
     t_start = time.perf_counter()
     result: Dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -76,12 +79,14 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         "config": spec["config"],
         "overrides": spec.get("overrides", []),
         "command": spec.get("command", ""),
-        "environment": environment(),
+        "environment": {**environment(), "cpu_affinity": affinity},
         "timings": {},
         "metrics": {},
-        "warnings": [],
+        "warnings": [affinity_warning] if affinity_warning else [],
         "error": None,
     }
+    if affinity_warning:
+        log.warning(affinity_warning)
     timings = result["timings"]
     metrics = result["metrics"]
     phase = "setup"

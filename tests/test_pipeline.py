@@ -62,6 +62,10 @@ def test_sweep_with_a_failing_cell_goes_on(tmp_path, cache):
     assert ok["environment"]["versions"]["torch"]
     assert ok["metrics"]["memory"]["weight_bytes_measured"] > 0
     assert ok["metrics"]["latency"]["decode"], "decode measured"
+    affinity = ok["environment"]["cpu_affinity"]  # recorded unpinned too: which cores the cell could use
+    assert affinity["requested"] is None and affinity["applied"] is False
+    if hasattr(os, "sched_getaffinity"):
+        assert affinity["cpus"] == sorted(os.sched_getaffinity(0))
 
     # resume: nothing reruns; rerun_failed reruns only the failed cell; force reruns everything
     proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=s"], runs, cache)
@@ -168,3 +172,14 @@ def test_trust_remote_code_stays_off_and_is_recorded(tmp_path, cache):
     row = results(runs / "trc")["tiny__fp32"]
     assert row["source"]["trust_remote_code"] is False
     assert row["config"]["model"]["trust_remote_code"] is False
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or 0 not in os.sched_getaffinity(0),
+                    reason="needs Linux and CPU 0 among the CPUs this process may use")
+def test_cpu_affinity_pins_the_cell_process(tmp_path, cache):
+    runs = tmp_path / "runs"
+    qbench([*FAST, "method=fp32", "run.sweep=aff", "bench.cpu_affinity=0"], runs, cache)
+    row = results(runs / "aff")["tiny__fp32"]
+    assert row["status"] == "ok", row.get("error")
+    assert row["environment"]["cpu_affinity"] == {"requested": "0", "cpus": [0], "applied": True}
+    assert not any("cpu_affinity" in w for w in row["warnings"])
