@@ -105,6 +105,7 @@ class BenchConfig:
     new_tokens: int = 128  # decode length, forced (min_new_tokens == max_new_tokens, EOS disabled)
     decode_paths: List[str] = field(default_factory=lambda: ["eager"])  # eager | static
     warmup_runs: int = 2  # runs discarded before timing (compile, first-call effects)
+    static_warmup_runs: int = 6  # the same for the compiled static decode path, which takes longer to reach speed
     min_repeats: int = 10  # timed runs at least
     max_repeats: int = 100  # timed runs at most
     min_duration_s: float = 1.0  # keep repeating until this much time is timed
@@ -238,6 +239,8 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"bench.decode_paths: '{p}' is not one of eager, static")
     if b.warmup_runs < 0:
         raise ConfigError(f"bench.warmup_runs: {b.warmup_runs} is negative")
+    if b.static_warmup_runs < 0:
+        raise ConfigError(f"bench.static_warmup_runs: {b.static_warmup_runs} is negative")
     _positive_ints([b.min_repeats], "bench.min_repeats")
     if b.max_repeats < b.min_repeats:
         raise ConfigError(f"bench.max_repeats: {b.max_repeats} is below bench.min_repeats ({b.min_repeats})")

@@ -212,3 +212,29 @@ def test_measure_on_gpu(tmp_path):
             assert 0 < d["bandwidth_bound_fraction"]
     assert out["gpu_state"]["start"]["gpus"][0]["index"] == 0
     assert pm.summary()["peak_allocated_bytes"]["decode"] > 0
+
+
+def test_static_path_warms_up_longer(tiny_model, monkeypatch):
+    """The compiled static path reaches speed only after several generate calls (H100: calls 3-5 ran ~7 % slow),
+    so its loop discards bench.static_warmup_runs calls, the others bench.warmup_runs; both are recorded."""
+    model, tok = tiny_model
+    monkeypatch.setattr(latency, "static_unsupported_reason", lambda *a, **k: None)  # run it uncompiled on CPU
+    seen = []
+    real_repeat = latency.timing.repeat
+
+    def spy(run_once, **loop):
+        seen.append(loop["warmup_runs"])
+        return real_repeat(run_once, **loop)
+
+    monkeypatch.setattr(latency.timing, "repeat", spy)
+    cfg = _quick(batch_sizes=[1], prompt_tokens=[8], warmup_runs=1, static_warmup_runs=3)
+    out = latency.measure(model, tok, cfg, "cpu", None, 1, model.config)
+    # one prefill loop, then eager and static decode at batch 1
+    assert seen == [1, 1, 3]
+    assert [d["decode_path"] for d in out["decode"]] == ["eager", "static"]
+    assert out["settings"]["warmup_runs"] == 1 and out["settings"]["static_warmup_runs"] == 3
+    # never fewer than warmup_runs
+    seen.clear()
+    out = latency.measure(model, tok, _quick(batch_sizes=[1], prompt_tokens=[8], warmup_runs=2, static_warmup_runs=0),
+                          "cpu", None, 1, model.config)
+    assert seen == [2, 2, 2] and out["settings"]["static_warmup_runs"] == 2
