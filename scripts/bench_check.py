@@ -7,7 +7,12 @@
 Each run is ``python -m qbench.cli <overrides> run.sweep=bench_check-<i> run.runs_dir=<dir> run.force=true``
 (a fresh process: no warm caches, allocator state or compiled graphs carried over). For every median figure of
 the cell (prefill TTFT p50 per batch size and prompt length, decode tokens/s and per-token p50 per path and
-batch size) it prints the N medians, their spread ((max - min) / median) and their CV across runs.
+batch size) it prints the N medians, their spread ((max - min) / median) and their CV across runs, and the
+spread that sampling alone would give: each run's median comes from a few repeats, so even a perfectly steady
+node spreads by about d2(N) x the median's standard error (d2: the expected range of N standard normals, 2.33
+for 5 runs). A spread well above that column is the node (host scheduling, clocks, another lease), not the count
+of repeats; a spread near it shrinks with more repeats (bench.min_repeats). Per-token figures get no such column
+(their values are the steps of each repeat, correlated within it).
 Exit status: 0, or 1 when a run failed or (with --max-spread) a figure spreads more than allowed.
 
 Runs can be split over several sessions (a GPU lease that ends, a job time limit): ``--first-index 3`` numbers
@@ -24,34 +29,80 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
-def figures(result: dict) -> Dict[str, Tuple[float, str]]:
-    """(label -> (median, unit)) of the cell's latency section."""
+Figure = Tuple[float, str, Optional[float]]  # (median, unit, standard error of that median or None)
+
+
+def figures(result: dict) -> Dict[str, Figure]:
+    """(label -> (median, unit, its standard error)) of the cell's latency section."""
     lat = (result.get("metrics") or {}).get("latency") or {}
-    out: Dict[str, Tuple[float, str]] = {}
+    out: Dict[str, Figure] = {}
+
+    def add(label: str, dist: dict, independent: bool = True) -> None:
+        # per-token values are the steps of each repeat, correlated within it: an i.i.d. standard error would
+        # understate their median's, so that figure gets none
+        error = median_standard_error(dist.get("values") or []) if independent else None
+        out[label] = (dist["p50"], dist["unit"], error)
+
     for p in lat.get("prefill") or []:
-        d = p.get("ttft_ms")
-        if d:
-            out[f"prefill ttft bs={p['batch_size']} prompt={p['prompt_tokens']}"] = (d["p50"], d["unit"])
+        if p.get("ttft_ms"):
+            add(f"prefill ttft bs={p['batch_size']} prompt={p['prompt_tokens']}", p["ttft_ms"])
     for d in lat.get("decode") or []:
         key = f"decode {d['decode_path']} bs={d['batch_size']}"
         if d.get("tokens_per_s"):
-            out[f"{key} tokens/s"] = (d["tokens_per_s"]["p50"], d["tokens_per_s"]["unit"])
+            add(f"{key} tokens/s", d["tokens_per_s"])
         if d.get("per_token_ms"):
-            out[f"{key} per-token"] = (d["per_token_ms"]["p50"], d["per_token_ms"]["unit"])
+            add(f"{key} per-token", d["per_token_ms"], independent=False)
     return out
+
+
+def median_standard_error(values: List[float]) -> Optional[float]:
+    """Standard error of the median of these repeats: 1.2533 sigma / sqrt(n), sigma estimated robustly as
+    1.4826 x the median absolute deviation, so one slow repeat (kept in the raw values) does not inflate it
+    the way it inflates the stdev, just as it barely moves the median. None for fewer than 3 values."""
+    if len(values) < 3:
+        return None
+    mid = _median(values)
+    mad = _median([abs(v - mid) for v in values])
+    return 1.2533 * 1.4826 * mad / math.sqrt(len(values))
+
+
+def expected_range(n: int) -> float:
+    """d2(n): the expected range (max - min) of n independent standard normal draws, by numerical integration of
+    E[range] = integral of 1 - Phi(x)^n - (1 - Phi(x))^n dx (d2(2) = 1.128, d2(5) = 2.326, d2(10) = 3.078)."""
+    if n < 2:
+        return 0.0
+    step, total = 0.001, 0.0
+    for i in range(-8000, 8000):
+        phi = 0.5 * (1.0 + math.erf((i + 0.5) * step / math.sqrt(2.0)))
+        total += 1.0 - phi ** n - (1.0 - phi) ** n
+    return total * step
+
+
+def _median(values: List[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
 def spread(values: List[float]) -> Tuple[float, float]:
     """((max - min) / median, stdev / mean) of the runs' medians."""
-    ordered = sorted(values)
-    n = len(ordered)
-    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    n = len(values)
+    median = _median(values)
     mean = sum(values) / n
     stdev = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return ((ordered[-1] - ordered[0]) / median if median else float("nan"), stdev / mean if mean else float("nan"))
+    return ((max(values) - min(values)) / median if median else float("nan"), stdev / mean if mean else float("nan"))
+
+
+def sampling_spread(medians: List[float], errors: List[Optional[float]]) -> Optional[float]:
+    """The (max - min) / median that N runs would show from their repeats' sampling alone: d2(N) x the runs'
+    root-mean-square standard error of the median, over the median of the medians. None if a run lacks it."""
+    if len(medians) < 2 or any(e is None for e in errors) or not _median(medians):
+        return None
+    rms = math.sqrt(sum(e * e for e in errors) / len(errors))
+    return expected_range(len(medians)) * rms / _median(medians)
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -94,7 +145,7 @@ def main(argv: List[str] | None = None) -> int:
     return print_spread(per_run, len(earlier) + args.repeats, runs_dir, args.max_spread, failed)
 
 
-def load_run(sweep_dir: Path, name: str, returncode: int = 0) -> Dict[str, Tuple[float, str]] | None:
+def load_run(sweep_dir: Path, name: str, returncode: int = 0) -> Dict[str, Figure] | None:
     """The figures of one run's single cell, or None (with the reason on stderr) when it failed."""
     results = sorted(sweep_dir.glob("*/result.json"))
     if returncode != 0 or len(results) != 1:
@@ -106,12 +157,27 @@ def load_run(sweep_dir: Path, name: str, returncode: int = 0) -> Dict[str, Tuple
         err = result.get("error") or {}
         print(f"  {name}: status {result.get('status')}: {err.get('type')}: {err.get('message')}", file=sys.stderr)
         return None
-    host = ((result.get("metrics") or {}).get("latency") or {}).get("host_cpu") or {}
-    if host:  # a launch-bound decode slows down when the host's CPUs are busy: show it next to the spread
-        stolen = "steal not reported" if host["steal_pct"] is None else f"{host['steal_pct']:.1f}% stolen"
-        print(f"  {name}: host CPUs {host['busy_pct']:.0f}% busy, {stolen} "
-              f"({host['cpu_count']} CPUs, load {host['loadavg_1m']})", flush=True)
+    print(f"  {name}: {run_conditions(result)}", flush=True)
     return figures(result)
+
+
+def run_conditions(result: dict) -> str:
+    """What may differ between runs besides the code: which GPU (runs can span leases or nodes), whether the
+    process was pinned to CPUs, and how busy the host was (a launch-bound decode slows down when it is)."""
+    latency = (result.get("metrics") or {}).get("latency") or {}
+    parts = []
+    gpus = (((latency.get("gpu_state") or {}).get("start") or {}).get("gpus")) or []
+    if gpus:
+        parts.append(",".join(str(g.get("uuid"))[:12] for g in gpus))  # GPU-<first 8 hex>: enough to tell apart
+    affinity = (result.get("environment") or {}).get("cpu_affinity") or {}
+    if affinity.get("applied"):
+        parts.append(f"pinned to CPUs {affinity.get('requested')}")
+    host = latency.get("host_cpu") or {}
+    if host:
+        stolen = "steal not reported" if host["steal_pct"] is None else f"{host['steal_pct']:.1f}% stolen"
+        parts.append(f"host CPUs {host['busy_pct']:.0f}% busy, {stolen} "
+                     f"({host['cpu_count']} CPUs, load {host['loadavg_1m']})")
+    return "; ".join(parts) or "no GPU or host record"
 
 
 def run_index(sweep_dir: Path) -> int:
@@ -125,7 +191,7 @@ def run_dirs(runs_dir: Path) -> List[Path]:
     return sorted(runs_dir.glob("bench_check-*"), key=run_index)
 
 
-def load_runs(sweeps: List[Path]) -> Tuple[List[Dict[str, Tuple[float, str]]], bool]:
+def load_runs(sweeps: List[Path]) -> Tuple[List[Dict[str, Figure]], bool]:
     """The figures of each run that succeeded, and whether any failed."""
     loaded = [load_run(sweep, sweep.name) for sweep in sweeps]
     return [f for f in loaded if f is not None], any(f is None for f in loaded)
@@ -139,7 +205,7 @@ def summarize(runs_dir: Path, max_spread: float | None) -> int:
     return print_spread(per_run, len(sweeps), runs_dir, max_spread, failed)
 
 
-def print_spread(per_run: List[Dict[str, Tuple[float, str]]], attempted: int, runs_dir: Path,
+def print_spread(per_run: List[Dict[str, Figure]], attempted: int, runs_dir: Path,
                  max_spread: float | None, failed: bool) -> int:
     if not per_run:
         print("bench-check: no run succeeded", file=sys.stderr)
@@ -150,17 +216,19 @@ def print_spread(per_run: List[Dict[str, Tuple[float, str]]], attempted: int, ru
         return 1
     too_wide = []
     width = max(len(k) for k in labels)
-    print(f"\n{'figure (median of each run)':<{width}}  {'unit':<9} {'spread':>7} {'cv':>7}  values")
+    print(f"\n{'figure (median of each run)':<{width}}  {'unit':<9} {'spread':>7} {'cv':>7} {'sampling':>8}  values")
     for label in labels:
         values = [r[label][0] for r in per_run]
         unit = per_run[0][label][1]
         rng, cv = spread(values)
+        from_sampling = sampling_spread(values, [r[label][2] for r in per_run])
+        sampled = "-" if from_sampling is None else f"{from_sampling * 100:.1f}%"
         flag = ""
         if max_spread is not None and rng > max_spread:
             too_wide.append(label)
             flag = "  <-- above --max-spread"
         shown = " ".join(f"{v:.4g}" for v in values)
-        print(f"{label:<{width}}  {unit:<9} {rng * 100:6.1f}% {cv * 100:6.1f}%  {shown}{flag}")
+        print(f"{label:<{width}}  {unit:<9} {rng * 100:6.1f}% {cv * 100:6.1f}% {sampled:>8}  {shown}{flag}")
     print(f"\n{len(per_run)} of {attempted} runs succeeded; results under {runs_dir}")
     if too_wide:
         print(f"bench-check: {len(too_wide)} figure(s) spread more than {max_spread * 100:.1f}%", file=sys.stderr)

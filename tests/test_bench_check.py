@@ -21,7 +21,8 @@ def bench_check():
     return mod
 
 
-def write_run(runs_dir: Path, index: int, static_tps: float, eager_tps: float = 25.0, status: str = "ok") -> None:
+def write_run(runs_dir: Path, index: int, static_tps: float, eager_tps: float = 25.0, status: str = "ok",
+              static_values: list | None = None, gpu_uuid: str | None = None, pinned: str | None = None) -> None:
     cell = runs_dir / f"bench_check-{index}" / "tiny__bf16"
     cell.mkdir(parents=True)
     result = {
@@ -30,13 +31,16 @@ def write_run(runs_dir: Path, index: int, static_tps: float, eager_tps: float = 
         "metrics": {"latency": {
             "prefill": [{"batch_size": 1, "prompt_tokens": 512, "ttft_ms": {"p50": 30.0, "unit": "ms"}}],
             "decode": [
-                {"decode_path": "static", "batch_size": 1, "tokens_per_s": {"p50": static_tps, "unit": "tokens/s"},
+                {"decode_path": "static", "batch_size": 1,
+                 "tokens_per_s": {"p50": static_tps, "unit": "tokens/s", "values": static_values or []},
                  "per_token_ms": {"p50": 1000.0 / static_tps, "unit": "ms"}},
                 {"decode_path": "eager", "batch_size": 1, "tokens_per_s": {"p50": eager_tps, "unit": "tokens/s"},
                  "per_token_ms": None},
             ],
             "host_cpu": {"busy_pct": 8.0, "steal_pct": 0.1, "cpu_count": 16, "loadavg_1m": 1.5},
+            "gpu_state": {"start": {"gpus": [{"uuid": gpu_uuid}]}} if gpu_uuid else {},
         }} if status == "ok" else {},
+        "environment": {"cpu_affinity": {"requested": pinned, "cpus": [2, 3], "applied": pinned is not None}},
     }
     (cell / "result.json").write_text(json.dumps(result))
 
@@ -115,21 +119,70 @@ def test_first_index_adds_runs_to_earlier_ones(bench_check, tmp_path, monkeypatc
     assert row.split()[-3:] == ["100", "102", "110"] and "3 of 3 runs succeeded" in out
 
 
-H100_8B = ROOT / "docs" / "stability" / "h100_8b"
+def test_median_standard_error_and_expected_range(bench_check):
+    # |v - 5| of 1..9 is 4 3 2 1 0 1 2 3 4, whose median is 2: SE = 1.2533 * 1.4826 * 2 / sqrt(9)
+    assert bench_check.median_standard_error([float(v) for v in range(1, 10)]) == pytest.approx(1.2533 * 1.4826 * 2 / 3)
+    # one slow repeat moves the stdev a lot and this estimate not at all
+    assert bench_check.median_standard_error([1, 2, 3, 4, 5, 6, 7, 8, 900.0]) == pytest.approx(1.2533 * 1.4826 * 2 / 3)
+    assert bench_check.median_standard_error([1.0, 2.0]) is None  # too few to say
+    # d2(n), the expected range of n standard normals (tables: 1.128, 1.693, 2.326, 3.078)
+    for n, d2 in [(2, 1.128), (3, 1.693), (5, 2.326), (10, 3.078)]:
+        assert bench_check.expected_range(n) == pytest.approx(d2, abs=0.001)
+    assert bench_check.expected_range(1) == 0.0
 
 
-@pytest.mark.parametrize("method, static_spread, eager_spread", [("bf16", "2.3%", "9.7%"), ("fp16", "8.1%", "27.6%")])
-def test_summarize_the_recorded_h100_runs(bench_check, capsys, method, static_spread, eager_spread):
-    """The committed 8B runs of docs/stability.md give the spreads that page quotes."""
-    assert bench_check.main(["--summarize", "--runs-dir", str(H100_8B / method)]) == 0
+def test_sampling_column_and_run_conditions(bench_check, tmp_path, capsys):
+    values = [float(v) for v in range(96, 105)]  # median 100, SE 1.2533 * 1.4826 * 2 / 3 in each run
+    write_run(tmp_path, 0, 100.0, static_values=values, gpu_uuid="GPU-cf0d8438-c595-5f52", pinned="2-5")
+    write_run(tmp_path, 1, 104.0, static_values=[v + 4 for v in values], gpu_uuid="GPU-963e4420-0f24-df29")
+    assert bench_check.main(["--summarize", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("decode static bs=1 tokens/s"))
+    expected = 1.128 * (1.2533 * 1.4826 * 2 / 3) / 102.0  # d2(2) x rms SE / median of the medians
+    assert row.split()[5:8] == [f"{4 / 102 * 100:.1f}%", row.split()[6], f"{expected * 100:.1f}%"]
+    # no raw values (or per-token, whose values are correlated steps): no sampling figure
+    assert next(line for line in out.splitlines() if line.startswith("decode eager bs=1 tokens/s")).split()[7] == "-"
+    assert "bench_check-0: GPU-cf0d8438; pinned to CPUs 2-5; host CPUs 8% busy" in out
+    assert "bench_check-1: GPU-963e4420; host CPUs 8% busy" in out
+
+
+STABILITY = ROOT / "docs" / "stability"
+STABILITY_PAGE = (ROOT / "docs" / "stability.md").read_text()
+
+
+@pytest.mark.parametrize("method, static_spread, eager_spread, sampling",
+                         [("bf16", "13.9%", "65.5%", "2.4%"), ("fp16", "10.8%", "33.3%", "5.0%")])
+def test_summarize_the_recorded_h100_runs(bench_check, capsys, method, static_spread, eager_spread, sampling):
+    """The committed 8B runs of docs/stability.md (five per method) give the spreads that page quotes."""
+    assert bench_check.main(["--summarize", "--runs-dir", str(STABILITY / "h100_8b" / method)]) == 0
+    out = capsys.readouterr().out
+    assert "5 of 5 runs succeeded" in out
     static = next(line for line in out.splitlines() if line.startswith("decode static bs=1 tokens/s"))
     eager = next(line for line in out.splitlines() if line.startswith("decode eager bs=1 tokens/s"))
-    assert static.split()[5] == static_spread and eager.split()[5] == eager_spread
-    assert f"| {method} | static |" in (ROOT / "docs" / "stability.md").read_text()
+    assert static.split()[5] == static_spread and static.split()[7] == sampling and eager.split()[5] == eager_spread
+    row = next(line for line in STABILITY_PAGE.splitlines() if line.startswith(f"| {method} | static |"))
+    assert f"| {static_spread.replace('%', ' %')} | {sampling.replace('%', ' %')} |" in row
+
+
+@pytest.mark.parametrize("runs, static_spread", [
+    ("h100_8b_affinity/bf16_pinned_gpu-cf0d8438", "1.5%"),
+    ("h100_8b_affinity/bf16_alternating_unpinned_gpu-cf0d8438", "7.2%"),
+    ("h100_8b_affinity/bf16_alternating_pinned_gpu-cf0d8438", "3.6%"),
+    ("h100_8b_affinity/fp16_pinned_gpu-963e4420", "7.6%"),
+    ("h100_8b_warmup/bf16_static_warmup6_gpu-e3cc71d9", "5.3%"),
+])
+def test_summarize_the_recorded_lever_runs(bench_check, capsys, runs, static_spread):
+    """The pinning and warm-up experiments of docs/stability.md: each folder gives the spread the page quotes."""
+    assert bench_check.main(["--summarize", "--runs-dir", str(STABILITY / runs)]) == 0
+    static = next(line for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("decode static bs=1 tokens/s"))
+    assert static.split()[5] == static_spread
+    assert f"{static_spread.replace('%', ' %')}" in STABILITY_PAGE
 
 
 def test_recorded_h100_footprints_match_analytic():
-    for result in H100_8B.glob("*/bench_check-*/*/result.json"):
+    results = list(STABILITY.rglob("result.json"))
+    assert len(results) >= 38
+    for result in results:
         memory = json.loads(result.read_text())["metrics"]["memory"]
         assert memory["weight_bytes_measured"] == memory["weight_bytes_analytic"], result
