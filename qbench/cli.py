@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from qbench.config import ConfigError, cell_id, register_configs, validate
+from qbench.measure import gpu_state
 
 log = logging.getLogger("qbench")
 
@@ -134,23 +135,6 @@ def preflight(argv: List[str]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- GPU slots
-def _visible_gpus() -> List[str]:
-    """Physical GPU ids this process may hand out: CUDA_VISIBLE_DEVICES, else every GPU NVML sees."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g for g in env.split(",") if g.strip() not in ("", "-1")]
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return []
-
-
 def _try_lock(path: Path):
     import fcntl
 
@@ -172,7 +156,7 @@ def acquire_slot(num_gpus: int, want_gpu: bool, slot_dir: Path, poll_s: float = 
     slot in turn, which keeps CPU timings undisturbed.
     """
     host = socket.gethostname()
-    gpus = _visible_gpus() if want_gpu else []
+    gpus = gpu_state.visible_gpus() if want_gpu else []
     if want_gpu and len(gpus) < num_gpus:
         raise ConfigError(f"model.num_gpus: {num_gpus} GPUs asked for, {len(gpus)} visible ({','.join(gpus) or 'none'})")
     groups = [gpus[i : i + num_gpus] for i in range(0, len(gpus) - num_gpus + 1, num_gpus)] if gpus else [[]]
@@ -237,7 +221,7 @@ def run_cell(cfg: Any) -> str:
     except ValueError:
         task_overrides = []
     device = cfg.bench.device
-    want_gpu = device == "cuda" or (device == "auto" and bool(_visible_gpus()))
+    want_gpu = device == "cuda" or (device == "auto" and bool(gpu_state.visible_gpus()))
     slot_dir = Path(cfg.run.cache_dir).expanduser() / "slots"
     locks, gpus = acquire_slot(int(cfg.model.num_gpus), want_gpu, slot_dir)
     # Again, under the slot: another sweep writing the same directory may have finished this cell meanwhile.

@@ -57,9 +57,7 @@ def gpu_local_cpus(num_gpus: int) -> Set[int]:
     pynvml = gpu_state.nvml()
     if pynvml is None:
         raise RuntimeError("NVML is not available (no NVIDIA driver)")
-    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
-    visible = len([g for g in mask.split(",") if g.strip() not in ("", "-1")]) if mask is not None \
-        else pynvml.nvmlDeviceGetCount()
+    visible = len(gpu_state.visible_gpus())
     if min(num_gpus, visible) == 0:
         raise RuntimeError("the cell uses no GPU")
     n_words = -(-(os.cpu_count() or 1) // NVML_WORD_BITS)

@@ -40,6 +40,18 @@ def _safe(fn, *args, scale: float = 1.0):
     return value * scale if scale != 1.0 and value is not None else value
 
 
+def visible_gpus() -> List[str]:
+    """Physical GPU ids this process may use: CUDA_VISIBLE_DEVICES, else every GPU NVML sees (none without NVML)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() not in ("", "-1")]
+    pynvml = nvml()
+    try:
+        return [str(i) for i in range(pynvml.nvmlDeviceGetCount())] if pynvml is not None else []
+    except Exception:
+        return []
+
+
 def nvml_handle(cuda_index: int):
     """NVML handle of the CUDA device ``cuda_index`` as torch numbers it (after CUDA_VISIBLE_DEVICES).
 
