@@ -22,6 +22,7 @@ the new runs from 3, and ``--summarize --runs-dir DIR`` runs nothing and prints 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from qbench.measure.stats import percentile, summarize as distribution
 
 Figure = Tuple[float, str, Optional[float]]  # (median, unit, standard error of that median or None)
 
@@ -69,6 +71,7 @@ def median_standard_error(values: List[float]) -> Optional[float]:
     return 1.2533 * 1.4826 * mad / math.sqrt(len(values))
 
 
+@functools.lru_cache(maxsize=None)  # one integration per run count, not one per figure
 def expected_range(n: int) -> float:
     """d2(n): the expected range (max - min) of n independent standard normal draws, by numerical integration of
     E[range] = integral of 1 - Phi(x)^n - (1 - Phi(x))^n dx (d2(2) = 1.128, d2(5) = 2.326, d2(10) = 3.078)."""
@@ -82,18 +85,14 @@ def expected_range(n: int) -> float:
 
 
 def _median(values: List[float]) -> float:
-    ordered = sorted(values)
-    n = len(ordered)
-    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return percentile(sorted(values), 50)
 
 
 def spread(values: List[float]) -> Tuple[float, float]:
     """((max - min) / median, stdev / mean) of the runs' medians."""
-    n = len(values)
-    median = _median(values)
-    mean = sum(values) / n
-    stdev = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return ((max(values) - min(values)) / median if median else float("nan"), stdev / mean if mean else float("nan"))
+    d = distribution(values, "")
+    return ((d["max"] - d["min"]) / d["p50"] if d["p50"] else float("nan"),
+            d["cv"] if d["cv"] is not None else float("nan"))
 
 
 def sampling_spread(medians: List[float], errors: List[Optional[float]]) -> Optional[float]:
