@@ -17,6 +17,12 @@ export QBENCH_CACHE=${QBENCH_CACHE:-/tmp/qbench-cache} QBENCH_DATA=$PWD/.gpudata
 Q="python3 -m qbench.cli"
 RUNS=/tmp/gpu_runs
 step() { local budget=$1; shift; echo "=== $(date +%T) [$budget s] $*"; timeout --signal=INT "$budget" "$@"; echo "=== rc=$?"; }
+# bench_check.py on issue 3's cell: batch-1 decode of TOKENS tokens on both paths, prefill at 512 tokens
+bench_cell() {  # budget dir first-index repeats model method tokens
+  step "$1" python3 scripts/bench_check.py --runs-dir "$2" --first-index "$3" --repeats "$4" \
+    model=$5 model.random_init=true method=$6 bench.batch_sizes=[1] bench.prompt_tokens=[512] \
+    bench.new_tokens=$7 bench.decode_paths=[eager,static] bench.min_repeats=10 ${EXTRA:-}
+}
 pack() { tar czf "$OUT/$1.tgz" -C "$RUNS" "$1" --exclude='.submitit' 2>/dev/null; ls -la "$OUT/$1.tgz"; }
 
 case "${1:-}" in
@@ -54,9 +60,7 @@ case "${1:-}" in
     # FIRST numbers the runs from there, to add runs to those of an earlier call on the same warm machine
     model=${MODEL:-llama3_2_1b_instruct}
     for m in ${METHODS:-bf16 fp16 bnb_nf4 bnb_int8}; do
-      step "${BUDGET:-120}" python3 scripts/bench_check.py --repeats "${N:-5}" --first-index "${FIRST:-0}" --runs-dir $RUNS/repeat_${model}_$m \
-        model=$model model.random_init=true method=$m bench.batch_sizes=[1] bench.prompt_tokens=[512] \
-        bench.new_tokens=${NEW_TOKENS:-128} bench.decode_paths=[eager,static] bench.min_repeats=10 ${EXTRA:-}
+      bench_cell "${BUDGET:-120}" $RUNS/repeat_${model}_$m "${FIRST:-0}" "${N:-5}" $model $m "${NEW_TOKENS:-128}"
     done
     tar czf "$OUT/repeat.tgz" -C $RUNS $(cd $RUNS && ls -d repeat_* 2>/dev/null) 2>/dev/null
     ;;
@@ -72,9 +76,7 @@ case "${1:-}" in
       while n=$(grep -l '"status": "ok"' "$dir"/bench_check-*/*/result.json 2>/dev/null | wc -l); [ "$n" -lt "${TARGET:-5}" ]; do
         [ $((deadline - SECONDS)) -lt "${RUN_S:-150}" ] && { echo "=== $m: $n runs, no time for another"; break 2; }
         tries=$((tries + 1)); [ "$tries" -gt 5 ] && { echo "=== $m: $n ok runs after 5 tries, next method"; break; }
-        step $((deadline - SECONDS)) python3 scripts/bench_check.py --repeats 1 --first-index "$n" --runs-dir "$dir" \
-          model=llama3_1_8b_instruct model.random_init=true method=$m bench.batch_sizes=[1] bench.prompt_tokens=[512] \
-          bench.new_tokens=$tokens bench.decode_paths=[eager,static] bench.min_repeats=10 ${EXTRA:-}
+        bench_cell $((deadline - SECONDS)) "$dir" "$n" 1 llama3_1_8b_instruct $m $tokens
       done
     done
     (cd $RUNS && find topup -name result.json -newer "$mark" | tar czf "$OUT/topup.tgz" -T -) && tar tzf "$OUT/topup.tgz"
