@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from qbench.config import ConfigError, cell_id, register_configs, validate
+from qbench.preflight import check_cell
 from qbench.measure import gpu_state
 
 log = logging.getLogger("qbench")
@@ -117,6 +118,7 @@ def preflight(argv: List[str]) -> int:
             for cell_overrides in cells:
                 cfg = _compose(cell_overrides)
                 validate(cfg)
+                check_cell(cfg)
                 cid = cell_id(cfg)
                 if cid in seen:
                     raise ConfigError(

@@ -44,6 +44,13 @@ def architecture_path(name: str) -> Path:
     return ARCHITECTURES_DIR / f"{name}.json"
 
 
+def config_dict(model_cfg: Any) -> Dict[str, Any]:
+    """The model's config.json as it will be built: its source's (or bundled architecture's) plus overrides."""
+    out = _load_config_dict(model_cfg)
+    out.update(dict(model_cfg.config_overrides or {}))
+    return out
+
+
 def _load_config_dict(model_cfg: Any) -> Dict[str, Any]:
     """config.json of the architecture: a local dir's, a bundled one, or the Hub's (online only)."""
     local = Path(model_cfg.source).expanduser()
