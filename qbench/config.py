@@ -142,7 +142,7 @@ class QualityConfig:
     batch_size: int = 4  # windows per forward pass (count)
     # per scored token, each cell stores its most likely tokens until they cover this much probability ...
     coverage: float = 0.999
-    max_kept: int = 2048  # ... but at most this many (count); the rest is one bucket (see quality.py)
+    max_kept: int = 4096  # ... but at most this many (count); the rest is one bucket (see quality.py)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from qbench.evaluate import quality
 from qbench import tiny
 
-QCFG = OmegaConf.create({"ctx_tokens": 64, "max_windows": 6, "batch_size": 3, "coverage": 0.999, "max_kept": 2048})
+QCFG = OmegaConf.create({"ctx_tokens": 64, "max_windows": 6, "batch_size": 3, "coverage": 0.999, "max_kept": 4096})
 
 
 @pytest.fixture(scope="module")
