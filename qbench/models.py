@@ -115,26 +115,26 @@ def gguf_architecture(path: Path) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
-def gguf_supported_architectures() -> List[str]:
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    return sorted(GGUF_CONFIG_MAPPING)
-
-
 def check_gguf(path: Path) -> str:
-    """The GGUF's architecture, or ConfigError (one line) when transformers cannot dequantize it."""
+    """The GGUF's architecture, or ConfigError (one line) when transformers cannot dequantize it.
+
+    transformers' own GGUF reader parses the header (no tensor is read), so what it accepts here it loads later.
+    """
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
+
     from qbench.config import ConfigError
 
     try:
         arch = gguf_architecture(path)
     except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
         raise ConfigError(f"model.source: '{path}' is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
-    supported = gguf_supported_architectures()
-    if arch not in supported:
+    try:
+        load_gguf_checkpoint(str(path), return_tensors=False)
+    except (ValueError, KeyError) as exc:
         raise ConfigError(
-            f"model.source: '{path}' holds a GGUF of architecture '{arch}', which transformers cannot load; "
-            f"it reads {', '.join(supported)}"
-        )
+            f"model.source: '{path}' holds a GGUF of architecture '{arch}', which transformers cannot load "
+            f"({exc}); it reads {', '.join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {'general', 'tokenizer'}))}"
+        ) from None
     return arch
 
 
