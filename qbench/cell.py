@@ -56,7 +56,7 @@ def device_map_for(device: str, num_gpus: int) -> Any:
 def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from qbench import methods, models
+    from qbench import methods, models, slurm
     from qbench.measure.cpu_affinity import apply_cpu_affinity
     from qbench.store import SCHEMA_VERSION, environment, now_iso
 
@@ -80,6 +80,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         "overrides": spec.get("overrides", []),
         "command": spec.get("command", ""),
         "environment": {**environment(), "cpu_affinity": affinity},
+        "scheduler": slurm.job_info(),  # SLURM job id, node, array index; null outside SLURM
         "timings": {},
         "metrics": {},
         "warnings": [affinity_warning] if affinity_warning else [],
