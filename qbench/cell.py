@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -202,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     from qbench.store import write_result
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    # SLURM sends SIGUSR2 to every process of a job signal_delay_s before its time limit (submitit's --signal),
+    # and SIGUSR2 ends a Python process by default: the cell would die 90 s early as a "crash". It measures on;
+    # at the limit SLURM stops it and the row says timeout.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     argv = sys.argv[1:] if argv is None else argv
     spec_path = Path(argv[0])
     spec = json.loads(spec_path.read_text())
