@@ -10,7 +10,7 @@ ARGS ?=
 # Nothing in tests or the demo touches the network: models are built here, data is bundled.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GPTQMODEL_OFFLINE=1
 
-.PHONY: help install install-gpu test test-gpu demo sweep report bench-check browser clean
+.PHONY: help install install-gpu test test-gpu test-slurm demo sweep report bench-check browser clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,11 @@ test: install ## run the CPU test suite (GPU tests skip themselves without a GPU
 
 test-gpu: ## run the GPU tier only (on a GPU node)
 	$(OFFLINE) $(PY) -m pytest -q -m gpu $(ARGS)
+
+test-slurm: install ## the slurm tier only, on a one-node SLURM cluster started here (scripts/slurm_local.sh, root)
+	bash scripts/slurm_local.sh up
+	@# exit status 5 (no test selected) is not a failure: ARGS may narrow the tier to nothing
+	QBENCH_REQUIRE_SLURM=1 $(OFFLINE) $(PY) -m pytest -q -m slurm $(ARGS) || [ $$? -eq 5 ]
 
 demo: install ## the embedded default: tiny model x 4 methods on CPU, offline, then reports/demo/index.html
 	-@$(MAKE) --no-print-directory browser 2>/dev/null || true
