@@ -240,7 +240,7 @@ def _take_devices(cfg: Any, want_gpu: bool) -> tuple:
     from qbench import slurm
 
     num_gpus = int(cfg.model.num_gpus)
-    if not slurm.in_job():
+    if not slurm.owns_allocation():
         return acquire_slot(num_gpus, want_gpu, Path(cfg.run.cache_dir).expanduser() / "slots")
     gpus = gpu_state.visible_gpus() if want_gpu else []
     if want_gpu and len(gpus) < num_gpus:
@@ -258,14 +258,13 @@ def _stopped_by_scheduler(rc: int) -> Optional[tuple]:
     if not slurm.in_job() or rc not in (-signal.SIGTERM, -signal.SIGKILL):
         return None
     job = slurm.job_id_from_env() or ""
-    info = slurm.job_states([job], timeout_s=10).get(job) or {}
-    state = info.get("state")
-    if slurm.is_live(state) and (state or "").startswith("REQUEUE"):
-        return ("requeued", None)
-    cls = slurm.error_class(state) if state and not slurm.is_live(state) else None
-    if cls is None:
+    why = slurm.why_stopped(job)
+    if why is None:
         return None
-    return (cls, slurm.error_message(cls, job, state, info.get("node")))
+    cls, state, node = why
+    if state.startswith("REQUEUE"):
+        return ("requeued", None)
+    return (cls, slurm.error_message(cls, job, state, node))
 
 
 def _wait_child(proc: subprocess.Popen, timeout_min: float) -> Optional[tuple]:

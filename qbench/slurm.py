@@ -41,8 +41,18 @@ _MESSAGE = {
 }
 
 
+# Set by the SLURM launcher inside each cell's job: the job's allocation is the cell's own. Not merely
+# SLURM_JOB_ID: inside an salloc, the parallel launcher's cells share one allocation and must split it by lock.
+OWN_ALLOCATION = "QBENCH_CELL_OWNS_ALLOCATION"
+
+
 def in_job() -> bool:
     return "SLURM_JOB_ID" in os.environ
+
+
+def owns_allocation() -> bool:
+    """Whether this cell runs in a SLURM job of its own (hydra/launcher=slurm), whose CPUs and GPUs are its slot."""
+    return in_job() and os.environ.get(OWN_ALLOCATION) == "1"
 
 
 def job_id_from_env(env: Optional[Dict[str, str]] = None) -> Optional[str]:
@@ -110,6 +120,38 @@ def job_states(job_ids: Iterable[str], timeout_s: float = 60) -> Dict[str, Dict[
     if out is None:  # no accounting storage on this cluster
         out = _scontrol(ids, timeout_s)
     return {j: out[j] for j in ids if j in out}
+
+
+def why_stopped(job_id: str) -> Optional[tuple]:
+    """Inside a job SLURM is stopping: (error class, state, node), or None if SLURM is not stopping it.
+    While the signals go out the job reads COMPLETING, whatever the cause: a run time that reached the time
+    limit says timeout, anything else cancelled (the submitting side refines it, e.g. to preempted, from the
+    final state once the job has ended)."""
+    text = _run(["scontrol", "show", "job", "-o", job_id], 10) or ""
+    fields = dict(tok.split("=", 1) for tok in text.split() if "=" in tok)
+    state = fields.get("JobState")
+    if not state or state == "RUNNING":
+        return None
+    node = fields.get("NodeList")
+    if state != "COMPLETING":
+        return (error_class(state), state, node) if error_class(state) else None
+    run_s, limit_s = _seconds(fields.get("RunTime")), _seconds(fields.get("TimeLimit"))
+    if run_s is not None and limit_s is not None and run_s >= limit_s:
+        return ("timeout", "TIMEOUT", node)
+    return ("cancelled", "CANCELLED", node)
+
+
+def _seconds(text: Optional[str]) -> Optional[int]:
+    """SLURM's [D-]HH:MM:SS (or MM:SS) as seconds; None for UNLIMITED or anything else."""
+    if not text or not text[0].isdigit():
+        return None
+    days, _, clock = text.rpartition("-")
+    parts = [int(x) for x in clock.split(":") if x.isdigit()]
+    if not parts:
+        return None
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
 def _run(cmd: List[str], timeout_s: float) -> Optional[str]:
@@ -181,7 +223,9 @@ def settle(cell: Dict[str, Any], job_id: str, info: Optional[Dict[str, Any]], jo
     if result.get("status") == "ok":  # an ok result stands, whichever job measured it
         return "ok"
     state = (info or {}).get("state")
-    cls = error_class(state) if info else "lost"
+    if info is None and job.paths.result_pickle.exists():
+        state = "COMPLETED"  # forgotten by the scheduler (no accounting, past MinJobAge) after ending normally
+    cls = error_class(state)  # None: the job ended cleanly; "lost" where nothing says what became of it
     failure = _job_failure(job)
     if cls is None and failure is None:  # the job ended cleanly: its row (or its skip) is the truth
         return result.get("status", "error") if result else "skipped"
