@@ -14,7 +14,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GPTQMOD
 QBENCH_CACHE ?= .cache/qbench
 SMOLLM2 := $(QBENCH_CACHE)/weights/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: help install install-gpu weights test test-gpu demo sweep report bench-check browser clean
+.PHONY: help install install-gpu weights test test-gpu test-slurm demo sweep report bench-check browser clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,11 @@ test: install weights ## run the CPU test suite (GPU tests skip themselves witho
 
 test-gpu: ## run the GPU tier only (on a GPU node)
 	$(OFFLINE) $(PY) -m pytest -q -m gpu $(ARGS)
+
+test-slurm: install ## the slurm tier only, on a one-node SLURM cluster started here (scripts/slurm_local.sh, root)
+	bash scripts/slurm_local.sh up
+	@# exit status 5 (no test selected) is not a failure: ARGS may narrow the tier to nothing
+	QBENCH_REQUIRE_SLURM=1 $(OFFLINE) $(PY) -m pytest -q -m slurm $(ARGS) || [ $$? -eq 5 ]
 
 demo: install weights ## the embedded default: SmolLM2-135M x 4 methods on CPU, offline, then reports/demo/index.html
 	-@$(MAKE) --no-print-directory browser 2>/dev/null || true

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -56,7 +57,7 @@ def device_map_for(device: str, num_gpus: int) -> Any:
 def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from qbench import methods, models
+    from qbench import methods, models, slurm
     from qbench.measure.cpu_affinity import apply_cpu_affinity
     from qbench.store import SCHEMA_VERSION, environment, now_iso
 
@@ -80,6 +81,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         "overrides": spec.get("overrides", []),
         "command": spec.get("command", ""),
         "environment": {**environment(), "cpu_affinity": affinity},
+        "scheduler": slurm.job_info(),  # SLURM job id, node, array index; null outside SLURM
         "timings": {},
         "metrics": {},
         "warnings": [affinity_warning] if affinity_warning else [],
@@ -242,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     from qbench.store import write_result
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    # SLURM sends SIGUSR2 to every process of a job signal_delay_s before its time limit (submitit's --signal),
+    # and SIGUSR2 ends a Python process by default: the cell would die 90 s early as a "crash". It measures on;
+    # at the limit SLURM stops it and the row says timeout.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     argv = sys.argv[1:] if argv is None else argv
     spec_path = Path(argv[0])
     spec = json.loads(spec_path.read_text())

@@ -237,7 +237,9 @@ def _mixed_environment(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "driver": lambda r: T.get(r, "environment", "driver"),
             "CUDA (torch)": lambda r: T.get(r, "environment", "torch_cuda"),
             "qbench commit": lambda r: T.get(r, "environment", "qbench_git_commit"),
-            "host": lambda r: T.get(r, "environment", "host")}
+            "host": lambda r: T.get(r, "environment", "host"),
+            # cells of one SLURM sweep may run on different nodes (even of one GPU model): flag it
+            "node": lambda r: T.get(r, "scheduler", "node")}
     libs = sorted({k for r in results for k in (T.get(r, "environment", "versions", default={}) or {})})
     for lib in libs:
         keys[lib] = lambda r, lib=lib: T.get(r, "environment", "versions", lib)
@@ -290,13 +292,17 @@ def honesty_view(results: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> D
 
 def environment_view(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     libs = sorted({k for r in results for k in (T.get(r, "environment", "versions", default={}) or {})})
-    head = ["cell", "device", "GPU", "driver", "CUDA", *libs, "qbench commit", "host", "python"]
+    scheduled = any(r.get("scheduler") for r in results)  # SLURM columns only where a cell ran as a job
+    head = ["cell", "device", "GPU", "driver", "CUDA", *libs, "qbench commit", "host", "python",
+            *(["node", "SLURM job"] if scheduled else [])]
     body = []
     for r in results:
         e = r.get("environment") or {}
         v = e.get("versions") or {}
+        s = r.get("scheduler") or {}
         body.append([r["cell"], r.get("device"), e.get("gpu_name"), e.get("driver"), e.get("torch_cuda"),
-                     *[v.get(lib) for lib in libs], e.get("qbench_git_commit"), e.get("host"), e.get("python")])
+                     *[v.get(lib) for lib in libs], e.get("qbench_git_commit"), e.get("host"), e.get("python"),
+                     *([s.get("node"), s.get("job_id")] if scheduled else [])])
     body = [["\u2014" if x is None else str(x) for x in row] for row in body]
     commands = list(dict.fromkeys(str(r["command"]) for r in results if r.get("command")))
     cells = []

@@ -391,6 +391,7 @@ def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "bw_bound_pct": None if bwf is None else 100 * bwf,
             "quantize_s": num(get(r, "timings", "quantize_s")),
             "wall_time_s": num(r.get("wall_time_s")),
+            "node": get(r, "scheduler", "node"), "slurm_job_id": get(r, "scheduler", "job_id"),
             "warnings": [str(w) for w in r.get("warnings") or []],
         }
         for task in ("mmlu", "gsm8k"):
