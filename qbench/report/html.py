@@ -206,7 +206,7 @@ def quality_view(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> D
                        f"{r['kl_median']:.3g} / {r['kl_p99']:.3g} / {r['kl_max']:.3g}",
             "top1": _with_ci(r.get("top1_pct"), r.get("top1_ci_low"), r.get("top1_ci_high"), 2),
             "dp_rms": fmt_num(r.get("dp_rms_pct"), 2),
-            "accuracy": "; ".join(task_cells) or "\u2014",
+            "accuracy": task_cells,
             "source": {"live": "live", "report": "from files (report)"}.get(r.get("quality_source") or "",
                                                                              "baseline" if r["is_baseline"] else "pending"),
         })
