@@ -119,3 +119,12 @@ def test_device_watch_sees_an_overlapping_measuring_process_both_ways(tmp_path):
         assert alone.report() == {"shared": False, "other_measuring_processes": [], "devices": ["host-gpu-GPU-1234"]}
     with DeviceWatch(["host-gpu-GPU-1234"], root=tmp_path) as a, DeviceWatch(["host-gpu-GPU-9"], root=tmp_path) as b:
         assert not a.report()["shared"] and not b.report()["shared"]  # other device: no overlap
+
+
+def test_device_watch_that_cannot_register_still_lets_the_cell_run(tmp_path):
+    from qbench.measure.gpu_state import DeviceWatch
+
+    (tmp_path / "measuring").write_text("a file where the registry folder should be")
+    with DeviceWatch(["h-cpu"], root=tmp_path) as watch:
+        report = watch.report()
+    assert report["shared"] is None and "error" in report

@@ -321,6 +321,7 @@ class DeviceWatch:
         self.name = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
         self.own: List[Any] = []
         self.others: set = set()
+        self.error: Optional[str] = None
 
     def _live_others(self, d: Path) -> List[str]:
         import fcntl
@@ -341,19 +342,31 @@ class DeviceWatch:
     def __enter__(self) -> "DeviceWatch":
         import fcntl
 
-        for d in self.dirs:
-            fh = open_lock_file(d / f"{self.name}.lock")
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            self.own.append(fh)
-            for other in self._live_others(d):
-                self.others.add(other)
-                with contextlib.suppress(OSError):
-                    with open(d / f"{other}.seen", "a") as note:
-                        note.write(self.name + "\n")
+        try:
+            for d in self.dirs:
+                d.parent.parent.mkdir(parents=True, exist_ok=True)
+                for folder in (d.parent, d):  # shared by every user's cells, like the lock folder itself
+                    folder.mkdir(mode=0o1777, exist_ok=True)
+                    if folder.stat().st_uid == os.getuid():
+                        os.chmod(folder, 0o1777)
+                fh = open_lock_file(d / f"{self.name}.lock")
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+                self.own.append(fh)
+                for other in self._live_others(d):
+                    self.others.add(other)
+                    with contextlib.suppress(OSError):
+                        with open(d / f"{other}.seen", "a") as note:
+                            note.write(self.name + "\n")
+        except OSError as exc:  # a registry this process cannot write: the cell still runs, and says so
+            self.error = f"{type(exc).__name__}: {exc}"
         return self
 
     def report(self) -> Dict[str, Any]:
-        """{"shared": bool, "other_measuring_processes": [...]}: call before leaving the block."""
+        """{"shared": bool, "other_measuring_processes": [...]}: call before leaving the block. "shared" is
+        null where the registry could not be written (and "error" says why)."""
+        if self.error:
+            return {"shared": None, "other_measuring_processes": [], "devices": [d.name for d in self.dirs],
+                    "error": self.error}
         for d in self.dirs:
             self.others.update(self._live_others(d))
             with contextlib.suppress(OSError):
