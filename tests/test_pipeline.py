@@ -90,7 +90,8 @@ def test_sweep_with_a_failing_cell_goes_on(tmp_path, cache):
 
 def test_timeout_becomes_an_error_row(tmp_path, cache):
     runs = tmp_path / "runs"
-    qbench([*FAST, "method=fp32", "run.sweep=t", "run.timeout_min=0.02"], runs, cache)
+    proc = qbench([*FAST, "method=fp32", "run.sweep=t", "run.timeout_min=0.02"], runs, cache, check=False)
+    assert proc.returncode == 1, "a failed cell makes the exit status 1"
     row = results(runs / "t")["tiny__fp32"]
     assert row["status"] == "error" and row["error"]["class"] == "timeout"
 
