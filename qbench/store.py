@@ -27,7 +27,12 @@ from typing import Any, Dict, Iterator, Optional
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL", re.I)
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL|(^|_)KEY($|_)", re.I)
+# Environment variables that change what a cell measures or reads, recorded by name and value in every result
+# (a cell on a SLURM node inherits them from the submitting shell, so the result shows whether they arrived).
+# Only these: the rest of the environment is not recorded, it carries tokens and passwords.
+RECORDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "GPTQMODEL_OFFLINE", "HF_HOME",
+                "QBENCH_DATA", "QBENCH_CACHE")
 
 
 def now_iso() -> str:
@@ -238,6 +243,9 @@ def environment() -> Dict[str, Any]:
              "lm_eval", "hydra-core", "numpy")
         ),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "variables": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ},
+        # names only: shows a token reached the cell (e.g. HF_TOKEN for a gated model) without recording it
+        "secret_variables_withheld": sorted(k for k in os.environ if _SECRET_NAME.search(k)),
         "gpus": [],
     }
     try:

@@ -8,12 +8,14 @@
 #   bash scripts/gpu_session.sh repeat           issue 3: batch-1 decode, both paths, 5 fresh runs per method
 #   bash scripts/gpu_session.sh report1b         issue 6: latency and accuracy in the same cells, for the example
 #   bash scripts/gpu_session.sh topup            issue 3: add runs to the committed 8B bench-check until each method has 5
+#   bash scripts/gpu_session.sh smollm2          issue 15: the real SmolLM2-135M x 7 methods, quality + MMLU/GSM8K subset
+#                                                (its GGUF travels in parts: GGUF_PARTS, default /tmp/gguf.part*)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 GPTQMODEL_OFFLINE=1 PYTHONUNBUFFERED=1
-export QBENCH_CACHE=${QBENCH_CACHE:-/tmp/qbench-cache} QBENCH_DATA=$PWD/.gpudata
+export QBENCH_CACHE=${QBENCH_CACHE:-/tmp/qbench-cache} QBENCH_DATA=${QBENCH_DATA:-$PWD/.gpudata}
 Q="python3 -m qbench.cli"
 RUNS=/tmp/gpu_runs
 step() { local budget=$1; shift; echo "=== $(date +%T) [$budget s] $*"; timeout --signal=INT "$budget" "$@"; echo "=== rc=$?"; }
@@ -27,7 +29,7 @@ pack() { tar czf "$OUT/$1.tgz" -C "$RUNS" "$1" --exclude='.submitit' 2>/dev/null
 
 case "${1:-}" in
   setup)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHL:-.whl}/*.whl
     python3 -c "import torch, transformers, bitsandbytes, lm_eval, gptqmodel, hydra; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bnb', bitsandbytes.__version__, 'gpu', torch.cuda.get_device_name(0))"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,power.limit --format=csv
     ;;
@@ -89,5 +91,14 @@ case "${1:-}" in
       eval=quick eval.limit=5 eval.task_limits.gsm8k=32 eval.max_gen_toks=128 eval.batch_size=8
     pack report_1b
     ;;
-  *) sed -n 2,10p "$0"; exit 2 ;;
+  smollm2)
+    # The GGUF (98 MB) is more than one call carries: earlier calls on the warm machine left its parts in /tmp
+    gguf=$QBENCH_CACHE/weights/SmolLM2-135M-Instruct.Q4_1.gguf; mkdir -p "$(dirname "$gguf")"
+    [ -s "$gguf" ] || cat ${GGUF_PARTS:-/tmp/gguf.part*} > "$gguf"
+    python3 -c "import sys; from qbench import weights; sys.exit(weights.sha256_of(sys.argv[1]) != weights.PACKAGED['smollm2'].sha256)" "$gguf" \
+      || { echo "=== $gguf: wrong sha256 (parts missing?)"; rm -f "$gguf"; exit 1; }
+    step "${BUDGET:-540}" $Q -m experiment=gpu_smollm2 run.runs_dir=$RUNS ${METHODS:+method=$METHODS} ${EXTRA:-}
+    tar czf "$OUT/gpu_smollm2.tgz" -C "$RUNS" gpu_smollm2 --exclude='.submitit' --exclude='*.npz' && ls -la "$OUT/gpu_smollm2.tgz"
+    ;;
+  *) sed -n 2,12p "$0"; exit 2 ;;
 esac

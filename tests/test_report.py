@@ -214,8 +214,9 @@ def test_pareto_front():
 def test_charts_present_or_absent(results, paired):
     rows = T.summary_rows(results)
     charts = C.build_charts(rows, results)
-    assert [c["key"] for c in charts] == ["pareto", "throughput", "memory", "delta", "categories"]
-    assert all(c["figure"] is not None for c in charts)
+    assert [c["key"] for c in charts] == ["quality", "pareto", "throughput", "memory", "delta", "categories"]
+    assert charts[0]["figure"] is None  # these fixtures predate quality (tests/test_report_quality.py has it)
+    assert all(c["figure"] is not None for c in charts[1:])
     demo = T.load_results(DEMO)
     demo_charts = {c["key"]: c["figure"] for c in C.build_charts(T.summary_rows(demo), demo)}
     assert demo_charts["throughput"] is not None and demo_charts["memory"] is not None

@@ -8,7 +8,7 @@ uses the torch AWQ packer, so quantizing never needs nvcc.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict, List
 
 from qbench.methods import gptq
 
@@ -17,6 +17,12 @@ KIND = "awq"
 
 def validate(method_cfg: Any) -> None:
     gptq.validate_common(method_cfg, KIND)
+
+
+def check_widths(method_cfg: Any, widths: Dict[int, List[str]], model_name: str) -> None:
+    """AWQ packs whole groups along the input dimension: group_size must divide every layer's input width
+    (GPT-QModel otherwise fails minutes into quantization)."""
+    gptq.check_group_divides(method_cfg, widths, model_name, KIND)
 
 
 def load(source: Any, method_cfg: Any, device_map: Any):

@@ -79,6 +79,9 @@ def hover_row(r: Dict[str, Any]) -> str:
             if T.num(r.get(f"{task}_ci_low_pp")) is not None:
                 line += f" [{fmt(r[f'{task}_ci_low_pp'], 1)}, {fmt(r[f'{task}_ci_high_pp'], 1)}]"
         lines.append(line)
+    if T.num(r.get("kl_mean")) is not None:
+        lines.append(f"KL {r['kl_mean']:.3g} nats/token, top-1 agreement {fmt(r.get('top1_pct'), 1)} %, "
+                     f"PPL ratio {fmt(r.get('ppl_ratio'), 3)}")
     if T.num(r.get("quantize_s")) is not None:
         lines.append(f"quantization {fmt(r['quantize_s'], 0)} s")
     if r["random_weights"]:
@@ -167,6 +170,55 @@ def pareto_chart(rows: List[Dict[str, Any]]) -> Optional[go.Figure]:
         fig.update_xaxes(title_text="weight footprint (GB)", rangemode="tozero", **_pos(i, cols))
         fig.update_yaxes(title_text=f"{TASK_LABEL[task]} accuracy (%)", **_pos(i, cols))
     return _layout(fig, len(tasks))
+
+
+# ---------------------------------------------------------------- quality vs baseline
+
+
+def _ci_bars(r: Dict[str, Any], key: str, value: float) -> Optional[Dict[str, Any]]:
+    """Asymmetric error bars from the row's <key>_ci_low / <key>_ci_high, or None without a CI."""
+    lo, hi = T.num(r.get(f"{key}_ci_low")), T.num(r.get(f"{key}_ci_high"))
+    if lo is None or hi is None:
+        return None
+    return dict(type="data", symmetric=False, array=[hi - value], arrayminus=[value - lo], thickness=1.5, width=4)
+
+
+def quality_chart(rows: List[Dict[str, Any]]) -> Optional[go.Figure]:
+    """Per model: KL divergence from the baseline vs weight memory (log y, Pareto front: less of both is
+    better), and top-1 agreement with the baseline vs weight memory; 95 % CI bars over windows."""
+    ok = [r for r in rows if r["status"] == "ok" and T.num(r.get("kl_mean")) is not None
+          and T.num(r.get("weights_gb")) is not None]
+    if not ok:
+        return None
+    ms, col = [m for m in models(rows) if any(r["model"] == m for r in ok)], colours(rows)
+    fig = make_subplots(rows=len(ms), cols=2, horizontal_spacing=0.1, vertical_spacing=0.16,
+                        subplot_titles=[t for m in ms for t in (f"KL divergence — {esc(m)}",
+                                                                 f"top-1 agreement — {esc(m)}")])
+    shown = set()
+    for i, model in enumerate(ms):
+        pts = [r for r in ok if r["model"] == model]
+        front = pareto_front([(r["weights_gb"], -r["kl_mean"], id(r)) for r in pts])
+        if len(front) > 1:
+            fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[-p[1] for p in front], mode="lines",
+                                     line=dict(color="#444", dash="dash", width=1.5, shape="hv"),
+                                     name="Pareto frontier", legendgroup="frontier",
+                                     showlegend="frontier" not in shown, hoverinfo="skip"), row=i + 1, col=1)
+            shown.add("frontier")
+        for r in pts:
+            for c, key, value in ((1, "kl", r["kl_mean"]), (2, "top1", T.num(r.get("top1_pct")))):
+                if value is None:
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=[r["weights_gb"]], y=[value], mode="markers", error_y=_ci_bars(r, key, value),
+                    name=esc(r["method"]), legendgroup=esc(r["method"]), showlegend=r["method"] not in shown,
+                    marker=dict(color=col[r["method"]], size=12, symbol="circle-open" if r["random_weights"]
+                                else "circle"),
+                    hovertext=[hover_row(r)], hoverinfo="text"), row=i + 1, col=c)
+                shown.add(r["method"])
+        fig.update_xaxes(title_text="weight footprint (GB)", rangemode="tozero", row=i + 1)
+        fig.update_yaxes(title_text="mean KL divergence (nats/token, log)", type="log", row=i + 1, col=1)
+        fig.update_yaxes(title_text="same top token as the baseline (%)", row=i + 1, col=2)
+    return _layout(fig, len(ms))
 
 
 # ---------------------------------------------------------------- decode throughput vs batch size
@@ -365,6 +417,11 @@ def category_heatmap(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) 
 def build_charts(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The page's charts in order: key, title, caption, and the figure (None = not measured in this sweep)."""
     return [
+        {"key": "quality", "title": "Quality vs weight memory: KL divergence and top-1 agreement with the baseline",
+         "caption": "Left: mean KL(baseline ‖ method) per scored token, log scale; down and to the left is better, "
+                    "dashed: the frontier. Right: how often the method's most likely next token is the baseline's. "
+                    "Bars: 95 % CI over corpus windows. The baseline itself (KL 0, 100 %) is not drawn.",
+         "figure": quality_chart(rows)},
         {"key": "pareto", "title": "Accuracy vs weight memory (Pareto front)",
          "caption": "Up and to the left is better. Dashed: the frontier (cells no other cell beats on both); "
                     "large outlined markers lie on it. Open markers: random weights (never on the frontier). "

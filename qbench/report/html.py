@@ -175,6 +175,65 @@ def summary_view(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     return {"columns": cols, "rows": out_rows}
 
 
+# ---------------------------------------------------------------- quality vs baseline
+
+
+def _with_ci(v: Any, lo: Any, hi: Any, digits: int, sig: bool = False) -> str:
+    """'v [lo, hi]' with v formatted to ``digits`` decimals (or significant digits with ``sig``)."""
+    if T.num(v) is None:
+        return "\u2014"
+    f = (lambda x: f"{x:.{digits}g}".replace("-", MINUS)) if sig else (lambda x: fmt_num(x, digits))
+    text = f(v)
+    if T.num(lo) is not None and T.num(hi) is not None:
+        text += f" [{f(lo)}, {f(hi)}]"
+    return text
+
+
+def _weights_origin(r: Dict[str, Any]) -> str:
+    src = r.get("source") if isinstance(r.get("source"), dict) else {}
+    if T.is_random(r):
+        return "random weights"
+    if src.get("gguf_file"):
+        return (f"real weights from the GGUF file {Path(str(src['gguf_file'])).name} (sha256 "
+                f"{str(src.get('gguf_sha256', ''))[:12]}\u2026), dequantized to {src.get('dequantized_dtype')}: the "
+                "baseline carries the GGUF's own quantization rounding; comparisons between methods stay valid")
+    return f"real weights from {src.get('path') or T.get(r, 'config', 'model', 'source')}"
+
+
+def quality_view(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The section the page opens with: per cell, quality against its model's baseline, token by token."""
+    by_cell = {r["cell"]: r for r in results}
+    out, origins, settings = [], {}, None
+    for r in rows:
+        res = by_cell.get(r["cell"], {})
+        if T.num(r.get("ppl")) is None and T.num(r.get("kl_mean")) is None:
+            continue
+        origins.setdefault(r["model"], _weights_origin(res))
+        settings = settings or T.get(res, "metrics", "quality", "settings")
+        task_cells = []
+        for task in ("mmlu", "gsm8k"):
+            if T.num(r.get(f"{task}_delta_pp")) is None:
+                continue
+            delta = _with_ci(r[f"{task}_delta_pp"], r.get(f"{task}_ci_low_pp"), r.get(f"{task}_ci_high_pp"), 1)
+            flips = T.num(r.get(f"{task}_flip_pct"))
+            task_cells.append(f"{C.TASK_LABEL[task]} {delta} pp" + ("" if flips is None else f", {flips:.1f} % flipped"))
+        out.append({
+            "row": r,
+            "weights": fmt_num(r.get("weights_gb"), 3),
+            "ppl": _with_ci(r.get("ppl"), r.get("ppl_ci_low"), r.get("ppl_ci_high"), 3),
+            "ppl_ratio": _with_ci(r.get("ppl_ratio"), r.get("ppl_ratio_ci_low"), r.get("ppl_ratio_ci_high"), 4),
+            "kl": _with_ci(r.get("kl_mean"), r.get("kl_ci_low"), r.get("kl_ci_high"), 3, sig=True),
+            "kl_tail": "\u2014" if T.num(r.get("kl_median")) is None else
+                       f"{r['kl_median']:.3g} / {r['kl_p99']:.3g} / {r['kl_max']:.3g}",
+            "top1": _with_ci(r.get("top1_pct"), r.get("top1_ci_low"), r.get("top1_ci_high"), 2),
+            "dp_rms": fmt_num(r.get("dp_rms_pct"), 2),
+            "accuracy": "; ".join(task_cells) or "\u2014",
+            "source": {"live": "live", "report": "from files (report)"}.get(r.get("quality_source") or "",
+                                                                             "baseline" if r["is_baseline"] else "pending"),
+        })
+    return {"rows": out, "origins": origins, "settings": settings or {}}
+
+
 # ---------------------------------------------------------------- honesty panel
 
 
@@ -199,7 +258,9 @@ def _mixed_environment(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "driver": lambda r: T.get(r, "environment", "driver"),
             "CUDA (torch)": lambda r: T.get(r, "environment", "torch_cuda"),
             "qbench commit": lambda r: T.get(r, "environment", "qbench_git_commit"),
-            "host": lambda r: T.get(r, "environment", "host")}
+            "host": lambda r: T.get(r, "environment", "host"),
+            # cells of one SLURM sweep may run on different nodes (even of one GPU model): flag it
+            "node": lambda r: T.get(r, "scheduler", "node")}
     libs = sorted({k for r in results for k in (T.get(r, "environment", "versions", default={}) or {})})
     for lib in libs:
         keys[lib] = lambda r, lib=lib: T.get(r, "environment", "versions", lib)
@@ -265,13 +326,17 @@ def _same_environment_text(results: List[Dict[str, Any]]) -> str:
 
 def environment_view(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     libs = sorted({k for r in results for k in (T.get(r, "environment", "versions", default={}) or {})})
-    head = ["cell", "device", "GPU", "driver", "CUDA", *libs, "qbench commit", "host", "python"]
+    scheduled = any(r.get("scheduler") for r in results)  # SLURM columns only where a cell ran as a job
+    head = ["cell", "device", "GPU", "driver", "CUDA", *libs, "qbench commit", "host", "python",
+            *(["node", "SLURM job"] if scheduled else [])]
     body = []
     for r in results:
         e = r.get("environment") or {}
         v = e.get("versions") or {}
+        s = r.get("scheduler") or {}
         body.append([r["cell"], r.get("device"), e.get("gpu_name"), e.get("driver"), e.get("torch_cuda"),
-                     *[v.get(lib) for lib in libs], e.get("qbench_git_commit"), e.get("host"), e.get("python")])
+                     *[v.get(lib) for lib in libs], e.get("qbench_git_commit"), e.get("host"), e.get("python"),
+                     *([s.get("node"), s.get("job_id")] if scheduled else [])])
     body = [["\u2014" if x is None else str(x) for x in row] for row in body]
     commands = list(dict.fromkeys(str(r["command"]) for r in results if r.get("command")))
     cells = []
@@ -325,7 +390,8 @@ def sweep_context(results: List[Dict[str, Any]], sweep: str, downloads: Optional
         "meta": sweep_meta(results, sweep),
         "demo_cells": [r["cell"] for r in results if T.is_demo(r)],
         "baseline": base, "configured_baseline": configured, "models_without_base": models_without_base,
-        "summary": summary_view(rows), "errors": errors, "measured": measured,
+        "summary": summary_view(rows), "quality": quality_view(rows, results), "errors": errors,
+        "measured": measured,
         "charts": [{**c, "json": figure_json(c["figure"]) if c["figure"] is not None else None} for c in charts],
         "honesty": honesty_view(results, rows), "env": environment_view(results),
         "downloads": downloads or {}, "several_models": len({r["model"] for r in results}) > 1,

@@ -125,7 +125,23 @@ def load_results(sweep_dir: Path) -> List[Dict[str, Any]]:
         if r.get("status") not in ("ok", "error"):
             r["status"] = "error" if r.get("error") else "ok"
         results.append(r)
+    fill_late_quality(results, sweep_dir)
     return results
+
+
+def fill_late_quality(results: List[Dict[str, Any]], sweep_dir: Path) -> None:
+    """Cells measured before their baseline existed get their quality comparison now, from the two cells'
+    logprob files (qbench/evaluate/quality.py); ``comparison_source`` then says "report"."""
+    from qbench.evaluate import quality
+
+    for r in results:
+        q = get(r, "metrics", "quality")
+        if r["status"] != "ok" or not isinstance(q, dict) or q.get("comparison") or q.get("role") != "compared":
+            continue
+        base_dir = sweep_dir / f"{r['model']}__{q.get('baseline_method')}"
+        comparison = quality.compare_later(sweep_dir / r["cell"], base_dir)
+        if comparison is not None:
+            q["comparison"], q["comparison_source"] = comparison, "report"
 
 
 def is_random(r: Dict[str, Any]) -> bool:
@@ -449,12 +465,38 @@ def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "quantize_s": num(get(r, "timings", "quantize_s")),
             **memory_flags(r),
             "wall_time_s": num(r.get("wall_time_s")),
+            "node": get(r, "scheduler", "node"), "slurm_job_id": get(r, "scheduler", "job_id"),
             "warnings": [str(w) for w in r.get("warnings") or []],
         }
         for task in ("mmlu", "gsm8k"):
             row.update(_task_columns(r, task, b, paired))
+        row.update(quality_columns(r))
         rows.append(row)
     return rows
+
+
+def quality_columns(r: Dict[str, Any]) -> Dict[str, Any]:
+    """The quality-vs-baseline numbers of one cell (metrics.quality), flat; None where not measured."""
+    q = get(r, "metrics", "quality") if isinstance(get(r, "metrics", "quality"), dict) else {}
+    c = q.get("comparison") if isinstance(q.get("comparison"), dict) else {}
+    kl, top1, ratio = (c.get(k) if isinstance(c.get(k), dict) else {}
+                       for k in ("kl_divergence", "top1_agreement_pct", "ppl_ratio"))
+    dp = c.get("delta_p_pct") if isinstance(c.get("delta_p_pct"), dict) else {}
+    ppl_eval = get(r, "metrics", "accuracy", "perplexity")
+    return {
+        "ppl": num(q.get("ppl")), "ppl_ci_low": num(q.get("ppl_ci95_low")), "ppl_ci_high": num(q.get("ppl_ci95_high")),
+        "ppl_ratio": num(ratio.get("mean")), "ppl_ratio_ci_low": num(ratio.get("ci95_low")),
+        "ppl_ratio_ci_high": num(ratio.get("ci95_high")),
+        "kl_mean": num(kl.get("mean")), "kl_ci_low": num(kl.get("ci95_low")), "kl_ci_high": num(kl.get("ci95_high")),
+        "kl_median": num(kl.get("p50")), "kl_p99": num(kl.get("p99")), "kl_max": num(kl.get("max")),
+        "top1_pct": num(top1.get("mean")), "top1_ci_low": num(top1.get("ci95_low")),
+        "top1_ci_high": num(top1.get("ci95_high")),
+        "dp_rms_pct": num(dp.get("rms")),
+        "quality_tokens": num(kl.get("n_tokens") or q.get("n_tokens")),
+        "quality_source": q.get("comparison_source"),
+        "quality_role": q.get("role"),
+        "perplexity_eval": num(get(ppl_eval, "value")) if isinstance(ppl_eval, dict) else None,
+    }
 
 
 def summary_table(results: List[Dict[str, Any]]) -> pd.DataFrame:
@@ -548,7 +590,24 @@ def _tidy_cell(r: Dict[str, Any]) -> List[Dict[str, Any]]:
     if isinstance(ppl, dict):
         add("accuracy", "perplexity", ppl.get("value"), "perplexity", seq_len_tokens=ppl.get("seq_len_tokens"),
             task=str(ppl.get("source")) if ppl.get("source") else None)
+    q = quality_columns(r)
+    ctx_q = {"seq_len_tokens": get(r, "metrics", "quality", "settings", "ctx_tokens"),
+             "task": get(r, "metrics", "quality", "settings", "source")}
+    for key, unit in QUALITY_TIDY:
+        add("quality", key, q.get(key), unit, **ctx_q)
     return rows
+
+
+# summary keys of quality_columns that go into the tidy table, with their units
+QUALITY_TIDY = (
+    ("ppl", "perplexity"), ("ppl_ci_low", "perplexity"), ("ppl_ci_high", "perplexity"),
+    ("ppl_ratio", "ratio to baseline"), ("ppl_ratio_ci_low", "ratio to baseline"),
+    ("ppl_ratio_ci_high", "ratio to baseline"),
+    ("kl_mean", "nats/token"), ("kl_ci_low", "nats/token"), ("kl_ci_high", "nats/token"),
+    ("kl_median", "nats/token"), ("kl_p99", "nats/token"), ("kl_max", "nats/token"),
+    ("top1_pct", "% of tokens"), ("top1_ci_low", "% of tokens"), ("top1_ci_high", "% of tokens"),
+    ("dp_rms_pct", "pp of probability"),
+)
 
 
 def tidy_table(results: List[Dict[str, Any]]) -> pd.DataFrame:

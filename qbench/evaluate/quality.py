@@ -1,0 +1,320 @@
+"""Quality against the baseline, token by token: KL divergence, top-1 agreement, Δp, perplexity ratio.
+
+The measures and their conventions are llama.cpp's ``llama-perplexity --kl-divergence`` (tools/perplexity) and
+Dutta et al. 2024, "Accuracy is Not All You Need" (KL divergence and flips beside accuracy):
+
+- the corpus is tokenized once and cut into non-overlapping windows of ``ctx_tokens``; the first token of each
+  window becomes BOS where the tokenizer adds one; only the second half of each window is scored (positions
+  ``ctx/2 .. ctx-2`` predicting the next token), so every scored token has at least ctx/2 tokens of context;
+- per scored token: KL(P_base ‖ Q) over the vocabulary, whether argmax Q == argmax P ("same top p"),
+  Δp = Q(correct token) − P(correct token), and both negative log-likelihoods.
+
+One process per cell: the baseline cell cannot hold the other methods' models, and they cannot hold it. So
+every cell writes its own next-token distributions compactly (``quality_logprobs.npz`` beside its result): per
+scored position, the most likely tokens until they cover ``coverage`` of the probability (at most
+``max_kept``), with exact fp32 log-probabilities, plus the correct token's log-probability and the argmax. A cell
+that finds its baseline's file compares its *live* full-vocabulary distribution against it; a cell measured
+before its baseline gets its comparison when the report is built, from the two files.
+
+Approximations, each tested against the exact full-vocabulary KL (tests/test_quality.py):
+
+1. The baseline's unkept tokens form one bucket: KL is computed between the distributions coarsened to
+   {kept tokens} ∪ {rest}. By the data-processing inequality this is a lower bound of the full KL; it misses at
+   most P(rest) × KL between the two tails, and P(rest) ≤ 1 − coverage unless ``max_kept`` binds (recorded).
+   llama.cpp makes the same kind of cut: it skips base tokens with log p < −16.
+2. Only in the report-time comparison: the tokens both files kept are compared one by one, everything else
+   is one bucket whose two masses both files give exactly. Again a lower bound, with no value guessed.
+3. Perplexity, Δp and top-1 agreement are exact in both paths (the correct token and the argmax are stored).
+
+Uncertainty: tokens of one window are correlated, so every 95 % CI is a t-interval over per-window means
+(W windows, W − 1 degrees of freedom), wider and more honest than llama.cpp's token-level ± (also recorded
+as ``*_se_tokens``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+LOG = logging.getLogger(__name__)
+
+LOGPROBS_FILE = "quality_logprobs.npz"
+FORMAT_VERSION = 1
+KL_PERCENTILES = (50, 90, 99, 99.9)
+DP_PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+def corpus_windows(tokenizer: Any, text: str, ctx_tokens: int, max_windows: Optional[int]) -> np.ndarray:
+    """[W, ctx] token ids: the corpus tokenized once, cut into non-overlapping windows (remainder dropped)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    n = len(ids) // ctx_tokens
+    if max_windows is not None:
+        n = min(n, int(max_windows))
+    if n < 1:
+        raise ValueError(f"quality: the corpus has {len(ids)} tokens, fewer than one window of {ctx_tokens}")
+    windows = np.asarray(ids[: n * ctx_tokens], dtype=np.int64).reshape(n, ctx_tokens)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and tokenizer("x").input_ids[:1] == [bos]:
+        windows[:, 0] = bos  # llama.cpp: where the tokenizer adds BOS, every chunk starts with it
+    return windows
+
+
+def scored_positions(ctx_tokens: int) -> Tuple[int, int]:
+    """(first, count): logits at positions first .. ctx-2 predict tokens first+1 .. ctx-1 (llama.cpp)."""
+    first = ctx_tokens // 2
+    return first, ctx_tokens - 1 - first
+
+
+def window_logprobs(model: Any, windows: np.ndarray, batch_size: int) -> Iterator[Tuple[int, Any]]:
+    """(window index, [count, V] float32 log-softmax at the scored positions) for every window, in order."""
+    import torch
+
+    first, count = scored_positions(windows.shape[1])
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            batch = torch.as_tensor(windows[start:start + batch_size], device=dev)
+            logits = model(batch).logits[:, first:first + count]
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for j in range(logp.shape[0]):
+                yield start + j, logp[j]
+
+
+# ------------------------------------------------------------------------------------------------ compact form
+def compact(logp: Any, coverage: float, max_kept: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n_kept [P], ids [sum], logp [sum]) of one window's [P, V] log-probs, most likely first."""
+    import torch
+
+    k = min(int(max_kept), logp.shape[-1])
+    top_lp, top_ids = torch.topk(logp, k, dim=-1)
+    cum = torch.cumsum(top_lp.double().exp(), dim=-1)
+    # tokens until the cumulative probability reaches coverage (the one that crosses it included)
+    n_kept = torch.clamp((cum < coverage).sum(dim=-1) + 1, max=k)
+    mask = torch.arange(k)[None, :] < n_kept[:, None]
+    return n_kept.numpy().astype(np.int32), top_ids[mask].numpy().astype(np.int32), top_lp[mask].numpy()
+
+
+class Recorder:
+    """Collects one cell's compact distributions window by window, then writes them as one .npz."""
+
+    def __init__(self, windows: np.ndarray, coverage: float, max_kept: int):
+        self.windows, self.coverage, self.max_kept = windows, coverage, max_kept
+        self.parts: Dict[str, List[np.ndarray]] = {k: [] for k in ("n_kept", "ids", "logp", "logp_target",
+                                                                   "argmax", "window")}
+
+    def add(self, w: int, logp: Any) -> None:
+        first, count = scored_positions(self.windows.shape[1])
+        targets = self.windows[w, first + 1:first + 1 + count]
+        n_kept, ids, lp = compact(logp, self.coverage, self.max_kept)
+        self.parts["n_kept"].append(n_kept)
+        self.parts["ids"].append(ids)
+        self.parts["logp"].append(lp)
+        self.parts["logp_target"].append(logp[np.arange(count), targets].numpy())
+        self.parts["argmax"].append(logp.argmax(dim=-1).numpy().astype(np.int32))
+        self.parts["window"].append(np.full(count, w, dtype=np.int32))
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        return {k: np.concatenate(v) for k, v in self.parts.items()}
+
+    def write(self, path: Path, meta: Dict[str, Any]) -> None:
+        arrays = self.arrays()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+        np.savez_compressed(tmp, tokens=self.windows.astype(np.int32), meta=np.array(json.dumps(meta)), **arrays)
+        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+
+
+def load(path: Path) -> Optional[Dict[str, Any]]:
+    """A cell's compact distributions (arrays plus ``meta``), or None when absent or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError):
+        return None
+    data["meta"] = json.loads(str(data["meta"]))
+    data["offsets"] = np.concatenate([[0], np.cumsum(data["n_kept"], dtype=np.int64)])
+    return data
+
+
+def tokens_hash(windows: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int32).tobytes()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ comparison
+def _kl_coarsened(lp_kept: np.ndarray, lq_kept: np.ndarray) -> float:
+    """KL(P‖Q) over the baseline's kept tokens plus one bucket for the rest (float64)."""
+    p = np.exp(lp_kept.astype(np.float64))
+    lq = lq_kept.astype(np.float64)
+    kl = float(np.sum(p * (lp_kept - lq)))
+    p_rest = 1.0 - p.sum()
+    if p_rest > 1e-12:
+        q_rest = max(1.0 - np.exp(lq).sum(), 1e-300)
+        kl += p_rest * (math.log(p_rest) - math.log(q_rest))
+    return kl
+
+
+def compare_live(ref: Dict[str, Any], w: int, logq: Any, window_rows: np.ndarray) -> Dict[str, np.ndarray]:
+    """Per-token measures of one window: the cell's full [count, V] log-probs against the stored baseline."""
+    lq = logq.numpy()
+    kl = np.empty(len(window_rows))
+    for j, n in enumerate(window_rows):
+        a, b = ref["offsets"][n], ref["offsets"][n + 1]
+        kl[j] = _kl_coarsened(ref["logp"][a:b], lq[j, ref["ids"][a:b]])
+    first, count = scored_positions(ref["tokens"].shape[1])
+    targets = ref["tokens"][w, first + 1:first + 1 + count]
+    return {"kl": kl, "same_top": lq.argmax(axis=-1) == ref["argmax"][window_rows],
+            "logq_target": lq[np.arange(count), targets], "logp_target": ref["logp_target"][window_rows]}
+
+
+def compare_files(ref: Dict[str, Any], cand: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Per-token measures from two compact files (approximation 2 of the module docstring)."""
+    n_pos = len(ref["n_kept"])
+    kl = np.empty(n_pos)
+    for n in range(n_pos):
+        a, b = ref["offsets"][n], ref["offsets"][n + 1]
+        c, d = cand["offsets"][n], cand["offsets"][n + 1]
+        both, i_ref, i_cand = np.intersect1d(ref["ids"][a:b], cand["ids"][c:d], return_indices=True)
+        kl[n] = _kl_coarsened(ref["logp"][a:b][i_ref], cand["logp"][c:d][i_cand])
+    return {"kl": kl, "same_top": cand["argmax"] == ref["argmax"],
+            "logq_target": cand["logp_target"], "logp_target": ref["logp_target"]}
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def _t975(df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def window_mean_ci(values: np.ndarray, window: np.ndarray) -> Dict[str, Optional[float]]:
+    """Mean over tokens, with a 95 % t-interval over per-window means and llama.cpp's token-level se."""
+    values = np.asarray(values, dtype=np.float64)
+    means = np.array([values[window == w].mean() for w in np.unique(window)])
+    out: Dict[str, Optional[float]] = {"mean": float(values.mean()), "ci95_low": None, "ci95_high": None,
+                                       "n_windows": int(len(means)), "n_tokens": int(len(values)),
+                                       "se_tokens": float(values.std(ddof=1) / math.sqrt(len(values)))
+                                       if len(values) > 1 else None}
+    if len(means) > 1:
+        half = _t975(len(means) - 1) * means.std(ddof=1) / math.sqrt(len(means))
+        out["ci95_low"], out["ci95_high"] = float(means.mean() - half), float(means.mean() + half)
+    return out
+
+
+def _percentiles(values: np.ndarray, qs: Tuple[float, ...]) -> Dict[str, float]:
+    return {f"p{q:g}": float(np.percentile(values, q)) for q in qs}
+
+
+def summarize(per_token: Dict[str, np.ndarray], window: np.ndarray) -> Dict[str, Any]:
+    """The comparison block of result.json (docs/results.md, metrics.quality.comparison)."""
+    kl, same = per_token["kl"], per_token["same_top"].astype(np.float64)
+    nll_q, nll_p = -per_token["logq_target"].astype(np.float64), -per_token["logp_target"].astype(np.float64)
+    dp = np.exp(-nll_q) - np.exp(-nll_p)
+    ln_ratio = window_mean_ci(nll_q - nll_p, window)
+    ratio = {k: (math.exp(v) if k in ("mean", "ci95_low", "ci95_high") and v is not None else v)
+             for k, v in ln_ratio.items() if k != "se_tokens"}
+    return {
+        "kl_divergence": {**window_mean_ci(kl, window), **_percentiles(kl, KL_PERCENTILES),
+                          "max": float(kl.max()), "unit": "nats per token"},
+        "top1_agreement_pct": {k: (100 * v if isinstance(v, float) else v)
+                               for k, v in window_mean_ci(same, window).items()},
+        "delta_p_pct": {"mean": float(100 * dp.mean()), "rms": float(100 * math.sqrt(np.mean(dp ** 2))),
+                        **{k: 100 * v for k, v in _percentiles(dp, DP_PERCENTILES).items()},
+                        "min": float(100 * dp.min()), "max": float(100 * dp.max()),
+                        "unit": "percentage points of the correct token's probability"},
+        "ln_ppl_ratio": ln_ratio,
+        "ppl_ratio": ratio,
+        "ppl": math.exp(nll_q.mean()), "ppl_baseline": math.exp(nll_p.mean()),
+        "nll_correlation": float(np.corrcoef(nll_q, nll_p)[0, 1]) if nll_q.std() > 0 and nll_p.std() > 0 else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ one cell
+def _identity(meta: Dict[str, Any]) -> Tuple[Any, ...]:
+    return meta.get("tokens_sha256"), meta.get("model_config_hash"), meta.get("ctx_tokens")
+
+
+def usable_reference(path: Path, meta: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """The baseline's file when it was made on the same tokens by the same model config, else (None, why)."""
+    if not path.exists():
+        return None, None
+    ref = load(path)
+    if ref is None:
+        return None, f"quality: the baseline's {path} is unreadable"
+    if _identity(ref["meta"]) != _identity(meta):
+        return None, (f"quality: the baseline's {path} was made on other tokens or another model config; "
+                      "rerun the baseline cell (run.force=true) to compare against it")
+    return ref, None
+
+
+def own_summary(arrays: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """The cell's own perplexity (with its CI) and how much probability its stored tokens cover."""
+    nll = window_mean_ci(-arrays["logp_target"].astype(np.float64), arrays["window"])
+    offsets = np.concatenate([[0], np.cumsum(arrays["n_kept"], dtype=np.int64)])
+    kept_mass = np.add.reduceat(np.exp(arrays["logp"].astype(np.float64)), offsets[:-1])
+    return {
+        "ppl": math.exp(nll["mean"]),
+        "ppl_ci95_low": None if nll["ci95_low"] is None else math.exp(nll["ci95_low"]),
+        "ppl_ci95_high": None if nll["ci95_high"] is None else math.exp(nll["ci95_high"]),
+        "nll_mean": nll["mean"], "n_tokens": nll["n_tokens"], "n_windows": nll["n_windows"],
+        "kept_tokens_mean": float(arrays["n_kept"].mean()),
+        "kept_mass_mean": float(kept_mass.mean()), "kept_mass_min": float(kept_mass.min()),
+    }
+
+
+def run(model: Any, tokenizer: Any, q_cfg: Any, *, text: str, cell_dir: Path, baseline_file: Optional[Path],
+        meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``quality`` section of one cell; writes its compact distributions to ``cell_dir/LOGPROBS_FILE``.
+
+    ``baseline_file`` is None for the baseline cell itself, else where the baseline's file is (or will be).
+    """
+    t0 = time.perf_counter()
+    windows = corpus_windows(tokenizer, text, int(q_cfg.ctx_tokens), q_cfg.max_windows)
+    meta = {**meta, "format": FORMAT_VERSION, "ctx_tokens": int(q_cfg.ctx_tokens), "n_windows": len(windows),
+            "tokens_sha256": tokens_hash(windows), "coverage": float(q_cfg.coverage), "max_kept": int(q_cfg.max_kept),
+            "vocab_size": None}
+    ref, warning = usable_reference(baseline_file, meta) if baseline_file is not None else (None, None)
+    recorder = Recorder(windows, float(q_cfg.coverage), int(q_cfg.max_kept))
+    live: List[Dict[str, np.ndarray]] = []
+    _, count = scored_positions(windows.shape[1])
+    for w, logp in window_logprobs(model, windows, int(q_cfg.batch_size)):
+        meta["vocab_size"] = int(logp.shape[-1])
+        recorder.add(w, logp)
+        if ref is not None:
+            live.append(compare_live(ref, w, logp, np.arange(w * count, (w + 1) * count)))
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    recorder.write(cell_dir / LOGPROBS_FILE, meta)
+    arrays = recorder.arrays()
+    comparison = None
+    if live:
+        per_token = {k: np.concatenate([x[k] for x in live]) for k in live[0]}
+        comparison = summarize(per_token, arrays["window"])
+    return {
+        "role": "baseline" if baseline_file is None else "compared",
+        "baseline_file": None if baseline_file is None else str(baseline_file),
+        **own_summary(arrays),
+        "comparison": comparison,
+        "comparison_source": "live" if comparison else None,
+        "settings": {k: meta[k] for k in ("source", "ctx_tokens", "n_windows", "tokens_sha256", "coverage",
+                                          "max_kept", "vocab_size") if k in meta}
+                    | {"scored": "second half of each window (llama.cpp)", "batch_size": int(q_cfg.batch_size)},
+        "warnings": [warning] if warning else [],
+        "eval_time_s": time.perf_counter() - t0,
+    }
+
+
+def compare_later(cell_dir: Path, baseline_dir: Path) -> Optional[Dict[str, Any]]:
+    """The comparison of a cell measured before its baseline, from the two files; None if either is missing."""
+    cand = load(cell_dir / LOGPROBS_FILE)
+    ref = load(baseline_dir / LOGPROBS_FILE)
+    if cand is None or ref is None or _identity(cand["meta"]) != _identity(ref["meta"]):
+        return None
+    per_token = compare_files(ref, cand)
+    return summarize(per_token, ref["window"])

@@ -1,0 +1,129 @@
+"""Quality against the baseline (qbench/evaluate/quality.py): the compact form, its approximations against the
+exact full-vocabulary KL divergence, the statistics, and the live and report-time paths on a tiny model."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from qbench.evaluate import quality
+from qbench import tiny
+
+QCFG = OmegaConf.create({"ctx_tokens": 64, "max_windows": 6, "batch_size": 3, "coverage": 0.999, "max_kept": 4096})
+
+
+@pytest.fixture(scope="module")
+def peaked_pair(tmp_path_factory):
+    """A tiny Llama whose next-token distributions are peaked like a trained model's (a random model's are
+    nearly uniform, which would hide the tail approximation), and a perturbed copy standing for a quantized one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tiny.VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                      tie_word_embeddings=False, bos_token_id=1)
+    base = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(120.0)  # logits of a few nats' spread: entropy ~ a trained model's
+    cand = copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in cand.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.add_(torch.randn(p.shape, generator=gen) * p.std() * 0.08)  # ~ 4-bit rounding noise
+    tok = tiny.build_tokenizer()
+    text = tiny.TINY_TEXT.read_text()[:60000]
+    return base, cand, tok, text, tmp_path_factory.mktemp("quality")
+
+
+def exact_kl(base, cand, windows):
+    """Mean KL(P_base ‖ Q) over every scored token, from both full-vocabulary distributions."""
+    first, count = quality.scored_positions(windows.shape[1])
+    with torch.no_grad():
+        ids = torch.as_tensor(windows)
+        lp = torch.log_softmax(base(ids).logits[:, first:first + count].double(), -1)
+        lq = torch.log_softmax(cand(ids).logits[:, first:first + count].double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def test_compact_keeps_tokens_until_coverage():
+    logp = torch.log_softmax(torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0, 0.0]]), -1)
+    n_kept, ids, lp = quality.compact(logp, coverage=0.9, max_kept=4)
+    p = logp.exp()
+    # first row: 0.705, 0.259 -> 0.964 >= 0.9 after two tokens; second row: uniform 0.2 each, capped at 4
+    assert n_kept.tolist() == [2, 4]
+    assert ids[:2].tolist() == [0, 1]
+    assert np.allclose(lp[:2], logp[0, :2].numpy())
+    assert float(p[0, :2].sum()) >= 0.9
+
+
+def test_windows_follow_llama_cpp():
+    tok = tiny.build_tokenizer()
+    windows = quality.corpus_windows(tok, tiny.TINY_TEXT.read_text()[:20000], 32, max_windows=3)
+    assert windows.shape == (3, 32)
+    ids = tok(tiny.TINY_TEXT.read_text()[:20000], add_special_tokens=False).input_ids
+    assert windows[1, 1:].tolist() == ids[33:64]  # non-overlapping, in corpus order
+    assert quality.scored_positions(512) == (256, 255)  # llama.cpp: 255 scored tokens per 512-token chunk
+
+
+def test_live_and_report_time_kl_within_one_percent_of_exact(peaked_pair):
+    base, cand, tok, text, tmp = peaked_pair
+    meta = {"source": "test", "model_config_hash": "x"}
+    b = quality.run(base, tok, QCFG, text=text, cell_dir=tmp / "base", baseline_file=None, meta=meta)
+    assert b["role"] == "baseline" and b["comparison"] is None
+    # the tail approximation is exercised: the kept tokens are far fewer than the vocabulary
+    assert b["kept_tokens_mean"] < tiny.VOCAB_SIZE / 4
+    live = quality.run(cand, tok, QCFG, text=text, cell_dir=tmp / "cand",
+                       baseline_file=tmp / "base" / quality.LOGPROBS_FILE, meta=meta)
+    windows = quality.load(tmp / "base" / quality.LOGPROBS_FILE)["tokens"]
+    exact = exact_kl(base, cand, windows)
+    assert exact > 1e-3  # the perturbation is visible
+    got_live = live["comparison"]["kl_divergence"]["mean"]
+    assert live["comparison_source"] == "live"
+    assert abs(got_live - exact) / exact <= 0.01
+    assert got_live <= exact * (1 + 1e-6)  # coarsening never raises KL (data-processing inequality)
+    later = quality.compare_later(tmp / "cand", tmp / "base")
+    assert abs(later["kl_divergence"]["mean"] - exact) / exact <= 0.01
+    assert later["kl_divergence"]["mean"] <= exact * (1 + 1e-6)  # a lower bound too
+    # perplexity, Δp and top-1 agreement are exact in both paths
+    assert later["ppl"] == pytest.approx(live["comparison"]["ppl"], rel=1e-6)
+    assert later["top1_agreement_pct"]["mean"] == pytest.approx(live["comparison"]["top1_agreement_pct"]["mean"])
+    assert later["delta_p_pct"]["rms"] == pytest.approx(live["comparison"]["delta_p_pct"]["rms"], rel=1e-5)
+
+
+def test_same_model_against_itself_is_zero(peaked_pair):
+    base, _, tok, text, tmp = peaked_pair
+    meta = {"source": "test", "model_config_hash": "self"}
+    quality.run(base, tok, QCFG, text=text, cell_dir=tmp / "s0", baseline_file=None, meta=meta)
+    same = quality.run(base, tok, QCFG, text=text, cell_dir=tmp / "s1",
+                       baseline_file=tmp / "s0" / quality.LOGPROBS_FILE, meta=meta)["comparison"]
+    assert abs(same["kl_divergence"]["mean"]) < 1e-6
+    assert same["top1_agreement_pct"]["mean"] == 100.0
+    assert same["ppl_ratio"]["mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_reference_of_other_tokens_is_refused_with_a_warning(peaked_pair):
+    base, cand, tok, text, tmp = peaked_pair
+    quality.run(base, tok, QCFG, text=text, cell_dir=tmp / "r0", baseline_file=None,
+                meta={"source": "test", "model_config_hash": "A"})
+    out = quality.run(cand, tok, QCFG, text=text, cell_dir=tmp / "r1", baseline_file=tmp / "r0" / quality.LOGPROBS_FILE,
+                      meta={"source": "test", "model_config_hash": "B"})
+    assert out["comparison"] is None
+    assert "other tokens or another model config" in out["warnings"][0]
+    assert quality.compare_later(tmp / "r1", tmp / "r0") is None
+
+
+def test_window_ci_is_a_t_interval_over_window_means():
+    values = np.array([1.0, 3.0, 2.0, 4.0, 6.0, 8.0])
+    window = np.array([0, 0, 1, 1, 2, 2])
+    ci = quality.window_mean_ci(values, window)
+    means = np.array([2.0, 3.0, 7.0])
+    half = 4.302652729911275 * means.std(ddof=1) / math.sqrt(3)  # t(0.975, df=2)
+    assert ci["mean"] == pytest.approx(4.0)
+    assert ci["ci95_low"] == pytest.approx(4.0 - half)
+    assert ci["ci95_high"] == pytest.approx(4.0 + half)
+    assert ci["se_tokens"] == pytest.approx(values.std(ddof=1) / math.sqrt(6))
