@@ -58,6 +58,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
     from qbench import methods, models, slurm
+    from qbench.config import ConfigError
     from qbench.measure.cpu_affinity import apply_cpu_affinity
     from qbench.store import SCHEMA_VERSION, environment, now_iso
 
@@ -127,6 +128,13 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
             timings["load_s"] = time.perf_counter() - t0
         model.eval()
         tokenizer = models.load_tokenizer(source)
+        # preflight checked what was on disk; a Hub model's tokenizer and config are checked here, loaded
+        from qbench.preflight import tokenizer_fit_problem
+
+        problem = tokenizer_fit_problem(len(tokenizer), model.get_input_embeddings().num_embeddings,
+                                        f"'{source.tokenizer_path}'")
+        if problem:
+            raise ConfigError(problem)
         result["method_info"] = method_info
         # One-time costs apart from the load itself: quantization (the original cost, also on a cache hit)
         # and kernel JIT builds; load_s is the wall time of the whole load, these say what it contained.
@@ -143,9 +151,12 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         phase = "memory"
         footprint = memory.weight_footprint(model)
         analytic = memory.analytic_weights(model.config, method, cfg.method)
-        metrics["memory"] = {**footprint, **analytic}
+        metrics["memory"] = {**footprint, **analytic, **memory.quantized_share(model)}
         measured, expected = footprint.get("weight_bytes_measured"), analytic.get("weight_bytes_analytic")
         metrics["memory"]["weight_measured_over_analytic"] = measured / expected if measured and expected else None
+        for warning in memory.memory_warnings(metrics["memory"], memory.method_quantizes(method, cfg.method)):
+            log.warning(warning)
+            result["warnings"].append(warning)
 
         if cfg.bench.enabled:
             phase = "latency"
@@ -186,14 +197,16 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # failures are data
+        from qbench.store import error_message
+
         result["error"] = {
             "class": classify(exc),
             "type": type(exc).__name__,
-            "message": str(exc)[:4000],
+            "message": error_message(exc),  # the cause in one line; the whole text is in the traceback
             "traceback": traceback.format_exc()[-20000:],
             "phase": phase,
         }
-        log.error("cell failed in %s: %s: %s", phase, type(exc).__name__, exc)
+        log.error("cell failed in %s: %s: %s", phase, type(exc).__name__, result["error"]["message"])
     result["finished_at"] = now_iso()
     result["wall_time_s"] = time.perf_counter() - t_start
     return result
@@ -240,10 +253,52 @@ def _inject(spec: str, method_name: str) -> None:
     raise RuntimeError("injected by run.inject_failure=exception")
 
 
+class OncePerCell(logging.Filter):
+    """Lets each distinct library warning (logging, WARNING and up) through once per cell and counts the repeats.
+
+    bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16" on every int8 matmul
+    (tens of thousands of lines for one CPU cell); what the sweep's log needs is the message once, and what the
+    result needs is that it happened: ``warnings()`` lists each with its count for result["warnings"].
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: Dict[tuple, list] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or record.name.split(".")[0] == "qbench":
+            return True
+        key = (record.name, str(record.msg), record.args if isinstance(record.args, tuple) else None)
+        if key in self.seen:
+            self.seen[key][0] += 1
+            return False
+        self.seen[key] = [1, record.name.split(".")[0], record.getMessage()]
+        return True
+
+    def records(self) -> list:
+        """Every distinct library warning of the cell with its count (result["library_warnings"])."""
+        return [{"library": lib, "message": text, "count": n} for n, lib, text in self.seen.values()]
+
+    def warnings(self) -> list:
+        """The repeated ones, for result["warnings"]: a warning logged again and again comes from the code
+        being measured (a cast on every matmul), not from an import; one-off import chatter stays out."""
+        return [f"{lib}: {text} (logged {n} times, shown once)" for n, lib, text in self.seen.values() if n > 1]
+
+    @classmethod
+    def install(cls) -> "OncePerCell":
+        """On every handler of the root logger, where library loggers' records end up."""
+        f = cls()
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(f)
+        return f
+
+
 def main(argv: list[str] | None = None) -> int:
+    from qbench.measure.gpu_state import DeviceWatch
     from qbench.store import write_result
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    once = OncePerCell.install()
     # SLURM sends SIGUSR2 to every process of a job signal_delay_s before its time limit (submitit's --signal),
     # and SIGUSR2 ends a Python process by default: the cell would die 90 s early as a "crash". It measures on;
     # at the limit SLURM stops it and the row says timeout.
@@ -253,11 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(spec_path.read_text())
     cell_dir = spec_path.parent.parent
     spec.setdefault("cell_dir", str(cell_dir))  # where the cell keeps files beside its result (quality)
-    try:
-        result = run(spec)
-    except KeyboardInterrupt:
-        log.warning("interrupted: no result written, the next run redoes this cell")
-        return 130
+    # Registered as measuring on its devices for the whole cell: the result says whether another measuring
+    # process (another sweep, another user, another lock folder) overlapped with it there.
+    with DeviceWatch(spec.get("device_keys") or []) as watch:
+        try:
+            result = run(spec)
+        except KeyboardInterrupt:
+            log.warning("interrupted: no result written, the next run redoes this cell")
+            return 130
+        result["device_shared"] = watch.report()
+    if result["device_shared"]["shared"]:
+        result["warnings"].append(
+            "another measuring process used this cell's device meanwhile ("
+            + ", ".join(result["device_shared"]["other_measuring_processes"]) + "): timings and peaks may be off")
+    result["library_warnings"] = once.records()
+    result["warnings"].extend(once.warnings())
     write_result(cell_dir, result)
     return 0
 

@@ -20,7 +20,6 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from qbench.config import ConfigError, cell_id, register_configs, validate
-from qbench.preflight import check_cell
 from qbench.measure import gpu_state
 
 log = logging.getLogger("qbench")
@@ -45,10 +43,10 @@ def conf_dir() -> str:
 
 
 # ----------------------------------------------------------------------------------------------- preflight
-def _compose(overrides: List[str]):
+def _compose(overrides: List[str], config_name: str = "config"):
     from hydra import compose
 
-    return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -77,7 +75,7 @@ def _one_line(exc: BaseException) -> str:
     return first
 
 
-def sweep_overrides(argv_overrides: List[str], multirun: bool) -> List[List[str]]:
+def sweep_overrides(argv_overrides: List[str], multirun: bool, config_name: str = "config") -> List[List[str]]:
     """Expand the command line and the experiment's ``hydra.sweeper.params`` into one override list per cell,
     in the same way Hydra's basic sweeper does (cartesian product; the command line wins over the config)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -85,7 +83,7 @@ def sweep_overrides(argv_overrides: List[str], multirun: bool) -> List[List[str]
     parser = OverridesParser.create()
     if not multirun:
         return [argv_overrides]
-    cfg = _compose([o for o in argv_overrides if not parser.parse_override(o).is_sweep_override()])
+    cfg = _compose([o for o in argv_overrides if not parser.parse_override(o).is_sweep_override()], config_name)
     params: Dict[str, Any] = {}
     sweeper_params = cfg.hydra.sweeper.get("params") or {}
     for key, value in sweeper_params.items():
@@ -102,24 +100,24 @@ def sweep_overrides(argv_overrides: List[str], multirun: bool) -> List[List[str]
     return [list(combo) for combo in itertools.product(*axes)]
 
 
-def preflight(argv: List[str]) -> int:
-    """Compose and validate every cell the command would run. Returns the number of cells."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+def preflight(argv: List[str]) -> List[Path]:
+    """Compose and check every cell the command would run; returns each cell's result directory.
 
-    from qbench.store import check_writable
+    The command line is read by Hydra's own parser and composed on the search path the app will use, so
+    every Hydra spelling (``--config-dir=DIR``, ``--config-dir DIR``, ``-cd DIR``, ``-cn NAME``) gets the
+    same checks."""
+    from qbench import preflight as pf
 
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    overrides = [a for a in argv if not a.startswith("-")]
-    GlobalHydra.instance().clear()
+    args = pf.parse_args(argv)
     try:
-        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-            cells = sweep_overrides(overrides, multirun)
+        with pf.hydra_context(args, conf_dir(), __file__):
+            cells = sweep_overrides(list(args.overrides), bool(args.multirun), args.config_name or "config")
             seen: Dict[str, List[str]] = {}
+            dirs: List[Path] = []
             for cell_overrides in cells:
-                cfg = _compose(cell_overrides)
+                cfg = _compose(cell_overrides, args.config_name or "config")
                 validate(cfg)
-                check_cell(cfg)
+                pf.check_cell(cfg)
                 cid = cell_id(cfg)
                 if cid in seen:
                     raise ConfigError(
@@ -127,15 +125,14 @@ def preflight(argv: List[str]) -> int:
                         "give them different model.name or method.name"
                     )
                 seen[cid] = cell_overrides
-            check_writable(Path(cfg.run.runs_dir))
+                dirs.append(Path(cfg.run.runs_dir) / cfg.run.sweep / cid)
+            pf.check_dirs(cfg)
             _check_launcher(cfg)
     except ConfigError:
         raise
     except Exception as exc:  # Hydra / OmegaConf / YAML errors: one line naming the culprit
         raise ConfigError(_one_line(exc)) from exc
-    finally:
-        GlobalHydra.instance().clear()
-    return len(cells)
+    return dirs
 
 
 def _check_launcher(cfg: Any) -> None:
@@ -151,8 +148,7 @@ def _check_launcher(cfg: Any) -> None:
 def _try_lock(path: Path):
     import fcntl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a")
+    f = gpu_state.open_lock_file(path)
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         return f
@@ -161,14 +157,15 @@ def _try_lock(path: Path):
         return None
 
 
-def acquire_slot(num_gpus: int, want_gpu: bool, slot_dir: Path, poll_s: float = 1.0):
+def acquire_slot(num_gpus: int, want_gpu: bool, slot_dir: Optional[Path] = None, poll_s: float = 1.0):
     """Block until ``num_gpus`` GPUs of this host are free, lock them, and return (lock files, gpu ids).
 
-    Locks are per host and physical GPU (flock: released by the kernel when the holder dies), so cells started
-    at once by a parallel launcher take GPUs in turn and never share one. Without GPUs, cells take one CPU
-    slot in turn, which keeps CPU timings undisturbed.
+    Locks are per host and physical GPU (its UUID), in one folder per host whatever the working directory
+    or cache (gpu_state.lock_dir), and flock is released by the kernel when the holder dies: cells of any
+    sweep on this host take GPUs in turn and never share one. Without GPUs, cells take one CPU slot in turn,
+    which keeps CPU timings undisturbed. ``slot_dir`` replaces the folder (tests).
     """
-    host = socket.gethostname()
+    slot_dir = Path(slot_dir) if slot_dir is not None else gpu_state.lock_dir()
     gpus = gpu_state.visible_gpus() if want_gpu else []
     if want_gpu and len(gpus) < num_gpus:
         raise ConfigError(f"model.num_gpus: {num_gpus} GPUs asked for, {len(gpus)} visible ({','.join(gpus) or 'none'})")
@@ -176,7 +173,7 @@ def acquire_slot(num_gpus: int, want_gpu: bool, slot_dir: Path, poll_s: float = 
     waited = False
     while True:
         for group in groups:
-            names = [f"{host}-gpu{g}" for g in group] or [f"{host}-cpu"]
+            names = gpu_state.device_keys(group)
             held = []
             for name in names:
                 f = _try_lock(slot_dir / f"{name}.lock")
@@ -188,7 +185,7 @@ def acquire_slot(num_gpus: int, want_gpu: bool, slot_dir: Path, poll_s: float = 
             for f in held:
                 f.close()
         if not waited:
-            log.info("waiting for a free %s slot", "GPU" if gpus else "CPU")
+            log.info("waiting for a free %s slot (locks in %s)", "GPU" if gpus else "CPU", slot_dir)
             waited = True
         time.sleep(poll_s)
 
@@ -243,7 +240,7 @@ def _take_devices(cfg: Any, want_gpu: bool) -> tuple:
 
     num_gpus = int(cfg.model.num_gpus)
     if not slurm.owns_allocation():
-        return acquire_slot(num_gpus, want_gpu, Path(cfg.run.cache_dir).expanduser() / "slots")
+        return acquire_slot(num_gpus, want_gpu)
     gpus = gpu_state.visible_gpus() if want_gpu else []
     if want_gpu and len(gpus) < num_gpus:
         raise ConfigError(f"model.num_gpus: {num_gpus} GPUs asked for, the SLURM job was given {len(gpus)} "
@@ -318,8 +315,9 @@ def run_cell(cfg: Any) -> str:
         log.info("%s: skipped, already %s (run.force=true or run.rerun_failed=true to rerun)", cid, skipped)
         return f"skipped:{skipped}"
 
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    cfg_dict.pop("hydra", None)
+    # hydra.* is not resolved: its help template calls a resolver only the qbench command registers
+    cfg_dict = {k: OmegaConf.to_container(cfg[k], resolve=True) if hasattr(cfg[k], "keys") else cfg[k]
+                for k in cfg.keys() if k != "hydra"}
     try:
         task_overrides = list(HydraConfig.get().overrides.task)
     except ValueError:
@@ -339,6 +337,7 @@ def run_cell(cfg: Any) -> str:
                 "config": cfg_dict,
                 "overrides": task_overrides,
                 "command": os.environ.get("QBENCH_COMMAND", ""),
+                "device_keys": gpu_state.device_keys(gpus),  # the cell registers as measuring on these (DeviceWatch)
             }
             spec_path = cell_dir / ".attempt" / "spec.json"
             write_json_atomic(spec_path, spec)
@@ -372,48 +371,64 @@ def run_cell(cfg: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- summary
-class SweepSummary:
-    """Hydra callback: at the end of a sweep, one line with how many cells ran, were skipped and failed."""
-
-    def __init__(self) -> None:
-        self.started = time.time()
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        self.started = time.time()
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        print(summary_line(sweep_dir, self.started), flush=True)
-
-    # Hydra calls these too; nothing to do
-    def on_run_start(self, config: Any, **kwargs: Any) -> None: ...
-    def on_run_end(self, config: Any, **kwargs: Any) -> None: ...
-    def on_job_start(self, config: Any, **kwargs: Any) -> None: ...
-    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None: ...
-
-
-def summary_counts(sweep_dir: Path, since: float) -> Dict[str, int]:
+def summary_counts(cell_dirs: List[Path], since: float) -> Dict[str, int]:
+    """Counts over this command's cells only (other cells of the same sweep folder are not its business):
+    ran = a result written since ``since``; failed = ran and not ok; error = ends with an error result."""
     from qbench.store import RESULT_FILE, read_result
 
-    counts = {"cells": 0, "ran": 0, "skipped": 0, "failed": 0, "ok": 0}
-    for path in sorted(Path(sweep_dir).glob(f"*/{RESULT_FILE}")):
-        result = read_result(path.parent) or {}
-        counts["cells"] += 1
-        counts["ok"] += result.get("status") == "ok"
+    counts = {"cells": len(cell_dirs), "ran": 0, "skipped": 0, "failed": 0, "ok": 0, "error": 0, "missing": 0}
+    for cell_dir in cell_dirs:
+        path = Path(cell_dir) / RESULT_FILE
+        result = read_result(cell_dir)
+        if result is None:
+            counts["missing"] += 1
+            continue
+        ok = result.get("status") == "ok"
+        counts["ok"] += ok
+        counts["error"] += not ok
         if path.stat().st_mtime >= since:
             counts["ran"] += 1
-            counts["failed"] += result.get("status") != "ok"
+            counts["failed"] += not ok
         else:
             counts["skipped"] += 1
     return counts
 
 
-def summary_line(sweep_dir: Path, since: float) -> str:
-    c = summary_counts(sweep_dir, since)
+def summary_line(cell_dirs: List[Path], since: float) -> str:
+    c = summary_counts(cell_dirs, since)
+    where = ", ".join(dict.fromkeys(str(Path(d).parent) for d in cell_dirs))
+    extra = f", {c['missing']} without a result" if c["missing"] else ""
     return (
-        f"qbench: {sweep_dir}: {c['cells']} cells with results: ran {c['ran']}, skipped {c['skipped']}, "
-        f"failed {c['failed']} ({c['ok']} ok in all)"
+        f"qbench: {where}: {c['cells']} cells: ran {c['ran']}, skipped {c['skipped']}, failed {c['failed']}"
+        f"{extra} ({c['ok']} ok, {c['error']} error)"
     )
+
+
+def exit_status(cell_dirs: List[Path], since: float) -> int:
+    """1 when any cell of this command ends without an ok result (failed now, or skipped as failed)."""
+    c = summary_counts(cell_dirs, since)
+    return 1 if c["error"] or c["missing"] else 0
+
+
+# ----------------------------------------------------------------------------------------------- help
+def help_groups(conf: Optional[str] = None) -> str:
+    """The config groups of conf/ and their options, one group a line: what ``qbench --help`` lists. Read
+    from the folder, so a new YAML shows up by itself; the typed schemas registered as ``schema`` in every
+    group are plumbing, not options."""
+    root = Path(conf or conf_dir())
+    lines = []
+    for group in sorted(p for p in root.rglob("*") if p.is_dir() and any(p.glob("*.yaml"))):
+        options = sorted(f.stem for f in group.glob("*.yaml") if f.stem != "schema")
+        name = group.relative_to(root).as_posix()
+        lines.append(f"  {name + ':':<18}{', '.join(options)}")
+    return "\n".join(lines)
+
+
+def register_help() -> None:
+    """The resolver conf/config.yaml's hydra.help.template calls to list the groups."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("qbench_help_groups", lambda: help_groups(), replace=True)
 
 
 # ----------------------------------------------------------------------------------------------- entry
@@ -427,39 +442,67 @@ def _hydra_app() -> None:
     app()
 
 
+def _print_cfg(argv: List[str]) -> int:
+    """``--cfg`` with ``-m``: Hydra shows one job's config only; print every cell's config instead."""
+    from omegaconf import OmegaConf
+
+    from qbench import preflight as pf
+
+    args = pf.parse_args(argv)
+    name = args.config_name or "config"
+    with pf.hydra_context(args, conf_dir(), __file__):
+        for cell_overrides in sweep_overrides(list(args.overrides), True, name):
+            cfg = _compose(cell_overrides, name)
+            part = cfg.hydra if args.cfg == "hydra" else cfg
+            if args.cfg == "job":
+                part = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+            if args.package:
+                part = OmegaConf.select(part, args.package)
+            print(f"# cell: {' '.join(cell_overrides)}")
+            print(OmegaConf.to_yaml(part, resolve=bool(args.resolve)) if hasattr(part, "keys") else part)
+    return 0
+
+
+def _info_only(args: Any) -> bool:
+    return bool(args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
+                or getattr(args, "version", False))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    from qbench import preflight as pf
+
     argv = list(sys.argv[1:] if argv is None else argv)
     register_configs()
-    info_only = any(a.startswith(("--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--shell-completion")) for a in argv)
+    register_help()
     os.environ.setdefault("QBENCH_COMMAND", "qbench " + " ".join(shlex.quote(a) for a in argv))
     started = time.time()
-    if not info_only:
-        try:
-            n = preflight(argv)
-        except ConfigError as exc:
-            print(f"qbench: error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        print(f"qbench: {n} cell(s) checked", flush=True)
+    try:
+        args = pf.parse_args(argv)
+        if args.multirun and (args.info or args.shell_completion):
+            raise ConfigError("--info and --shell-completion take no -m: drop -m")
+        if args.multirun and args.cfg:
+            sys.exit(_print_cfg(argv))
+        cell_dirs = [] if _info_only(args) else preflight(argv)
+    except ConfigError as exc:
+        print(f"qbench: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # Hydra / OmegaConf while printing configs: one line
+        print(f"qbench: error: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    if _info_only(args):
+        sys.argv = [sys.argv[0]] + argv
+        _hydra_app()
+        return
+    print(f"qbench: {len(cell_dirs)} cell(s) checked", flush=True)
     sys.argv = [sys.argv[0]] + argv
     try:
         _hydra_app()
     except KeyboardInterrupt:
         print("\nqbench: interrupted; cells with a result.json finished, the rest run on the next start", file=sys.stderr)
-        _print_interrupted_summary(argv, started)
+        print(summary_line(cell_dirs, started), file=sys.stderr)
         sys.exit(130)
-
-
-def _print_interrupted_summary(argv: List[str], started: float) -> None:
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-            cfg = _compose([a for a in argv if not a.startswith("-") and "," not in a])
-            print(summary_line(Path(cfg.run.runs_dir) / cfg.run.sweep, started), file=sys.stderr)
-    except Exception:
-        pass
+    print(summary_line(cell_dirs, started), flush=True)
+    sys.exit(exit_status(cell_dirs, started))
 
 
 if __name__ == "__main__":

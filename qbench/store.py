@@ -51,6 +51,37 @@ def read_result(cell_dir: Path) -> Optional[Dict[str, Any]]:
     return read_json(Path(cell_dir) / RESULT_FILE)
 
 
+# A line that names an exception: "ValueError: ...", "torch.OutOfMemoryError: ...", "KeyError".
+_EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Failure|Warning)\b(?::.*)?$")
+MESSAGE_MAX_CHARS = 500
+
+
+def cause_line(text: str) -> str:
+    """The cause of a failure in one line, from an exception's text that may hold a whole traceback or log tail
+    (a child process's, GPT-QModel's): the last line that names an exception, else the first line."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    if len(lines) > 1:
+        named = [ln for ln in lines if _EXC_LINE.match(ln)]
+        line = named[-1] if named else lines[0]
+    else:
+        line = lines[0]
+    return line if len(line) <= MESSAGE_MAX_CHARS else line[: MESSAGE_MAX_CHARS - 1] + "\u2026"
+
+
+def error_message(exc: BaseException) -> str:
+    """An error row's ``message``: the cause in one line. A message that is itself a traceback or log tail
+    gives its last exception line; a wrapper whose text ends in the child's cause keeps both on the line."""
+    text = str(exc)
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    cause = cause_line(text)
+    if cause and cause != first and ": " in first and not first.startswith("Traceback"):
+        head = first.split(": ", 1)[0]  # "gptq quantization of X failed (exit code 1)"
+        return cause_line(f"{head}: {cause}")
+    return cause or type(exc).__name__
+
+
 def should_skip(cell_dir: Path, force: bool, rerun_failed: bool) -> Optional[str]:
     """The status of a finished cell that this run leaves alone, or None if the cell must run."""
     if force:
@@ -147,8 +178,8 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def check_writable(directory: Path, min_free_bytes: int = 100 * 2**20) -> None:
-    """Fail early, with the path in the message, if results could not be written there."""
+def check_writable(directory: Path, min_free_bytes: int = 100 * 2**20, key: str = "run.runs_dir") -> None:
+    """Fail early, with the key and the path in the message, if nothing could be written there."""
     from qbench.config import ConfigError
 
     directory = Path(directory)
@@ -159,11 +190,11 @@ def check_writable(directory: Path, min_free_bytes: int = 100 * 2**20) -> None:
         with tempfile.TemporaryFile(dir=probe_dir):
             pass
     except OSError as exc:
-        raise ConfigError(f"run.runs_dir: '{directory}' is not writable ({exc.strerror})") from exc
+        raise ConfigError(f"{key}: '{directory}' is not writable ({exc.strerror})") from None
     fs = os.statvfs(probe_dir)
     free = fs.f_bavail * fs.f_frsize
     if free < min_free_bytes:
-        raise ConfigError(f"run.runs_dir: '{directory}' has only {free / 2**20:.0f} MiB free")
+        raise ConfigError(f"{key}: '{directory}' has only {free / 2**20:.0f} MiB free")
 
 
 def package_versions(dists) -> Dict[str, Optional[str]]:

@@ -66,7 +66,7 @@ def test_every_bench_and_eval_composes(hydra_ctx, group, monkeypatch):
 def test_every_experiment_expands_and_validates(experiment, monkeypatch):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the full sweeps name Hub models and Hub data
         monkeypatch.delenv(var, raising=False)
-    n = preflight(["-m", f"experiment={experiment}"])
+    n = len(preflight(["-m", f"experiment={experiment}"]))
     assert n >= 2, f"experiment {experiment} sweeps {n} cell(s)"
 
 

@@ -251,6 +251,9 @@ def _end_to_end(kind, tiny_source, monkeypatch):
     assert info["quantization_config"]["bits"] == 4 and info["quantization_config"]["group_size"] == 128
     ckpt = Path(info["quantized_checkpoint"])
     assert ckpt.parent.name == "quantized" and (ckpt / "qbench_quantize.json").exists()
+    # GPT-QModel writes do_sample: true into the checkpoint; it must generate as its source does
+    assert json.loads((ckpt / "generation_config.json").read_text()) == json.loads(
+        (Path(tiny_source.path) / "generation_config.json").read_text())
     assert info["versions"]["gptqmodel"] == "7.6.0"
     json.dumps(info)  # goes into result.json
 
@@ -329,3 +332,21 @@ def test_quantization_failure_is_a_clear_exception(tiny_source, tmp_path):
     assert not (tmp_path / "cache" / "quantized").exists() or not [
         p for p in (tmp_path / "cache" / "quantized").iterdir() if not p.name.startswith(".")
     ]
+
+
+def test_generation_config_restored_from_source_or_stripped_of_sampling(tmp_path):
+    from qbench.methods.gptq import restore_generation_config
+
+    src, ckpt = tmp_path / "src", tmp_path / "ckpt"
+    src.mkdir()
+    ckpt.mkdir()
+    written = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "bos_token_id": 1, "eos_token_id": 2}
+    (ckpt / "generation_config.json").write_text(json.dumps(written))
+    own = {"bos_token_id": 1, "eos_token_id": 2, "transformers_version": "5.0"}
+    (src / "generation_config.json").write_text(json.dumps(own))
+    assert restore_generation_config(str(src), None, ckpt) == "source"
+    assert json.loads((ckpt / "generation_config.json").read_text()) == own
+    (src / "generation_config.json").unlink()  # a source without one: transformers' defaults (greedy)
+    (ckpt / "generation_config.json").write_text(json.dumps(written))
+    assert restore_generation_config(str(src), None, ckpt) == "sampling keys removed"
+    assert json.loads((ckpt / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}

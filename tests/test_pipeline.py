@@ -44,7 +44,9 @@ def cache(tmp_path_factory):
 
 def test_sweep_with_a_failing_cell_goes_on(tmp_path, cache):
     runs = tmp_path / "runs"
-    proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=s", "run.inject_failure=oom:bf16"], runs, cache)
+    proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=s", "run.inject_failure=oom:bf16"], runs, cache,
+                  check=False)
+    assert proc.returncode == 1, "a sweep with a failed cell exits non-zero"
     res = results(runs / "s")
     assert set(res) == {"tiny__fp32", "tiny__bf16", "tiny__bnb_int8"}
     assert res["tiny__fp32"]["status"] == "ok" and res["tiny__bnb_int8"]["status"] == "ok"
@@ -54,7 +56,13 @@ def test_sweep_with_a_failing_cell_goes_on(tmp_path, cache):
     assert bad["error"]["type"] == "OutOfMemoryError"
     assert "inject_failure" in bad["error"]["message"] and "Traceback" in bad["error"]["traceback"]
     assert bad["timings"]["load_s"] > 0, "what was measured before the failure is kept"
-    assert "ran 3, skipped 0, failed 1" in proc.stdout + proc.stderr
+    assert "3 cells: ran 3, skipped 0, failed 1" in proc.stdout + proc.stderr
+    # bnb_int8 on bf16 inputs logs its cast on every matmul: once in the log, counted in the result
+    assert (proc.stdout + proc.stderr).count("MatMul8bitLt: inputs will be cast") == 1
+    int8 = res["tiny__bnb_int8"]
+    assert any(w.startswith("bitsandbytes: MatMul8bitLt") and "times, shown once" in w for w in int8["warnings"])
+    assert int8["device_shared"]["shared"] is False and int8["device_shared"]["devices"]
+    assert "\n" not in bad["error"]["message"]
 
     # each cell ran in its own process (Hydra's basic launcher alone would run them all in one)
     assert len({r["pid"] for r in res.values()}) == 3
@@ -68,8 +76,11 @@ def test_sweep_with_a_failing_cell_goes_on(tmp_path, cache):
         assert affinity["cpus"] == sorted(os.sched_getaffinity(0))
 
     # resume: nothing reruns; rerun_failed reruns only the failed cell; force reruns everything
-    proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=s"], runs, cache)
+    proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=s"], runs, cache, check=False)
     assert "ran 0, skipped 3, failed 0" in proc.stdout + proc.stderr
+    assert proc.returncode == 1, "the sweep still holds a failed cell"
+    proc = qbench(["-m", *FAST, "method=fp32", "run.sweep=s"], runs, cache)
+    assert "1 cells: ran 0, skipped 1, failed 0" in proc.stdout, "only this command's cells are counted"
     proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=s", "run.rerun_failed=true"], runs, cache)
     assert "ran 1, skipped 2, failed 0" in proc.stdout + proc.stderr
     assert results(runs / "s")["tiny__bf16"]["status"] == "ok"
@@ -79,7 +90,8 @@ def test_sweep_with_a_failing_cell_goes_on(tmp_path, cache):
 
 def test_timeout_becomes_an_error_row(tmp_path, cache):
     runs = tmp_path / "runs"
-    qbench([*FAST, "method=fp32", "run.sweep=t", "run.timeout_min=0.02"], runs, cache)
+    proc = qbench([*FAST, "method=fp32", "run.sweep=t", "run.timeout_min=0.02"], runs, cache, check=False)
+    assert proc.returncode == 1, "a failed cell makes the exit status 1"
     row = results(runs / "t")["tiny__fp32"]
     assert row["status"] == "error" and row["error"]["class"] == "timeout"
 

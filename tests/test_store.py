@@ -108,3 +108,17 @@ def test_file_lock_is_released_when_holder_is_killed(tmp_path):
     with store.file_lock(lock):
         pass
     assert time.time() - t0 < 5
+
+
+def test_error_message_is_the_cause_in_one_line():
+    from qbench.store import error_message
+
+    tail = ('s/threadx.py", line 311, in run\n    result = fn(*args)\n' * 50
+            + "ValueError: Expected in_features (576) to be divisible by group_size (128)")
+    msg = error_message(RuntimeError(f"gptq quantization of /m failed (exit code 1): {tail}"))
+    assert msg == ("gptq quantization of /m failed (exit code 1): "
+                   "ValueError: Expected in_features (576) to be divisible by group_size (128)")
+    assert error_message(RuntimeError("Traceback (most recent call last):\n  File x\nKeyError: 'a'")) == "KeyError: 'a'"
+    assert error_message(ValueError("plain")) == "plain"
+    assert "\n" not in error_message(ValueError("first line\nsecond line"))
+    assert len(error_message(ValueError("x" * 10000))) <= 500

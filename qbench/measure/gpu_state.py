@@ -7,7 +7,12 @@ figure NVML does not support on a board is null. On a machine without NVML (CPU)
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import tempfile
+import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 _NVML_READY: Optional[bool] = None
@@ -248,3 +253,130 @@ def host_cpu_load(before: Optional[Dict[str, float]], after: Optional[Dict[str, 
     return {"busy_pct": 100.0 * (total - idle) / total,
             "steal_pct": 100.0 * delta["steal"] / total if "steal" in delta else None,
             "cpu_count": os.cpu_count(), "loadavg_1m": load_1m}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which process measures on which device, host-wide
+
+
+def lock_dir() -> Path:
+    """Where GPU/CPU slot locks and the measuring registry live: $QBENCH_LOCK_DIR, else one fixed folder per
+    host (/tmp/qbench-locks), never a path relative to where qbench started, so that sweeps started from
+    different directories (or with different caches) still take turns on a device. The folder is sticky and
+    world-writable like /tmp itself, so two users' sweeps see each other's locks too; where another user made
+    it unusable, a folder per user is the fallback."""
+    env = os.environ.get("QBENCH_LOCK_DIR")
+    if env:
+        return Path(env).expanduser()
+    shared = Path(tempfile.gettempdir()) / "qbench-locks"
+    try:
+        shared.mkdir(mode=0o1777, exist_ok=True)
+        if shared.stat().st_uid == os.getuid():
+            os.chmod(shared, 0o1777)  # mkdir's mode is cut by the umask
+        if os.access(shared, os.W_OK | os.X_OK) and not shared.is_symlink():
+            return shared
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"qbench-locks-{os.getuid()}"
+
+
+def open_lock_file(path: Path):
+    """A file to flock, readable by every user (flock needs no write access, so another user's cell can lock
+    a file this one created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    return os.fdopen(fd, "rb")
+
+
+def gpu_uuid(gpu: str) -> str:
+    """A stable name of a physical GPU: its UUID from NVML (an index, as CUDA_VISIBLE_DEVICES under
+    PCI_BUS_ID order gives it, otherwise), so two lock names never mean one device."""
+    if gpu.startswith(("GPU-", "MIG-")):
+        return gpu
+    pynvml = nvml()
+    if pynvml is not None and gpu.isdigit():
+        uuid = _safe(pynvml.nvmlDeviceGetUUID, _safe(pynvml.nvmlDeviceGetHandleByIndex, int(gpu)))
+        if uuid:
+            return str(uuid)
+    return f"index{gpu}"
+
+
+def device_keys(gpus: List[str]) -> List[str]:
+    """Lock names of the devices a cell measures on: host + GPU UUID, or host + "cpu"."""
+    host = socket.gethostname()
+    return [f"{host}-gpu-{gpu_uuid(g)}" for g in gpus] or [f"{host}-cpu"]
+
+
+class DeviceWatch:
+    """Registers this process as measuring on its devices and says, at the end, whether another measuring
+    process overlapped with it on any of them.
+
+    Each measuring process holds an flock on its own file in ``<lock dir>/measuring/<device>/``. A process
+    that starts while another one's file is locked saw it live, and leaves a note beside that file, so the
+    earlier process learns of the overlap at its end too: every overlap is seen by both sides.
+    """
+
+    def __init__(self, keys: List[str], root: Optional[Path] = None):
+        self.dirs = [(root or lock_dir()) / "measuring" / k for k in keys]
+        self.name = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        self.own: List[Any] = []
+        self.others: set = set()
+        self.error: Optional[str] = None
+
+    def _live_others(self, d: Path) -> List[str]:
+        import fcntl
+
+        live = []
+        for f in d.glob("*.lock"):
+            if f.stem == self.name:
+                continue
+            try:
+                with open(f, "rb") as fh:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live.append(f.stem)
+            except OSError:  # vanished meanwhile: it ended
+                continue
+        return live
+
+    def __enter__(self) -> "DeviceWatch":
+        import fcntl
+
+        try:
+            for d in self.dirs:
+                d.parent.parent.mkdir(parents=True, exist_ok=True)
+                for folder in (d.parent, d):  # shared by every user's cells, like the lock folder itself
+                    folder.mkdir(mode=0o1777, exist_ok=True)
+                    if folder.stat().st_uid == os.getuid():
+                        os.chmod(folder, 0o1777)
+                fh = open_lock_file(d / f"{self.name}.lock")
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+                self.own.append(fh)
+                for other in self._live_others(d):
+                    self.others.add(other)
+                    with contextlib.suppress(OSError):
+                        with open(d / f"{other}.seen", "a") as note:
+                            note.write(self.name + "\n")
+        except OSError as exc:  # a registry this process cannot write: the cell still runs, and says so
+            self.error = f"{type(exc).__name__}: {exc}"
+        return self
+
+    def report(self) -> Dict[str, Any]:
+        """{"shared": bool, "other_measuring_processes": [...]}: call before leaving the block. "shared" is
+        null where the registry could not be written (and "error" says why)."""
+        if self.error:
+            return {"shared": None, "other_measuring_processes": [], "devices": [d.name for d in self.dirs],
+                    "error": self.error}
+        for d in self.dirs:
+            self.others.update(self._live_others(d))
+            with contextlib.suppress(OSError):
+                self.others.update(x for x in (d / f"{self.name}.seen").read_text().split() if x)
+        return {"shared": bool(self.others), "other_measuring_processes": sorted(self.others),
+                "devices": [d.name for d in self.dirs]}
+
+    def __exit__(self, *exc: Any) -> None:
+        for d, fh in zip(self.dirs, self.own):
+            for suffix in (".lock", ".seen"):
+                with contextlib.suppress(OSError):
+                    (d / f"{self.name}{suffix}").unlink()
+            fh.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import resource
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -163,6 +164,111 @@ def weight_footprint(model) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# What the method actually quantized
+
+# A method that leaves more than this share of the decoder layers' weights untouched says so (MoE experts held
+# as 3-D parameters, not nn.Linear, are invisible to bitsandbytes); and measured / analytic outside this band
+# means the memory model does not describe what the model holds.
+UNQUANTIZED_WARN_FRACTION = 0.10
+RATIO_BAND = (0.99, 1.01)
+_QUANT_PARAM_TYPES = ("Int8Params", "Params4bit")  # bitsandbytes' quantized weight classes
+
+
+def _is_quantized_module(mod) -> bool:
+    """A layer whose weight is held quantized: bitsandbytes' Linear8bitLt / Linear4bit, GPT-QModel's QuantLinear."""
+    w = mod._parameters.get("weight")
+    if w is not None and type(w).__name__ in _QUANT_PARAM_TYPES:
+        return True
+    return "qweight" in mod._buffers or "qweight" in mod._parameters
+
+
+def _logical_params(mod) -> int:
+    """Weights a quantized layer stands for (its unquantized out x in), not the packed storage."""
+    i, o = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
+    if isinstance(i, int) and isinstance(o, int):
+        return i * o
+    shape = getattr(getattr(mod._parameters.get("weight"), "quant_state", None), "shape", None)
+    return int(math.prod(shape)) if shape is not None else int(mod._parameters["weight"].numel())
+
+
+def _owner(name: str, modules: Dict[str, Any]) -> Optional[str]:
+    """The longest module name in ``modules`` that ``name`` (a tensor's dotted name) lies under."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) in modules:
+            return ".".join(parts[:i])
+    return None
+
+
+def quantized_share(model) -> Dict[str, Any]:
+    """Which share of the weights the method quantized, from the loaded model: parameters (logical counts:
+    a 4-bit layer counts its out x in weights) and bytes (as held, quantization state included), of the whole
+    model and of the decoder layers' weight matrices and tensors (ndim >= 2) alone, which every quantizing
+    method here is meant to cover; plus the largest unquantized ones there, layer index as '*'."""
+    import re
+
+    qmods = {n: m for n, m in model.named_modules() if _is_quantized_module(m)}
+    layers = _decoder_layers(model, model.config) if hasattr(model, "config") else None
+    in_layers = (lambda n: n.startswith(layers[0] + ".")) if layers else (lambda n: False)
+    q_spans: Dict[str, List[Tuple[int, int]]] = {}
+    all_spans: Dict[str, List[Tuple[int, int]]] = {}
+    for kind, name, t in model_tensors(model):
+        if t.device.type == "meta" or kind == "buffer_nonpersistent":
+            continue
+        all_spans.setdefault(str(t.device), []).append(_byte_span(t))
+        if _owner(name, qmods) is not None and not name.endswith(".bias"):
+            q_spans.setdefault(str(t.device), []).append(_byte_span(t))
+    params_q = sum(_logical_params(m) for m in qmods.values())
+    layer_q = sum(_logical_params(m) for n, m in qmods.items() if in_layers(n))
+    params_other, layer_other, examples = 0, 0, {}
+    for name, p in model.named_parameters():
+        if _owner(name, qmods) is not None and not name.endswith(".bias"):
+            continue
+        params_other += p.numel()
+        if in_layers(name) and p.dim() >= 2:
+            layer_other += p.numel()
+            pattern = re.sub(r"\.\d+\.", ".*.", name)
+            examples[pattern] = examples.get(pattern, 0) + p.numel()
+    q_bytes = sum(_union_bytes(s) for s in q_spans.values())
+    all_bytes = sum(_union_bytes(s) for s in all_spans.values())
+    layer_total = layer_q + layer_other
+    return {
+        "params_quantized_measured": params_q,
+        "params_unquantized_measured": params_other,
+        "quantized_params_fraction": params_q / (params_q + params_other) if params_q + params_other else None,
+        "weight_bytes_quantized_measured": q_bytes,
+        "quantized_bytes_fraction": q_bytes / all_bytes if all_bytes else None,
+        "decoder_weight_params_total": layer_total,
+        "decoder_weight_params_unquantized": layer_other,
+        "decoder_unquantized_fraction": layer_other / layer_total if layer_total else None,
+        "decoder_unquantized_largest": [k for k, _ in sorted(examples.items(), key=lambda kv: -kv[1])[:3]],
+    }
+
+
+def method_quantizes(method_module: Any, method_cfg: Any) -> bool:
+    """Whether the method stores a linear layer in fewer bytes than its dtype (fp16/bf16/fp32 do not)."""
+    n = 4096
+    return float(method_module.linear_weight_bytes(n, n, method_cfg)) < n * n * dtype_bytes(method_cfg.dtype)
+
+
+def memory_warnings(mem: Dict[str, Any], quantizes: bool) -> List[str]:
+    """The warnings a cell's memory section calls for: the analytic model not matching what was measured,
+    and a quantizing method that left a large share of the decoder layers' weights untouched."""
+    out = []
+    ratio = mem.get("weight_measured_over_analytic")
+    lo, hi = RATIO_BAND
+    if ratio is not None and not lo <= ratio <= hi:
+        out.append(f"weight bytes measured / analytic = {ratio:.3f}, outside {lo}-{hi}: the memory model does not "
+                   "describe what this model holds, so compression and bandwidth-bound figures are off")
+    frac = mem.get("decoder_unquantized_fraction")
+    if quantizes and frac is not None and frac > UNQUANTIZED_WARN_FRACTION:
+        largest = ", ".join(mem.get("decoder_unquantized_largest") or []) or "?"
+        out.append(f"{100 * frac:.1f} % of the decoder layers' weights stay unquantized (largest: {largest}): "
+                   "memory, speed and accuracy mostly reflect the unquantized dtype, not this method")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Analytic
 
 
@@ -188,11 +294,38 @@ def _decoder_layers(model, config) -> Optional[Any]:
     return best
 
 
+def quantized_linears_of(model, config, rule: str) -> List[Tuple[str, Any]]:
+    """(name, nn.Linear) the method quantizes, by the method module's ``QUANTIZED_LINEARS`` rule:
+
+    - "decoder_layers" (GPT-QModel): the linears inside the text decoder's layers;
+    - "transformers_bnb": every plain nn.Linear that transformers' bitsandbytes integration converts, i.e.
+      all but the modules its own ``get_modules_to_not_convert`` skips (output embedding, tied weights, the
+      model's last parameter, ``_keep_in_fp32_modules``), asked of transformers rather than copied.
+    """
+    import torch
+
+    if rule == "transformers_bnb":
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+        return [(name, mod) for name, mod in model.named_modules()
+                if type(mod) is torch.nn.Linear and should_convert_module(name, skip)]
+    if rule != "decoder_layers":
+        raise ValueError(f"QUANTIZED_LINEARS: unknown rule '{rule}' (decoder_layers | transformers_bnb)")
+    layers = _decoder_layers(model, config)
+    if layers is None:
+        return []
+    return [(f"{layers[0]}.{name}", mod) for name, mod in layers[1].named_modules() if isinstance(mod, torch.nn.Linear)]
+
+
 def analytic_weights(hf_config: Any, method_module: Any, method_cfg: Any, trust_remote_code: bool = False) -> Dict[str, Any]:
     """Weight bytes expected from parameter counts and the method's bits per weight.
 
-    The architecture is built on the meta device (no memory, no weights) and walked: every nn.Linear inside
-    the decoder layers is quantized and costs ``method_module.linear_weight_bytes(out, in, method_cfg)``, its
+    The architecture is built on the meta device (no memory, no weights) and walked: every nn.Linear the
+    method quantizes (``quantized_linears_of``: the decoder layers', or for bitsandbytes every one transformers
+    converts, vision tower and projector of a multimodal model included) costs
+    ``method_module.linear_weight_bytes(out, in, method_cfg)``, its
     bias ``method_cfg.dtype`` bytes per element (16-bit for every quantizing method); everything else
     (embeddings, norms, lm_head, persistent buffers) costs its elements times ``method_cfg.dtype`` bytes.
     Tied weights are one parameter, counted once.
@@ -209,14 +342,8 @@ def analytic_weights(hf_config: Any, method_module: Any, method_cfg: Any, trust_
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     other_bytes = dtype_bytes(method_cfg.dtype)
 
-    layers = _decoder_layers(model, config)
-    quantized_ids = set()
-    quantized_linears = []
-    if layers is not None:
-        for name, mod in layers[1].named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                quantized_ids.add(id(mod.weight))
-                quantized_linears.append((f"{layers[0]}.{name}", mod))
+    quantized_linears = quantized_linears_of(model, config, getattr(method_module, "QUANTIZED_LINEARS", "decoder_layers"))
+    quantized_ids = {id(mod.weight) for _name, mod in quantized_linears}
 
     linear_bytes = 0.0
     params_quantized = 0

@@ -12,6 +12,10 @@ Each method is one plain module with three functions (no base class):
         analytic bytes one quantized nn.Linear weight takes (scales and zeros included); the methods that
         quantize nothing return out*in*dtype_bytes.
 
+Optional: ``QUANTIZED_LINEARS``, which linears the analytic memory model counts as quantized: "decoder_layers"
+(default: the text decoder's layers, as GPT-QModel does) or "transformers_bnb" (every nn.Linear transformers'
+bitsandbytes integration converts); see qbench.measure.memory.quantized_linears_of.
+
 Adding a method: write qbench/methods/<kind>.py and conf/method/<name>.yaml, then add one line below.
 """
 from __future__ import annotations

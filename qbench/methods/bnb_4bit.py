@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# transformers' bitsandbytes integration converts every nn.Linear but the output embedding and tied weights,
+# vision tower and projector of a multimodal model included (qbench.measure.memory.quantized_linears_of)
+QUANTIZED_LINEARS = "transformers_bnb"
+
 BLOCK = 64  # weights per absmax scale (bitsandbytes' fixed 4-bit block size)
 NESTED_BLOCK = 256  # absmax values per fp32 scale when double quantization is on
 

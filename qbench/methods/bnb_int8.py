@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# transformers' bitsandbytes integration converts every nn.Linear but the output embedding and tied weights,
+# vision tower and projector of a multimodal model included (qbench.measure.memory.quantized_linears_of)
+QUANTIZED_LINEARS = "transformers_bnb"
+
 
 def validate(method_cfg: Any) -> None:
     from qbench.config import ConfigError

@@ -298,6 +298,8 @@ def load_common(source: Any, cfg: Any, device_map: Any, kind: str):
                 "cache_root": str(root)}
         path, meta, hit = quant_cache.get_or_build(root, key, lambda tmp: quantize_checkpoint(spec, tmp))
         checkpoint = str(path)
+        if hit:  # built before qbench restored it: an idempotent, atomic rewrite
+            info["generation_config"] = restore_generation_config(source.path, source.revision, path)
         info.update(
             pre_quantized=False,
             quantized_checkpoint=checkpoint,
@@ -319,6 +321,40 @@ def load_common(source: Any, cfg: Any, device_map: Any, kind: str):
                                       trust_remote_code=bool(getattr(source, "trust_remote_code", False)))
     info.update(load_info)
     return model, info
+
+
+_SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p")
+
+
+def restore_generation_config(source_path: str, revision: Optional[str], checkpoint: Path) -> str:
+    """Give a quantized checkpoint its source model's generation_config.json.
+
+    GPT-QModel's save writes its own, with ``do_sample: true``: anyone loading the cached checkpoint would
+    sample where the source model decodes greedily. The source's file is copied as it is; a source without
+    one (or unreachable) gets the written file without its sampling keys, i.e. transformers' defaults.
+    Returns where the file came from: "source" or "sampling keys removed".
+    """
+    from qbench.store import read_json, write_json_atomic
+
+    target = Path(checkpoint) / "generation_config.json"
+    local = Path(str(source_path)).expanduser() / "generation_config.json"
+    own: Optional[Dict[str, Any]] = read_json(local) if local.is_file() else None
+    if own is None and not Path(str(source_path)).expanduser().exists():
+        try:  # a Hub id: transformers finds it (in the local cache when offline)
+            from transformers import GenerationConfig
+
+            own = GenerationConfig.from_pretrained(source_path, revision=revision).to_diff_dict()
+        except Exception:
+            own = None
+    how = "source"
+    if own is None and not target.exists():
+        return "none"
+    if own is None:
+        own = {k: v for k, v in (read_json(target) or {}).items() if k not in _SAMPLING_KEYS}
+        how = "sampling keys removed"
+    if read_json(target) != own:
+        write_json_atomic(target, own)
+    return how
 
 
 def _quant_log_summary(path: Path) -> Optional[Dict[str, Any]]:
@@ -501,15 +537,20 @@ def quantize_checkpoint(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
         )
     error_path = out_dir / "qbench_quantize_error.json"
     if proc.returncode != 0:
-        detail = ""
+        from qbench.store import cause_line
+
+        tail = _tail(log_path)
         if error_path.exists():
             err = json.loads(error_path.read_text())
-            detail = f"{err.get('type')}: {err.get('message')}"
-        else:
-            detail = _tail(log_path)
+            detail = cause_line(f"{err.get('type')}: {err.get('message')}")
+            tail = err.get("traceback") or tail
+        else:  # died without its error file (a worker thread, a signal): the log's last exception line
+            detail = cause_line(tail)
+        # The message is the cause in one line; the child's traceback / log tail rides along as the cause
+        # of this exception, so the result's traceback holds it.
         raise RuntimeError(
             f"{spec['kind']} quantization of {spec['source']['path']} failed (exit code {proc.returncode}): {detail}"
-        )
+        ) from ChildProcessError(tail)
     return json.loads((out_dir / "qbench_quantize_partial.json").read_text())
 
 
@@ -611,6 +652,7 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     t0 = time.perf_counter()
     qm.save(str(out_dir))
     timings["save_s"] = time.perf_counter() - t0
+    generation_config = restore_generation_config(source.path, source.revision, out_dir)
     shutil.rmtree(offload, ignore_errors=True)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     if peak is None:
@@ -629,6 +671,7 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
         "source": src["path"],
         "model_type": model_type,
         "gptqmodel_class": type(qm).__name__,
+        "generation_config": generation_config,
         "method_settings": weight_settings(cfg, kind),
         "calibration": cal_info,
         "versions": quant_cache.versions(),

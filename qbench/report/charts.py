@@ -66,7 +66,9 @@ def hover_row(r: Dict[str, Any]) -> str:
              f"weights {fmt(r['weights_gb'])} GB, {fmt(r['compression_x'])}x vs baseline",
              f"peak memory {fmt(r['peak_gb'])} GB" + (" (RSS)" if r.get("peak_source") == "rss" else ""),
              f"TTFT {fmt(r['ttft_ms'], 1)} ms, decode bs=1 {fmt(r['decode_tps'], 1)} tok/s"
-             f" ({fmt(r['bw_bound_pct'], 1)} % of bandwidth bound)"]
+             f" {esc(r.get('decode_path') or '')} ({fmt(r['bw_bound_pct'], 1)} % of bandwidth bound)"]
+    if r.get("decode_path") != "eager" and T.num(r.get("decode_eager_tps")) is not None:
+        lines.append(f"decode bs=1 eager {fmt(r['decode_eager_tps'], 1)} tok/s")
     for task in ("mmlu", "gsm8k"):
         if T.num(r.get(f"{task}_pct")) is None:
             continue
@@ -258,7 +260,7 @@ def throughput_chart(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) 
             if row["model"] != model:
                 continue
             for path, pts in series.get(row["cell"], {}).items():
-                label = esc(row["method"]) + ("" if path == "eager" else f" ({esc(path)})")
+                label = f"{esc(row['method'])} ({esc(path)})"  # every line says its decode path
                 fig.add_trace(go.Scatter(
                     x=[p["batch_size"] for p in pts], y=[p["p50"] for p in pts], mode="lines+markers",
                     name=label, legendgroup=label, showlegend=label not in shown,
@@ -427,7 +429,8 @@ def build_charts(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> L
          "figure": pareto_chart(rows)},
         {"key": "throughput", "title": "Decode throughput vs batch size",
          "caption": "Median tokens/s per method; bars span p10\u2013p90 of the timed runs (\u00b1 stdev where raw "
-                    "values are absent). Dotted lines: the static decode path.",
+                    "values are absent). Solid lines: the eager decode path; dotted: the static (compiled) path, the one "
+                    "to compare where measured (docs/stability.md).",
          "figure": throughput_chart(rows, results)},
         {"key": "memory", "title": "Memory breakdown at peak",
          "caption": "Weights (measured), KV cache (analytic, largest measured shape) and overhead = peak \u2212 "

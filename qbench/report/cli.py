@@ -43,6 +43,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"qbench-report: {e}", file=sys.stderr)
             failed += 1
             continue
+        except Exception as e:  # one sweep that cannot be built must not cost the others (--all)
+            print(f"qbench-report: {sweep}: not built: {type(e).__name__}: {e}", file=sys.stderr)
+            failed += 1
+            continue
         print(page)
     print(html.write_index(out))
     return 1 if failed else 0

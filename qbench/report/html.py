@@ -26,6 +26,7 @@ from qbench.report import tables as T
 TEMPLATE = "template.html.j2"
 DAGGER, DOUBLE_DAGGER, WARN, STAR = "\u2020", "\u2021", "\u26a0", "\u2605"
 MINUS = "\u2212"
+ERROR_ROW_CHARS = 200  # an error in the summary's notes column: one line, not a screen
 
 
 def script_json(obj: Any) -> str:
@@ -61,18 +62,25 @@ def _columns(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Column specs: header, unit, key in the summary row, digits, which way is better ("high"/"low")."""
     prompt = {r["prefill_prompt_tokens"] for r in rows if T.num(r.get("prefill_prompt_tokens")) is not None}
     ttft_unit = f"ms, p50, bs 1, {int(next(iter(prompt)))} tok" if len(prompt) == 1 else "ms, p50, bs 1"
-    path = next((r["decode_path"] for r in rows if r.get("decode_path")), "eager")
+    paths = sorted({r["decode_path"] for r in rows if r.get("decode_path")}, key=lambda p: p != "static")
+    lead = " where measured, else ".join(paths) if len(paths) > 1 else (paths[0] if paths else "eager")
     cols = [
-        {"key": "weights_gb", "head": "Weights", "unit": "GB", "digits": 2, "better": "low"},
+        {"key": "weights_gb", "head": "Weights", "unit": "GB", "digits": 2, "better": "low", "warn": "weight_ratio_off"},
+        {"key": "quantized_params_pct", "head": "Quantized", "unit": "% of weights: params (bytes)", "digits": 1,
+         "better": None, "also": "quantized_bytes_pct", "warn": "unquantized_high"},
         {"key": "compression_x", "head": "Compression", "unit": "\u00d7 vs baseline", "digits": 2, "better": "high"},
         {"key": "peak_gb", "head": "Peak memory", "unit": "GB", "digits": 2, "better": "low"},
         {"key": "ttft_ms", "head": "Prefill TTFT", "unit": ttft_unit, "digits": 1, "better": "low",
          "cv": "ttft_cv_high"},
-        {"key": "decode_tps", "head": "Decode bs 1", "unit": f"tokens/s, p50, {path}", "digits": 1, "better": "high",
-         "cv": "decode_cv_high"},
-        {"key": "bw_bound_pct", "head": "Decode vs bound", "unit": "% of bandwidth bound", "digits": 1, "better": "high",
-         "cv": "decode_cv_high"},
+        {"key": "decode_tps", "head": "Decode bs 1", "unit": f"tokens/s, p50, {lead}", "digits": 1, "better": "high",
+         "cv": "decode_cv_high", "path": "decode_path"},
+        {"key": "bw_bound_pct", "head": "Decode vs bound", "unit": "% of bandwidth bound, same path", "digits": 1,
+         "better": "high", "cv": "decode_cv_high"},
     ]
+    if "static" in paths:  # the eager figure beside the static one, labelled (where static leads the column)
+        cols.insert(cols.index(next(c for c in cols if c["key"] == "bw_bound_pct")),
+                    {"key": "decode_eager_tps", "head": "Decode bs 1, eager", "unit": "tokens/s, p50, eager",
+                     "digits": 1, "better": "high", "cv": "decode_eager_cv_high"})
     for task, label in (("mmlu", "MMLU"), ("gsm8k", "GSM8K")):
         cols += [
             {"key": f"{task}_pct", "head": label, "unit": "% correct", "digits": 1, "better": "high", "acc": task},
@@ -93,6 +101,8 @@ def _best(rows: List[Dict[str, Any]], col: Dict[str, Any]) -> set:
     compression of 1x. A column with a single eligible value, or where all tie, marks nothing.
     """
     best = set()
+    if col["better"] is None:  # a share, not a figure of merit
+        return best
     for model in dict.fromkeys(r["model"] for r in rows):
         cand = [r for r in rows if r["model"] == model and r["status"] == "ok" and T.num(r.get(col["key"])) is not None
                 and not (col.get("acc") and r["random_weights"])
@@ -115,6 +125,12 @@ def _marks(row: Dict[str, Any], col: Dict[str, Any]) -> List[Dict[str, str]]:
                                                  f"{fmt_num(row.get(f'{task}_n'), 0)} items"})
     if col.get("cv") and row.get(col["cv"]):
         m.append({"sym": WARN, "title": "coefficient of variation above the sweep's threshold: noisy measurement"})
+    if col.get("warn") == "weight_ratio_off" and row.get("weight_ratio_off"):
+        m.append({"sym": WARN, "title": f"measured / analytic weight bytes = {fmt_num(row.get('weight_ratio'), 3)}, "
+                                        "outside 0.99-1.01: the memory model does not describe this model"})
+    if col.get("warn") == "unquantized_high" and row.get("unquantized_high"):
+        m.append({"sym": WARN, "title": f"{fmt_num(row.get('decoder_unquantized_pct'), 1)} % of the decoder layers' "
+                                        "weights stay unquantized by this method"})
     return m
 
 
@@ -137,13 +153,18 @@ def summary_view(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
                 text += " RSS"
             if c["key"] == "compression_x" and r["is_baseline"] and v is not None:
                 text = "1.00 (baseline)"
+            if c.get("also") and v is not None:
+                text += f" ({fmt_num(r.get(c['also']), c['digits'])})"
+            if c.get("path") and v is not None and r.get(c["path"]):
+                text += f" {r[c['path']]}"
             is_best = r["cell"] in best[c["key"]]
             cells.append({"text": text, "sort": "" if v is None else repr(v), "best": is_best,
                           "marks": _marks(r, c) if v is not None else []})
         error = None
-        if r["status"] == "error":
+        if r["status"] == "error":  # one line, cut: the Failed cells section has the whole message and traceback
             error = (f"{r.get('error_type') or 'error'}"
                      f"{' in ' + r['error_phase'] if r.get('error_phase') else ''}: {r.get('error_message') or ''}")
+            error = error if len(error) <= ERROR_ROW_CHARS else error[: ERROR_ROW_CHARS - 1] + "\u2026"
         notes = list(r["warnings"])
         for task in ("mmlu", "gsm8k"):
             if r.get(f"{task}_delta_source") == "difference":
@@ -282,9 +303,22 @@ def honesty_view(results: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> D
     no_pairing = [f"{r['cell']} ({C.TASK_LABEL[t]})" for r in rows for t in ("mmlu", "gsm8k")
                   if r.get(f"{t}_delta_source") == "difference"]
     schema = sorted({str(r.get("schema_version")) for r in results} - {"1"})
+    memory = [{"cell": r["cell"], "ratio": fmt_num(r.get("weight_ratio"), 3) if r.get("weight_ratio_off") else None,
+               "unquantized": fmt_num(r.get("decoder_unquantized_pct"), 1) if r.get("unquantized_high") else None}
+              for r in rows if r.get("weight_ratio_off") or r.get("unquantized_high")]
     return {"random": random_cells, "limited": limited, "fewshot": fewshot_view, "noisy": noisy,
-            "mixed": _mixed_environment(results), "unsupported": unsupported, "no_pairing": no_pairing,
+            "mixed": _mixed_environment(results), "same_environment": _same_environment_text(results),
+            "memory": memory, "unsupported": unsupported, "no_pairing": no_pairing,
             "schema": schema, "paired_available": T.load_paired_compare() is not None}
+
+
+def _same_environment_text(results: List[Dict[str, Any]]) -> str:
+    """What "nothing mixed" means for this sweep: a CPU sweep has no GPU, driver or CUDA to be the same."""
+    ran = [r for r in results if r.get("environment")]
+    gpu = any(r.get("device") == "cuda" or T.get(r, "environment", "gpu_name") for r in ran)
+    if gpu:
+        return "Every cell ran on the same GPU, driver, CUDA and library versions."
+    return "Every cell ran on the CPU of the same host, with the same library versions (no GPU in this sweep)."
 
 
 # ---------------------------------------------------------------- environment and provenance
@@ -429,22 +463,44 @@ def write_index(out_root: Path) -> Path:
     return path
 
 
+def _checked(r: Dict[str, Any], sweep: str) -> Dict[str, Any]:
+    """The result itself if a report of it alone builds, else its "unreadable" stand-in with the reason."""
+    try:
+        render_context(sweep_context([r], sweep, plotlyjs=""))
+        T.tidy_table([r])
+        return r
+    except Exception as e:  # whatever a badly shaped file trips over: the reason goes into the row
+        stand_in = T.unreadable(Path(r.get("_path") or r["cell"]), f"{type(e).__name__}: {e}")
+        return {**stand_in, **{k: r[k] for k in ("cell", "model", "method", "sweep", "_path")}}
+
+
+def _page(results: List[Dict[str, Any]], sweep: str, out_dir: Path, plotlyjs: Optional[str]):
+    paths = T.write_tables(results, out_dir)
+    downloads = {"tidy table (CSV)": paths["tidy_csv"].name, "tidy table (Parquet)": paths["tidy_parquet"].name,
+                 "summary (CSV)": paths["summary_csv"].name}
+    ctx = sweep_context(results, sweep, downloads, plotlyjs=plotlyjs)
+    return ctx, render_context(ctx)
+
+
 def build_sweep_report(sweep_dir: Path, out_root: Path, plotlyjs: Optional[str] = None) -> Path:
     """reports/<sweep>/{index.html, results_tidy.csv, results_tidy.parquet, summary.csv, report.json}, then
-    reports/index.html. Returns the sweep page's path. Raises FileNotFoundError for a sweep with no result."""
+    reports/index.html. Returns the sweep page's path. Raises FileNotFoundError for a sweep with no result.
+
+    One result the report cannot digest (load_results catches the wrong types it knows of; this catches the
+    rest) becomes an "unreadable" row with the reason, and the other cells still make the page."""
     sweep_dir = Path(sweep_dir)
     results = T.load_results(sweep_dir)
     if not results:
         raise FileNotFoundError(f"{sweep_dir}: no */result.json found")
     sweep = sweep_dir.resolve().name
     out_dir = Path(out_root) / sweep
-    paths = T.write_tables(results, out_dir)
-    downloads = {"tidy table (CSV)": paths["tidy_csv"].name, "tidy table (Parquet)": paths["tidy_parquet"].name,
-                 "summary (CSV)": paths["summary_csv"].name}
-    ctx = sweep_context(results, sweep, downloads, plotlyjs=plotlyjs)
+    try:
+        ctx, text = _page(results, sweep, out_dir, plotlyjs)
+    except Exception:
+        ctx, text = _page([_checked(r, sweep) for r in results], sweep, out_dir, plotlyjs)
     page = out_dir / "index.html"
     tmp = page.with_suffix(".html.tmp")
-    tmp.write_text(render_context(ctx), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(page)  # a reader never sees half a page
     meta = ctx["meta"]
     (out_dir / "report.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")

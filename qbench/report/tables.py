@@ -16,10 +16,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import numpy as np
 import pandas as pd
 
+from qbench.store import cause_line  # stdlib only: the report still builds on a laptop without torch
+
 GB = 1e9
 # Methods tried, in order, when the configured baseline did not run in the sweep (brief: bf16, fp16, fp32).
 BASELINE_FALLBACKS = ("bf16", "fp16", "fp32")
-CV_WARN_DEFAULT = 0.05  # bench.cv_warn_threshold's default (qbench/config.py)
+CV_WARN_DEFAULT = 0.05
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # bench.cv_warn_threshold's default (qbench/config.py)
 # MMLU categories in the order the heatmap shows them; other keys found in results are appended.
 MMLU_CATEGORIES = ("stem", "humanities", "social_sciences", "other")
 # Which GSM8K number is "the" score when a task reports several (lm-eval's strict match first).
@@ -60,11 +63,44 @@ def num(x: Any) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
+# Where a result holds an object (dict) or a list: a valid-JSON file with another type there is unreadable.
+RESULT_SHAPE = {
+    ("metrics",): dict, ("metrics", "memory"): dict, ("metrics", "latency"): dict, ("metrics", "accuracy"): dict,
+    ("metrics", "latency", "prefill"): list, ("metrics", "latency", "decode"): list,
+    ("metrics", "latency", "one_time"): dict, ("metrics", "latency", "unsupported"): list,
+    ("metrics", "accuracy", "tasks"): dict, ("metrics", "accuracy", "items"): dict,
+    ("metrics", "memory", "kv_cache_bytes_analytic"): list,
+    ("environment",): dict, ("environment", "versions"): dict, ("environment", "gpus"): list,
+    ("config",): dict, ("config", "model"): dict, ("config", "bench"): dict, ("config", "run"): dict,
+    ("timings",): dict, ("source",): dict, ("method_info",): dict, ("error",): dict,
+    ("warnings",): list, ("overrides",): list,
+}
+_TYPE_NAME = {dict: "an object", list: "a list"}
+
+
+def shape_problem(r: Dict[str, Any]) -> Optional[str]:
+    """Why a result's structure cannot be read (a field of the wrong JSON type), or None. Absent and null
+    fields are fine: a missing measurement stays missing."""
+    for keys, want in RESULT_SHAPE.items():
+        d: Any = r
+        for k in keys:
+            d = d.get(k) if isinstance(d, dict) else None
+        if d is not None and not isinstance(d, want):
+            return f"{'.'.join(keys)} is {type(d).__name__} {json.dumps(d)[:40]}, expected {_TYPE_NAME[want]}"
+    return None
+
+
+def unreadable(path: Path, reason: str) -> Dict[str, Any]:
+    """The error cell that stands in for a result the report cannot read."""
+    return {"status": "error", "error": {"class": "unreadable", "type": "unreadable", "message": f"{path}: {reason}"}}
+
+
 def load_results(sweep_dir: Path) -> List[Dict[str, Any]]:
     """Every runs/<sweep>/<cell>/result.json, sorted by cell directory.
 
-    An unreadable file becomes an error cell (class "unreadable") instead of vanishing from the report:
-    a cell that silently disappears looks like a cell that was never planned.
+    An unreadable file (not JSON, not an object, or a field of the wrong type) becomes an error cell (class
+    "unreadable") with the reason, instead of vanishing from the report or stopping it: a cell that silently
+    disappears looks like a cell that was never planned.
     """
     sweep_dir = Path(sweep_dir)
     results = []
@@ -73,9 +109,11 @@ def load_results(sweep_dir: Path) -> List[Dict[str, Any]]:
             r = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(r, dict):
                 raise ValueError("result.json is not a JSON object")
+            problem = shape_problem(r)
+            if problem:
+                r = {**unreadable(path, problem), "cell": r.get("cell") if isinstance(r.get("cell"), str) else None}
         except (OSError, ValueError) as e:
-            r = {"status": "error", "error": {"class": "unreadable", "type": type(e).__name__,
-                                              "message": f"{path}: {e}"}}
+            r = unreadable(path, f"{type(e).__name__}: {e}")
         cell = str(r.get("cell") or path.parent.name)
         r["cell"] = cell
         model, _, method = cell.partition("__")
@@ -83,6 +121,7 @@ def load_results(sweep_dir: Path) -> List[Dict[str, Any]]:
         r["method"] = str(r.get("method") or method or "?")
         r.setdefault("sweep", sweep_dir.name)
         r["sweep"] = str(r["sweep"])
+        r["_path"] = str(path)
         if r.get("status") not in ("ok", "error"):
             r["status"] = "error" if r.get("error") else "ok"
         results.append(r)
@@ -185,13 +224,19 @@ def decode_rows(r: Dict[str, Any]) -> List[Dict[str, Any]]:
     return [x for x in get(r, "metrics", "latency", "decode", default=[]) if isinstance(x, dict)]
 
 
-def preferred_decode_path(results: Iterable[Dict[str, Any]]) -> Optional[str]:
-    """eager when any cell measured it (every method can run it), else the first path found."""
-    paths = [get(d, "decode_path") for r in results for d in decode_rows(r)]
-    paths = [p for p in paths if p]
-    if "eager" in paths:
-        return "eager"
-    return paths[0] if paths else None
+# The decode figure a table leads with: the static (compiled, CUDA-graph) path where a cell measured it, which
+# docs/stability.md shows is the one to compare (eager decode on a shared host swings by tens of percent), else
+# eager; the other path's figure stands beside it, labelled.
+DECODE_PATH_PREFERENCE = ("static", "eager")
+
+
+def headline_decode(r: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The batch-1 decode row a summary shows first for this cell: static where measured, else eager, else any."""
+    for path in DECODE_PATH_PREFERENCE:
+        row = decode_bs1(r, path)
+        if row is not None:
+            return row
+    return decode_bs1(r, None)
 
 
 def first_prefill_bs1(r: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -355,19 +400,43 @@ def _pp(x: Any) -> Optional[float]:
     return None if v is None else 100 * v
 
 
+UNQUANTIZED_WARN_FRACTION = 0.10  # qbench.measure.memory's thresholds, read here from results alone
+RATIO_BAND = (0.99, 1.01)
+
+
+def memory_flags(r: Dict[str, Any]) -> Dict[str, Any]:
+    """What the method quantized (percent of parameters and of bytes) and the two memory warnings, computed
+    from the figures so that results written before the cell warned about them are flagged too."""
+    mem = get(r, "metrics", "memory", default={})
+    ratio = num(mem.get("weight_measured_over_analytic"))
+    frac = num(mem.get("decoder_unquantized_fraction"))
+    bits, dtype_bits = num(mem.get("bits_per_weight_quantized")), 8 * DTYPE_BYTES.get(
+        str(get(r, "config", "method", "dtype", default="")), 99)
+    quantizes = bits is not None and bits < dtype_bits - 1e-6
+    qp, qb = num(mem.get("quantized_params_fraction")), num(mem.get("quantized_bytes_fraction"))
+    return {
+        "quantized_params_pct": None if qp is None else 100 * qp,
+        "quantized_bytes_pct": None if qb is None else 100 * qb,
+        "decoder_unquantized_pct": None if frac is None else 100 * frac,
+        "unquantized_high": quantizes and frac is not None and frac > UNQUANTIZED_WARN_FRACTION,
+        "weight_ratio": ratio,
+        "weight_ratio_off": ratio is not None and not RATIO_BAND[0] <= ratio <= RATIO_BAND[1],
+    }
+
+
 def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One dict per cell (= model x method) with the numbers of the summary table, raw (not formatted)."""
     base = baseline_method(results)
     bases = baseline_cells(results, base)
     paired = load_paired_compare()
-    path = preferred_decode_path(results)
     rows = []
     for r in _ordered(results, base):
         b = bases.get(r["model"])
         wb, bw = weight_bytes(r), (weight_bytes(b) if b else None)
         peak, peak_src = peak_bytes(r)
         pre = first_prefill_bs1(r)
-        dec = decode_bs1(r, path)
+        dec = headline_decode(r)
+        eager = dist_stats(get(decode_bs1(r, "eager"), "tokens_per_s"))
         thr = cv_threshold(r)
         ttft = dist_stats(get(pre, "ttft_ms"))
         tps = dist_stats(get(dec, "tokens_per_s"))
@@ -377,7 +446,9 @@ def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "sweep": r["sweep"], "cell": r["cell"], "model": r["model"], "method": r["method"],
             "method_kind": r.get("method_kind"), "status": r["status"], "is_baseline": r["method"] == base,
             "random_weights": is_random(r), "device": r.get("device"),
-            "error_class": err.get("class"), "error_type": err.get("type"), "error_message": err.get("message"),
+            "error_class": err.get("class"), "error_type": err.get("type"),
+            # one line even for results written before the cause was extracted (a whole log tail)
+            "error_message": cause_line(str(err["message"])) if err.get("message") else None,
             "error_phase": err.get("phase"),
             "weights_gb": None if wb is None else wb / GB,
             "compression_x": (bw / wb) if (wb and bw) else None,
@@ -388,8 +459,11 @@ def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "decode_path": get(dec, "decode_path"),
             "decode_tps": tps.get("p50", tps.get("mean")), "decode_cv": tps.get("cv"),
             "decode_cv_high": (tps.get("cv") or 0) > thr,
+            "decode_eager_tps": eager.get("p50", eager.get("mean")),
+            "decode_eager_cv_high": (eager.get("cv") or 0) > thr,
             "bw_bound_pct": None if bwf is None else 100 * bwf,
             "quantize_s": num(get(r, "timings", "quantize_s")),
+            **memory_flags(r),
             "wall_time_s": num(r.get("wall_time_s")),
             "node": get(r, "scheduler", "node"), "slurm_job_id": get(r, "scheduler", "job_id"),
             "warnings": [str(w) for w in r.get("warnings") or []],
@@ -467,6 +541,10 @@ def _tidy_cell(r: Dict[str, Any]) -> List[Dict[str, Any]]:
     add("memory", "bits_per_weight_quantized", mem.get("bits_per_weight_quantized"), "bits")
     add("memory", "params_total", mem.get("params_total"), "count")
     add("memory", "params_quantized", mem.get("params_quantized"), "count")
+    add("memory", "params_quantized_measured", mem.get("params_quantized_measured"), "count")
+    add("memory", "weight_bytes_quantized_measured", mem.get("weight_bytes_quantized_measured"), "bytes")
+    for k in ("quantized_params_fraction", "quantized_bytes_fraction", "decoder_unquantized_fraction"):
+        add("memory", k, mem.get(k), "fraction")
     for k in ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes"):
         if isinstance(mem.get(k), dict):
             for phase, v in mem[k].items():
