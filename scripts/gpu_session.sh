@@ -98,7 +98,7 @@ case "${1:-}" in
     python3 -c "import sys; from qbench import weights; sys.exit(weights.sha256_of(sys.argv[1]) != weights.PACKAGED['smollm2'].sha256)" "$gguf" \
       || { echo "=== $gguf: wrong sha256 (parts missing?)"; rm -f "$gguf"; exit 1; }
     step "${BUDGET:-540}" $Q -m experiment=gpu_smollm2 run.runs_dir=$RUNS ${METHODS:+method=$METHODS} ${EXTRA:-}
-    tar czf "$OUT/gpu_smollm2.tgz" -C "$RUNS" gpu_smollm2 --exclude='.submitit' --exclude='*.npz' && ls -la "$OUT/gpu_smollm2.tgz"
+    tar czf "$OUT/gpu_smollm2.tgz" --exclude='.submitit' --exclude='*.npz' -C "$RUNS" gpu_smollm2 && ls -la "$OUT/gpu_smollm2.tgz"
     ;;
   *) sed -n 2,12p "$0"; exit 2 ;;
 esac
