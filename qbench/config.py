@@ -365,22 +365,24 @@ def validate_eval(e: Any) -> None:
             raise ConfigError(f"eval.data_dir: '{e.data_dir}' is not a directory")
     p = e.perplexity
     if p.enabled:
-        if p.seq_len_tokens < 2:
-            raise ConfigError(f"eval.perplexity.seq_len_tokens: {p.seq_len_tokens} must be at least 2")
-        if p.max_windows is not None:
-            _positive_ints([p.max_windows], "eval.perplexity.max_windows")
-        _check_corpus(p.source, "eval.perplexity.source", offline)
+        _check_windows("eval.perplexity", p.source, "seq_len_tokens", p.seq_len_tokens, 2, p.max_windows, offline)
     q = e.quality
     if q.enabled:
-        if q.ctx_tokens < 4:
-            raise ConfigError(f"eval.quality.ctx_tokens: {q.ctx_tokens} must be at least 4")
-        if q.max_windows is not None:
-            _positive_ints([q.max_windows], "eval.quality.max_windows")
+        _check_windows("eval.quality", q.source, "ctx_tokens", q.ctx_tokens, 4, q.max_windows, offline)
         _positive_ints([q.batch_size], "eval.quality.batch_size")
         _positive_ints([q.max_kept], "eval.quality.max_kept")
         if not 0 < q.coverage <= 1:
             raise ConfigError(f"eval.quality.coverage: {q.coverage} must be in (0, 1]")
-        _check_corpus(q.source, "eval.quality.source", offline)
+
+
+def _check_windows(prefix: str, source: str, length_key: str, length: int, minimum: int,
+                   max_windows: Optional[int], offline: bool) -> None:
+    """A corpus cut into windows (perplexity, quality): window length, window cap, the corpus itself."""
+    if length < minimum:
+        raise ConfigError(f"{prefix}.{length_key}: {length} must be at least {minimum}")
+    if max_windows is not None:
+        _positive_ints([max_windows], f"{prefix}.max_windows")
+    _check_corpus(source, f"{prefix}.source", offline)
 
 
 def _check_corpus(source: str, key: str, offline: bool) -> None:

@@ -127,3 +127,21 @@ def test_window_ci_is_a_t_interval_over_window_means():
     assert ci["ci95_low"] == pytest.approx(4.0 - half)
     assert ci["ci95_high"] == pytest.approx(4.0 + half)
     assert ci["se_tokens"] == pytest.approx(values.std(ddof=1) / math.sqrt(6))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("ctx_tokens", 2, "eval.quality.ctx_tokens: 2 must be at least 4"),
+    ("max_windows", 0, "eval.quality.max_windows: 0 is not a positive integer"),
+    ("coverage", 1.5, "eval.quality.coverage: 1.5 must be in (0, 1]"),
+    ("max_kept", 0, "eval.quality.max_kept: 0 is not a positive integer"),
+    ("source", "/nope/corpus.txt", "eval.quality.source: '/nope/corpus.txt' is not a file"),
+])
+def test_bad_quality_settings_are_one_line(key, value, message):
+    from qbench.config import ConfigError, EvalConfig, validate_eval
+
+    e = OmegaConf.structured(EvalConfig)
+    e.enabled, e.quality.enabled = True, True
+    e.quality[key] = value
+    with pytest.raises(ConfigError) as info:
+        validate_eval(e)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
