@@ -590,12 +590,17 @@ def _tidy_cell(r: Dict[str, Any]) -> List[Dict[str, Any]]:
     if isinstance(ppl, dict):
         add("accuracy", "perplexity", ppl.get("value"), "perplexity", seq_len_tokens=ppl.get("seq_len_tokens"),
             task=str(ppl.get("source")) if ppl.get("source") else None)
-    q = quality_columns(r)
-    ctx_q = {"seq_len_tokens": get(r, "metrics", "quality", "settings", "ctx_tokens"),
-             "task": get(r, "metrics", "quality", "settings", "source")}
-    for key, unit in QUALITY_TIDY:
-        add("quality", key, q.get(key), unit, **ctx_q)
+    rows += _quality_tidy(r, ctx)
     return rows
+
+
+def _quality_tidy(r: Dict[str, Any], ctx: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The quality figures of one cell as tidy rows (corpus in ``task``, window length in ``seq_len_tokens``)."""
+    q = quality_columns(r)
+    extra = {"seq_len_tokens": get(r, "metrics", "quality", "settings", "ctx_tokens"),
+             "task": get(r, "metrics", "quality", "settings", "source")}
+    return [{**ctx, "group": "quality", "metric": key, "stat": "value", "value": q[key], "unit": unit, **extra}
+            for key, unit in QUALITY_TIDY if q.get(key) is not None]
 
 
 # summary keys of quality_columns that go into the tidy table, with their units
