@@ -143,9 +143,11 @@ def _gguf_source(path: Path, cache: Path, model_cfg: Any) -> Source:
     from qbench.weights import sha256_of
 
     digest = sha256_of(path)
-    arch = check_gguf(path)
     out = cache / "models" / f"gguf-{path.stem}-{digest[:16]}"
-    info = _materialise(out, lambda tmp: _convert_gguf(path, tmp, model_cfg.dtype))
+    # preflight ran check_gguf already; the full check runs again only when a conversion is due (no preflight
+    # before a direct call), not on every cell that finds the converted folder in the cache
+    info = _materialise(out, lambda tmp: (check_gguf(path), _convert_gguf(path, tmp, model_cfg.dtype)))
+    arch = gguf_architecture(path)
     tok = model_cfg.tokenizer or str(out)
     return Source(str(out), None, False, False, tok,
                   {"gguf_file": str(path), "gguf_sha256": digest, "gguf_architecture": arch,
