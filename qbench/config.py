@@ -103,12 +103,23 @@ class BenchConfig:
     prompt_tokens: List[int] = field(default_factory=lambda: [512])  # prefill lengths measured
     decode_prompt_tokens: int = 128  # prompt length before decode
     new_tokens: int = 128  # decode length, forced (min_new_tokens == max_new_tokens, EOS disabled)
-    decode_paths: List[str] = field(default_factory=lambda: ["eager"])  # eager | static
-    warmup_runs: int = 2  # runs discarded before timing (compile, first-call effects)
-    static_warmup_runs: int = 6  # the same for the compiled static decode path, which takes longer to reach speed
-    min_repeats: int = 10  # timed runs at least
+    # eager (generate, dynamic cache) | static (generate, static cache compiled to CUDA graphs) | graph (static's
+    # compiled decode step in a tight loop, no generate around it: the modeling code's ceiling)
+    decode_paths: List[str] = field(default_factory=lambda: ["eager"])
+    warmup_runs: int = 2  # runs discarded before timing (compile, first-call effects), at least
+    # compiled paths (static, graph) warm up further while two successive runs differ by more than
+    # warmup_steady_pct %, up to this many runs: they keep speeding up for a few calls after the compile
+    static_warmup_runs: int = 6
+    warmup_steady_pct: float = 2.0  # %
+    # Each figure repeats until the 95 % CI of its median is within target_ci_pct % of the median (null: stop at
+    # min_repeats), or until max_time_per_figure_s seconds of timed runs (the figure is then flagged)
+    target_ci_pct: Optional[float] = 1.0  # %
+    max_time_per_figure_s: Optional[float] = 30.0  # s
+    min_repeats: int = 6  # timed runs at least (6: the fewest whose order statistics give a 95 % CI of the median)
     max_repeats: int = 100  # timed runs at most
-    min_duration_s: float = 1.0  # keep repeating until this much time is timed
+    min_duration_s: float = 1.0  # and at least this much time timed (s)
+    # GPU cells measure their card's device-to-device copy bandwidth once (~1 s), the practical decode bound
+    measure_copy_bandwidth: bool = True
     cv_warn_threshold: float = 0.05  # coefficient of variation above which the cell records a warning
     seed: int = 0  # seed of the random prompt token ids (same prompts for every method of a sweep)
     # CPUs the cell's process is pinned to: null (the OS's choice) | gpu_local (NVML's CPUs near the cell's GPUs)
@@ -254,12 +265,18 @@ def validate(cfg: Any) -> None:
     _positive_ints([b.new_tokens], "bench.new_tokens")
     for p in b.decode_paths:
         if p not in ("eager", "static"):
-            raise ConfigError(f"bench.decode_paths: '{p}' is not one of eager, static")
+            raise ConfigError(f"bench.decode_paths: '{p}' is not one of eager, static, graph")
     if b.warmup_runs < 0:
         raise ConfigError(f"bench.warmup_runs: {b.warmup_runs} is negative")
     if b.static_warmup_runs < 0:
         raise ConfigError(f"bench.static_warmup_runs: {b.static_warmup_runs} is negative")
     _positive_ints([b.min_repeats], "bench.min_repeats")
+    if b.target_ci_pct is not None and not b.target_ci_pct > 0:
+        raise ConfigError(f"bench.target_ci_pct: {b.target_ci_pct} is not a positive percentage (null: no target)")
+    if b.max_time_per_figure_s is not None and not b.max_time_per_figure_s > 0:
+        raise ConfigError(f"bench.max_time_per_figure_s: {b.max_time_per_figure_s} is not positive (null: no cap)")
+    if b.warmup_steady_pct < 0:
+        raise ConfigError(f"bench.warmup_steady_pct: {b.warmup_steady_pct} is negative")
     if b.max_repeats < b.min_repeats:
         raise ConfigError(f"bench.max_repeats: {b.max_repeats} is below bench.min_repeats ({b.min_repeats})")
     if b.min_duration_s < 0:

@@ -175,6 +175,8 @@ def test_measure_on_cpu(tiny_model, monkeypatch):
         assert d["bandwidth_bound_tokens_per_s"] == pytest.approx(bound)
         assert d["energy_j_per_token"] is None  # no NVML on CPU
         assert d["new_tokens"] == 4 and d["prompt_tokens"] == 8
+        assert d["precision"]["target_ci_pct"] == 1.0 and d["precision"]["repeats"] == runs
+        assert d["measured_bandwidth_bound_fraction"] is None  # no copy bandwidth measured on CPU
     assert out["unsupported"] == [{"decode_path": "static", "batch_size": None,
                                    "reason": "transformers compiles the static-cache decode only on cuda/xpu, not on cpu"}]
     assert any(w.startswith("decode static: not measured") for w in out["warnings"])
@@ -214,27 +216,126 @@ def test_measure_on_gpu(tmp_path):
     assert pm.summary()["peak_allocated_bytes"]["decode"] > 0
 
 
-def test_static_path_warms_up_longer(tiny_model, monkeypatch):
-    """The compiled static path reaches speed only after several generate calls (H100: calls 3-5 ran ~7 % slow),
-    so its loop discards bench.static_warmup_runs calls, the others bench.warmup_runs; both are recorded."""
+def test_compiled_paths_warm_up_until_steady(tiny_model, monkeypatch):
+    """The compiled paths reach speed only after several generate calls (H100: calls 3-5 ran ~7 % slow), so their
+    loop may warm up to bench.static_warmup_runs calls while runs still differ by more than warmup_steady_pct;
+    the others stop at bench.warmup_runs. Both are recorded."""
     model, tok = tiny_model
     monkeypatch.setattr(latency, "static_unsupported_reason", lambda *a, **k: None)  # run it uncompiled on CPU
     seen = []
     real_repeat = latency.timing.repeat
 
     def spy(run_once, **loop):
-        seen.append(loop["warmup_runs"])
+        seen.append((loop["warmup_runs"], loop["max_warmup_runs"]))
         return real_repeat(run_once, **loop)
 
     monkeypatch.setattr(latency.timing, "repeat", spy)
     cfg = _quick(batch_sizes=[1], prompt_tokens=[8], warmup_runs=1, static_warmup_runs=3)
     out = latency.measure(model, tok, cfg, "cpu", None, 1, model.config)
     # one prefill loop, then eager and static decode at batch 1
-    assert seen == [1, 1, 3]
+    assert seen == [(1, 1), (1, 1), (1, 3)]
     assert [d["decode_path"] for d in out["decode"]] == ["eager", "static"]
     assert out["settings"]["warmup_runs"] == 1 and out["settings"]["static_warmup_runs"] == 3
     # never fewer than warmup_runs
     seen.clear()
     out = latency.measure(model, tok, _quick(batch_sizes=[1], prompt_tokens=[8], warmup_runs=2, static_warmup_runs=0),
                           "cpu", None, 1, model.config)
-    assert seen == [2, 2, 2] and out["settings"]["static_warmup_runs"] == 2
+    assert seen == [(2, 2), (2, 2), (2, 2)] and out["settings"]["static_warmup_runs"] == 2
+
+
+# ---- repeat until precise ------------------------------------------------------------------------------
+
+
+def test_repeat_stops_once_the_median_is_precise():
+    clock, log = FakeClock(), []
+    r = timing.repeat(workload(clock, 0.1, log), warmup_runs=0, min_repeats=6, max_repeats=100, min_duration_s=0,
+                      target_ci_pct=1.0, max_time_s=100, value_of=lambda _: 50.0, clock=clock)
+    assert r["n"] == 6 and r["stopped_by"] == "precision" and r["ci_half_width_pct"] == 0.0
+
+
+def test_repeat_runs_on_until_the_ci_is_narrow_enough():
+    # values spread by +-10 % at first, then settle at 100: the order-statistic CI shrinks as the steady
+    # runs outnumber the early ones, and the loop stops as soon as it is within +-1 %
+    clock, log = FakeClock(), []
+    noisy = [90.0, 110.0, 95.0, 105.0, 92.0, 108.0]
+    values = lambda i: noisy[i - 1] if i <= len(noisy) else 100.0
+    r = timing.repeat(workload(clock, 0.1, log), warmup_runs=0, min_repeats=6, max_repeats=100, min_duration_s=0,
+                      target_ci_pct=1.0, max_time_s=100, value_of=values, clock=clock)
+    assert r["stopped_by"] == "precision" and 6 < r["n"] < 100
+    from qbench.measure.stats import median_ci
+
+    got = sorted(values(i) for i in r["results"])
+    assert median_ci(got)["half_width_pct"] <= 1.0
+    fewer = sorted(values(i) for i in r["results"][:-1])
+    assert median_ci(fewer)["half_width_pct"] > 1.0  # it did not run one more than needed
+
+
+def test_repeat_flags_a_figure_that_hits_its_time_cap():
+    clock, log = FakeClock(), []
+    r = timing.repeat(workload(clock, 0.5, log), warmup_runs=1, min_repeats=6, max_repeats=100, min_duration_s=0,
+                      target_ci_pct=1.0, max_time_s=5.0, value_of=lambda i: 100.0 + 20 * (i % 2), clock=clock)
+    assert r["stopped_by"] == "time_cap" and r["n"] == 10 and r["timed_s"] == pytest.approx(5.0)
+    assert r["ci_half_width_pct"] > 1.0
+    warning = latency._precision_warning("decode eager bs=1", r, latency.Settings.from_bench(
+        _quick(target_ci_pct=1.0, max_time_per_figure_s=5.0)))
+    assert "target ±1 % not reached" in warning and "after 10 runs" in warning
+
+
+def test_warm_up_runs_until_two_runs_agree():
+    clock, log = FakeClock(), []
+    speeds = [10.0, 5.0, 3.0, 2.9, 2.9, 2.9]
+    secs = timing.warm_up(workload(clock, 0.1, log), min_runs=1, max_runs=6, steady_pct=5.0,
+                          value_of=lambda i: speeds[i - 1], clock=clock)
+    assert len(secs) == 4  # 10 -> 5 -> 3 -> 2.9: the 4th is within 5 % of the 3rd
+    log.clear()
+    assert len(timing.warm_up(workload(clock, 0.1, log), min_runs=2, max_runs=3, steady_pct=0.0,
+                              value_of=lambda i: float(i), clock=clock)) == 3  # never steady: capped
+
+
+# ---- the graph path ------------------------------------------------------------------------------------
+
+
+def _compile_on_cpu():
+    from transformers import CompileConfig
+
+    cc = CompileConfig(backend="eager", mode=None)  # dynamo traces, nothing is code-generated: seconds
+    cc._compile_all_devices = True  # transformers' own switch for compiling generate on CPU (its tests use it)
+    return cc
+
+
+def test_graph_path_replays_generates_own_compiled_step(tiny_model):
+    """graph calls the compiled step that static generate uses, with its recorded arguments, on its cache: the
+    tokens it produces are the ones generate produced, and the cache ends where generate left it."""
+    model, _ = tiny_model
+    cc = _compile_on_cpu()
+    ids, mask = latency.random_prompt(2, 8, 2048, [0, 1, 2], seed=0, device="cpu")
+    n = 6
+    ref = latency.generate_timed(model, ids, mask, n, "static", "cpu", 0, cc)["output_ids"][:, ids.shape[1]:]
+    calls = latency.record_decode_steps(model, ids, mask, n, "cpu", 0, cc)
+    assert len(calls) == n - 1
+    for _ in range(2):  # replays repeat: the cache is rewound each time
+        r = latency.graph_decode_timed(model, calls, "cpu")
+        assert len(r["steps_s"]) == n and r["steps_s"][0] == 0.0
+        assert torch.equal(torch.cat(r["tokens"], dim=1), ref[:, 1:])
+    assert int(latency._cache_of(calls).get_seq_length()) == ids.shape[1] + n - 1
+
+
+def test_measure_graph_path_on_cpu(tiny_model):
+    model, tok = tiny_model
+    cfg = _quick(batch_sizes=[1, 2], prompt_tokens=[8], decode_paths=["graph", "eager", "static"],
+                 target_ci_pct=50.0, max_time_per_figure_s=5.0)
+    out = latency.measure(model, tok, cfg, "cpu", None, 1, model.config, compile_config=_compile_on_cpu())
+    # batch-major, and static before graph whatever the YAML's order: graph replays what static compiled
+    assert [(d["decode_path"], d["batch_size"]) for d in out["decode"]] == [
+        ("eager", 1), ("static", 1), ("graph", 1), ("eager", 2), ("static", 2), ("graph", 2)]
+    for d in out["decode"]:
+        assert d["tokens_per_s"]["median_ci"]["low"] <= d["tokens_per_s"]["p50"] <= d["tokens_per_s"]["median_ci"]["high"]
+        assert d["precision"]["stopped_by"] in ("precision", "time_cap", "max_repeats")
+        assert d["precision"]["repeats"] == d["tokens_per_s"]["n"]
+    assert out["unsupported"] == []
+    assert out["copy_bandwidth"] is None  # measured on GPUs only
+
+
+def test_decode_paths_are_checked():
+    with pytest.raises(ValueError, match="unknown"):
+        latency.Settings.from_bench(_quick(decode_paths=["eagre"]))

@@ -50,3 +50,17 @@ def test_cv_warning():
     steady = stats.summarize([100.0, 101.0], "ms")  # cv 0.0070
     assert stats.cv_warning("x", steady, 0.05) is None
     assert stats.cv_warning("x", None, 0.05) is None
+
+
+def test_median_ci_order_statistics():
+    """The distribution-free CI of the median: ranks from the binomial(n, 1/2), as in the textbook tables
+    (n=10: 2nd and 9th values; n=20: 6th and 15th; n=100: 40th and 61st)."""
+    from qbench.measure.stats import median_ci
+
+    for n, (lo, hi) in {10: (2, 9), 20: (6, 15), 100: (40, 61)}.items():
+        ci = median_ci([float(v) for v in range(1, n + 1)])
+        assert (ci["low"], ci["high"]) == (lo, hi) and ci["level"] >= 0.95
+    small = median_ci([1.0, 2.0, 3.0, 4.0, 5.0])  # no 95 % pair exists below n = 6: [min, max], its own level
+    assert (small["low"], small["high"]) == (1.0, 5.0) and small["level"] == pytest.approx(1 - 2 / 32)
+    assert median_ci([99.0, 100.0, 100.0, 100.0, 100.0, 101.0])["half_width_pct"] == pytest.approx(1.0)
+    assert summarize([1.0, 2.0, 3.0], "ms")["median_ci"]["high"] == 3.0

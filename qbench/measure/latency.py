@@ -3,25 +3,34 @@
 Each phase is timed on its own, never derived by subtracting one mean from another:
   * prefill / TTFT: one forward pass over the prompt that produces the first token (logits of the last
     position, argmax), timed per call, at every (batch size, prompt length);
-  * decode: per-step timestamps taken inside ``generate`` by a logits processor (called once per step, right
-    after that step's forward): on CUDA it records an event on the stream (no sync, so it does not slow the
-    loop), on CPU it reads perf_counter. Step intervals are the per-token latencies; tokens/s of a run is
-    batch * (steps - 1) / (last stamp - first stamp), which excludes the prefill.
+  * decode, three paths, each timed by per-step stamps (CUDA events on the stream, no sync inside the loop;
+    perf_counter on CPU); step intervals are the per-token latencies, and tokens/s of a run is
+    batch * (steps - 1) / (last stamp - first stamp), which excludes the prefill:
+      - ``eager``: ``generate`` with the dynamic cache (stamped by a logits processor after each step's forward);
+      - ``static``: ``generate`` with the static cache, whose decode step transformers compiles to CUDA graphs;
+      - ``graph``: the modeling code's ceiling: the very compiled decode step ``static`` uses (same compiled
+        function, same static cache, same arguments: no second compile), called in a tight loop with the
+        previous step's argmax fed back, and nothing of ``generate``'s per-step Python around it.
 Generation is forced to ``bench.new_tokens``: min_new_tokens == max_new_tokens (EOS suppressed by
 transformers' MinNewTokensLengthLogitsProcessor for every step), greedy; a run that comes back shorter raises.
+
+Every timed figure repeats until the 95 % CI of its median is within ``bench.target_ci_pct`` % of it, or its
+time cap ``bench.max_time_per_figure_s`` is spent (then ``precision.stopped_by`` says ``time_cap``): see
+qbench.measure.timing.repeat. The loop is batch-major (every path at batch 1, then at batch 8, ...) so that
+``graph`` reuses what ``static`` just compiled and warmed up at the same shapes.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
 
-from qbench.measure import gpu_specs, gpu_state, memory, stats, timing
+from qbench.measure import bandwidth, gpu_specs, gpu_state, memory, stats, timing
 
-
-def _cfg(bench_cfg: Any, key: str, default: Any = None) -> Any:
-    value = getattr(bench_cfg, key, default)
-    return default if value is None else value
+DECODE_PATHS = ("eager", "static", "graph")
+COMPILED_PATHS = ("static", "graph")
 
 
 def random_prompt(batch: int, length: int, vocab: int, special_ids: List[int], seed: int, device: Any):
@@ -146,7 +155,10 @@ def _step_stamper(device: Any, n_steps: int):
     return StepStamps()
 
 
-def generate_timed(model, input_ids, attention_mask, new_tokens: int, path: str, device: Any, pad_token_id: int) -> Dict[str, Any]:
+
+
+def generate_timed(model, input_ids, attention_mask, new_tokens: int, path: str, device: Any, pad_token_id: int,
+                   compile_config: Any = None) -> Dict[str, Any]:
     """One forced-length greedy generate with per-step stamps. Returns {"steps_s", "wall_s", "output_ids"}.
 
     Raises RuntimeError if the output is not exactly ``new_tokens`` longer than the prompt: a shorter run would
@@ -168,8 +180,10 @@ def generate_timed(model, input_ids, attention_mask, new_tokens: int, path: str,
         use_cache=True,
         logits_processor=LogitsProcessorList([stamps]),
     )
-    if path == "static":
+    if path in COMPILED_PATHS:
         kwargs["cache_implementation"] = "static"
+        if compile_config is not None:
+            kwargs["compile_config"] = compile_config
     timing.synchronize(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -182,10 +196,96 @@ def generate_timed(model, input_ids, attention_mask, new_tokens: int, path: str,
     return {"steps_s": stamps.seconds(), "wall_s": wall, "output_ids": out}
 
 
-def static_unsupported_reason(model, device: Any) -> Optional[str]:
+def record_decode_steps(model, input_ids, attention_mask, new_tokens: int, device: Any, pad_token_id: int,
+                        compile_config: Any = None) -> List[Dict[str, Any]]:
+    """The arguments ``generate`` hands its compiled decode step, one dict per step, from one static generate.
+
+    transformers keeps the compiled step in ``model._compiled_call`` (``get_compiled_call``) and the static cache
+    in ``model._cache``, both reused by every later generate of the same shapes. Wrapping the compiled call for
+    one generate records its keyword arguments: replaying them calls the same compiled function with the same
+    guards (no recompile) on the same cache, which generate has just filled with this prompt (the prefill).
+    Raises RuntimeError when generate did not call a compiled step once per decode token."""
+    generate_timed(model, input_ids, attention_mask, new_tokens, "static", device, pad_token_id, compile_config)
+    compiled = getattr(model, "_compiled_call", None)
+    if compiled is None:
+        raise RuntimeError("generate compiled no decode step (model._compiled_call is missing)")
+    calls: List[Dict[str, Any]] = []
+
+    def recorder(*args, **kwargs):
+        if args:
+            raise RuntimeError("the compiled decode step was called with positional arguments")
+        calls.append(dict(kwargs))
+        return compiled(**kwargs)
+
+    model._compiled_call = recorder
+    try:
+        generate_timed(model, input_ids, attention_mask, new_tokens, "static", device, pad_token_id, compile_config)
+    finally:
+        model._compiled_call = compiled
+    if len(calls) != new_tokens - 1 or "input_ids" not in calls[0]:
+        raise RuntimeError(f"generate called its compiled decode step {len(calls)} times for {new_tokens - 1} "
+                           "decode tokens: no tight loop to replay")
+    cache = _cache_of(calls)
+    filled = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else None
+    graph_decode_timed(model, calls, device)
+    again = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else None
+    if filled != again:  # the replay did not write where generate wrote: this cache keeps its place elsewhere
+        raise RuntimeError(f"replayed decode steps left the cache at {again} tokens, generate at {filled}")
+    return calls
+
+
+def _cache_of(calls: List[Dict[str, Any]]) -> Any:
+    kwargs = calls[0]
+    return kwargs.get("past_key_values", kwargs.get("cache"))
+
+
+def rewind_cache(calls: List[Dict[str, Any]]) -> None:
+    """Put the static cache back where the prefill left it. transformers 5's static layers place each new key at
+    their own ``cumulative_length`` counter (a tensor, so that compiled code does not recompile as it moves), not
+    at an argument of the call: a replay must first move the counters back by the steps it is about to replay.
+    In place, as generate's own updates are: the compiled graphs hold the counter's address."""
+    layers = getattr(_cache_of(calls), "layers", None) or []
+    for layer in layers:
+        counter = getattr(layer, "cumulative_length", None)
+        if counter is not None and hasattr(counter, "sub_") and getattr(layer, "is_initialized", True):
+            counter.sub_(len(calls))
+
+
+def graph_decode_timed(model, calls: List[Dict[str, Any]], device: Any) -> Dict[str, Any]:
+    """One tight loop over the recorded decode steps: the compiled step only, its argmax fed to the next step.
+    Stamps as generate_timed: one before the first decode step (where generate's first stamp follows the
+    prefill) and one after each step. Returns {"steps_s", "tokens"}."""
+    import torch
+
+    step = model._compiled_call
+    cuda = timing.is_cuda(device)
+    token = calls[0]["input_ids"]
+    tokens: List[Any] = []  # each step's argmax, [batch, 1]: kept on the device, looked at only by tests
+    with torch.inference_mode(), torch.no_grad():  # generate's grad mode: the compiled step's guards include it
+        rewind_cache(calls)
+        timing.synchronize(device)
+        if cuda:
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(len(calls) + 1)]
+            events[0].record()
+            for i, kwargs in enumerate(calls):
+                token = step(**{**kwargs, "input_ids": token}).logits[:, -1:, :].argmax(-1)
+                tokens.append(token)
+                events[i + 1].record()
+            events[-1].synchronize()
+            return {"steps_s": [events[0].elapsed_time(e) / 1e3 for e in events], "tokens": tokens}
+        stamps = [time.perf_counter()]
+        for kwargs in calls:
+            token = step(**{**kwargs, "input_ids": token}).logits[:, -1:, :].argmax(-1)
+            tokens.append(token)
+            stamps.append(time.perf_counter())
+    return {"steps_s": [t - stamps[0] for t in stamps], "tokens": tokens}
+
+
+def static_unsupported_reason(model, device: Any, compile_anywhere: bool = False) -> Optional[str]:
     """Why transformers would not compile the static-cache decode of this model (then the path would time an
-    uncompiled static cache under the name 'static'), or None. Mirrors GenerationMixin's auto-compile rules."""
-    if not timing.is_cuda(device):
+    uncompiled static cache under the name 'static'), or None. Mirrors GenerationMixin's auto-compile rules.
+    ``compile_anywhere``: a compile config that asks for compilation on every device (tests on CPU)."""
+    if not timing.is_cuda(device) and not compile_anywhere:
         return f"transformers compiles the static-cache decode only on cuda/xpu, not on {device}"
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and not getattr(quantizer, "is_compileable", False):
@@ -208,6 +308,272 @@ def _graph_breaks() -> Optional[int]:
         return None
 
 
+# ----------------------------------------------------------------------------------------------- settings
+@dataclass
+class Settings:
+    """The bench keys latency reads (qbench.config.BenchConfig documents each; its defaults are the only ones)."""
+
+    batch_sizes: List[int]
+    prompt_tokens: List[int]
+    decode_prompt_tokens: int
+    new_tokens: int
+    decode_paths: List[str]
+    warmup_runs: int
+    static_warmup_runs: int
+    warmup_steady_pct: float
+    min_repeats: int
+    max_repeats: int
+    min_duration_s: float
+    target_ci_pct: Optional[float]
+    max_time_per_figure_s: Optional[float]
+    cv_warn_threshold: float
+    seed: int
+    gpu_spec_overrides: Dict[str, Any] = field(default_factory=dict)
+    measure_copy_bandwidth: bool = True
+
+    @classmethod
+    def from_bench(cls, bench_cfg: Any) -> "Settings":
+        def get(key):
+            return getattr(bench_cfg, key)
+
+        paths = [str(p) for p in get("decode_paths")]
+        unknown = [p for p in paths if p not in DECODE_PATHS]
+        if unknown:
+            raise ValueError(f"bench.decode_paths: unknown {unknown}; known: {', '.join(DECODE_PATHS)}")
+        return cls(
+            batch_sizes=[int(b) for b in get("batch_sizes")], prompt_tokens=[int(p) for p in get("prompt_tokens")],
+            decode_prompt_tokens=int(get("decode_prompt_tokens")), new_tokens=int(get("new_tokens")),
+            decode_paths=[p for p in DECODE_PATHS if p in paths],  # static before graph: graph replays static's
+            warmup_runs=int(get("warmup_runs")),
+            # at least warmup_runs: a compiled path never warms up less than the others
+            static_warmup_runs=max(int(get("warmup_runs")), int(get("static_warmup_runs"))),
+            warmup_steady_pct=float(get("warmup_steady_pct")), min_repeats=int(get("min_repeats")),
+            max_repeats=int(get("max_repeats")), min_duration_s=float(get("min_duration_s")),
+            target_ci_pct=None if get("target_ci_pct") is None else float(get("target_ci_pct")),
+            max_time_per_figure_s=None if get("max_time_per_figure_s") is None else float(get("max_time_per_figure_s")),
+            cv_warn_threshold=float(get("cv_warn_threshold")), seed=int(get("seed")),
+            gpu_spec_overrides=dict(get("gpu_spec_overrides") or {}),
+            measure_copy_bandwidth=bool(getattr(bench_cfg, "measure_copy_bandwidth", True)),
+        )
+
+    def loop(self, compiled: bool) -> Dict[str, Any]:
+        """timing.repeat's keywords for one figure; compiled paths may warm up longer, until steady."""
+        return dict(warmup_runs=self.warmup_runs, max_warmup_runs=self.static_warmup_runs if compiled else self.warmup_runs,
+                    steady_pct=self.warmup_steady_pct, min_repeats=self.min_repeats, max_repeats=self.max_repeats,
+                    min_duration_s=self.min_duration_s, target_ci_pct=self.target_ci_pct,
+                    max_time_s=self.max_time_per_figure_s)
+
+    def record(self) -> Dict[str, Any]:
+        out = dict(self.__dict__)
+        out.pop("gpu_spec_overrides")
+        return out
+
+
+@dataclass
+class Target:
+    """What the timing loops need to know about the model and device, worked out once."""
+
+    model: Any
+    device: str
+    cuda: bool
+    gpu_indices: List[int]
+    in_device: Any
+    out_device: Any
+    vocab: int
+    special_ids: List[int]
+    pad_token_id: int
+    kv_dtype_bytes: int
+    params: Dict[str, int]
+    forward_kwargs: Dict[str, Any]
+    model_config: Any
+    weight_bytes_read_per_token: int
+    peak_flops: Optional[float]
+    datasheet_bandwidth: Optional[float]
+    measured_bandwidth: Optional[float]
+    compile_config: Any = None
+
+
+def _target(model, tokenizer, device: str, model_config: Any, weight_bytes_read_per_token: int, spec: Any,
+            compute_dtype: Any, copy_bw: Optional[Dict[str, Any]], compile_config: Any) -> Target:
+    in_dev = model.get_input_embeddings().weight.device
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_dev = out_emb.weight.device if out_emb is not None and getattr(out_emb, "weight", None) is not None else in_dev
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    pad = pad if pad is not None else (getattr(_text_config(model_config), "pad_token_id", None) or 0)
+    forward_kwargs: Dict[str, Any] = {"use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        forward_kwargs["logits_to_keep"] = 1  # as generate does: the head on the last position only
+    return Target(
+        model=model, device=device, cuda=timing.is_cuda(device), gpu_indices=gpu_state.cuda_indices(device),
+        in_device=in_dev, out_device=out_dev, vocab=_vocab(model_config, tokenizer),
+        special_ids=_special_ids(tokenizer, model_config), pad_token_id=pad,
+        kv_dtype_bytes=memory.DTYPE_BYTES.get(str(getattr(model, "dtype", "bfloat16")).replace("torch.", ""), 2),
+        params=matmul_params(model), forward_kwargs=forward_kwargs, model_config=model_config,
+        weight_bytes_read_per_token=int(weight_bytes_read_per_token),
+        peak_flops=gpu_specs.peak_flops(spec, compute_dtype), datasheet_bandwidth=gpu_specs.bandwidth_bytes_per_s(spec),
+        measured_bandwidth=(copy_bw or {}).get("bytes_per_s"), compile_config=compile_config,
+    )
+
+
+def _precision(res: Dict[str, Any], s: Settings) -> Dict[str, Any]:
+    """How a figure's repeats ended: its CI half-width, the target, and what stopped it."""
+    return {"target_ci_pct": s.target_ci_pct, "ci_half_width_pct": res["ci_half_width_pct"],
+            "stopped_by": res["stopped_by"], "repeats": res["n"], "warmup_runs": len(res["warmup_s"]),
+            "timed_s": res["timed_s"]}
+
+
+def _precision_warning(label: str, res: Dict[str, Any], s: Settings) -> Optional[str]:
+    if res["stopped_by"] != "time_cap" or s.target_ci_pct is None:
+        return None
+    half = res["ci_half_width_pct"]
+    return (f"{label}: 95 % CI of the median ±{half:.1f} % after {res['n']} runs, target ±{s.target_ci_pct:g} % "
+            f"not reached within bench.max_time_per_figure_s={s.max_time_per_figure_s:g}")
+
+
+# ----------------------------------------------------------------------------------------------- prefill
+def measure_prefill(t: Target, s: Settings, out: Dict[str, Any]) -> None:
+    """TTFT at every (batch size, prompt length) into out["prefill"]; first calls into out["one_time"]."""
+    import torch
+
+    for batch in s.batch_sizes:
+        for plen in s.prompt_tokens:
+            ids, mask = random_prompt(batch, plen, t.vocab, t.special_ids, s.seed, t.in_device)
+
+            def run_once(ids=ids, mask=mask):
+                def first_token():
+                    with torch.inference_mode():
+                        return t.model(input_ids=ids, attention_mask=mask, **t.forward_kwargs).logits[:, -1, :].argmax(-1)
+
+                return timing.time_call(first_token, t.device, t.out_device)[0]
+
+            res = timing.repeat(run_once, **s.loop(compiled=False))
+            if out["one_time"]["first_call_s"] is None:
+                out["one_time"]["first_call_s"] = res["first_call_s"]  # the model's very first forward
+            out["one_time"]["prefill"].append({"batch_size": batch, "prompt_tokens": plen, "first_call_s": res["first_call_s"]})
+            ttft = stats.summarize([x * 1e3 for x in res["results"]], "ms")
+            flops = prefill_flops(t.params, batch, plen)
+            bound, p50_s = compute_bound_s(flops, t.peak_flops), ttft["p50"] / 1e3
+            out["prefill"].append({
+                "batch_size": batch, "prompt_tokens": plen, "ttft_ms": ttft,
+                "tokens_per_s": batch * plen / p50_s if p50_s > 0 else None,
+                "flops": flops, "compute_bound_ms": bound * 1e3 if bound is not None else None,
+                "compute_bound_fraction": bound / p50_s if bound is not None and p50_s > 0 else None,
+                "precision": _precision(res, s),
+            })
+            out["kv_shapes"].append({"batch_size": batch, "seq_len_tokens": plen,
+                                     "bytes": memory.kv_cache_bytes(t.model_config, batch, plen, t.kv_dtype_bytes)})
+            label = f"prefill bs={batch} prompt={plen}"
+            out["warnings"].extend(w for w in (stats.cv_warning(label, ttft, s.cv_warn_threshold),
+                                               _precision_warning(label, res, s)) if w)
+
+
+# ----------------------------------------------------------------------------------------------- decode
+def _tokens_per_s(batch: int) -> Callable[[List[float]], float]:
+    return lambda steps: batch * (len(steps) - 1) / (steps[-1] - steps[0])
+
+
+def _decode_runner(t: Target, s: Settings, path: str, batch: int, energy_runs: List[Optional[float]]):
+    """The run_once of one (path, batch size): returns a run's step stamps, records its GPU energy."""
+    ids, mask = random_prompt(batch, s.decode_prompt_tokens, t.vocab, t.special_ids, s.seed, t.in_device)
+    if path == "graph":
+        calls = record_decode_steps(t.model, ids, mask, s.new_tokens, t.device, t.pad_token_id, t.compile_config)
+
+        def timed():
+            return graph_decode_timed(t.model, calls, t.device)["steps_s"]
+    else:
+        def timed():
+            return generate_timed(t.model, ids, mask, s.new_tokens, path, t.device, t.pad_token_id,
+                                  t.compile_config)["steps_s"]
+
+    def run_once():
+        e0 = gpu_state.total_energy_j(t.device, t.gpu_indices) if t.cuda else None
+        steps = timed()
+        e1 = gpu_state.total_energy_j(t.device, t.gpu_indices) if t.cuda else None
+        energy_runs.append(e1 - e0 if e0 is not None and e1 is not None else None)
+        return steps
+
+    return run_once
+
+
+def decode_row(t: Target, s: Settings, path: str, batch: int) -> tuple:
+    """(row, repeat result) of one decode figure: the runs of ``path`` at ``batch`` and their bounds."""
+    energy_runs: List[Optional[float]] = []
+    run_once = _decode_runner(t, s, path, batch, energy_runs)
+    breaks0 = _graph_breaks()
+    res = timing.repeat(run_once, value_of=_tokens_per_s(batch), **s.loop(compiled=path in COMPILED_PATHS))
+    breaks1 = _graph_breaks()
+    steps = res["results"]
+    tps = stats.summarize([_tokens_per_s(batch)(x) for x in steps], "tokens/s")
+    per_token = stats.summarize([(b - a) * 1e3 for x in steps for a, b in zip(x[:-1], x[1:])], "ms")
+    kv_seq = memory.kv_cache_bytes(t.model_config, 1, 1, t.kv_dtype_bytes) * mean_decode_context(s.decode_prompt_tokens, s.new_tokens)
+    bound = bandwidth_bound_tokens_per_s(t.datasheet_bandwidth, t.weight_bytes_read_per_token, kv_seq, batch)
+    measured_bound = bandwidth_bound_tokens_per_s(t.measured_bandwidth, t.weight_bytes_read_per_token, kv_seq, batch)
+    timed_energy = energy_runs[len(energy_runs) - len(steps):]
+    energy = None
+    if timed_energy and all(e is not None for e in timed_energy):
+        # GPU board energy over the timed runs (generate's prefill included; graph: decode steps only)
+        energy = sum(timed_energy) / (len(timed_energy) * batch * s.new_tokens)
+    row = {
+        "decode_path": path, "batch_size": batch, "prompt_tokens": s.decode_prompt_tokens, "new_tokens": s.new_tokens,
+        "tokens_per_s": tps, "per_token_ms": per_token,
+        "bandwidth_bound_tokens_per_s": bound,
+        "bandwidth_bound_fraction": tps["p50"] / bound if bound else None,
+        "measured_bandwidth_bound_tokens_per_s": measured_bound,
+        "measured_bandwidth_bound_fraction": tps["p50"] / measured_bound if measured_bound else None,
+        "weight_bytes_read_per_step": t.weight_bytes_read_per_token,
+        "kv_bytes_read_per_step": int(batch * kv_seq),
+        "energy_j_per_token": energy,
+        "compiled": path in COMPILED_PATHS and hasattr(t.model, "_compiled_call"),
+        "graph_breaks": (breaks1 - breaks0) if path in COMPILED_PATHS and None not in (breaks0, breaks1) else None,
+        "precision": _precision(res, s),
+    }
+    return row, res
+
+
+def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
+    """Every decode path at every batch size, batch-major, into out["decode"] / out["unsupported"]."""
+    import torch
+
+    if s.new_tokens < 2:
+        out["warnings"].append(f"decode: new_tokens={s.new_tokens}; per-step timing needs at least 2 tokens, decode not measured")
+        return
+    compile_anywhere = bool(getattr(t.compile_config, "_compile_all_devices", False))
+    reason = {p: static_unsupported_reason(t.model, t.device, compile_anywhere) if p in COMPILED_PATHS else None
+              for p in s.decode_paths}
+    failed_at: Dict[str, int] = {}
+    for batch in s.batch_sizes:
+        for path in s.decode_paths:
+            if reason[path] is not None:
+                continue
+            try:
+                row, res = decode_row(t, s, path, batch)
+            except torch.OutOfMemoryError:
+                raise  # the cell records it as class oom
+            except Exception as exc:  # a method whose kernels cannot take this path (compile fails, ...)
+                if path not in COMPILED_PATHS:
+                    raise
+                text = str(exc).strip()
+                reason[path] = f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+                failed_at[path] = batch
+                continue
+            out["decode"].append(row)
+            out["one_time"]["decode"].append({"decode_path": path, "batch_size": batch, "first_call_s": res["first_call_s"]})
+            if path == "static" and out["one_time"]["compile_s"] is None:
+                out["one_time"]["compile_s"] = res["first_call_s"]  # the first static generate compiles the step
+            label = f"decode {path} bs={batch}"
+            out["warnings"].extend(w for w in (stats.cv_warning(label, row["tokens_per_s"], s.cv_warn_threshold),
+                                               _precision_warning(label, res, s)) if w)
+        out["kv_shapes"].append({"batch_size": batch, "seq_len_tokens": s.decode_prompt_tokens + s.new_tokens,
+                                 "bytes": memory.kv_cache_bytes(t.model_config, batch, s.decode_prompt_tokens + s.new_tokens, t.kv_dtype_bytes)})
+    for path in s.decode_paths:
+        if reason[path] is not None:
+            # batch_size: where it failed (larger batch sizes were not tried); null: the path never applies
+            out["unsupported"].append({"decode_path": path, "reason": reason[path], "batch_size": failed_at.get(path)})
+            at = f" from bs={failed_at[path]}" if path in failed_at else ""
+            out["warnings"].append(f"decode {path}: not measured{at} ({reason[path]})")
+
+
+# ----------------------------------------------------------------------------------------------- the section
 def measure(
     model,
     tokenizer,
@@ -218,201 +584,43 @@ def measure(
     model_config: Any,
     *,
     compute_dtype: Any = None,
-    cuda_indices: Optional[List[int]] = None,
+    compile_config: Any = None,
 ) -> Dict[str, Any]:
-    """The "latency" section of result.json (docs/results.md), plus ``warnings`` (CV above the threshold,
-    unsupported paths) for the cell's top-level warnings list, and ``kv_cache_bytes_analytic`` (for memory).
+    """The "latency" section of result.json (docs/results.md), plus ``warnings`` (CV above the threshold, a figure
+    that hit its time cap, unsupported paths) for the cell's top-level warnings list, and
+    ``kv_cache_bytes_analytic`` (for memory).
 
     ``phase_memory``: a memory.PhaseMemory that records the "prefill" and "decode" phases (or None).
     ``weight_bytes_read_per_token``: bytes one decode step reads (memory.weight_footprint's
     ``weight_bytes_read_per_token``: the weights without an untied input embedding table).
-    ``compute_dtype``: dtype of the matmuls for the compute bound ("int8" for LLM.int8); default the model's.
+    ``compute_dtype``: dtype of the matmuls for the compute bound (the method's); default the model's.
+    ``compile_config``: transformers CompileConfig for the compiled paths (default: generate's own).
     """
-    import torch
-
     device = str(device)
-    warmup = int(_cfg(bench_cfg, "warmup_runs", 2))
-    loop = dict(
-        warmup_runs=warmup,
-        min_repeats=int(_cfg(bench_cfg, "min_repeats", 10)),
-        max_repeats=int(_cfg(bench_cfg, "max_repeats", 100)),
-        min_duration_s=float(_cfg(bench_cfg, "min_duration_s", 1.0)),
-    )
-    # The compiled static path keeps speeding up for its first few generate calls after the compile (on an H100,
-    # torch 2.11: the 3rd-5th calls ran ~7 % slower than the 6th onwards), so it warms up longer than the others.
-    static_warmup = max(warmup, int(_cfg(bench_cfg, "static_warmup_runs", 6)))
-    threshold = float(_cfg(bench_cfg, "cv_warn_threshold", 0.05))
-    seed = int(_cfg(bench_cfg, "seed", 0))
-    batch_sizes = [int(b) for b in _cfg(bench_cfg, "batch_sizes", [1])]
-    prompt_lengths = [int(p) for p in _cfg(bench_cfg, "prompt_tokens", [128])]
-    decode_prompt = int(_cfg(bench_cfg, "decode_prompt_tokens", 128))
-    new_tokens = int(_cfg(bench_cfg, "new_tokens", 32))
-    paths = [str(p) for p in _cfg(bench_cfg, "decode_paths", ["eager"])]
-    overrides = _cfg(bench_cfg, "gpu_spec_overrides", {}) or {}
-
-    cuda = timing.is_cuda(device)
-    idx = gpu_state.cuda_indices(device, cuda_indices)
+    s = Settings.from_bench(bench_cfg)
+    idx = gpu_state.cuda_indices(device)
     state_start = gpu_state.snapshot(device, idx)
     cpu_start = gpu_state.cpu_times()
-    spec = gpu_specs.for_device(device, overrides, index=idx[0] if idx else None)  # None on CPU
+    spec = gpu_specs.for_device(device, s.gpu_spec_overrides, index=idx[0] if idx else None)  # None on CPU
     dtype = compute_dtype or getattr(model, "dtype", None)
-    peak = gpu_specs.peak_flops(spec, dtype)
-    bandwidth = gpu_specs.bandwidth_bytes_per_s(spec)
-
-    in_dev = model.get_input_embeddings().weight.device
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    out_dev = out_emb.weight.device if out_emb is not None and getattr(out_emb, "weight", None) is not None else in_dev
-    vocab = _vocab(model_config, tokenizer)
-    specials = _special_ids(tokenizer, model_config)
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    pad = pad if pad is not None else (getattr(_text_config(model_config), "pad_token_id", None) or 0)
-    kv_dtype_bytes = memory.DTYPE_BYTES.get(str(getattr(model, "dtype", "bfloat16")).replace("torch.", ""), 2)
-    params = matmul_params(model)
+    copy_bw = bandwidth.copy_bandwidth(device) if s.measure_copy_bandwidth else None
     model.eval()
-
-    import inspect
-
-    forward_kwargs: Dict[str, Any] = {"use_cache": True}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        forward_kwargs["logits_to_keep"] = 1  # as generate does: the head on the last position only
-
-    warnings: List[str] = []
-    one_time: Dict[str, Any] = {"first_call_s": None, "compile_s": None, "prefill": [], "decode": []}
-    prefill: List[Dict[str, Any]] = []
-    decode: List[Dict[str, Any]] = []
-    unsupported: List[Dict[str, Any]] = []
-    kv_shapes: List[Dict[str, Any]] = []
-
-    # ---- prefill ---------------------------------------------------------------------------------------
-    ctx = phase_memory.phase("prefill") if phase_memory is not None else contextlib.nullcontext()
-    with ctx:
-        for batch in batch_sizes:
-            for plen in prompt_lengths:
-                ids, mask = random_prompt(batch, plen, vocab, specials, seed, in_dev)
-
-                def first_token(ids=ids, mask=mask):
-                    with torch.inference_mode():
-                        out = model(input_ids=ids, attention_mask=mask, **forward_kwargs)
-                        return out.logits[:, -1, :].argmax(-1)
-
-                def run_once(first_token=first_token):
-                    secs, _ = timing.time_call(first_token, device, out_dev)
-                    return secs
-
-                res = timing.repeat(run_once, **loop)
-                if one_time["first_call_s"] is None:
-                    one_time["first_call_s"] = res["first_call_s"]  # the model's very first forward
-                one_time["prefill"].append({"batch_size": batch, "prompt_tokens": plen, "first_call_s": res["first_call_s"]})
-                ttft = stats.summarize([s * 1e3 for s in res["results"]], "ms")
-                flops = prefill_flops(params, batch, plen)
-                bound = compute_bound_s(flops, peak)
-                p50_s = ttft["p50"] / 1e3
-                prefill.append({
-                    "batch_size": batch,
-                    "prompt_tokens": plen,
-                    "ttft_ms": ttft,
-                    "tokens_per_s": batch * plen / p50_s if p50_s > 0 else None,
-                    "flops": flops,
-                    "compute_bound_ms": bound * 1e3 if bound is not None else None,
-                    "compute_bound_fraction": bound / p50_s if bound is not None and p50_s > 0 else None,
-                })
-                kv_shapes.append({"batch_size": batch, "seq_len_tokens": plen,
-                                  "bytes": memory.kv_cache_bytes(model_config, batch, plen, kv_dtype_bytes)})
-                w = stats.cv_warning(f"prefill bs={batch} prompt={plen}", ttft, threshold)
-                if w:
-                    warnings.append(w)
-
-    # ---- decode ----------------------------------------------------------------------------------------
-    if new_tokens < 2:
-        warnings.append(f"decode: new_tokens={new_tokens}; per-step timing needs at least 2 tokens, decode not measured")
-    kv_per_token = memory.kv_cache_bytes(model_config, 1, 1, kv_dtype_bytes)
-    ctx = phase_memory.phase("decode") if phase_memory is not None else contextlib.nullcontext()
-    with ctx:
-        for path in (paths if new_tokens >= 2 else []):
-            reason = static_unsupported_reason(model, device) if path == "static" else None
-            failed_batch: Optional[int] = None
-            for batch in batch_sizes:
-                if reason is not None:
-                    break
-                ids, mask = random_prompt(batch, decode_prompt, vocab, specials, seed, in_dev)
-                energy_runs: List[Optional[float]] = []
-                path_warmup = static_warmup if path == "static" else warmup
-
-                def run_once(ids=ids, mask=mask, path=path, energy_runs=energy_runs):
-                    e0 = gpu_state.total_energy_j(device, idx) if cuda else None
-                    r = generate_timed(model, ids, mask, new_tokens, path, device, pad)
-                    e1 = gpu_state.total_energy_j(device, idx) if cuda else None
-                    energy_runs.append(e1 - e0 if e0 is not None and e1 is not None else None)
-                    return r["steps_s"]
-
-                breaks0 = _graph_breaks()
-                try:
-                    res = timing.repeat(run_once, **{**loop, "warmup_runs": path_warmup})
-                except torch.OutOfMemoryError:
-                    raise  # the cell records it as class oom
-                except Exception as exc:  # a method whose kernels cannot take this path (compile fails, ...)
-                    if path != "static":
-                        raise
-                    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-                    failed_batch = batch
-                    break
-                timed_energy = energy_runs[path_warmup:]
-                steps = res["results"]
-                tps = stats.summarize(
-                    [batch * (len(s) - 1) / (s[-1] - s[0]) for s in steps], "tokens/s")
-                per_token = stats.summarize(
-                    [(b - a) * 1e3 for s in steps for a, b in zip(s[:-1], s[1:])], "ms")
-                kv_seq = kv_per_token * mean_decode_context(decode_prompt, new_tokens)
-                bound = bandwidth_bound_tokens_per_s(bandwidth, weight_bytes_read_per_token, kv_seq, batch)
-                energy = None
-                if timed_energy and all(e is not None for e in timed_energy):
-                    energy = sum(timed_energy) / (len(timed_energy) * batch * new_tokens)
-                compiled = path == "static" and hasattr(model, "_compiled_call")
-                breaks1 = _graph_breaks()
-                decode.append({
-                    "decode_path": path,
-                    "batch_size": batch,
-                    "prompt_tokens": decode_prompt,
-                    "new_tokens": new_tokens,
-                    "tokens_per_s": tps,
-                    "per_token_ms": per_token,
-                    "bandwidth_bound_tokens_per_s": bound,
-                    "bandwidth_bound_fraction": tps["p50"] / bound if bound else None,
-                    "weight_bytes_read_per_step": int(weight_bytes_read_per_token),
-                    "kv_bytes_read_per_step": int(batch * kv_seq),
-                    "energy_j_per_token": energy,  # GPU board energy over the timed generate calls (prefill included)
-                    "compiled": compiled,
-                    "graph_breaks": (breaks1 - breaks0) if path == "static" and breaks0 is not None and breaks1 is not None else None,
-                })
-                one_time["decode"].append({"decode_path": path, "batch_size": batch, "first_call_s": res["first_call_s"]})
-                if path == "static" and one_time["compile_s"] is None:
-                    # The first static generate compiles the decode step: its wall time (compile + one run).
-                    one_time["compile_s"] = res["first_call_s"]
-                kv_shapes.append({"batch_size": batch, "seq_len_tokens": decode_prompt + new_tokens,
-                                  "bytes": memory.kv_cache_bytes(model_config, batch, decode_prompt + new_tokens, kv_dtype_bytes)})
-                w = stats.cv_warning(f"decode {path} bs={batch}", tps, threshold)
-                if w:
-                    warnings.append(w)
-            if reason is not None:
-                # batch_size: where it failed (larger batch sizes were not tried); null: the path never applies
-                unsupported.append({"decode_path": path, "reason": reason, "batch_size": failed_batch})
-                at = f" from bs={failed_batch}" if failed_batch is not None else ""
-                warnings.append(f"decode {path}: not measured{at} ({reason})")
-
+    t = _target(model, tokenizer, device, model_config, weight_bytes_read_per_token, spec, dtype, copy_bw, compile_config)
+    out: Dict[str, Any] = {"prefill": [], "decode": [], "unsupported": [], "warnings": [], "kv_shapes": [],
+                           "one_time": {"first_call_s": None, "compile_s": None, "prefill": [], "decode": []}}
+    for phase, run in (("prefill", measure_prefill), ("decode", measure_decode)):
+        with phase_memory.phase(phase) if phase_memory is not None else contextlib.nullcontext():
+            run(t, s, out)
+    kv_shapes = out.pop("kv_shapes")
     return {
-        "device": "cuda" if cuda else "cpu",
+        "device": "cuda" if t.cuda else "cpu",
         "timer": timing.timer_name(device),
-        "prefill": prefill,
-        "decode": decode,
-        "unsupported": unsupported,
-        "one_time": one_time,
+        **out,
         "gpu_spec": spec,
+        "copy_bandwidth": copy_bw,
         "gpu_state": {"start": state_start, "end": gpu_state.snapshot(device, idx)} if state_start else {},
         "host_cpu": gpu_state.host_cpu_load(cpu_start, gpu_state.cpu_times()),
         "compute_dtype": gpu_specs.dtype_key(dtype) if dtype is not None else None,
-        "settings": {**loop, "static_warmup_runs": static_warmup, "seed": seed, "batch_sizes": batch_sizes,
-                     "prompt_tokens": prompt_lengths, "decode_prompt_tokens": decode_prompt, "new_tokens": new_tokens, "decode_paths": paths,
-                     "cv_warn_threshold": threshold},
-        "kv_cache_bytes_analytic": [dict(t) for t in dict.fromkeys(tuple(sorted(k.items())) for k in kv_shapes)],
-        "warnings": warnings,
+        "settings": s.record(),
+        "kv_cache_bytes_analytic": [dict(k) for k in dict.fromkeys(tuple(sorted(k.items())) for k in kv_shapes)],
     }

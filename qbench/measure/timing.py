@@ -6,6 +6,7 @@ events on the same device), after synchronizing so that one run does not overlap
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -54,6 +55,32 @@ def time_call(fn: Callable[[], Any], device: Any, event_device: Any = None) -> t
     return start.elapsed_time(end) / 1e3, result
 
 
+def _ci_half_width_pct(values: List[float]) -> Optional[float]:
+    from qbench.measure.stats import median_ci
+
+    return median_ci(sorted(values))["half_width_pct"]
+
+
+def warm_up(run_once: Callable[[], Any], *, min_runs: int, max_runs: int, steady_pct: float,
+            value_of: Callable[[Any], float], clock: Callable[[], float] = time.perf_counter) -> List[float]:
+    """Discarded runs before timing: at least ``min_runs``, then more while the last two runs' figures differ by
+    more than ``steady_pct`` % (a compiled path keeps speeding up for a few calls after its compile), at most
+    ``max_runs``. Returns each warm-up's host seconds (the first one holds the one-time costs)."""
+    seconds: List[float] = []
+    values: List[float] = []
+    steady_check = max_runs > min_runs  # figures are read only when they can extend the warm-up
+    while len(seconds) < max(min_runs, 0) or (
+        steady_check and len(seconds) < max_runs
+        and (len(values) < 2 or abs(values[-1] - values[-2]) > steady_pct / 100 * abs(values[-1]))
+    ):
+        t0 = clock()
+        out = run_once()
+        seconds.append(clock() - t0)
+        if steady_check:
+            values.append(float(value_of(out)))
+    return seconds
+
+
 def repeat(
     run_once: Callable[[], Any],
     *,
@@ -61,32 +88,57 @@ def repeat(
     min_repeats: int,
     max_repeats: int,
     min_duration_s: float,
+    target_ci_pct: Optional[float] = None,
+    max_time_s: Optional[float] = None,
+    value_of: Callable[[Any], float] = float,
+    max_warmup_runs: Optional[int] = None,
+    steady_pct: float = 2.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Dict[str, Any]:
-    """Call ``run_once`` ``warmup_runs`` times (discarded), then repeat it until both at least ``min_repeats``
-    runs and at least ``min_duration_s`` seconds of timed runs are done, or ``max_repeats`` runs are done.
+    """Warm up (:func:`warm_up`; ``max_warmup_runs`` > ``warmup_runs`` lets a slow-to-settle path warm up until
+    steady), then repeat ``run_once`` until the figure is precise or a limit is reached:
+
+    * precise: at least ``min_repeats`` runs and ``min_duration_s`` seconds timed, and the 95 % CI of the median
+      of ``value_of(result)`` is within ``target_ci_pct`` % of the median (None: stop at the minimums);
+    * ``max_time_s`` seconds timed (after ``min_repeats``): the cap, flagged as ``stopped_by: "time_cap"``;
+    * ``max_repeats`` runs.
 
     ``run_once`` returns its own measurement (a number, a list of step timestamps, ...): it must finish its
-    device work before returning (synchronize), because the duration budget is counted on the host ``clock``.
+    device work before returning (synchronize), because the durations are counted on the host ``clock``.
 
-    Returns ``{"results": [...], "first_call_s", "warmup_s": [...], "timed_s", "n"}``. ``first_call_s`` is the
-    host time of the first warm-up call (the one-time costs: lazy init, kernel loading, compilation); it is
-    null when ``warmup_runs`` is 0, and then the first call is among the results, as asked.
+    Returns ``{"results": [...], "first_call_s", "warmup_s": [...], "timed_s", "n", "stopped_by",
+    "ci_half_width_pct"}``. ``first_call_s`` is the host time of the first warm-up call (the one-time costs:
+    lazy init, kernel loading, compilation); it is null when there is no warm-up, and then the first call is
+    among the results, as asked.
     """
     if min_repeats < 1 or max_repeats < min_repeats:
         raise ValueError(f"repeat: need 1 <= min_repeats ({min_repeats}) <= max_repeats ({max_repeats})")
-    warmup_s: List[float] = []
-    for _ in range(warmup_runs):
-        t0 = clock()
-        run_once()
-        warmup_s.append(clock() - t0)
+    warmup_s = warm_up(run_once, min_runs=warmup_runs, max_runs=max(warmup_runs, max_warmup_runs or 0),
+                       steady_pct=steady_pct, value_of=value_of, clock=clock)
     results: List[Any] = []
+    values: List[float] = []
     timed_s = 0.0
+    stopped_by, half = "max_repeats", None
     while len(results) < max_repeats:
         t0 = clock()
         results.append(run_once())
         timed_s += clock() - t0
-        if len(results) >= min_repeats and timed_s >= min_duration_s:
+        if len(results) < min_repeats or timed_s < min_duration_s:
+            continue
+        if target_ci_pct is None:
+            stopped_by = "min_repeats"
             break
+        values = [float(value_of(r)) for r in results]
+        half = _ci_half_width_pct(values)
+        if half is not None and half <= target_ci_pct:
+            stopped_by = "precision"
+            break
+        if max_time_s is not None and timed_s >= max_time_s:
+            stopped_by = "time_cap"
+            break
+    if half is None:
+        with contextlib.suppress(TypeError, ValueError):  # results that are no figure (a test's None) have no CI
+            half = _ci_half_width_pct([float(value_of(r)) for r in results])
     first: Optional[float] = warmup_s[0] if warmup_s else None
-    return {"results": results, "first_call_s": first, "warmup_s": warmup_s, "timed_s": timed_s, "n": len(results)}
+    return {"results": results, "first_call_s": first, "warmup_s": warmup_s, "timed_s": timed_s, "n": len(results),
+            "stopped_by": stopped_by, "ci_half_width_pct": half}
