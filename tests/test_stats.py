@@ -63,4 +63,4 @@ def test_median_ci_order_statistics():
     small = median_ci([1.0, 2.0, 3.0, 4.0, 5.0])  # no 95 % pair exists below n = 6: [min, max], its own level
     assert (small["low"], small["high"]) == (1.0, 5.0) and small["level"] == pytest.approx(1 - 2 / 32)
     assert median_ci([99.0, 100.0, 100.0, 100.0, 100.0, 101.0])["half_width_pct"] == pytest.approx(1.0)
-    assert summarize([1.0, 2.0, 3.0], "ms")["median_ci"]["high"] == 3.0
+    assert stats.summarize([1.0, 2.0, 3.0], "ms")["median_ci"]["high"] == 3.0
