@@ -58,7 +58,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
     from qbench import methods, models, slurm
-    from qbench.config import ConfigError
+    from qbench.config import ConfigError, cell_id
     from qbench.measure.cpu_affinity import apply_cpu_affinity
     from qbench.store import SCHEMA_VERSION, environment, now_iso
 
@@ -71,7 +71,8 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         "attempt_id": spec.get("attempt_id"),
         "status": "error",
         "sweep": cfg.run.sweep,
-        "cell": f"{cfg.model.name}__{cfg.method.name}",
+        "cell": cell_id(cfg),
+        "round": cfg.run.get("round"),
         "model": cfg.model.name,
         "method": cfg.method.name,
         "method_kind": cfg.method.kind,
@@ -216,19 +217,19 @@ def _quality(model: Any, tokenizer: Any, cfg: Any, spec: Dict[str, Any]) -> Dict
     """Quality against the sweep's baseline cell of this model (qbench/evaluate/quality.py)."""
     from omegaconf import OmegaConf
 
+    from qbench.config import cell_dir as cell_dir_of
     from qbench.config import eval_offline
     from qbench.evaluate import quality
     from qbench.measure.accuracy import load_perplexity_text
     from qbench.store import content_hash
 
     q = cfg.eval.quality
-    sweep_dir = Path(cfg.run.runs_dir) / cfg.run.sweep
     base = cfg.run.baseline_method
-    baseline_file = None if cfg.method.name == base else sweep_dir / f"{cfg.model.name}__{base}" / quality.LOGPROBS_FILE
+    baseline_file = None if cfg.method.name == base else cell_dir_of(cfg, base) / quality.LOGPROBS_FILE
     meta = {"source": q.source, "model": cfg.model.name, "method": cfg.method.name,
             "model_config_hash": content_hash(OmegaConf.to_container(cfg.model, resolve=True))}
     text = load_perplexity_text(q.source, offline=eval_offline(cfg.eval))
-    cell_dir = Path(spec.get("cell_dir") or sweep_dir / f"{cfg.model.name}__{cfg.method.name}")
+    cell_dir = Path(spec.get("cell_dir") or cell_dir_of(cfg))
     section = quality.run(model, tokenizer, q, text=text, cell_dir=cell_dir, baseline_file=baseline_file, meta=meta)
     section["baseline_method"] = base
     if section["comparison"]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from qbench.config import ConfigError, cell_id, register_configs, validate
+from qbench.config import cell_dir as cell_dir_of
 from qbench.measure import gpu_state
 
 log = logging.getLogger("qbench")
@@ -100,7 +101,14 @@ def sweep_overrides(argv_overrides: List[str], multirun: bool, config_name: str 
     return [list(combo) for combo in itertools.product(*axes)]
 
 
-def preflight(argv: List[str]) -> List[Path]:
+class CellDirs(list):
+    """The cells' result directories, and the rounds the sweep asks for (run.rounds; run.round inside a pass)."""
+
+    rounds: int = 1
+    in_round: bool = False
+
+
+def preflight(argv: List[str]) -> CellDirs:
     """Compose and check every cell the command would run; returns each cell's result directory.
 
     The command line is read by Hydra's own parser and composed on the search path the app will use, so
@@ -113,7 +121,8 @@ def preflight(argv: List[str]) -> List[Path]:
         with pf.hydra_context(args, conf_dir(), __file__):
             cells = sweep_overrides(list(args.overrides), bool(args.multirun), args.config_name or "config")
             seen: Dict[str, List[str]] = {}
-            dirs: List[Path] = []
+            dirs = CellDirs()
+            rounds = set()
             for cell_overrides in cells:
                 cfg = _compose(cell_overrides, args.config_name or "config")
                 validate(cfg)
@@ -125,7 +134,12 @@ def preflight(argv: List[str]) -> List[Path]:
                         "give them different model.name or method.name"
                     )
                 seen[cid] = cell_overrides
-                dirs.append(Path(cfg.run.runs_dir) / cfg.run.sweep / cid)
+                dirs.append(cell_dir_of(cfg))
+                rounds.add(int(cfg.run.rounds))
+                dirs.in_round = cfg.run.round is not None
+            if len(rounds) > 1:
+                raise ConfigError(f"run.rounds: cells of one sweep ask for different counts ({sorted(rounds)}); give one")
+            dirs.rounds = rounds.pop()
             pf.check_dirs(cfg)
             _check_launcher(cfg)
     except ConfigError:
@@ -199,7 +213,7 @@ def _error_row(cfg_dict: Dict[str, Any], error_class: str, message: str, phase: 
         "schema_version": SCHEMA_VERSION,
         "status": "error",
         "sweep": cfg_dict["run"]["sweep"],
-        "cell": f"{cfg_dict['model']['name']}__{cfg_dict['method']['name']}",
+        "cell": cell_id(cfg_dict),
         "model": cfg_dict["model"]["name"],
         "method": cfg_dict["method"]["name"],
         "method_kind": cfg_dict["method"]["kind"],
@@ -309,7 +323,7 @@ def run_cell(cfg: Any) -> str:
     from qbench.store import read_result, should_skip, write_json_atomic, write_result
 
     cid = cell_id(cfg)
-    cell_dir = Path(cfg.run.runs_dir) / cfg.run.sweep / cid
+    cell_dir = cell_dir_of(cfg)
     skipped = should_skip(cell_dir, cfg.run.force, cfg.run.rerun_failed)
     if skipped:
         log.info("%s: skipped, already %s (run.force=true or run.rerun_failed=true to rerun)", cid, skipped)
@@ -396,7 +410,9 @@ def summary_counts(cell_dirs: List[Path], since: float) -> Dict[str, int]:
 
 def summary_line(cell_dirs: List[Path], since: float) -> str:
     c = summary_counts(cell_dirs, since)
-    where = ", ".join(dict.fromkeys(str(Path(d).parent) for d in cell_dirs))
+    # the sweep folder, also for a round's cells (<sweep>/<cell>/rounds/<k>)
+    where = ", ".join(dict.fromkeys(str(Path(d).parents[2] if Path(d).parent.name == "rounds" else Path(d).parent)
+                                    for d in cell_dirs))
     extra = f", {c['missing']} without a result" if c["missing"] else ""
     return (
         f"qbench: {where}: {c['cells']} cells: ran {c['ran']}, skipped {c['skipped']}, failed {c['failed']}"
@@ -408,6 +424,26 @@ def exit_status(cell_dirs: List[Path], since: float) -> int:
     """1 when any cell of this command ends without an ok result (failed now, or skipped as failed)."""
     c = summary_counts(cell_dirs, since)
     return 1 if c["error"] or c["missing"] else 0
+
+
+# ----------------------------------------------------------------------------------------------- rounds
+def run_rounds(argv: List[str], cell_dirs: CellDirs, started: float) -> int:
+    """run.rounds=N: the whole sweep N times in a row (A B C, A B C, ...), each pass a qbench command of its own
+    with run.round=k (every cell in a fresh process, skip-if-done per round), then each cell's rounds combined
+    into its result.json (qbench/rounds.py). Accuracy and quality run in round 1 only."""
+    from qbench import rounds
+
+    for k in range(1, cell_dirs.rounds + 1):
+        extra = [f"run.round={k}"] + ([] if k == 1 else ["eval.enabled=false"])
+        print(f"qbench: round {k} of {cell_dirs.rounds}", flush=True)
+        rc = subprocess.call([sys.executable, "-m", "qbench.cli", *argv, *extra])
+        if rc == 130:
+            print("qbench: interrupted; finished rounds are kept, the next start goes on", file=sys.stderr)
+            return 130
+    for cell_dir in cell_dirs:
+        rounds.combine(cell_dir, cell_dirs.rounds)
+    print(summary_line(cell_dirs, started), flush=True)
+    return exit_status(cell_dirs, started)
 
 
 # ----------------------------------------------------------------------------------------------- help
@@ -494,6 +530,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         _hydra_app()
         return
     print(f"qbench: {len(cell_dirs)} cell(s) checked", flush=True)
+    if cell_dirs.rounds > 1 and not cell_dirs.in_round:
+        sys.exit(run_rounds(argv, cell_dirs, started))
     sys.argv = [sys.argv[0]] + argv
     try:
         _hydra_app()

@@ -190,6 +190,11 @@ class RunConfig:
     # "oom" | "exception" for every cell, or "oom:<method name>" for one method's cells only.
     inject_failure: Optional[str] = None
     baseline_method: str = "bf16"  # method the report compares against (paired statistics)
+    # Measure every cell this many times, in interleaved order (A B C, A B C, ...), each time in a fresh process:
+    # a node's drift falls on every method alike. A cell's figures are then the median over its rounds
+    # (qbench/rounds.py); accuracy and quality are measured in round 1 only (they do not drift).
+    rounds: int = 1
+    round: Optional[int] = None  # set by qbench itself: the round a pass measures (results in <cell>/rounds/<k>)
 
 
 @dataclass
@@ -294,6 +299,10 @@ def validate(cfg: Any) -> None:
     r = cfg.run
     if r.timeout_min <= 0:
         raise ConfigError(f"run.timeout_min: {r.timeout_min} must be positive")
+    if r.rounds < 1:
+        raise ConfigError(f"run.rounds: {r.rounds} must be at least 1")
+    if r.round is not None and not 1 <= r.round <= r.rounds:
+        raise ConfigError(f"run.round: {r.round} is not one of 1..{r.rounds} (qbench sets it; use run.rounds)")
     if r.inject_failure is not None and r.inject_failure.split(":")[0] not in ("oom", "exception"):
         raise ConfigError(f"run.inject_failure: '{r.inject_failure}' is not oom or exception (optionally :<method>)")
     # These name directories under runs/: a '/' or '..' would write results outside the configured folder.
@@ -431,5 +440,16 @@ def eval_offline(e: Any) -> bool:
 
 
 def cell_id(cfg: Any) -> str:
-    """Directory name of one cell under runs/<sweep>/."""
-    return f"{cfg.model.name}__{cfg.method.name}"
+    """Directory name of one cell under runs/<sweep>/: the one format, for a composed config or its plain dict."""
+    return f"{cfg['model']['name']}__{cfg['method']['name']}"
+
+
+def cell_dir(cfg: Any, method_name: Optional[str] = None) -> Path:
+    """Where a cell's result.json goes: runs/<sweep>/<cell>, or its rounds/<k> while a round is measured.
+    ``method_name``: the same place for another method of the sweep (the quality baseline's)."""
+    run = cfg["run"]
+    cid = f"{cfg['model']['name']}__{method_name}" if method_name else cell_id(cfg)
+    path = Path(run["runs_dir"]) / run["sweep"] / cid
+    return path / "rounds" / str(run["round"]) if run.get("round") else path
+
+
