@@ -269,7 +269,7 @@ def validate(cfg: Any) -> None:
     _positive_ints([b.decode_prompt_tokens], "bench.decode_prompt_tokens")
     _positive_ints([b.new_tokens], "bench.new_tokens")
     for p in b.decode_paths:
-        if p not in ("eager", "static"):
+        if p not in ("eager", "static", "graph"):
             raise ConfigError(f"bench.decode_paths: '{p}' is not one of eager, static, graph")
     if b.warmup_runs < 0:
         raise ConfigError(f"bench.warmup_runs: {b.warmup_runs} is negative")
