@@ -304,7 +304,7 @@ def test_summary_table_rows_marks_and_errors(mixed_page, results):
     assert f"\u22124.0 {ci}" in nf4  # delta with its paired CI
     assert 'class="num best"' not in err
     assert "Weights<span class=\"unit\">GB</span>" in page
-    assert "tokens/s, p50, eager" in page
+    assert "tokens/s, p50 \u00b1 95 % CI, eager" in page
 
 
 def test_honesty_panel(mixed_page):

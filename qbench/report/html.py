@@ -70,17 +70,21 @@ def _columns(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
          "better": None, "also": "quantized_bytes_pct", "warn": "unquantized_high"},
         {"key": "compression_x", "head": "Compression", "unit": "\u00d7 vs baseline", "digits": 2, "better": "high"},
         {"key": "peak_gb", "head": "Peak memory", "unit": "GB", "digits": 2, "better": "low"},
-        {"key": "ttft_ms", "head": "Prefill TTFT", "unit": ttft_unit, "digits": 1, "better": "low",
-         "cv": "ttft_cv_high"},
-        {"key": "decode_tps", "head": "Decode bs 1", "unit": f"tokens/s, p50, {lead}", "digits": 1, "better": "high",
-         "cv": "decode_cv_high", "path": "decode_path"},
-        {"key": "bw_bound_pct", "head": "Decode vs bound", "unit": "% of bandwidth bound, same path", "digits": 1,
-         "better": "high", "cv": "decode_cv_high"},
+        {"key": "ttft_ms", "head": "Prefill TTFT", "unit": f"{ttft_unit} ± 95 % CI", "digits": 1, "better": "low",
+         "cv": "ttft_cv_high", "pm": "ttft_ci_pct", "capped": "ttft_capped"},
+        {"key": "decode_tps", "head": "Decode bs 1", "unit": f"tokens/s, p50 ± 95 % CI, {lead}", "digits": 1,
+         "better": "high", "cv": "decode_cv_high", "path": "decode_path", "pm": "decode_ci_pct",
+         "capped": "decode_capped"},
+        {"key": "bw_measured_pct", "head": "Decode vs card", "unit": "% of the bound from this card's measured copy "
+         "bandwidth, same path", "digits": 1, "better": "high", "cv": "decode_cv_high"},
+        {"key": "bw_bound_pct", "head": "Decode vs datasheet", "unit": "% of the datasheet bandwidth bound, same path",
+         "digits": 1, "better": "high", "cv": "decode_cv_high"},
     ]
     if "static" in paths:  # the eager figure beside the static one, labelled (where static leads the column)
-        cols.insert(cols.index(next(c for c in cols if c["key"] == "bw_bound_pct")),
-                    {"key": "decode_eager_tps", "head": "Decode bs 1, eager", "unit": "tokens/s, p50, eager",
-                     "digits": 1, "better": "high", "cv": "decode_eager_cv_high"})
+        cols.insert(cols.index(next(c for c in cols if c["key"] == "bw_measured_pct")),
+                    {"key": "decode_eager_tps", "head": "Decode bs 1, eager", "unit": "tokens/s, p50 ± 95 % CI, eager",
+                     "digits": 1, "better": "high", "cv": "decode_eager_cv_high", "pm": "decode_eager_ci_pct",
+                     "capped": "decode_eager_capped"})
     for task, label in (("mmlu", "MMLU"), ("gsm8k", "GSM8K")):
         cols += [
             {"key": f"{task}_pct", "head": label, "unit": "% correct", "digits": 1, "better": "high", "acc": task},
@@ -123,6 +127,9 @@ def _marks(row: Dict[str, Any], col: Dict[str, Any]) -> List[Dict[str, str]]:
     if task and T.num(row.get(f"{task}_limit")) is not None:
         m.append({"sym": DOUBLE_DAGGER, "title": f"limited evaluation: limit {fmt_num(row[f'{task}_limit'], 2)}, "
                                                  f"{fmt_num(row.get(f'{task}_n'), 0)} items"})
+    if col.get("capped") and row.get(col["capped"]):
+        m.append({"sym": WARN, "title": "precision target not reached: the figure hit bench.max_time_per_figure_s "
+                                        "first (see its ±)"})
     if col.get("cv") and row.get(col["cv"]):
         m.append({"sym": WARN, "title": "coefficient of variation above the sweep's threshold: noisy measurement"})
     if col.get("warn") == "weight_ratio_off" and row.get("weight_ratio_off"):
@@ -155,6 +162,8 @@ def summary_view(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
                 text = "1.00 (baseline)"
             if c.get("also") and v is not None:
                 text += f" ({fmt_num(r.get(c['also']), c['digits'])})"
+            if c.get("pm") and v is not None and T.num(r.get(c["pm"])) is not None:
+                text += f" ± {fmt_num(v * r[c['pm']] / 100, c['digits'])}"  # the 95 % CI's half-width
             if c.get("path") and v is not None and r.get(c["path"]):
                 text += f" {r[c['path']]}"
             is_best = r["cell"] in best[c["key"]]
@@ -371,6 +380,25 @@ def sweep_meta(results: List[Dict[str, Any]], sweep: str) -> Dict[str, Any]:
             "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def decode_gap_view(results: List[Dict[str, Any]]) -> List[Dict[str, str]]:
+    """The decode gap table's rows, formatted: 'tokens/s ± CI (x % of bound)' per path."""
+    out = []
+    for g in T.decode_gap_rows(results):
+        cells = {}
+        for path in ("eager", "static", "graph"):
+            v = g[f"{path}_tps"]
+            text = fmt_num(v, 1)
+            if v is not None and g[f"{path}_ci_pct"] is not None:
+                text += f" ± {fmt_num(v * g[f'{path}_ci_pct'] / 100, 1)}"
+            if g[f"{path}_pct_of_bound"] is not None:
+                text += f" ({fmt_num(g[f'{path}_pct_of_bound'], 0)} %)"
+            cells[path] = text
+        out.append({"cell": g["cell"], "batch_size": g["batch_size"], "bound": fmt_num(g["bound_tps"], 0),
+                    "bound_source": g["bound_source"], **cells,
+                    "generate_keeps": fmt_num(g["generate_keeps_pct"], 0)})
+    return out
+
+
 def sweep_context(results: List[Dict[str, Any]], sweep: str, downloads: Optional[Dict[str, str]] = None,
                   plotlyjs: Optional[str] = None) -> Dict[str, Any]:
     """Everything the page template shows. ``plotlyjs`` overrides the embedded library (tests only)."""
@@ -391,6 +419,7 @@ def sweep_context(results: List[Dict[str, Any]], sweep: str, downloads: Optional
         "demo_cells": [r["cell"] for r in results if T.is_demo(r)],
         "baseline": base, "configured_baseline": configured, "models_without_base": models_without_base,
         "summary": summary_view(rows), "quality": quality_view(rows, results), "errors": errors,
+        "decode_gap": decode_gap_view(results),
         "measured": measured,
         "charts": [{**c, "json": figure_json(c["figure"]) if c["figure"] is not None else None} for c in charts],
         "honesty": honesty_view(results, rows), "env": environment_view(results),

@@ -177,7 +177,21 @@ def dist_stats(dist: Any) -> Dict[str, Optional[float]]:
             out["p90"] = float(np.percentile(values, 90))
     if out["cv"] is None and out["stdev"] is not None and out["mean"]:
         out["cv"] = out["stdev"] / out["mean"]
+    ci = dist.get("median_ci") if isinstance(dist.get("median_ci"), dict) else {}
+    out["ci_low"], out["ci_high"] = num(ci.get("low")), num(ci.get("high"))
+    out["ci_half_width_pct"] = num(ci.get("half_width_pct"))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def precision_of(row: Any) -> Dict[str, Any]:
+    """A latency row's precision block (how its repeats ended): {} for results written before it existed."""
+    p = get(row, "precision")
+    return p if isinstance(p, dict) else {}
+
+
+def capped(row: Any) -> bool:
+    """The figure stopped at its time cap before reaching its precision target."""
+    return precision_of(row).get("stopped_by") == "time_cap"
 
 
 def central(dist: Any) -> Optional[float]:
@@ -441,6 +455,9 @@ def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         ttft = dist_stats(get(pre, "ttft_ms"))
         tps = dist_stats(get(dec, "tokens_per_s"))
         bwf = num(get(dec, "bandwidth_bound_fraction"))
+        bwm = num(get(dec, "measured_bandwidth_bound_fraction"))
+        graph = decode_bs1(r, "graph")
+        graph_tps = dist_stats(get(graph, "tokens_per_s"))
         err = r.get("error") if isinstance(r.get("error"), dict) else {}
         row = {
             "sweep": r["sweep"], "cell": r["cell"], "model": r["model"], "method": r["method"],
@@ -456,12 +473,21 @@ def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "prefill_prompt_tokens": num(get(pre, "prompt_tokens")),
             "ttft_ms": ttft.get("p50", ttft.get("mean")), "ttft_cv": ttft.get("cv"),
             "ttft_cv_high": (ttft.get("cv") or 0) > thr,
+            "ttft_ci_pct": ttft.get("ci_half_width_pct"), "ttft_capped": capped(pre),
             "decode_path": get(dec, "decode_path"),
             "decode_tps": tps.get("p50", tps.get("mean")), "decode_cv": tps.get("cv"),
             "decode_cv_high": (tps.get("cv") or 0) > thr,
+            "decode_ci_pct": tps.get("ci_half_width_pct"), "decode_capped": capped(dec),
+            "decode_ci_dominated_by": precision_of(dec).get("dominated_by"),
             "decode_eager_tps": eager.get("p50", eager.get("mean")),
             "decode_eager_cv_high": (eager.get("cv") or 0) > thr,
+            "decode_eager_ci_pct": eager.get("ci_half_width_pct"), "decode_eager_capped": capped(decode_bs1(r, "eager")),
+            "decode_graph_tps": graph_tps.get("p50"), "decode_graph_ci_pct": graph_tps.get("ci_half_width_pct"),
+            "decode_graph_capped": capped(graph),
             "bw_bound_pct": None if bwf is None else 100 * bwf,
+            "bw_measured_pct": None if bwm is None else 100 * bwm,
+            "copy_bandwidth_tb_s": (None if num(get(r, "metrics", "latency", "copy_bandwidth", "bytes_per_s")) is None
+                                    else num(get(r, "metrics", "latency", "copy_bandwidth", "bytes_per_s")) / 1e12),
             "quantize_s": num(get(r, "timings", "quantize_s")),
             **memory_flags(r),
             "wall_time_s": num(r.get("wall_time_s")),
@@ -525,7 +551,8 @@ def _tidy_cell(r: Dict[str, Any]) -> List[Dict[str, Any]]:
 
     def add_dist(group: str, metric: str, dist: Any, unit: Optional[str], **extra: Any) -> None:
         for stat, v in dist_stats(dist).items():
-            add(group, metric, v, None if stat in ("cv", "n") else unit, stat=stat, **extra)
+            add(group, metric, v, None if stat in ("cv", "n") else "%" if stat == "ci_half_width_pct" else unit,
+                stat=stat, **extra)
 
     # Every cell gets its wall time row (NaN when null), so an error cell with nothing measured is still there.
     rows.append({**ctx, "group": "run", "metric": "wall_time_s", "stat": "value",
@@ -568,6 +595,9 @@ def _tidy_cell(r: Dict[str, Any]) -> List[Dict[str, Any]]:
         add("latency", "decode.bandwidth_bound_tokens_per_s", d.get("bandwidth_bound_tokens_per_s"), "tokens/s",
             **shape)
         add("latency", "decode.bandwidth_bound_fraction", d.get("bandwidth_bound_fraction"), "fraction", **shape)
+        add("latency", "decode.measured_bandwidth_bound_fraction", d.get("measured_bandwidth_bound_fraction"),
+            "fraction", **shape)
+        add("latency", "decode.capped", float(capped(d)) if precision_of(d) else None, "bool", **shape)
         add("latency", "decode.energy_j_per_token", d.get("energy_j_per_token"), "J/token", **shape)
     for k, v in (get(r, "metrics", "latency", "one_time", default={}) or {}).items():
         add("latency", f"one_time.{k}", v, "s" if k.endswith("_s") else None)
@@ -644,3 +674,34 @@ def write_tables(results: List[Dict[str, Any]], out_dir: Path) -> Dict[str, Path
         summary["warnings"] = summary["warnings"].map(lambda w: " | ".join(w))
     summary.to_csv(paths["summary_csv"], index=False)
     return paths
+
+
+def decode_gap_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Where decode time goes, per ok cell and batch size that measured the graph path: the bound from the card's
+    measured copy bandwidth (datasheet's where none was measured), what the compiled step alone reaches (graph:
+    the kernels' share of the gap), what generate around the same step reaches (static: generate's share), and
+    the eager generate users of the plain API get. Each speed is tokens/s (p50) with its CI half-width."""
+    rows = []
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        by_path: Dict[Any, Dict[str, Any]] = {}
+        for d in decode_rows(r):
+            by_path.setdefault(d.get("batch_size"), {})[d.get("decode_path")] = d
+        for batch, paths in sorted(by_path.items(), key=lambda kv: kv[0] or 0):
+            graph = paths.get("graph")
+            if graph is None:
+                continue
+            measured = num(graph.get("measured_bandwidth_bound_tokens_per_s"))
+            bound = measured if measured is not None else num(graph.get("bandwidth_bound_tokens_per_s"))
+            row = {"cell": r["cell"], "model": r["model"], "method": r["method"], "batch_size": batch,
+                   "bound_tps": bound, "bound_source": "measured copy bandwidth" if measured is not None else "datasheet"}
+            for path in ("eager", "static", "graph"):
+                st = dist_stats(get(paths.get(path), "tokens_per_s"))
+                row[f"{path}_tps"], row[f"{path}_ci_pct"] = st.get("p50"), st.get("ci_half_width_pct")
+                row[f"{path}_pct_of_bound"] = 100 * st["p50"] / bound if bound and st.get("p50") else None
+            g, st_ = row["graph_tps"], row["static_tps"]
+            row["generate_keeps_pct"] = 100 * st_ / g if g and st_ else None
+            rows.append(row)
+    return rows
+
