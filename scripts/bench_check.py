@@ -11,8 +11,9 @@ batch size) it prints the N medians, their spread ((max - min) / median) and the
 spread that sampling alone would give: each run's median comes from a few repeats, so even a perfectly steady
 node spreads by about d2(N) x the median's standard error (d2: the expected range of N standard normals, 2.33
 for 5 runs). A spread well above that column is the node (host scheduling, clocks, another lease), not the count
-of repeats; a spread near it shrinks with more repeats (bench.min_repeats). Per-token figures get no such column
-(their values are the steps of each repeat, correlated within it).
+of repeats; a spread near it shrinks with more repeats (bench.min_repeats). The CIs column is the same prediction
+from each run's stored 95 % CI of its median (bench.target_ci_pct). Per-token figures get neither column (their
+values are the steps of each repeat, correlated within it).
 Exit status: 0, or 1 when a run failed or (with --max-spread) a figure spreads more than allowed.
 
 Runs can be split over several sessions (a GPU lease that ends, a job time limit): ``--first-index 3`` numbers
@@ -34,7 +35,8 @@ from typing import Dict, List, Optional, Tuple
 
 from qbench.measure.stats import percentile, summarize as distribution
 
-Figure = Tuple[float, str, Optional[float]]  # (median, unit, standard error of that median or None)
+# (median, unit, standard error of that median or None, half-width of its stored 95 % CI or None)
+Figure = Tuple[float, str, Optional[float], Optional[float]]
 
 
 def figures(result: dict) -> Dict[str, Figure]:
@@ -46,7 +48,9 @@ def figures(result: dict) -> Dict[str, Figure]:
         # per-token values are the steps of each repeat, correlated within it: an i.i.d. standard error would
         # understate their median's, so that figure gets none
         error = median_standard_error(dist.get("values") or []) if independent else None
-        out[label] = (dist["p50"], dist["unit"], error)
+        ci = dist.get("median_ci") or {}
+        half = (ci["high"] - ci["low"]) / 2 if independent and None not in (ci.get("low"), ci.get("high")) else None
+        out[label] = (dist["p50"], dist["unit"], error, half)
 
     for p in lat.get("prefill") or []:
         if p.get("ttft_ms"):
@@ -101,6 +105,16 @@ def sampling_spread(medians: List[float], errors: List[Optional[float]]) -> Opti
     if len(medians) < 2 or any(e is None for e in errors) or not _median(medians):
         return None
     rms = math.sqrt(sum(e * e for e in errors) / len(errors))
+    return expected_range(len(medians)) * rms / _median(medians)
+
+
+def ci_spread(medians: List[float], halves: List[Optional[float]]) -> Optional[float]:
+    """The (max - min) / median that the runs' own 95 % CIs predict: each half-width is 1.96 standard errors of
+    its median, so N runs whose differences are sampling alone spread by d2(N) x rms(half / 1.96). A spread well
+    above it is the node moving between processes, which no count of repeats inside one process can fix."""
+    if len(medians) < 2 or any(h is None for h in halves) or not _median(medians):
+        return None
+    rms = math.sqrt(sum((h / 1.96) ** 2 for h in halves) / len(halves))
     return expected_range(len(medians)) * rms / _median(medians)
 
 
@@ -215,19 +229,22 @@ def print_spread(per_run: List[Dict[str, Figure]], attempted: int, runs_dir: Pat
         return 1
     too_wide = []
     width = max(len(k) for k in labels)
-    print(f"\n{'figure (median of each run)':<{width}}  {'unit':<9} {'spread':>7} {'cv':>7} {'sampling':>8}  values")
+    print(f"\n{'figure (median of each run)':<{width}}  {'unit':<9} {'spread':>7} {'cv':>7} {'sampling':>8} "
+          f"{'CIs':>7}  values")
     for label in labels:
         values = [r[label][0] for r in per_run]
         unit = per_run[0][label][1]
         rng, cv = spread(values)
         from_sampling = sampling_spread(values, [r[label][2] for r in per_run])
         sampled = "-" if from_sampling is None else f"{from_sampling * 100:.1f}%"
+        from_ci = ci_spread(values, [r[label][3] if len(r[label]) > 3 else None for r in per_run])
+        predicted = "-" if from_ci is None else f"{from_ci * 100:.1f}%"
         flag = ""
         if max_spread is not None and rng > max_spread:
             too_wide.append(label)
             flag = "  <-- above --max-spread"
         shown = " ".join(f"{v:.4g}" for v in values)
-        print(f"{label:<{width}}  {unit:<9} {rng * 100:6.1f}% {cv * 100:6.1f}% {sampled:>8}  {shown}{flag}")
+        print(f"{label:<{width}}  {unit:<9} {rng * 100:6.1f}% {cv * 100:6.1f}% {sampled:>8} {predicted:>7}  {shown}{flag}")
     print(f"\n{len(per_run)} of {attempted} runs succeeded; results under {runs_dir}")
     if too_wide:
         print(f"bench-check: {len(too_wide)} figure(s) spread more than {max_spread * 100:.1f}%", file=sys.stderr)

@@ -186,3 +186,16 @@ def test_recorded_h100_footprints_match_analytic():
     for result in results:
         memory = json.loads(result.read_text())["metrics"]["memory"]
         assert memory["weight_bytes_measured"] == memory["weight_bytes_analytic"], result
+
+
+def test_ci_predicted_spread(bench_check):
+    """Two runs whose stored CIs are ±1.96 tok/s around 100 (one standard error of 1): sampling alone spreads
+    their medians by d2(2) = 1.128 standard errors, 1.13 % of the median; a run without a CI predicts nothing."""
+    assert bench_check.ci_spread([100.0, 100.0], [1.96, 1.96]) == pytest.approx(0.01128, rel=1e-3)
+    assert bench_check.ci_spread([100.0, 101.0], [1.96, None]) is None
+    from qbench.measure import stats
+
+    dist = stats.summarize([99.0, 100.0, 100.0, 100.0, 100.0, 101.0], "tokens/s")
+    figs = bench_check.figures({"metrics": {"latency": {"decode": [
+        {"decode_path": "static", "batch_size": 1, "tokens_per_s": dist}]}}})
+    assert figs["decode static bs=1 tokens/s"][3] == pytest.approx(1.0)  # (max - min) / 2 of the stored CI
