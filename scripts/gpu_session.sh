@@ -10,6 +10,9 @@
 #   bash scripts/gpu_session.sh topup            issue 3: add runs to the committed 8B bench-check until each method has 5
 #   bash scripts/gpu_session.sh smollm2          issue 15: the real SmolLM2-135M x 7 methods, quality + MMLU/GSM8K subset
 #                                                (its GGUF travels in parts: GGUF_PARTS, default /tmp/gguf.part*)
+#   bash scripts/gpu_session.sh latency8b        issue 18: the default gpu_8b cell (bf16, fp16): CI-until-precise, graph path
+#   bash scripts/gpu_session.sh rounds8b         issue 18: 3 interleaved rounds of bf16 and bnb_nf4, batch 1
+#   bash scripts/gpu_session.sh benchcheck8b     issue 18: bench-check bf16 and bnb_nf4, batch 1, N fresh runs, +- affinity
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -18,7 +21,7 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 GPTQMODE
 export QBENCH_CACHE=${QBENCH_CACHE:-/tmp/qbench-cache} QBENCH_DATA=${QBENCH_DATA:-$PWD/.gpudata}
 Q="python3 -m qbench.cli"
 RUNS=/tmp/gpu_runs
-step() { local budget=$1; shift; echo "=== $(date +%T) [$budget s] $*"; timeout --signal=INT "$budget" "$@"; echo "=== rc=$?"; }
+step() { local budget=$1; shift; echo "=== $(date +%T) [$budget s] $*"; timeout --signal=INT "$budget" "$@"; echo "=== rc=$? $(date +%T)"; }
 # bench_check.py on issue 3's cell: batch-1 decode of TOKENS tokens on both paths, prefill at 512 tokens
 bench_cell() {  # budget dir first-index repeats model method tokens
   step "$1" python3 scripts/bench_check.py --runs-dir "$2" --first-index "$3" --repeats "$4" \
@@ -100,5 +103,24 @@ case "${1:-}" in
     step "${BUDGET:-540}" $Q -m experiment=gpu_smollm2 run.runs_dir=$RUNS ${METHODS:+method=$METHODS} ${EXTRA:-}
     tar czf "$OUT/gpu_smollm2.tgz" --exclude='.submitit' --exclude='*.npz' -C "$RUNS" gpu_smollm2 && ls -la "$OUT/gpu_smollm2.tgz"
     ;;
-  *) sed -n 2,12p "$0"; exit 2 ;;
+  latency8b)
+    step "${BUDGET:-560}" $Q -m experiment=gpu_8b method=${METHODS:-bf16,fp16} run.runs_dir=$RUNS run.sweep=latency_8b ${EXTRA:-}
+    pack latency_8b
+    ;;
+  rounds8b)
+    step "${BUDGET:-560}" $Q -m experiment=gpu_8b method=${METHODS:-bf16,bnb_nf4} run.runs_dir=$RUNS run.sweep=rounds_8b \
+      run.rounds=${ROUNDS:-3} bench.batch_sizes=[1] bench.decode_paths=[eager,static,graph] ${EXTRA:-}
+    pack rounds_8b
+    ;;
+  benchcheck8b)
+    for aff in ${AFFINITY:-null gpu_local}; do
+      for m in ${METHODS:-bf16 bnb_nf4}; do
+        step "${BUDGET:-150}" python3 scripts/bench_check.py --runs-dir $RUNS/benchcheck_8b/${m}_affinity_$aff --repeats "${N:-5}" \
+          model=llama3_1_8b_instruct model.random_init=true method=$m bench.device=cuda bench.batch_sizes=[1] \
+          bench.prompt_tokens=[512] bench.decode_paths=[${PATHS:-eager}] bench.cpu_affinity=$aff ${EXTRA:-}
+      done
+    done
+    tar czf "$OUT/benchcheck_8b.tgz" -C $RUNS benchcheck_8b --exclude='.submitit' && ls -la "$OUT/benchcheck_8b.tgz"
+    ;;
+  *) sed -n 2,15p "$0"; exit 2 ;;
 esac

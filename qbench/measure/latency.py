@@ -261,7 +261,9 @@ def graph_decode_timed(model, calls: List[Dict[str, Any]], device: Any) -> Dict[
     cuda = timing.is_cuda(device)
     token = calls[0]["input_ids"]
     tokens: List[Any] = []  # each step's argmax, [batch, 1]: kept on the device, looked at only by tests
-    with torch.inference_mode(), torch.no_grad():  # generate's grad mode: the compiled step's guards include it
+    # generate's grad mode (the compiled step's guards include it) and its decode-time switches (MoE kernels)
+    decode_mode = getattr(model, "_optimize_model_for_decode", None)
+    with torch.inference_mode(), torch.no_grad(), (decode_mode() if decode_mode else contextlib.nullcontext()):
         rewind_cache(calls)
         timing.synchronize(device)
         if cuda:
@@ -419,7 +421,7 @@ def _precision(res: Dict[str, Any], s: Settings) -> Dict[str, Any]:
     """How a figure's repeats ended: its CI half-width, the target, and what stopped it."""
     return {"target_ci_pct": s.target_ci_pct, "ci_half_width_pct": res["ci_half_width_pct"],
             "stopped_by": res["stopped_by"], "repeats": res["n"], "warmup_runs": len(res["warmup_s"]),
-            "timed_s": res["timed_s"]}
+            "timed_s": res["timed_s"], "warmup_s": sum(res["warmup_s"])}
 
 
 def _precision_warning(label: str, res: Dict[str, Any], s: Settings) -> Optional[str]:
