@@ -65,6 +65,10 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     cfg = OmegaConf.create(spec["config"])
     # First, before torch is imported (environment() imports it): threads inherit the affinity of their parent
     affinity, affinity_warning = apply_cpu_affinity(cfg.bench.get("cpu_affinity"), int(cfg.model.num_gpus))
+    # torch.compile's on-disk caches (Inductor's FX graph and autotune caches) in qbench's cache, not in /tmp: a
+    # later cell with the same shapes and dtype (another round, a rerun, bench-check) loads the compiled decode
+    # step instead of compiling it again (H200, 8B: 36 s at batch 1, 52 s for the batch-dynamic graph)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.run.cache_dir).expanduser().resolve() / "torch_compile"))
     t_start = time.perf_counter()
     result: Dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -82,7 +86,8 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         "config": spec["config"],
         "overrides": spec.get("overrides", []),
         "command": spec.get("command", ""),
-        "environment": {**environment(), "cpu_affinity": affinity},
+        "environment": {**environment(), "cpu_affinity": affinity,
+                        "torch_compile_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")},
         "scheduler": slurm.job_info(),  # SLURM job id, node, array index; null outside SLURM
         "timings": {},
         "metrics": {},

@@ -104,8 +104,8 @@ case "${1:-}" in
     tar czf "$OUT/gpu_smollm2.tgz" --exclude='.submitit' --exclude='*.npz' -C "$RUNS" gpu_smollm2 && ls -la "$OUT/gpu_smollm2.tgz"
     ;;
   latency8b)
-    step "${BUDGET:-560}" $Q -m experiment=gpu_8b method=${METHODS:-bf16,fp16} run.runs_dir=$RUNS run.sweep=latency_8b ${EXTRA:-}
-    pack latency_8b
+    step "${BUDGET:-560}" $Q -m experiment=gpu_8b method=${METHODS:-bf16,fp16} run.runs_dir=$RUNS run.sweep=${SWEEP:-latency_8b} ${EXTRA:-}
+    pack ${SWEEP:-latency_8b}
     ;;
   rounds8b)
     step "${BUDGET:-560}" $Q -m experiment=gpu_8b method=${METHODS:-bf16,bnb_nf4} run.runs_dir=$RUNS run.sweep=rounds_8b \

@@ -113,7 +113,7 @@ BAD_INPUTS = [
     (["run.sweep=a/b"], "run.sweep"),
     (["bench.cpu_affinity=0-3x"], "bench.cpu_affinity: '0-3x'"),  # malformed cpulist
     (["bench.cpu_affinity=gpu_near"], "bench.cpu_affinity: 'gpu_near'"),  # neither null, gpu_local nor a cpulist
-    (["bench.static_warmup_runs=-1"], "bench.static_warmup_runs: -1 is negative"),
+    (["bench.max_warmup_runs=-1"], "bench.max_warmup_runs: -1 is negative"),
 ]
 
 

@@ -321,7 +321,7 @@ class Settings:
     new_tokens: int
     decode_paths: List[str]
     warmup_runs: int
-    static_warmup_runs: int
+    max_warmup_runs: int
     warmup_steady_pct: float
     min_repeats: int
     max_repeats: int
@@ -347,8 +347,7 @@ class Settings:
             decode_prompt_tokens=int(get("decode_prompt_tokens")), new_tokens=int(get("new_tokens")),
             decode_paths=[p for p in DECODE_PATHS if p in paths],  # static before graph: graph replays static's
             warmup_runs=int(get("warmup_runs")),
-            # at least warmup_runs: a compiled path never warms up less than the others
-            static_warmup_runs=max(int(get("warmup_runs")), int(get("static_warmup_runs"))),
+            max_warmup_runs=max(int(get("warmup_runs")), int(get("max_warmup_runs"))),
             warmup_steady_pct=float(get("warmup_steady_pct")), min_repeats=int(get("min_repeats")),
             max_repeats=int(get("max_repeats")), min_duration_s=float(get("min_duration_s")),
             target_ci_pct=None if get("target_ci_pct") is None else float(get("target_ci_pct")),
@@ -358,9 +357,10 @@ class Settings:
             measure_copy_bandwidth=bool(getattr(bench_cfg, "measure_copy_bandwidth", True)),
         )
 
-    def loop(self, compiled: bool) -> Dict[str, Any]:
-        """timing.repeat's keywords for one figure; compiled paths may warm up longer, until steady."""
-        return dict(warmup_runs=self.warmup_runs, max_warmup_runs=self.static_warmup_runs if compiled else self.warmup_runs,
+    def loop(self) -> Dict[str, Any]:
+        """timing.repeat's keywords for one figure: every figure warms up until steady (GPU clocks ramp up over
+        the first prefill calls; a compiled path keeps speeding up for a few calls after its compile)."""
+        return dict(warmup_runs=self.warmup_runs, max_warmup_runs=self.max_warmup_runs,
                     steady_pct=self.warmup_steady_pct, min_repeats=self.min_repeats, max_repeats=self.max_repeats,
                     min_duration_s=self.min_duration_s, target_ci_pct=self.target_ci_pct,
                     max_time_s=self.max_time_per_figure_s)
@@ -448,7 +448,7 @@ def measure_prefill(t: Target, s: Settings, out: Dict[str, Any]) -> None:
 
                 return timing.time_call(first_token, t.device, t.out_device)[0]
 
-            res = timing.repeat(run_once, **s.loop(compiled=False))
+            res = timing.repeat(run_once, **s.loop())
             if out["one_time"]["first_call_s"] is None:
                 out["one_time"]["first_call_s"] = res["first_call_s"]  # the model's very first forward
             out["one_time"]["prefill"].append({"batch_size": batch, "prompt_tokens": plen, "first_call_s": res["first_call_s"]})
@@ -502,7 +502,7 @@ def decode_row(t: Target, s: Settings, path: str, batch: int) -> tuple:
     energy_runs: List[Optional[float]] = []
     run_once = _decode_runner(t, s, path, batch, energy_runs)
     breaks0 = _graph_breaks()
-    res = timing.repeat(run_once, value_of=_tokens_per_s(batch), **s.loop(compiled=path in COMPILED_PATHS))
+    res = timing.repeat(run_once, value_of=_tokens_per_s(batch), **s.loop())
     breaks1 = _graph_breaks()
     steps = res["results"]
     tps = stats.summarize([_tokens_per_s(batch)(x) for x in steps], "tokens/s")
