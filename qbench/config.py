@@ -107,8 +107,8 @@ class BenchConfig:
     # compiled decode step in a tight loop, no generate around it: the modeling code's ceiling)
     decode_paths: List[str] = field(default_factory=lambda: ["eager"])
     warmup_runs: int = 1  # runs discarded before timing (first-call effects, compile), at least
-    # then more while two successive runs differ by more than warmup_steady_pct %, up to this many: GPU clocks ramp
-    # up over the first calls, and a compiled path keeps speeding up for a few calls after its compile
+    # then more while each run is faster than the last by more than warmup_steady_pct %, up to this many: a
+    # compiled path keeps speeding up for a few calls after its compile
     max_warmup_runs: int = 6
     warmup_steady_pct: float = 2.0  # %
     # Each figure repeats until the 95 % CI of its median is within target_ci_pct % of the median (null: stop at

@@ -217,10 +217,9 @@ def test_measure_on_gpu(tmp_path):
 
 
 def test_every_figure_warms_up_until_steady(tiny_model, monkeypatch):
-    """GPU clocks ramp up over the first prefill calls (H200: 41 ms, then 21 ms) and compiled paths keep speeding
-    up for a few calls after their compile (H100: calls 3-5 ran ~7 % slow), so every figure's loop may warm up
-    to bench.max_warmup_runs calls while runs still differ by more than warmup_steady_pct; never fewer than
-    bench.warmup_runs. Both are recorded."""
+    """A first call carries one-time costs and compiled paths keep speeding up for a few calls after their compile
+    (H100: calls 3-5 ran ~7 % slow), so every figure's loop may warm up to bench.max_warmup_runs calls while runs
+    still get faster by more than warmup_steady_pct; never fewer than bench.warmup_runs. Both are recorded."""
     model, tok = tiny_model
     monkeypatch.setattr(latency, "static_unsupported_reason", lambda *a, **k: None)  # run it uncompiled on CPU
     seen = []
@@ -281,15 +280,25 @@ def test_repeat_flags_a_figure_that_hits_its_time_cap():
     assert "target ±1 % not reached" in warning and "after 10 runs" in warning
 
 
-def test_warm_up_runs_until_two_runs_agree():
-    clock, log = FakeClock(), []
-    speeds = [10.0, 5.0, 3.0, 2.9, 2.9, 2.9]
-    secs = timing.warm_up(workload(clock, 0.1, log), min_runs=1, max_runs=6, steady_pct=5.0,
-                          value_of=lambda i: speeds[i - 1], clock=clock)
-    assert len(secs) == 4  # 10 -> 5 -> 3 -> 2.9: the 4th is within 5 % of the 3rd
-    log.clear()
-    assert len(timing.warm_up(workload(clock, 0.1, log), min_runs=2, max_runs=3, steady_pct=0.0,
-                              value_of=lambda i: float(i), clock=clock)) == 3  # never steady: capped
+def test_warm_up_runs_while_runs_get_faster():
+    clock = FakeClock()
+    durations = iter([10.0, 5.0, 3.0, 2.95, 2.0, 2.0])
+
+    def run():
+        clock.t += next(durations)
+
+    secs = timing.warm_up(run, min_runs=1, max_runs=6, steady_pct=5.0, clock=clock)
+    assert secs == pytest.approx([10.0, 5.0, 3.0, 2.95])  # 2.95 is not 5 % faster than 3.0: steady, although 2.0 would follow
+    log = []
+    # a noisy path (slower, faster, slower) stops at the first run that is not faster
+    noisy = iter([4.0, 2.0, 2.5, 1.0])
+
+    def jitter():
+        clock.t += next(noisy)
+        log.append(1)
+
+    assert len(timing.warm_up(jitter, min_runs=1, max_runs=6, steady_pct=2.0, clock=clock)) == 3
+    assert len(timing.warm_up(workload(clock, 0.1, []), min_runs=2, max_runs=3, steady_pct=0.0, clock=clock)) == 2
 
 
 # ---- the graph path ------------------------------------------------------------------------------------

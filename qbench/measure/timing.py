@@ -62,22 +62,19 @@ def _ci_half_width_pct(values: List[float]) -> Optional[float]:
 
 
 def warm_up(run_once: Callable[[], Any], *, min_runs: int, max_runs: int, steady_pct: float,
-            value_of: Callable[[Any], float], clock: Callable[[], float] = time.perf_counter) -> List[float]:
-    """Discarded runs before timing: at least ``min_runs``, then more while the last two runs' figures differ by
-    more than ``steady_pct`` % (a compiled path keeps speeding up for a few calls after its compile), at most
-    ``max_runs``. Returns each warm-up's host seconds (the first one holds the one-time costs)."""
+            clock: Callable[[], float] = time.perf_counter) -> List[float]:
+    """Discarded runs before timing: at least ``min_runs``, then more while each run is still faster than the one
+    before by more than ``steady_pct`` % (host seconds: the one-time costs of a first call, a compiled path that
+    keeps speeding up for a few calls after its compile), at most ``max_runs``. A run that is not faster ends
+    the warm-up: on a noisy host (generate's Python) run-to-run scatter is not a transient, and waiting for two
+    runs to agree would only burn time. Returns each warm-up's host seconds (the first holds the one-time costs)."""
     seconds: List[float] = []
-    values: List[float] = []
-    steady_check = max_runs > min_runs  # figures are read only when they can extend the warm-up
     while len(seconds) < max(min_runs, 0) or (
-        steady_check and len(seconds) < max_runs
-        and (len(values) < 2 or abs(values[-1] - values[-2]) > steady_pct / 100 * abs(values[-1]))
+        len(seconds) < max_runs and (len(seconds) < 2 or seconds[-1] < seconds[-2] * (1 - steady_pct / 100))
     ):
         t0 = clock()
-        out = run_once()
+        run_once()
         seconds.append(clock() - t0)
-        if steady_check:
-            values.append(float(value_of(out)))
     return seconds
 
 
@@ -95,8 +92,8 @@ def repeat(
     steady_pct: float = 2.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Dict[str, Any]:
-    """Warm up (:func:`warm_up`; ``max_warmup_runs`` > ``warmup_runs`` lets a slow-to-settle path warm up until
-    steady), then repeat ``run_once`` until the figure is precise or a limit is reached:
+    """Warm up (:func:`warm_up`; ``max_warmup_runs`` > ``warmup_runs`` lets a path that is still speeding up warm
+    up further), then repeat ``run_once`` until the figure is precise or a limit is reached:
 
     * precise: at least ``min_repeats`` runs and ``min_duration_s`` seconds timed, and the 95 % CI of the median
       of ``value_of(result)`` is within ``target_ci_pct`` % of the median (None: stop at the minimums);
@@ -139,7 +136,7 @@ def gc_paused():
 def _repeat(run_once, *, warmup_runs, min_repeats, max_repeats, min_duration_s, target_ci_pct, max_time_s, value_of,
             max_warmup_runs, steady_pct, clock) -> Dict[str, Any]:
     warmup_s = warm_up(run_once, min_runs=warmup_runs, max_runs=max(warmup_runs, max_warmup_runs or 0),
-                       steady_pct=steady_pct, value_of=value_of, clock=clock)
+                       steady_pct=steady_pct, clock=clock)
     results: List[Any] = []
     values: List[float] = []
     timed_s = 0.0
