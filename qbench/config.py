@@ -9,7 +9,6 @@ Units live in the field names (``_s``, ``_tokens``, ``_min``) or in the comment 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -17,11 +16,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from qbench.errors import ConfigError, eval_offline, hub_offline  # noqa: F401  (also re-exported for callers)
 from qbench.measure.cpu_affinity import GPU_LOCAL, parse_cpulist
-
-
-class ConfigError(ValueError):
-    """Bad input: reported to the user as one line naming the culprit, before any work starts."""
 
 
 @dataclass
@@ -398,19 +394,6 @@ def _check_corpus(source: str, key: str, offline: bool) -> None:
             raise ConfigError(f"{key}: '{source}' is unknown; the bundled text is builtin:tiny_text")
     elif not Path(source).expanduser().is_file():
         raise ConfigError(f"{key}: '{source}' is not a file (nor wikitext2 or builtin:tiny_text)")
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def eval_offline(e: Any) -> bool:
-    """Whether accuracy reads local data files instead of the Hub."""
-    if str(e.offline).lower() == "true":
-        return True
-    if str(e.offline).lower() == "false":
-        return False
-    return hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def cell_id(cfg: Any) -> str:
