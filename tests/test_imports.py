@@ -104,7 +104,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
 def test_the_walk_sees_lazy_and_top_level_imports():
     graph = import_graph()
     assert "qbench.errors" in graph["qbench.config"]  # top of the module
-    assert "qbench.measure.accuracy" in graph["qbench.cell"]  # inside run()
+    assert "qbench.evaluate.accuracy" in graph["qbench.cell"]  # inside run()
     assert "qbench.measure.gpu_state" in graph["qbench.measure.cpu_affinity"]  # "from package import module"
 
 

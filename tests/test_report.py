@@ -27,7 +27,7 @@ FAKE_PLOTLYJS = "/* plotly.js stand-in for fast tests */ window.Plotly = {newPlo
 
 
 def local_paired_compare(baseline_correct: str, cell_correct: str) -> dict:
-    """Test-only stand-in for qbench.measure.paired.paired_compare (same signature, fractions, Wald CI)."""
+    """Test-only stand-in for qbench.evaluate.paired.paired_compare (same signature, fractions, Wald CI)."""
     n = len(baseline_correct)
     b = [c == "1" for c in baseline_correct]
     c = [ch == "1" for ch in cell_correct]
@@ -41,13 +41,13 @@ def local_paired_compare(baseline_correct: str, cell_correct: str) -> dict:
 
 
 def install_paired(monkeypatch) -> None:
-    """Use the real qbench.measure.paired when it exists; otherwise the local stand-in, for this test only."""
+    """Use the real qbench.evaluate.paired when it exists; otherwise the local stand-in, for this test only."""
     try:
-        import qbench.measure.paired  # noqa: F401
+        import qbench.evaluate.paired  # noqa: F401
     except ImportError:
-        mod = types.ModuleType("qbench.measure.paired")
+        mod = types.ModuleType("qbench.evaluate.paired")
         mod.paired_compare = local_paired_compare
-        monkeypatch.setitem(sys.modules, "qbench.measure.paired", mod)
+        monkeypatch.setitem(sys.modules, "qbench.evaluate.paired", mod)
 
 
 @pytest.fixture

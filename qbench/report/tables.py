@@ -312,12 +312,12 @@ def align_items(base: Dict[str, Any], cell: Dict[str, Any]) -> tuple[str, str]:
 
 
 def load_paired_compare() -> Optional[Callable[[str, str], Dict[str, Any]]]:
-    """qbench.measure.paired.paired_compare, imported lazily; None when that module is not installed.
+    """qbench.evaluate.paired.paired_compare, imported lazily; None when that module is not installed.
 
-    The statistics live in one place (qbench/measure/paired.py); the report never carries its own copy.
+    The statistics live in one place (qbench/evaluate/paired.py); the report never carries its own copy.
     """
     try:
-        return importlib.import_module("qbench.measure.paired").paired_compare
+        return importlib.import_module("qbench.evaluate.paired").paired_compare
     except (ImportError, AttributeError):
         return None
 
