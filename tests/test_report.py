@@ -153,9 +153,10 @@ def test_baseline_method_configured_then_fallbacks():
     assert T.baseline_method([cell("int8")]) is None
 
 
-def test_task_score_prefers_strict_match():
+def test_task_score_prefers_the_task_tables_headline():
     t = {"metrics": {"exact_match,flexible-extract": 0.6, "exact_match,strict-match": 0.5}}
-    assert T.task_score(t) == 0.5
+    assert T.task_score(t, "gsm8k") == 0.5  # the table heads GSM8K by strict match
+    assert T.task_score(t, "not_in_the_table") == 0.6  # else the first metric reported
     assert T.task_score({"value": 0.3, "metrics": {"exact_match,strict-match": 0.5}}) == 0.3
     assert T.task_score(None) is None
 
@@ -332,7 +333,7 @@ def test_demo_sweep_banner_and_absent_charts(monkeypatch):
     page = H.render_sweep(demo, "demo", plotlyjs=FAKE_PLOTLYJS)
     assert 'id="demo-banner"' in page and "the demo model is tiny and random: accuracy and speed mean nothing" in page
     assert page.count("Not measured in this sweep.") == 3
-    assert "Accuracy (MMLU, GSM8K): not measured in this sweep." in page
+    assert "Accuracy (lm-eval tasks): not measured in this sweep." in page
     assert 'data-expected-charts="2"' in page and 'data-expected-rows="2"' in page
     bf16 = row_html(page, "tiny__bf16")
     assert " RSS" in bf16  # CPU peak comes from RSS and says so
