@@ -61,7 +61,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from qbench.errors import eval_offline
 from qbench.evaluate.perplexity import perplexity
-from qbench.evaluate.tasks import Task, lookup
+from qbench.evaluate.tasks import SUBJECT, Task, lookup
 from qbench.tasks import MMLU_CATEGORIES, MMLU_CATEGORY_ALIASES, MMLU_SUBJECTS, TASKS_DIR
 
 LOG = logging.getLogger(__name__)
@@ -141,9 +141,9 @@ def _local_copy_warning(plan: _Plan, entry: Dict[str, Any], offline: bool) -> Li
         return []
     if spec.subjects and len(plan.subjects) < len(MMLU_SUBJECTS):
         return []  # a subset of subjects: no Hub count to compare with
-    return [f"{plan.public}: the local test set has {entry['n_items_available']} items, {spec.online_data} (what "
-            f"lm-eval reads online) {spec.hub_test_items}; same prompts, but scores are not strictly comparable with "
-            "online or published ones (cells are, when all ran offline on the same files)"]
+    return [f"{plan.public}: the local test set has {entry['n_items_available']} items, {spec.online_data}, what "
+            f"lm-eval reads online, has {spec.hub_test_items}; same prompts, but scores are not strictly comparable "
+            "with online or published ones (cells are, when all ran offline on the same files)"]
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -170,7 +170,7 @@ def _plan(task: str, eval_cfg: Any, offline: bool, data_dir: Optional[str], warn
         raise ValueError(f"{task}: reads its data from the Hub (no offline data layout in qbench), but evaluation "
                          "is offline")
     if spec is not None and spec.subjects:
-        subjects = _subjects(eval_cfg, offline, data_dir, warnings)
+        subjects = _subjects(spec, eval_cfg, offline, data_dir, warnings)
         full = len(subjects) == len(MMLU_SUBJECTS)
         lm_task = (spec.offline_task if offline else spec.online_name) if full else SUBSET_GROUP
         return _Plan(task, spec, lm_task, shots, limit, sorted(subjects))
@@ -179,16 +179,17 @@ def _plan(task: str, eval_cfg: Any, offline: bool, data_dir: Optional[str], warn
     return _Plan(task, None, task, shots, limit)
 
 
-def _subjects(eval_cfg: Any, offline: bool, data_dir: Optional[str], warnings: List[str]) -> List[str]:
+def _subjects(spec: Task, eval_cfg: Any, offline: bool, data_dir: Optional[str], warnings: List[str]) -> List[str]:
     """The MMLU subjects to evaluate: those named, else all 57 (offline: all whose test file is at hand)."""
     subjects = list(eval_cfg.mmlu_subjects) or list(MMLU_SUBJECTS)
     if offline and not eval_cfg.mmlu_subjects:
-        present = [s for s in MMLU_SUBJECTS if (Path(data_dir) / "mmlu" / "test" / f"{s}_test.csv").exists()]
+        test = next(p for p in spec.data_files if "test" in p)  # mmlu/test/{subject}_test.csv
+        present = [s for s in MMLU_SUBJECTS if (Path(data_dir) / test.replace(SUBJECT, s)).exists()]
         if len(present) < len(MMLU_SUBJECTS):
-            warnings.append(f"mmlu: {data_dir} holds {len(present)} of the 57 subjects; evaluating those only")
+            warnings.append(f"{spec.name}: {data_dir} holds {len(present)} of the 57 subjects; evaluating those only")
         subjects = present
     if not subjects:
-        raise ValueError(f"mmlu: no MMLU subject to evaluate (data dir {data_dir})")
+        raise ValueError(f"{spec.name}: no subject to evaluate (data dir {data_dir})")
     return subjects
 
 
