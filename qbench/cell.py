@@ -182,7 +182,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
 
         if cfg.eval.enabled:
             phase = "eval"
-            from qbench.measure import accuracy
+            from qbench.evaluate import accuracy
 
             t0 = time.perf_counter()
             with phases.phase("eval"):
@@ -225,7 +225,7 @@ def _quality(model: Any, tokenizer: Any, cfg: Any, spec: Dict[str, Any]) -> Dict
     from qbench.config import cell_dir as cell_dir_of
     from qbench.config import eval_offline
     from qbench.evaluate import quality
-    from qbench.measure.accuracy import load_perplexity_text
+    from qbench.evaluate.perplexity import load_perplexity_text
     from qbench.store import content_hash
 
     q = cfg.eval.quality

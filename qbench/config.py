@@ -9,7 +9,6 @@ Units live in the field names (``_s``, ``_tokens``, ``_min``) or in the comment 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -17,11 +16,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from qbench.errors import ConfigError, eval_offline, hub_offline  # noqa: F401  (also re-exported for callers)
 from qbench.measure.cpu_affinity import GPU_LOCAL, parse_cpulist
-
-
-class ConfigError(ValueError):
-    """Bad input: reported to the user as one line naming the culprit, before any work starts."""
 
 
 @dataclass
@@ -159,8 +155,8 @@ class QualityConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = False
-    tasks: List[str] = field(default_factory=list)  # lm-eval task names: mmlu, gsm8k, or any other
-    num_fewshot: Dict[str, int] = field(default_factory=dict)  # per task; mmlu 5 and gsm8k 5 by default
+    tasks: List[str] = field(default_factory=list)  # task table names (qbench/evaluate/tasks.py) or any lm-eval task
+    num_fewshot: Dict[str, int] = field(default_factory=dict)  # per task (count); a task not named: the task table's default
     limit: Optional[float] = None  # items per task (or per MMLU subject); <1.0 = fraction; null = all
     task_limits: Dict[str, float] = field(default_factory=dict)  # per-task override of limit, e.g. {gsm8k: 100}
     # cap on generated tokens per item of generate_until tasks (gsm8k); null = the task's own (lm-eval: 256).
@@ -332,9 +328,8 @@ def _check_limit(value: Any, key: str) -> None:
 
 
 def validate_eval(e: Any) -> None:
-    """The eval part of :func:`validate`: checks that need no model and no lm-eval import."""
-    from qbench.tasks import MMLU_SUBJECTS  # a plain dict; importing it pulls in nothing heavy
-
+    """The eval part of :func:`validate`: the settings alone. The tasks against the task table and the data at
+    hand are preflight's (qbench/evaluate/tasks.py: check)."""
     _positive_ints([e.batch_size], "eval.batch_size")
     if e.max_length_tokens is not None:
         _positive_ints([e.max_length_tokens], "eval.max_length_tokens")
@@ -358,37 +353,7 @@ def validate_eval(e: Any) -> None:
             raise ConfigError(f"eval.num_fewshot.{task}: {shots} is negative")
         if task not in tasks:
             raise ConfigError(f"eval.num_fewshot.{task}: '{task}' is not in eval.tasks {tasks}")
-    for subject in e.mmlu_subjects:
-        if subject not in MMLU_SUBJECTS:
-            raise ConfigError(f"eval.mmlu_subjects: '{subject}' is not an MMLU subject (e.g. abstract_algebra)")
     offline = eval_offline(e)
-    local = [t for t in ("mmlu", "gsm8k") if t in tasks]
-    if e.data_dir is not None and str(e.data_dir).startswith("builtin:") and e.data_dir != "builtin:fixtures":
-        raise ConfigError(f"eval.data_dir: '{e.data_dir}' is unknown; the bundled data is builtin:fixtures")
-    if e.enabled and offline and local:
-        if e.data_dir is None:
-            raise ConfigError(
-                f"eval.data_dir: offline evaluation of {', '.join(local)} reads local files, but no data directory is "
-                "set; point eval.data_dir (or the QBENCH_DATA environment variable) at a folder holding "
-                "mmlu/{dev,test}/*.csv and gsm8k/{train,test}.jsonl, or use builtin:fixtures (a small bundled subset)"
-            )
-        root = Path(__file__).parent / "data" / "fixtures" if e.data_dir == "builtin:fixtures" else Path(e.data_dir).expanduser()
-        if not root.is_dir():
-            raise ConfigError(f"eval.data_dir: '{e.data_dir}' is not a directory")
-        needed = []
-        if "gsm8k" in tasks:
-            needed += [root / "gsm8k" / "train.jsonl", root / "gsm8k" / "test.jsonl"]
-        if "mmlu" in tasks:
-            for subject in e.mmlu_subjects:
-                needed += [root / "mmlu" / s / f"{subject}_{s}.csv" for s in ("dev", "test")]
-            if not e.mmlu_subjects and not list((root / "mmlu" / "test").glob("*_test.csv")):
-                needed.append(root / "mmlu" / "test" / "<subject>_test.csv")
-        for path in needed:
-            if not path.exists():
-                raise ConfigError(f"eval.data_dir: '{path}' is missing (offline data layout: see conf/eval/default.yaml)")
-    elif e.data_dir is not None and offline and not str(e.data_dir).startswith("builtin:"):
-        if not Path(e.data_dir).expanduser().is_dir():
-            raise ConfigError(f"eval.data_dir: '{e.data_dir}' is not a directory")
     p = e.perplexity
     if p.enabled:
         _check_windows("eval.perplexity", p.source, "seq_len_tokens", p.seq_len_tokens, 2, p.max_windows, offline)
@@ -424,19 +389,6 @@ def _check_corpus(source: str, key: str, offline: bool) -> None:
             raise ConfigError(f"{key}: '{source}' is unknown; the bundled text is builtin:tiny_text")
     elif not Path(source).expanduser().is_file():
         raise ConfigError(f"{key}: '{source}' is not a file (nor wikitext2 or builtin:tiny_text)")
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def eval_offline(e: Any) -> bool:
-    """Whether accuracy reads local data files instead of the Hub."""
-    if str(e.offline).lower() == "true":
-        return True
-    if str(e.offline).lower() == "false":
-        return False
-    return hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def cell_id(cfg: Any) -> str:

@@ -122,7 +122,7 @@ def check_gguf(path: Path) -> str:
     """
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
 
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     try:
         arch = gguf_architecture(path)

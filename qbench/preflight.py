@@ -9,6 +9,8 @@
 - tokenizer vs model: a tokenizer whose ids run past the embedding table, or a folder without tokenizer files
   (transformers then builds an empty one), would measure garbage or crash deep inside lm-eval;
 - the directories a cell writes (results, cache, GPU slot locks) must be writable;
+- ``eval.tasks`` against the task table (qbench/evaluate/tasks.py) and the data at hand: offline, every task
+  needs its data layout under ``eval.data_dir`` (a task with none, such as arc_challenge, needs the network);
 - a method's constraints against the model's shapes: a method module that defines
   ``check_widths(method_cfg, widths)`` is handed the input widths of the model's quantizable linear layers,
   built on the meta device from the model's config.json (no weights, no memory), and raises ConfigError naming
@@ -247,8 +249,17 @@ def check_dirs(cfg: Any) -> None:
 def check_cell(cfg: Any) -> None:
     """Raise ConfigError (one line) when the cell cannot run as configured."""
     check_schema_keys(cfg)
+    check_eval(cfg)
     check_model(cfg)
     check_method_widths(cfg)
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def check_eval(cfg: Any) -> None:
+    """The cell's tasks against the task table, and offline, against the files under eval.data_dir."""
+    from qbench.evaluate import tasks
+
+    tasks.check(cfg.eval)
 
 
 # ----------------------------------------------------------------------------------------------- method x model

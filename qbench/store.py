@@ -180,7 +180,7 @@ def file_lock(path: Path) -> Iterator[None]:
 
 def check_writable(directory: Path, min_free_bytes: int = 100 * 2**20, key: str = "run.runs_dir") -> None:
     """Fail early, with the key and the path in the message, if nothing could be written there."""
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     directory = Path(directory)
     probe_dir = directory

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from qbench import tiny  # noqa: E402
 from qbench.config import ConfigError, EvalConfig, PerplexityConfig, validate_eval  # noqa: E402
-from qbench.measure import accuracy  # noqa: E402
-from qbench.measure.paired import compare_items  # noqa: E402
+from qbench.evaluate import accuracy, perplexity, tasks  # noqa: E402
+from qbench.evaluate.paired import compare_items  # noqa: E402
 from qbench.tasks import MMLU_SUBJECTS  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -44,6 +44,7 @@ def eval_cfg(**kw):
     base.update(kw)
     cfg = OmegaConf.structured(EvalConfig(**base))
     validate_eval(cfg)
+    tasks.check(cfg)  # what preflight checks on top: tasks vs the task table and the data at hand
     return cfg
 
 
@@ -139,8 +140,8 @@ def test_perplexity_matches_a_direct_computation(tiny_model):
 
     model, tok = tiny_model
     cfg = PerplexityConfig(enabled=True, source="builtin:tiny_text", seq_len_tokens=32, max_windows=2)
-    got = accuracy.perplexity(model, tok, cfg)
-    ids = tok(accuracy.TINY_TEXT.read_text(), return_tensors="pt").input_ids[0][:64].view(2, 32)
+    got = perplexity.perplexity(model, tok, cfg)
+    ids = tok(perplexity.TINY_TEXT.read_text(), return_tensors="pt").input_ids[0][:64].view(2, 32)
     with torch.no_grad():
         loss = model(ids, labels=ids).loss  # transformers' mean over the 2 x 31 predicted tokens
     assert got["value"] == pytest.approx(math.exp(float(loss)), rel=1e-4)
@@ -181,7 +182,7 @@ def test_full_mmlu_offline_uses_the_57_subject_group(tiny_model):
     assert m["value"] == pytest.approx(out["items"]["mmlu"]["correct"].count("1") / 57)
     assert out["settings"]["mmlu_subjects"] == "all"
     assert out["warnings"][-1] == "random weights: every accuracy figure sits at chance and means nothing"
-    if m["n_items_available"] != accuracy.HUB_MMLU_TEST_ITEMS:  # the hendrycks CSVs: 14,079; cais/mmlu: 14,042
+    if m["n_items_available"] != tasks.TASKS["mmlu"].hub_test_items:  # the hendrycks CSVs: 14,079; cais/mmlu: 14,042
         assert "not strictly comparable" in out["warnings"][0]
 
 
@@ -212,6 +213,7 @@ def test_every_mmlu_subject_is_known_to_validation():
     cfg = OmegaConf.structured(EvalConfig(enabled=True, tasks=["mmlu"], offline="false",
                                           mmlu_subjects=list(MMLU_SUBJECTS)))
     validate_eval(cfg)
+    tasks.check(cfg)
 
 
 def test_online_task_manager_indexes_the_stock_tasks():

@@ -1,4 +1,4 @@
-"""Paired statistics (qbench/measure/paired.py) on correctness vectors whose answers are worked out by hand."""
+"""Paired statistics (qbench/evaluate/paired.py) on correctness vectors whose answers are worked out by hand."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from qbench.measure.paired import as_correct, bootstrap_delta_ci, compare_items, mcnemar_exact, paired_compare
+from qbench.evaluate.paired import as_correct, bootstrap_delta_ci, compare_items, mcnemar_exact, paired_compare
 
 # baseline right on items 0-3 and 8, the cell loses items 2, 3 (n_10 = 2) and gains 4, 5, 6 (n_01 = 3)
 BASE = "1111000010"

@@ -16,7 +16,7 @@ from qbench import methods, models, weights
 from qbench.cli import conf_dir
 from qbench.config import register_configs
 from qbench.evaluate import quality
-from qbench.measure.accuracy import load_perplexity_text
+from qbench.evaluate.perplexity import load_perplexity_text
 
 register_configs()
 GGUF = weights.default_dest() / weights.file_name("smollm2")

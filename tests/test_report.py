@@ -27,7 +27,7 @@ FAKE_PLOTLYJS = "/* plotly.js stand-in for fast tests */ window.Plotly = {newPlo
 
 
 def local_paired_compare(baseline_correct: str, cell_correct: str) -> dict:
-    """Test-only stand-in for qbench.measure.paired.paired_compare (same signature, fractions, Wald CI)."""
+    """Test-only stand-in for qbench.evaluate.paired.paired_compare (same signature, fractions, Wald CI)."""
     n = len(baseline_correct)
     b = [c == "1" for c in baseline_correct]
     c = [ch == "1" for ch in cell_correct]
@@ -41,13 +41,13 @@ def local_paired_compare(baseline_correct: str, cell_correct: str) -> dict:
 
 
 def install_paired(monkeypatch) -> None:
-    """Use the real qbench.measure.paired when it exists; otherwise the local stand-in, for this test only."""
+    """Use the real qbench.evaluate.paired when it exists; otherwise the local stand-in, for this test only."""
     try:
-        import qbench.measure.paired  # noqa: F401
+        import qbench.evaluate.paired  # noqa: F401
     except ImportError:
-        mod = types.ModuleType("qbench.measure.paired")
+        mod = types.ModuleType("qbench.evaluate.paired")
         mod.paired_compare = local_paired_compare
-        monkeypatch.setitem(sys.modules, "qbench.measure.paired", mod)
+        monkeypatch.setitem(sys.modules, "qbench.evaluate.paired", mod)
 
 
 @pytest.fixture
@@ -153,9 +153,10 @@ def test_baseline_method_configured_then_fallbacks():
     assert T.baseline_method([cell("int8")]) is None
 
 
-def test_task_score_prefers_strict_match():
+def test_task_score_prefers_the_task_tables_headline():
     t = {"metrics": {"exact_match,flexible-extract": 0.6, "exact_match,strict-match": 0.5}}
-    assert T.task_score(t) == 0.5
+    assert T.task_score(t, "gsm8k") == 0.5  # the table heads GSM8K by strict match
+    assert T.task_score(t, "not_in_the_table") == 0.6  # else the first metric reported
     assert T.task_score({"value": 0.3, "metrics": {"exact_match,strict-match": 0.5}}) == 0.3
     assert T.task_score(None) is None
 
@@ -332,7 +333,7 @@ def test_demo_sweep_banner_and_absent_charts(monkeypatch):
     page = H.render_sweep(demo, "demo", plotlyjs=FAKE_PLOTLYJS)
     assert 'id="demo-banner"' in page and "the demo model is tiny and random: accuracy and speed mean nothing" in page
     assert page.count("Not measured in this sweep.") == 3
-    assert "Accuracy (MMLU, GSM8K): not measured in this sweep." in page
+    assert "Accuracy (lm-eval tasks): not measured in this sweep." in page
     assert 'data-expected-charts="2"' in page and 'data-expected-rows="2"' in page
     bf16 = row_html(page, "tiny__bf16")
     assert " RSS" in bf16  # CPU peak comes from RSS and says so

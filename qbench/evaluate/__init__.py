@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval accuracy, the task table, perplexity, quality against the baseline, paired statistics."""

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from qbench.evaluate import tasks as task_table
 from qbench.report import tables as T
 
 # Okabe & Ito (2008), colour-blind safe; yellow last because it is faint on white paper.
@@ -24,7 +25,8 @@ MEMORY_COLOURS = {"weights": "#0072B2", "KV cache": "#E69F00", "overhead": "#999
 DIVERGING = [[0.0, "#D55E00"], [0.5, "#FFFFFF"], [1.0, "#0072B2"]]
 DAGGER, DOUBLE_DAGGER = "\u2020", "\u2021"
 FONT = dict(family="system-ui, -apple-system, Segoe UI, Roboto, Helvetica, Arial, sans-serif", size=13)
-TASK_LABEL = {"mmlu": "MMLU", "gsm8k": "GSM8K"}
+# one marker per task in the delta chart, in the summary's task order (colours: OKABE_ITO in the same order)
+TASK_SYMBOLS = ["circle", "diamond", "square", "triangle-up", "x", "star", "hexagon", "cross"]
 ROW_HEIGHT_PX = 380
 
 
@@ -69,11 +71,11 @@ def hover_row(r: Dict[str, Any]) -> str:
              f" {esc(r.get('decode_path') or '')} ({fmt(r['bw_bound_pct'], 1)} % of bandwidth bound)"]
     if r.get("decode_path") != "eager" and T.num(r.get("decode_eager_tps")) is not None:
         lines.append(f"decode bs=1 eager {fmt(r['decode_eager_tps'], 1)} tok/s")
-    for task in ("mmlu", "gsm8k"):
+    for task in T.row_tasks([r]):
         if T.num(r.get(f"{task}_pct")) is None:
             continue
         lim = f" {DOUBLE_DAGGER} {fmt(r[f'{task}_n'], 0)} items" if T.num(r.get(f"{task}_limit")) else ""
-        line = f"{TASK_LABEL[task]} {fmt(r[f'{task}_pct'], 1)} %{dag}{lim}"
+        line = f"{esc(task_table.label(task))} {fmt(r[f'{task}_pct'], 1)} %{dag}{lim}"
         if T.num(r.get(f"{task}_delta_pp")) is not None:
             line += f", \u0394 {fmt(r[f'{task}_delta_pp'], 1)} pp{dag}"
             if T.num(r.get(f"{task}_ci_low_pp")) is not None:
@@ -127,16 +129,32 @@ def pareto_front(points: List[tuple]) -> List[tuple]:
     return front
 
 
+def score_axis(rows: List[Dict[str, Any]], task: str) -> str:
+    """'<label> accuracy (%)', naming the headline metric where it is not plain accuracy (acc_norm, exact_match)."""
+    metrics = {str(r.get(f"{task}_metric")).removesuffix(",none") for r in rows if r.get(f"{task}_metric")}
+    named = f", {', '.join(sorted(metrics))}" if metrics - {"acc"} else ""
+    return f"{esc(task_table.label(task))} accuracy (%{esc(named)})"
+
+
+def _chance_line(fig: go.Figure, rows: List[Dict[str, Any]], task: str, pos: Dict[str, int]) -> None:
+    """A dotted line at the task's chance level: random-weight cells should sit on it."""
+    chance = next((T.num(r.get(f"{task}_chance_pct")) for r in rows if T.num(r.get(f"{task}_chance_pct")) is not None),
+                  None)
+    if chance is not None:
+        fig.add_hline(y=chance, line=dict(color="#999", dash="dot", width=1), annotation_text="chance",
+                      annotation_position="bottom right", annotation_font=dict(color="#777", size=11), **pos)
+
+
 def pareto_chart(rows: List[Dict[str, Any]]) -> Optional[go.Figure]:
-    tasks = [t for t in ("mmlu", "gsm8k") if any(T.num(r.get(f"{t}_pct")) is not None and
-                                                  T.num(r.get("weights_gb")) is not None for r in rows)]
+    tasks = [t for t in T.row_tasks(rows) if any(T.num(r.get(f"{t}_pct")) is not None and
+                                                 T.num(r.get("weights_gb")) is not None for r in rows)]
     if not tasks:
         return None
     ms, col = models(rows), colours(rows)
     panels = [(t, m) for t in tasks for m in ms]  # one row per task, one column per model
     cols = len(ms)
-    fig = make_subplots(rows=len(tasks), cols=cols, horizontal_spacing=0.08, vertical_spacing=0.14,
-                        subplot_titles=[f"{TASK_LABEL[t]} \u2014 {esc(m)}" for t, m in panels])
+    fig = make_subplots(rows=len(tasks), cols=cols, horizontal_spacing=0.08, vertical_spacing=min(0.14, 0.9 / max(1, len(tasks) - 1)),
+                        subplot_titles=[f"{esc(task_table.label(t))} \u2014 {esc(m)}" for t, m in panels])
     shown = set()
     for i, (task, model) in enumerate(panels):
         pts = [r for r in rows if r["model"] == model and r["status"] == "ok"
@@ -167,8 +185,9 @@ def pareto_chart(rows: List[Dict[str, Any]]) -> Optional[go.Figure]:
                 hovertext=[hover_row(r) + ("<br><i>on the Pareto frontier</i>" if on_front else "")],
                 hoverinfo="text"), **_pos(i, cols))
             shown.add(r["method"])
+        _chance_line(fig, pts, task, _pos(i, cols))
         fig.update_xaxes(title_text="weight footprint (GB)", rangemode="tozero", **_pos(i, cols))
-        fig.update_yaxes(title_text=f"{TASK_LABEL[task]} accuracy (%)", **_pos(i, cols))
+        fig.update_yaxes(title_text=score_axis(rows, task), **_pos(i, cols))
     return _layout(fig, len(tasks))
 
 
@@ -325,13 +344,13 @@ def memory_chart(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> O
 
 
 def delta_chart(rows: List[Dict[str, Any]]) -> Optional[go.Figure]:
-    tasks = [t for t in ("mmlu", "gsm8k") if any(T.num(r.get(f"{t}_delta_pp")) is not None for r in rows)]
+    tasks = [t for t in T.row_tasks(rows) if any(T.num(r.get(f"{t}_delta_pp")) is not None for r in rows)]
     if not tasks:
         return None
     ms = [m for m in models(rows) if any(T.num(r.get(f"{t}_delta_pp")) is not None
                                          for r in rows if r["model"] == m for t in tasks)]
     fig, cols = _grid(len(ms), [esc(m) for m in ms])
-    task_colour = {"mmlu": OKABE_ITO[0], "gsm8k": OKABE_ITO[1]}
+    order = T.row_tasks(rows)  # colour and marker by place in the summary, not by which tasks have a delta
     for i, model in enumerate(ms):
         for task in tasks:
             pts = [r for r in rows if r["model"] == model and T.num(r.get(f"{task}_delta_pp")) is not None]
@@ -343,8 +362,9 @@ def delta_chart(rows: List[Dict[str, Any]]) -> Optional[go.Figure]:
             lo = [r[f"{task}_delta_pp"] - _or(r.get(f"{task}_ci_low_pp"), r[f"{task}_delta_pp"]) for r in pts]
             fig.add_trace(go.Scatter(
                 x=[label(r, task) for r in pts], y=d,
-                mode="markers", name=TASK_LABEL[task], legendgroup=task, showlegend=i == 0,
-                marker=dict(color=task_colour[task], size=11, symbol="diamond" if task == "gsm8k" else "circle"),
+                mode="markers", name=esc(task_table.label(task)), legendgroup=task, showlegend=i == 0,
+                marker=dict(color=OKABE_ITO[order.index(task) % len(OKABE_ITO)], size=11,
+                            symbol=TASK_SYMBOLS[order.index(task) % len(TASK_SYMBOLS)]),
                 error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo, thickness=1.5, width=6),
                 hovertext=[hover_row(r) + ("" if T.num(r.get(f"{task}_ci_low_pp")) is not None else
                                            "<br>no paired interval (per-item records or paired module absent)")
@@ -360,8 +380,18 @@ def delta_chart(rows: List[Dict[str, Any]]) -> Optional[go.Figure]:
 # ---------------------------------------------------------------- MMLU categories heatmap
 
 
+def category_task(results: List[Dict[str, Any]]) -> Optional[str]:
+    """The task whose categories the heatmap shows: the first of the sweep whose results break it down (MMLU)."""
+    return next((t for t in T.sweep_tasks(results)
+                 if any(isinstance(T.get(r, "metrics", "accuracy", "tasks", t, "categories"), dict) for r in results)),
+                None)
+
+
 def category_deltas(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """model -> method -> category -> delta (pp) of the MMLU category accuracy vs the baseline cell."""
+    """model -> method -> category -> delta (pp) of the task's category accuracy vs the baseline cell."""
+    task = category_task(results)
+    if task is None:
+        return {}
     base = T.baseline_method(results)
     bases = T.baseline_cells(results, base)
     by_cell = {r["cell"]: r for r in results}
@@ -370,7 +400,7 @@ def category_deltas(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -
         r, b = by_cell.get(row["cell"]), bases.get(row["model"])
         if r is None or b is None or r is b or r["status"] != "ok":
             continue
-        cats, bcats = (T.get(x, "metrics", "accuracy", "tasks", "mmlu", "categories", default={}) for x in (r, b))
+        cats, bcats = (T.get(x, "metrics", "accuracy", "tasks", task, "categories", default={}) for x in (r, b))
         if not isinstance(cats, dict) or not isinstance(bcats, dict):
             continue
         d = {c: 100 * (T.category_score(cats[c]) - T.category_score(bcats[c])) for c in cats
@@ -398,7 +428,7 @@ def category_heatmap(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) 
     cols = 1
     for i, model in enumerate(ms):
         cells = list(deltas[model])
-        ylab = [label(row_of[c], "mmlu") for c in cells]
+        ylab = [label(row_of[c], category_task(results)) for c in cells]
         z = [[deltas[model][c].get(cat) for cat in cats] for c in cells]
         fig.add_trace(go.Heatmap(
             z=z, x=[cat.replace("_", " ") for cat in cats], y=ylab, colorscale=DIVERGING, zmid=0,
@@ -416,6 +446,7 @@ def category_heatmap(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) 
 
 def build_charts(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The page's charts in order: key, title, caption, and the figure (None = not measured in this sweep)."""
+    cat = category_task(results)
     return [
         {"key": "quality", "title": "Quality vs weight memory: KL divergence and top-1 agreement with the baseline",
          "caption": "Left: mean KL(baseline ‖ method) per scored token, log scale; down and to the left is better, "
@@ -425,7 +456,8 @@ def build_charts(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> L
         {"key": "pareto", "title": "Accuracy vs weight memory (Pareto front)",
          "caption": "Up and to the left is better. Dashed: the frontier (cells no other cell beats on both); "
                     "large outlined markers lie on it. Open markers: random weights (never on the frontier). "
-                    "Hover a point for its whole row.",
+                    "Dotted: the task's chance level. One row per task, headed by its headline metric (the task "
+                    "table's, qbench/evaluate/tasks.py). Hover a point for its whole row.",
          "figure": pareto_chart(rows)},
         {"key": "throughput", "title": "Decode throughput vs batch size",
          "caption": "Median tokens/s per method; bars span p10\u2013p90 of the timed runs (\u00b1 stdev where raw "
@@ -440,8 +472,9 @@ def build_charts(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> L
          "caption": "\u0394 in percentage points; bars are the paired 95 % CI over the items both cells evaluated. "
                     f"{DAGGER}: random weights, the change means nothing.",
          "figure": delta_chart(rows)},
-        {"key": "categories", "title": "MMLU change per category",
-         "caption": "\u0394 of each MMLU category vs the baseline (pp); blue better, vermillion worse. "
+        {"key": "categories", "title": f"{task_table.label(cat) if cat else 'Accuracy'} change per category",
+         "caption": f"\u0394 of each {task_table.label(cat) if cat else 'task'} category vs the baseline "
+                    "(pp); blue better, vermillion worse. "
                     "A plain difference of category scores (no pairing, no interval): small categories swing widely. "
                     f"{DAGGER}: random weights; {DOUBLE_DAGGER}: limited evaluation, a subset of items.",
          "figure": category_heatmap(rows, results)},

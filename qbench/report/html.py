@@ -20,6 +20,7 @@ import jinja2
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
+from qbench.evaluate import tasks as task_table
 from qbench.report import charts as C
 from qbench.report import tables as T
 
@@ -85,9 +86,11 @@ def _columns(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                     {"key": "decode_eager_tps", "head": "Decode bs 1, eager", "unit": "tokens/s, p50 ± 95 % CI, eager",
                      "digits": 1, "better": "high", "cv": "decode_eager_cv_high", "pm": "decode_eager_ci_pct",
                      "capped": "decode_eager_capped"})
-    for task, label in (("mmlu", "MMLU"), ("gsm8k", "GSM8K")):
+    for task in T.row_tasks(rows):
+        label = task_table.label(task)
         cols += [
-            {"key": f"{task}_pct", "head": label, "unit": "% correct", "digits": 1, "better": "high", "acc": task},
+            {"key": f"{task}_pct", "head": label, "unit": _score_unit(rows, task), "digits": 1, "better": "high",
+             "acc": task},
             {"key": f"{task}_delta_pp", "head": f"{label} \u0394", "unit": "pp vs baseline [paired 95 % CI]",
              "digits": 1, "better": "high", "acc": task, "signed": True, "ci": task},
             {"key": f"{task}_flip_pct", "head": f"{label} flips", "unit": "% of paired items", "digits": 1,
@@ -96,6 +99,12 @@ def _columns(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     cols.append({"key": "quantize_s", "head": "Quantization", "unit": "s", "digits": 0, "better": "low"})
     # A column nobody measured only adds dashes; the notes under the table say what was not measured.
     return [c for c in cols if any(T.num(r.get(c["key"])) is not None for r in rows)]
+
+
+def _score_unit(rows: List[Dict[str, Any]], task: str) -> str:
+    """'% correct', naming the headline metric where it is not plain accuracy (acc_norm, exact_match, ...)."""
+    metrics = {str(r.get(f"{task}_metric")).removesuffix(",none") for r in rows if r.get(f"{task}_metric")}
+    return "% correct" + (f", {', '.join(sorted(metrics))}" if metrics - {"acc"} else "")
 
 
 def _best(rows: List[Dict[str, Any]], col: Dict[str, Any]) -> set:
@@ -175,9 +184,9 @@ def summary_view(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
                      f"{' in ' + r['error_phase'] if r.get('error_phase') else ''}: {r.get('error_message') or ''}")
             error = error if len(error) <= ERROR_ROW_CHARS else error[: ERROR_ROW_CHARS - 1] + "\u2026"
         notes = list(r["warnings"])
-        for task in ("mmlu", "gsm8k"):
+        for task in T.row_tasks(rows):
             if r.get(f"{task}_delta_source") == "difference":
-                notes.append(f"{C.TASK_LABEL[task]} \u0394 is a plain difference (no per-item pairing)")
+                notes.append(f"{task_table.label(task)} \u0394 is a plain difference (no per-item pairing)")
         # The error stays in sight; warnings fold away (a sweep's cells carry a dozen) so rows stay one line
         # high, and the honesty panel lists the noisy ones again.
         out_rows.append({"row": r, "cells": cells, "error": error, "notes": notes})
@@ -220,12 +229,12 @@ def quality_view(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> D
         origins.setdefault(r["model"], _weights_origin(res))
         settings = settings or T.get(res, "metrics", "quality", "settings")
         task_cells = []
-        for task in ("mmlu", "gsm8k"):
+        for task in T.row_tasks(rows):
             if T.num(r.get(f"{task}_delta_pp")) is None:
                 continue
             delta = _with_ci(r[f"{task}_delta_pp"], r.get(f"{task}_ci_low_pp"), r.get(f"{task}_ci_high_pp"), 1)
             flips = T.num(r.get(f"{task}_flip_pct"))
-            task_cells.append(f"{C.TASK_LABEL[task]} {delta} pp" + ("" if flips is None else f", {flips:.1f} % flipped"))
+            task_cells.append(f"{task_table.label(task)} {delta} pp" + ("" if flips is None else f", {flips:.1f} % flipped"))
         out.append({
             "row": r,
             "weights": fmt_num(r.get("weights_gb"), 3),
@@ -309,7 +318,7 @@ def honesty_view(results: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> D
     unsupported = [{"cell": r["cell"], "path": u.get("decode_path"), "reason": u.get("reason")}
                    for r in results for u in T.get(r, "metrics", "latency", "unsupported", default=[]) or []
                    if isinstance(u, dict)]
-    no_pairing = [f"{r['cell']} ({C.TASK_LABEL[t]})" for r in rows for t in ("mmlu", "gsm8k")
+    no_pairing = [f"{r['cell']} ({task_table.label(t)})" for r in rows for t in T.row_tasks(rows)
                   if r.get(f"{t}_delta_source") == "difference"]
     schema = sorted({str(r.get("schema_version")) for r in results} - {"1"})
     memory = [{"cell": r["cell"], "ratio": fmt_num(r.get("weight_ratio"), 3) if r.get("weight_ratio_off") else None,

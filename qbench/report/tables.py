@@ -11,11 +11,12 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
 
+from qbench.evaluate import tasks as task_table  # stdlib only, like store: the report builds without torch
 from qbench.store import cause_line  # stdlib only: the report still builds on a laptop without torch
 
 GB = 1e9
@@ -25,8 +26,6 @@ CV_WARN_DEFAULT = 0.05
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # bench.cv_warn_threshold's default (qbench/config.py)
 # MMLU categories in the order the heatmap shows them; other keys found in results are appended.
 MMLU_CATEGORIES = ("stem", "humanities", "social_sciences", "other")
-# Which GSM8K number is "the" score when a task reports several (lm-eval's strict match first).
-TASK_METRIC_PREFERENCE = ("exact_match,strict-match", "exact_match,flexible-extract", "acc", "acc_norm")
 
 TIDY_COLUMNS = [
     "sweep", "cell", "model", "method", "method_kind", "status", "error_class", "random_weights", "device",
@@ -268,20 +267,54 @@ def task_entry(r: Dict[str, Any], task: str) -> Optional[Dict[str, Any]]:
     return t if isinstance(t, dict) else None
 
 
-def task_score(t: Optional[Dict[str, Any]]) -> Optional[float]:
-    """The task's headline score as a fraction: ``value``, else the preferred of ``metrics``."""
+def sweep_tasks(results: List[Dict[str, Any]]) -> List[str]:
+    """Every task some cell of the sweep evaluated, in the task table's order (then unknown ones, A-Z)."""
+    names = {str(k) for r in results for k, t in (get(r, "metrics", "accuracy", "tasks", default={}) or {}).items()
+             if isinstance(t, dict)}
+    return task_table.order(sorted(names))
+
+
+def row_tasks(rows: List[Dict[str, Any]]) -> List[str]:
+    """The tasks whose columns the summary rows carry, in column order (each group opens with <task>_metric)."""
+    if not rows:
+        return []
+    row = rows[0]
+    return [k[: -len("_metric")] for k in row if k.endswith("_metric")
+            and f"{k[: -len('_metric')]}_pct" in row and f"{k[: -len('_metric')]}_delta_source" in row]
+
+
+def task_headline(t: Optional[Dict[str, Any]], task: Optional[str] = None) -> tuple[Optional[str], Optional[float]]:
+    """(metric, score as a fraction) a task is headed by: the task table's headline metric where the entry has
+    it (also in results written before the table named it), else the run's own headline (``metric``/``value``),
+    else the first number of ``metrics``."""
     if not t:
-        return None
-    if num(t.get("value")) is not None:
-        return num(t["value"])
+        return None, None
+    spec = task_table.lookup(task) if task else None
     metrics = t.get("metrics") if isinstance(t.get("metrics"), dict) else {}
-    for k in TASK_METRIC_PREFERENCE:
-        if num(metrics.get(k)) is not None:
-            return num(metrics[k])
-    for v in metrics.values():
+    recorded = t.get("metric") if isinstance(t.get("metric"), str) else None
+    if spec is not None:
+        if task_table.same_metric(recorded, spec.headline) and num(t.get("value")) is not None:
+            return recorded, num(t["value"])
+        if num(metrics.get(spec.headline)) is not None:
+            return spec.headline, num(metrics[spec.headline])
+    if num(t.get("value")) is not None:
+        return recorded, num(t["value"])
+    for k, v in metrics.items():
         if num(v) is not None:
-            return num(v)
-    return None
+            return str(k), num(v)
+    return None, None
+
+
+def task_score(t: Optional[Dict[str, Any]], task: Optional[str] = None) -> Optional[float]:
+    """The task's headline score as a fraction (see :func:`task_headline`)."""
+    return task_headline(t, task)[1]
+
+
+def chance_level(t: Optional[Dict[str, Any]], task: str) -> Optional[float]:
+    """A random guesser's score: the run's record, else the task table's."""
+    recorded = num(get(t, "chance_level"))
+    spec = task_table.lookup(task)
+    return recorded if recorded is not None else (spec.chance_level if spec else None)
 
 
 def category_score(v: Any) -> Optional[float]:
@@ -290,10 +323,18 @@ def category_score(v: Any) -> Optional[float]:
     return num(v)
 
 
-def task_items(r: Dict[str, Any], task: str) -> Optional[Dict[str, Any]]:
+def task_items(r: Dict[str, Any], task: str, metric: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The task's per-item records with ``correct`` for ``metric`` (default: the run's own headline), or None
+    when the cell kept no records of that metric."""
     it = get(r, "metrics", "accuracy", "items", task)
-    if isinstance(it, dict) and isinstance(it.get("correct"), str):
-        return it
+    if not isinstance(it, dict):
+        return None
+    by_metric = it.get("correct_by_metric") if isinstance(it.get("correct_by_metric"), dict) else {}
+    if metric is not None and isinstance(by_metric.get(metric), str):
+        return {**it, "correct": by_metric[metric]}
+    recorded = get(task_entry(r, task), "metric")  # ``correct`` holds the records of the run's own headline
+    if metric is None or recorded is None or task_table.same_metric(metric, recorded):
+        return it if isinstance(it.get("correct"), str) else None
     return None
 
 
@@ -326,12 +367,12 @@ def align_items(base: Dict[str, Any], cell: Dict[str, Any]) -> tuple[str, str]:
 
 
 def load_paired_compare() -> Optional[Callable[[str, str], Dict[str, Any]]]:
-    """qbench.measure.paired.paired_compare, imported lazily; None when that module is not installed.
+    """qbench.evaluate.paired.paired_compare, imported lazily; None when that module is not installed.
 
-    The statistics live in one place (qbench/measure/paired.py); the report never carries its own copy.
+    The statistics live in one place (qbench/evaluate/paired.py); the report never carries its own copy.
     """
     try:
-        return importlib.import_module("qbench.measure.paired").paired_compare
+        return importlib.import_module("qbench.evaluate.paired").paired_compare
     except (ImportError, AttributeError):
         return None
 
@@ -374,9 +415,12 @@ def _ordered(results: List[Dict[str, Any]], base: Optional[str]) -> List[Dict[st
 def _task_columns(r: Dict[str, Any], task: str, base_cell: Optional[Dict[str, Any]],
                   paired: Optional[Callable]) -> Dict[str, Any]:
     t = task_entry(r, task)
-    score = task_score(t)
+    metric, score = task_headline(t, task)
+    chance = chance_level(t, task)
     out: Dict[str, Any] = {
+        f"{task}_metric": metric,
         f"{task}_pct": None if score is None else 100 * score,
+        f"{task}_chance_pct": None if chance is None else 100 * chance,
         f"{task}_n": num(get(t, "n_items")),
         f"{task}_limit": num(get(t, "limit")),
         f"{task}_fewshot": num(get(t, "num_fewshot")),
@@ -386,8 +430,10 @@ def _task_columns(r: Dict[str, Any], task: str, base_cell: Optional[Dict[str, An
     }
     if score is None or base_cell is None or base_cell is r:
         return out
-    base_score = task_score(task_entry(base_cell, task))
-    b_items, c_items = task_items(base_cell, task), task_items(r, task)
+    base_metric, base_score = task_headline(task_entry(base_cell, task), task)
+    if base_metric and metric and not task_table.same_metric(base_metric, metric):
+        return out  # the two cells' headlines are different metrics: no difference to take
+    b_items, c_items = task_items(base_cell, task, metric), task_items(r, task, metric)
     if paired is not None and b_items and c_items:
         b, c = align_items(b_items, c_items)
         try:
@@ -443,6 +489,7 @@ def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     base = baseline_method(results)
     bases = baseline_cells(results, base)
     paired = load_paired_compare()
+    tasks = sweep_tasks(results)
     rows = []
     for r in _ordered(results, base):
         b = bases.get(r["model"])
@@ -494,7 +541,7 @@ def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "node": get(r, "scheduler", "node"), "slurm_job_id": get(r, "scheduler", "job_id"),
             "warnings": [str(w) for w in r.get("warnings") or []],
         }
-        for task in ("mmlu", "gsm8k"):
+        for task in tasks:
             row.update(_task_columns(r, task, b, paired))
         row.update(quality_columns(r))
         rows.append(row)
@@ -602,25 +649,43 @@ def _tidy_cell(r: Dict[str, Any]) -> List[Dict[str, Any]]:
     for k, v in (get(r, "metrics", "latency", "one_time", default={}) or {}).items():
         add("latency", f"one_time.{k}", v, "s" if k.endswith("_s") else None)
 
+    rows += _accuracy_tidy(r, ctx)
+    rows += _quality_tidy(r, ctx)
+    return rows
+
+
+def _accuracy_tidy(r: Dict[str, Any], ctx: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The accuracy figures of one cell as tidy rows: per task its headline first (``<task>.<metric>``), every
+    other metric lm-eval reported, stderr, timing and MMLU's categories; then perplexity."""
+    rows: List[Dict[str, Any]] = []
+
+    def add(metric: str, value: Any, unit: str, **extra: Any) -> None:
+        if num(value) is not None:
+            rows.append({**ctx, "group": "accuracy", "metric": metric, "stat": "value", "value": num(value),
+                         "unit": unit, **extra})
+
     for task, t in (get(r, "metrics", "accuracy", "tasks", default={}) or {}).items():
         if not isinstance(t, dict):
             continue
         ctx_t = {"task": task, "num_fewshot": t.get("num_fewshot"), "limit": num(t.get("limit")),
                  "n_items": t.get("n_items")}
-        if num(t.get("value")) is not None:
-            add("accuracy", f"{task}.{t.get('metric') or 'value'}", t["value"], "fraction", **ctx_t)
-        for mk, mv in (t.get("metrics") or {}).items() if isinstance(t.get("metrics"), dict) else []:
-            add("accuracy", f"{task}.{mk}", mv, "fraction", **ctx_t)
-        add("accuracy", f"{task}.stderr", t.get("stderr"), "fraction", **ctx_t)
-        add("accuracy", f"{task}.eval_time_s", t.get("eval_time_s"), "s", **ctx_t)
-        add("accuracy", f"{task}.items_per_s", t.get("items_per_s"), "items/s", **ctx_t)
+        metric, score = task_headline(t, task)
+        add(f"{task}.{metric or 'value'}", score, "fraction", **ctx_t)
+        metrics = t.get("metrics") if isinstance(t.get("metrics"), dict) else {}
+        for mk, mv in metrics.items():
+            if not task_table.same_metric(mk, metric):
+                add(f"{task}.{mk}", mv, "fraction", **ctx_t)
+        stderrs = t.get("stderrs") if isinstance(t.get("stderrs"), dict) else {}
+        own = task_table.same_metric(metric, t.get("metric") if isinstance(t.get("metric"), str) else None)
+        add(f"{task}.stderr", t.get("stderr") if own else stderrs.get(metric or ""), "fraction", **ctx_t)
+        add(f"{task}.eval_time_s", t.get("eval_time_s"), "s", **ctx_t)
+        add(f"{task}.items_per_s", t.get("items_per_s"), "items/s", **ctx_t)
         for cat, cv in (t.get("categories") or {}).items() if isinstance(t.get("categories"), dict) else []:
-            add("accuracy", f"{task}.category", category_score(cv), "fraction", category=cat, **ctx_t)
+            add(f"{task}.category", category_score(cv), "fraction", category=cat, **ctx_t)
     ppl = get(r, "metrics", "accuracy", "perplexity")
     if isinstance(ppl, dict):
-        add("accuracy", "perplexity", ppl.get("value"), "perplexity", seq_len_tokens=ppl.get("seq_len_tokens"),
+        add("perplexity", ppl.get("value"), "perplexity", seq_len_tokens=ppl.get("seq_len_tokens"),
             task=str(ppl.get("source")) if ppl.get("source") else None)
-    rows += _quality_tidy(r, ctx)
     return rows
 
 

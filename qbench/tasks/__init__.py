@@ -17,8 +17,6 @@ from pathlib import Path
 
 TASKS_DIR = Path(__file__).parent
 FIXTURES_DIR = TASKS_DIR.parent / "data" / "fixtures"
-# public task name -> offline task/group name
-OFFLINE_NAMES = {"mmlu": "qbench_mmlu", "gsm8k": "qbench_gsm8k"}
 # lm-eval's four MMLU categories (group names mmlu_<category>), in its reporting order
 MMLU_CATEGORIES = ("stem", "humanities", "social_sciences", "other")
 MMLU_CATEGORY_ALIASES = {"stem": "stem", "humanities": "humanities", "social_sciences": "social sciences", "other": "other"}

@@ -1,11 +1,14 @@
-"""Accuracy of the model a cell has already loaded (and quantized): lm-eval tasks and perplexity.
+"""Accuracy of the model a cell has already loaded (and quantized): lm-eval tasks (and perplexity).
 
 The loaded model object goes to lm-eval 0.4.13 through ``HFLM(pretrained=model, ...)``, so the numbers are for
 exactly the weights whose memory and latency the cell measured. Each task runs in its own
 ``lm_eval.simple_evaluate`` call (its own few-shot count, its own limit, its own timing) with one fixed batch
-size and fixed seeds. MMLU and GSM8K run lm-eval's stock task definitions: online the stock ``mmlu`` /
-``gsm8k`` tasks read the Hub, offline the identical ``qbench_mmlu`` / ``qbench_gsm8k`` tasks (qbench/tasks) read
-the original files under ``eval.data_dir``. Results come back under the public names ``mmlu`` and ``gsm8k``.
+size and fixed seeds. What each task is (lm-eval names online and offline, default few-shot count, headline
+metric, chance level, offline data) comes from the task table, qbench/evaluate/tasks.py. MMLU and GSM8K run
+lm-eval's stock task definitions: online the stock ``mmlu`` / ``gsm8k`` tasks read the Hub, offline the identical
+``qbench_mmlu`` / ``qbench_gsm8k`` tasks (qbench/tasks) read the original files under ``eval.data_dir``. Results
+come back under the table's names (``mmlu``, ``gsm8k``, ``arc_challenge``, ...); a task the table does not know
+runs online under its lm-eval name, headed by the first metric lm-eval reports.
 
 What :func:`run` returns is the ``accuracy`` section of result.json (docs/results.md)::
 
@@ -21,7 +24,9 @@ What :func:`run` returns is the ``accuracy`` section of result.json (docs/result
                   "stderrs": {"exact_match,strict-match": 0.014, "exact_match,flexible-extract": 0.014},
                   "n_items", "n_items_available", "num_fewshot", "limit", "eval_time_s", "items_per_s",
                   "lm_eval_task", "chance_level": 0.0},
-        "<other lm-eval task>": {"metric", "value", "stderr", "metrics", "stderrs", …, "chance_level": null}
+        "arc_challenge": {"metric": "acc_norm,none", …, "chance_level": 0.25},   # the table's headline
+        "<task not in the table>": {"metric": <first lm-eval reports>, "value", "stderr", "metrics", "stderrs", …,
+                                    "chance_level": null}
       },
       "items": {
         "mmlu": {"doc_ids": ["abstract_algebra/0", …], "correct": "0110…", "predictions": "3102…", "targets": "1302…"},
@@ -39,7 +44,7 @@ What :func:`run` returns is the ``accuracy`` section of result.json (docs/result
 
 Item records are ordered by (subject, doc_id) for MMLU and by doc_id otherwise, one character of ``correct``
 per item, so two cells evaluated with the same settings can be compared item by item
-(:mod:`qbench.measure.paired`).
+(:mod:`qbench.evaluate.paired`).
 """
 from __future__ import annotations
 
@@ -54,30 +59,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from qbench.config import eval_offline
-from qbench.tasks import MMLU_CATEGORIES, MMLU_CATEGORY_ALIASES, MMLU_SUBJECTS, OFFLINE_NAMES, TASKS_DIR
+from qbench.errors import eval_offline
+from qbench.evaluate.perplexity import perplexity
+from qbench.evaluate.tasks import SUBJECT, Task, lookup
+from qbench.tasks import MMLU_CATEGORIES, MMLU_CATEGORY_ALIASES, MMLU_SUBJECTS, TASKS_DIR
 
 LOG = logging.getLogger(__name__)
 
-# The published settings (MMLU paper and the Open LLM Leaderboard: 5-shot; GSM8K: lm-eval's own 5-shot).
-DEFAULT_NUM_FEWSHOT = {"mmlu": 5, "gsm8k": 5}
-# What lm-eval 0.4.13 uses when no num_fewshot is given: mmlu's YAML sets none (-> 0), gsm8k.yaml sets 5.
-LM_EVAL_DEFAULT_NUM_FEWSHOT = {"mmlu": 0, "gsm8k": 5}
-CHANCE_LEVEL = {"mmlu": 0.25, "gsm8k": 0.0}  # 4 choices; an exact number is (almost) never guessed
-PRIMARY_METRIC = {"mmlu": "acc,none", "gsm8k": "exact_match,strict-match"}
-# cais/mmlu's test split (its dataset card). The original hendrycks CSVs hold 14,079 test questions (the paper's
-# count): the Hub copy lacks 37 of them, so offline full-MMLU runs score 37 more items than online ones.
-HUB_MMLU_TEST_ITEMS = 14042
 BOOTSTRAP_ITERS = 100000  # lm-eval's default; only used for metrics not aggregated by a mean
-TINY_TEXT = Path(__file__).resolve().parents[1] / "data" / "tiny_text.txt"
-WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")  # GPTQ/AWQ: wikitext-2-raw-v1 test, "\n\n"-joined
+SUBSET_GROUP = "qbench_mmlu_subset"  # the MMLU group over some subjects, written at run time (_subset_groups)
 
 
 @dataclass
 class _Plan:
     """How one public task runs in lm-eval."""
 
-    public: str  # name in the result: mmlu, gsm8k, or the lm-eval name passed through
+    public: str  # name in the result: the task table's, or the lm-eval name passed through
+    spec: Optional[Task]  # the task table's entry; None for a task it does not know
     lm_task: str  # task or group name handed to simple_evaluate
     num_fewshot: Optional[int]  # None: the task's own default
     limit: Optional[float]
@@ -94,18 +92,16 @@ def run(model: Any, tokenizer: Any, eval_cfg: Any, device: str, random_weights: 
     if not eval_cfg.enabled:
         return None
     offline = eval_offline(eval_cfg)
-    tasks = list(eval_cfg.tasks)
     warnings: List[str] = []
     data_dir_resolved = None
-    if offline and any(t in OFFLINE_NAMES for t in tasks):
+    if offline and eval_cfg.tasks:
         data_dir_resolved = str(_resolve_data_dir(eval_cfg.data_dir))
-    plans = [_plan(t, eval_cfg, offline, data_dir_resolved, warnings) for t in tasks]
+    plans = [_plan(t, eval_cfg, offline, data_dir_resolved, warnings) for t in eval_cfg.tasks]
 
     out: Dict[str, Any] = {"tasks": {}, "items": {}, "settings": {}, "perplexity": None,
                            "chance": bool(random_weights), "warnings": warnings}
-    lm = None
+    lm = _make_lm(model, tokenizer, eval_cfg, device) if plans else None
     if plans:
-        lm = _make_lm(model, tokenizer, eval_cfg, device)
         with _task_manager(plans, offline, eval_cfg, data_dir_resolved) as tm, _quiet_lm_eval():
             for i, plan in enumerate(plans, start=1):
                 LOG.info("eval %d/%d: %s (lm-eval task %s, %s-shot, limit %s, batch size %d, %s data)",
@@ -113,21 +109,12 @@ def run(model: Any, tokenizer: Any, eval_cfg: Any, device: str, random_weights: 
                          "default" if plan.num_fewshot is None else plan.num_fewshot,
                          plan.limit, eval_cfg.batch_size, "local" if offline else "Hub")
                 entry, items = _run_task(lm, tm, plan, eval_cfg)
-                entry["chance_level"] = CHANCE_LEVEL.get(plan.public)
                 out["tasks"][plan.public] = entry
                 if getattr(eval_cfg, "log_samples", True):
                     out["items"][plan.public] = items
-                LOG.info("eval %s: %s = %.4f ± %s on %d items in %.1f s (%.1f items/s)", plan.public, entry["metric"],
-                         entry["value"] if entry["value"] is not None else float("nan"),
-                         "n/a" if entry["stderr"] is None else f"{entry['stderr']:.4f}",
-                         entry["n_items"], entry["eval_time_s"], entry["items_per_s"] or 0.0)
+                _log_entry(plan, entry)
                 warnings.extend(entry.pop("_warnings", []))
-                if (plan.public == "mmlu" and offline and len(plan.subjects) == len(MMLU_SUBJECTS)
-                        and entry["n_items_available"] != HUB_MMLU_TEST_ITEMS):
-                    warnings.append(
-                        f"mmlu: the local test set has {entry['n_items_available']} items, the Hub's cais/mmlu (what "
-                        f"lm-eval reads online) {HUB_MMLU_TEST_ITEMS}; same prompts, but scores are not strictly "
-                        "comparable with online or published ones (cells are, when all ran offline on the same files)")
+                warnings.extend(_local_copy_warning(plan, entry, offline))
 
     if eval_cfg.perplexity.enabled:
         LOG.info("perplexity: %s, windows of %d tokens", eval_cfg.perplexity.source, eval_cfg.perplexity.seq_len_tokens)
@@ -138,6 +125,25 @@ def run(model: Any, tokenizer: Any, eval_cfg: Any, device: str, random_weights: 
         warnings.append("random weights: every accuracy figure sits at chance and means nothing")
     out["settings"] = _settings(eval_cfg, plans, offline, data_dir_resolved, lm, device)
     return out
+
+
+def _log_entry(plan: _Plan, entry: Dict[str, Any]) -> None:
+    LOG.info("eval %s: %s = %.4f ± %s on %d items in %.1f s (%.1f items/s)", plan.public, entry["metric"],
+             entry["value"] if entry["value"] is not None else float("nan"),
+             "n/a" if entry["stderr"] is None else f"{entry['stderr']:.4f}",
+             entry["n_items"], entry["eval_time_s"], entry["items_per_s"] or 0.0)
+
+
+def _local_copy_warning(plan: _Plan, entry: Dict[str, Any], offline: bool) -> List[str]:
+    """A full offline run whose local test set is not the Hub's (the hendrycks MMLU CSVs hold 37 more items)."""
+    spec = plan.spec
+    if not (offline and spec is not None and spec.hub_test_items) or entry["n_items_available"] == spec.hub_test_items:
+        return []
+    if spec.subjects and len(plan.subjects) < len(MMLU_SUBJECTS):
+        return []  # a subset of subjects: no Hub count to compare with
+    return [f"{plan.public}: the local test set has {entry['n_items_available']} items, {spec.online_data}, what "
+            f"lm-eval reads online, has {spec.hub_test_items}; same prompts, but scores are not strictly comparable "
+            "with online or published ones (cells are, when all ran offline on the same files)"]
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -156,27 +162,35 @@ def _as_limit(value: Optional[float]) -> Optional[float]:
 
 
 def _plan(task: str, eval_cfg: Any, offline: bool, data_dir: Optional[str], warnings: List[str]) -> _Plan:
-    shots = dict(eval_cfg.num_fewshot).get(task, DEFAULT_NUM_FEWSHOT.get(task))
+    spec = lookup(task)
+    shots = dict(eval_cfg.num_fewshot).get(task, spec.num_fewshot if spec else None)
     limits = dict(getattr(eval_cfg, "task_limits", None) or {})
     limit = _as_limit(limits.get(task, eval_cfg.limit))
-    if task == "mmlu":
-        subjects = list(eval_cfg.mmlu_subjects) or list(MMLU_SUBJECTS)
-        if offline and not eval_cfg.mmlu_subjects:
-            present = [s for s in MMLU_SUBJECTS if (Path(data_dir) / "mmlu" / "test" / f"{s}_test.csv").exists()]
-            if len(present) < len(MMLU_SUBJECTS):
-                warnings.append(f"mmlu: {data_dir} holds {len(present)} of the 57 subjects; evaluating those only")
-            subjects = present
-        if not subjects:
-            raise ValueError(f"mmlu: no MMLU subject to evaluate (data dir {data_dir})")
+    if offline and (spec is None or spec.offline_task is None):  # preflight refuses it first, with the same words
+        raise ValueError(f"{task}: reads its data from the Hub (no offline data layout in qbench), but evaluation "
+                         "is offline")
+    if spec is not None and spec.subjects:
+        subjects = _subjects(spec, eval_cfg, offline, data_dir, warnings)
         full = len(subjects) == len(MMLU_SUBJECTS)
-        if full:
-            lm_task = OFFLINE_NAMES["mmlu"] if offline else "mmlu"
-        else:
-            lm_task = "qbench_mmlu_subset"  # a group written at run time (see _subset_groups)
-        return _Plan("mmlu", lm_task, shots, limit, sorted(subjects))
-    if task == "gsm8k":
-        return _Plan("gsm8k", OFFLINE_NAMES["gsm8k"] if offline else "gsm8k", shots, limit)
-    return _Plan(task, task, shots, limit)
+        lm_task = (spec.offline_task if offline else spec.online_name) if full else SUBSET_GROUP
+        return _Plan(task, spec, lm_task, shots, limit, sorted(subjects))
+    if spec is not None:
+        return _Plan(task, spec, spec.offline_task if offline else spec.online_name, shots, limit)
+    return _Plan(task, None, task, shots, limit)
+
+
+def _subjects(spec: Task, eval_cfg: Any, offline: bool, data_dir: Optional[str], warnings: List[str]) -> List[str]:
+    """The MMLU subjects to evaluate: those named, else all 57 (offline: all whose test file is at hand)."""
+    subjects = list(eval_cfg.mmlu_subjects) or list(MMLU_SUBJECTS)
+    if offline and not eval_cfg.mmlu_subjects:
+        test = next(p for p in spec.data_files if "test" in p)  # mmlu/test/{subject}_test.csv
+        present = [s for s in MMLU_SUBJECTS if (Path(data_dir) / test.replace(SUBJECT, s)).exists()]
+        if len(present) < len(MMLU_SUBJECTS):
+            warnings.append(f"{spec.name}: {data_dir} holds {len(present)} of the 57 subjects; evaluating those only")
+        subjects = present
+    if not subjects:
+        raise ValueError(f"{spec.name}: no subject to evaluate (data dir {data_dir})")
+    return subjects
 
 
 def _subset_groups(subjects: Sequence[str], offline: bool) -> Dict[str, str]:
@@ -204,13 +218,13 @@ def _task_manager(plans: Sequence[_Plan], offline: bool, eval_cfg: Any, data_dir
 
     stock = Path(lm_eval.__file__).parent / "tasks"
     paths: List[Path] = [TASKS_DIR]
-    include_defaults = any(p.public not in OFFLINE_NAMES for p in plans)
+    # a task the table does not know may live anywhere among lm-eval's ~10k: only then index them all
+    include_defaults = any(p.spec is None or p.spec.stock_dir is None for p in plans)
     if not offline and not include_defaults:
-        for p in plans:
-            paths.append(stock / "mmlu" / "default" if p.public == "mmlu" else stock / "gsm8k")
+        paths += list(dict.fromkeys(stock / p.spec.stock_dir for p in plans))
     tmp = None
     try:
-        subset = [p for p in plans if p.lm_task == "qbench_mmlu_subset"]
+        subset = [p for p in plans if p.lm_task == SUBSET_GROUP]
         if subset:
             tmp = Path(tempfile.mkdtemp(prefix="qbench_tasks_"))
             for name, text in _subset_groups(subset[0].subjects, offline).items():
@@ -267,8 +281,9 @@ def _run_task(lm: Any, tm: Any, plan: _Plan, eval_cfg: Any) -> Tuple[Dict[str, A
     import lm_eval
 
     seed = int(eval_cfg.seed)
-    # only generate_until tasks read it; MMLU (multiple choice) would just log a warning
-    gen_kwargs = {"max_gen_toks": int(eval_cfg.max_gen_toks)} if eval_cfg.max_gen_toks and plan.public != "mmlu" else None
+    # only generate_until tasks read it; a multiple-choice task would just log a warning
+    generates = plan.spec is None or plan.spec.generates
+    gen_kwargs = {"max_gen_toks": int(eval_cfg.max_gen_toks)} if eval_cfg.max_gen_toks and generates else None
     t0 = time.perf_counter()
     res = lm_eval.simple_evaluate(
         model=lm, tasks=[plan.lm_task], num_fewshot=plan.num_fewshot, limit=plan.limit,
@@ -283,7 +298,7 @@ def _run_task(lm: Any, tm: Any, plan: _Plan, eval_cfg: Any) -> Tuple[Dict[str, A
     leaves = [name for name in res["results"] if name not in groups]
     shots = {res["n-shot"].get(name) for name in leaves}
     n_available = sum(int(res["n-samples"][name]["original"]) for name in leaves)
-    if plan.public == "mmlu":
+    if plan.spec is not None and plan.spec.subjects:
         entry, items = _mmlu(res, plan, leaves)
     else:
         entry, items = _single(res, plan, leaves)
@@ -295,8 +310,9 @@ def _run_task(lm: Any, tm: Any, plan: _Plan, eval_cfg: Any) -> Tuple[Dict[str, A
         "eval_time_s": elapsed,
         "items_per_s": n / elapsed if elapsed > 0 else None,
         "lm_eval_task": plan.lm_task,
+        "chance_level": plan.spec.chance_level if plan.spec else None,
     })
-    if plan.public == "gsm8k" or any(c.get("output_type") == "generate_until" for c in res["configs"].values()):
+    if (plan.spec is not None and plan.spec.generates) or any(c.get("output_type") == "generate_until" for c in res["configs"].values()):
         gk = next((c.get("generation_kwargs") for c in res["configs"].values() if c.get("generation_kwargs")), None)
         entry["generation_kwargs"] = _jsonable(gk)
     return entry, items
@@ -374,12 +390,12 @@ def _single(res: Dict[str, Any], plan: _Plan, leaves: List[str]) -> Tuple[Dict[s
     # a tag (several tasks, no group score) has no row of its own: its only task's row, or none
     row = res["results"].get(name) or (res["results"][leaves[0]] if len(leaves) == 1 else {})
     keys = _metric_keys(row)
-    primary = PRIMARY_METRIC.get(plan.public, keys[0] if keys else None)
+    primary, warnings = _headline(plan, keys)
     metrics = {k: _num(row[k]) for k in keys}
     stderrs = {k: _stderr(row.get(k.replace(",", "_stderr,", 1))) for k in keys}
     entry: Dict[str, Any] = {
         "metric": primary, "value": metrics.get(primary), "stderr": stderrs.get(primary),
-        "metrics": metrics, "stderrs": stderrs, "_warnings": [],
+        "metrics": metrics, "stderrs": stderrs, "_warnings": warnings,
     }
     if len(leaves) > 1:
         entry["subtasks"] = {leaf: {k: _num(v) for k, v in res["results"][leaf].items() if k in
@@ -419,6 +435,20 @@ def _single(res: Dict[str, Any], plan: _Plan, leaves: List[str]) -> Tuple[Dict[s
     return entry, items
 
 
+def _headline(plan: _Plan, keys: List[str]) -> Tuple[Optional[str], List[str]]:
+    """The task table's headline metric; for a task it does not know (or a headline lm-eval did not report),
+    the first metric lm-eval reports, with a warning saying so."""
+    first = keys[0] if keys else None
+    if plan.spec is None:
+        return first, [f"{plan.public}: not in qbench's task table (qbench/evaluate/tasks.py), so its headline is "
+                       f"the first metric lm-eval reports ({first}) and its chance level is unknown; add an entry to "
+                       "name the right one"]
+    if plan.spec.headline in keys:
+        return plan.spec.headline, []
+    return first, [f"{plan.public}: lm-eval reported no {plan.spec.headline} (the task table's headline), only "
+                   f"{', '.join(keys) or 'no metric'}; headline = {first}"]
+
+
 def _num(value: Any) -> Optional[float]:
     try:
         return float(value)
@@ -452,15 +482,13 @@ def _settings(eval_cfg: Any, plans: Sequence[_Plan], offline: bool, data_dir: Op
     import lm_eval
 
     seed = int(eval_cfg.seed)
-    mmlu = next((p for p in plans if p.public == "mmlu"), None)
+    mmlu = next((p for p in plans if p.spec is not None and p.spec.subjects), None)
     data = {}
     for p in plans:
-        if p.public == "mmlu":
-            data["mmlu"] = f"{data_dir}/mmlu (hendrycks CSVs)" if offline else "cais/mmlu (Hub)"
-        elif p.public == "gsm8k":
-            data["gsm8k"] = f"{data_dir}/gsm8k (jsonl)" if offline else "openai/gsm8k main (Hub)"
-        else:
+        if p.spec is None:
             data[p.public] = "the task's own dataset (lm-eval)"
+        else:
+            data[p.public] = f"{data_dir}/{p.spec.offline_data}" if offline else p.spec.online_data
     return {
         "lm_eval_version": lm_eval.__version__,
         "batch_size": int(eval_cfg.batch_size),
@@ -469,7 +497,7 @@ def _settings(eval_cfg: Any, plans: Sequence[_Plan], offline: bool, data_dir: Op
         "seed": seed,
         "seeds": {"random": seed, "numpy": seed, "torch": seed, "fewshot": seed},
         "num_fewshot": {p.public: p.num_fewshot for p in plans},
-        "num_fewshot_lm_eval_default": {p.public: LM_EVAL_DEFAULT_NUM_FEWSHOT.get(p.public) for p in plans},
+        "num_fewshot_lm_eval_default": {p.public: p.spec.lm_eval_num_fewshot if p.spec else None for p in plans},
         "limit": {p.public: p.limit for p in plans},
         "max_gen_toks": eval_cfg.max_gen_toks,
         "offline": offline,
@@ -481,60 +509,4 @@ def _settings(eval_cfg: Any, plans: Sequence[_Plan], offline: bool, data_dir: Op
         "bootstrap_iters": BOOTSTRAP_ITERS,
         "apply_chat_template": False,
         "device": device,
-    }
-
-
-# ------------------------------------------------------------------------------------------------ perplexity
-def load_perplexity_text(source: str, offline: bool = False) -> str:
-    """The corpus: wikitext2 (Hub, test split joined with blank lines), builtin:tiny_text, or a local .txt."""
-    if source == "wikitext2":
-        if offline:
-            raise ValueError("perplexity source wikitext2 is read from the Hub, but evaluation is offline")
-        import datasets
-
-        path, name, split = WIKITEXT2
-        return "\n\n".join(datasets.load_dataset(path, name, split=split)["text"])
-    if source == "builtin:tiny_text":
-        return TINY_TEXT.read_text(encoding="utf-8")
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"perplexity source '{source}' is not a file")
-    return path.read_text(encoding="utf-8")
-
-
-def perplexity(model: Any, tokenizer: Any, ppl_cfg: Any, offline: bool = False) -> Dict[str, Any]:
-    """Perplexity over non-overlapping windows of ``seq_len_tokens`` (the GPTQ/AWQ evaluation).
-
-    The whole corpus is tokenized once (with the tokenizer's special tokens, as GPTQ's script does), cut into
-    ``n_tokens // seq_len`` windows (the remainder is dropped), each window scored independently, and
-    ppl = exp(total negative log-likelihood / tokens predicted). Every window predicts seq_len - 1 tokens, so
-    this equals GPTQ's exp(mean of per-window mean losses).
-    """
-    import torch
-
-    t0 = time.perf_counter()
-    seq_len = int(ppl_cfg.seq_len_tokens)
-    text = load_perplexity_text(ppl_cfg.source, offline=offline)
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    n_windows = ids.numel() // seq_len
-    if ppl_cfg.max_windows is not None:
-        n_windows = min(n_windows, int(ppl_cfg.max_windows))
-    if n_windows == 0:
-        raise ValueError(f"perplexity: the corpus has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    dev = next(model.parameters()).device
-    nll = 0.0
-    with torch.no_grad():
-        for w in range(n_windows):
-            window = ids[w * seq_len:(w + 1) * seq_len].unsqueeze(0).to(dev)
-            logits = model(window).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, window[0, 1:].to(logits.device), reduction="sum"))
-    predicted = n_windows * (seq_len - 1)
-    return {
-        "source": ppl_cfg.source,
-        "seq_len_tokens": seq_len,
-        "n_windows": n_windows,
-        "n_tokens": predicted,
-        "n_tokens_corpus": int(ids.numel()),
-        "value": math.exp(nll / predicted),
-        "eval_time_s": time.perf_counter() - t0,
     }
