@@ -58,7 +58,8 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
     from qbench import methods, models, slurm
-    from qbench.config import ConfigError, cell_id
+    from qbench.errors import ConfigError
+    from qbench.store import cell_id
     from qbench.measure.cpu_affinity import apply_cpu_affinity
     from qbench.store import SCHEMA_VERSION, environment, now_iso
 
@@ -222,7 +223,7 @@ def _quality(model: Any, tokenizer: Any, cfg: Any, spec: Dict[str, Any]) -> Dict
     """Quality against the sweep's baseline cell of this model (qbench/evaluate/quality.py)."""
     from omegaconf import OmegaConf
 
-    from qbench.config import cell_dir as cell_dir_of
+    from qbench.store import cell_dir as cell_dir_of
     from qbench.config import eval_offline
     from qbench.evaluate import quality
     from qbench.evaluate.perplexity import load_perplexity_text

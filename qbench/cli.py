@@ -27,8 +27,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from qbench.config import ConfigError, cell_id, register_configs, validate
-from qbench.config import cell_dir as cell_dir_of
+from qbench.errors import ConfigError
+from qbench.config import register_configs, validate
+from qbench.store import cell_dir as cell_dir_of
+from qbench.store import cell_id
 from qbench.measure import gpu_state
 
 log = logging.getLogger("qbench")
@@ -205,27 +207,6 @@ def acquire_slot(num_gpus: int, want_gpu: bool, slot_dir: Optional[Path] = None,
 
 
 # ----------------------------------------------------------------------------------------------- one cell
-def _error_row(cfg_dict: Dict[str, Any], error_class: str, message: str, phase: str) -> Dict[str, Any]:
-    from qbench import slurm
-    from qbench.store import SCHEMA_VERSION, now_iso
-
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "status": "error",
-        "sweep": cfg_dict["run"]["sweep"],
-        "cell": cell_id(cfg_dict),
-        "model": cfg_dict["model"]["name"],
-        "method": cfg_dict["method"]["name"],
-        "method_kind": cfg_dict["method"]["kind"],
-        "config": cfg_dict,
-        "finished_at": now_iso(),
-        "scheduler": slurm.job_info(),
-        "metrics": {},
-        "warnings": [],
-        "error": {"class": error_class, "type": error_class, "message": message, "traceback": "", "phase": phase},
-    }
-
-
 @contextlib.contextmanager
 def cell_lock(cell_dir: Path) -> Iterator[None]:
     """Hold the cell while it is measured. Another process measuring the same cell (a second sweep over the
@@ -320,7 +301,7 @@ def run_cell(cfg: Any) -> str:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from qbench.store import read_result, should_skip, write_json_atomic, write_result
+    from qbench.store import error_row, read_result, should_skip, write_json_atomic, write_result
 
     cid = cell_id(cfg)
     cell_dir = cell_dir_of(cfg)
@@ -370,7 +351,9 @@ def run_cell(cfg: Any) -> str:
         result = read_result(cell_dir)
         fresh = result is not None and result.get("attempt_id") == spec["attempt_id"]
         if error is not None and not fresh:
-            row = _error_row(cfg_dict, error[0], error[1], "cell")
+            from qbench import slurm
+
+            row = error_row(cfg_dict, error[0], error[1], "cell", scheduler=slurm.job_info())
             row["wall_time_s"] = time.perf_counter() - t0
             row["overrides"] = task_overrides
             write_result(cell_dir, row)

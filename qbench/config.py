@@ -389,19 +389,3 @@ def _check_corpus(source: str, key: str, offline: bool) -> None:
             raise ConfigError(f"{key}: '{source}' is unknown; the bundled text is builtin:tiny_text")
     elif not Path(source).expanduser().is_file():
         raise ConfigError(f"{key}: '{source}' is not a file (nor wikitext2 or builtin:tiny_text)")
-
-
-def cell_id(cfg: Any) -> str:
-    """Directory name of one cell under runs/<sweep>/: the one format, for a composed config or its plain dict."""
-    return f"{cfg['model']['name']}__{cfg['method']['name']}"
-
-
-def cell_dir(cfg: Any, method_name: Optional[str] = None) -> Path:
-    """Where a cell's result.json goes: runs/<sweep>/<cell>, or its rounds/<k> while a round is measured.
-    ``method_name``: the same place for another method of the sweep (the quality baseline's)."""
-    run = cfg["run"]
-    cid = f"{cfg['model']['name']}__{method_name}" if method_name else cell_id(cfg)
-    path = Path(run["runs_dir"]) / run["sweep"] / cid
-    return path / "rounds" / str(run["round"]) if run.get("round") else path
-
-

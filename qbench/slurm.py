@@ -245,9 +245,9 @@ def settle(cell: Dict[str, Any], job_id: str, info: Optional[Dict[str, Any]], jo
 def _error_row_for(cell: Dict[str, Any], cls: str, message: str, partial: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """The job's own row (what it measured before it was stopped) with the scheduler's verdict as its error,
     or a fresh error row where the job left nothing."""
-    from qbench.cli import _error_row
+    from qbench.store import error_row
 
-    row = dict(partial) if partial else _error_row(cell["config"], cls, message, "scheduler")
+    row = dict(partial) if partial else error_row(cell["config"], cls, message, "scheduler", scheduler=job_info())
     row["overrides"] = row.get("overrides") or cell["overrides"]
     cell_error = (partial or {}).get("error")
     row["status"] = "error"

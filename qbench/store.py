@@ -35,6 +35,42 @@ RECORDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
                 "QBENCH_DATA", "QBENCH_CACHE")
 
 
+def cell_id(cfg: Any) -> str:
+    """Directory name of one cell under runs/<sweep>/: the one format, for a composed config or its plain dict."""
+    return f"{cfg['model']['name']}__{cfg['method']['name']}"
+
+
+def cell_dir(cfg: Any, method_name: Optional[str] = None) -> Path:
+    """Where a cell's result.json goes: runs/<sweep>/<cell>, or its rounds/<k> while a round is measured.
+    ``method_name``: the same place for another method of the sweep (the quality baseline's)."""
+    run = cfg["run"]
+    cid = f"{cfg['model']['name']}__{method_name}" if method_name else cell_id(cfg)
+    path = Path(run["runs_dir"]) / run["sweep"] / cid
+    return path / "rounds" / str(run["round"]) if run.get("round") else path
+
+
+def error_row(cfg_dict: Dict[str, Any], error_class: str, message: str, phase: str,
+              scheduler: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The result of a cell that ended without writing one itself (killed, timed out, stopped by SLURM):
+    status error, its class and one-line message, the phase it was in. ``scheduler``: the SLURM job's record."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": "error",
+        "sweep": cfg_dict["run"]["sweep"],
+        "cell": cell_id(cfg_dict),
+        "round": cfg_dict["run"].get("round"),
+        "model": cfg_dict["model"]["name"],
+        "method": cfg_dict["method"]["name"],
+        "method_kind": cfg_dict["method"]["kind"],
+        "config": cfg_dict,
+        "finished_at": now_iso(),
+        "scheduler": scheduler,
+        "metrics": {},
+        "warnings": [],
+        "error": {"class": error_class, "type": error_class, "message": message, "traceback": "", "phase": phase},
+    }
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

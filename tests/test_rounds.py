@@ -80,7 +80,7 @@ def test_rounds_run_as_interleaved_passes(tmp_path, monkeypatch):
 
 
 def test_round_results_live_below_the_cell(tmp_path):
-    from qbench.config import cell_dir
+    from qbench.store import cell_dir
 
     cfg = {"model": {"name": "m"}, "method": {"name": "bf16"}, "run": {"runs_dir": str(tmp_path), "sweep": "s", "round": 2}}
     assert cell_dir(cfg) == tmp_path / "s" / "m__bf16" / "rounds" / "2"

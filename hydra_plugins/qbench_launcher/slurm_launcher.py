@@ -32,7 +32,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from omegaconf import OmegaConf, open_dict, read_write
 
 from qbench import slurm
-from qbench.config import cell_id
+from qbench.store import cell_id
 
 log = logging.getLogger("qbench")
 
