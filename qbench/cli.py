@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from qbench.config import ConfigError, cell_id, register_configs, validate
+from qbench.config import ConfigError, cell_id, validate
 from qbench.measure import gpu_state
 
 log = logging.getLogger("qbench")
@@ -472,7 +472,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from qbench import preflight as pf
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    register_configs()
+    pf.register_configs()
     register_help()
     os.environ.setdefault("QBENCH_COMMAND", "qbench " + " ".join(shlex.quote(a) for a in argv))
     started = time.time()
