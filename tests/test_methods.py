@@ -137,6 +137,7 @@ def test_unknown_kind_lists_the_known_ones():
 def test_registry_is_the_folder():
     files = sorted(p.stem for p in (REPO / "qbench" / "methods").glob("*.py") if not p.stem.startswith("_"))
     assert methods.kinds() == files
+    assert {"hqq", "torchao_int8wo", "torchao_int4wo", "fp8"} <= set(methods.kinds())
 
 
 def test_method_modules_import_nothing_heavy():
@@ -196,6 +197,52 @@ def test_cpu_refusal_is_one_line_naming_the_key(name):
     if refusal is None:
         return
     assert refusal.startswith("method.") and "\n" not in refusal
+
+
+def test_fp8_refused_on_cpu_at_preflight(tmp_path, monkeypatch):
+    from qbench.cli import preflight
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError) as e:
+        preflight(["model=tiny", "method=fp8", "bench.device=cpu", f"run.runs_dir={tmp_path / 'runs'}"])
+    assert str(e.value).startswith("method.kind: fp8 needs FP8 tensor cores") and "a CPU" in str(e.value)
+    assert not (tmp_path / "runs").exists()
+    fp8 = methods.get("fp8")
+    with pytest.raises(ConfigError, match="compute capability 8.0"):  # an A100: no FP8 tensor cores
+        fp8.check_device(method_cfg("fp8").method, "cuda", (8, 0))
+    fp8.check_device(method_cfg("fp8").method, "cuda", (9, 0))  # H100 / H200
+
+
+def test_fp8_bytes_match_torchao_float8_tensor():
+    """fp8's analytic bytes against the Float8Tensor torchao builds (built here on a CPU: only its matmul
+    needs FP8 tensor cores)."""
+    pytest.importorskip("torchao")
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
+
+    fp8 = methods.get("fp8")
+    for granularity in ("row", "tensor"):
+        cfg = method_cfg("fp8", f"method.granularity={granularity}").method
+        gran = fp8.quant_type(cfg).granularity[1]
+        lin = torch.nn.Linear(128, 256, bias=False, dtype=torch.bfloat16)
+        w = Float8Tensor.from_hp(lin.weight.detach(), granularity=gran)
+        lin.weight = torch.nn.Parameter(w, requires_grad=False)
+        measured = memory.weight_footprint(lin, fp8)["weight_bytes_measured"]
+        assert measured == fp8.linear_weight_bytes(256, 128, cfg), granularity
+        assert fp8.is_quantized_module(lin)
+
+
+def test_int4wo_bits_per_weight():
+    cfg = method_cfg("torchao_int4wo", "method.packing_format=opaque").method
+    b = methods.get("torchao_int4wo").linear_weight_bytes(4096, 4096, cfg)
+    assert b * 8 / 4096**2 == pytest.approx(4.25)
+    tile = method_cfg("torchao_int4wo", "method.packing_format=tile_packed_to_4d").method
+    assert methods.get("torchao_int4wo").linear_weight_bytes(4096, 4096, tile) == b  # no padding at 4096
+    assert methods.get("torchao_int4wo").linear_weight_bytes(128, 576, tile) == 128 * 1024 // 2 + 8 * 128 * 4
+
+
+def test_hqq_bits_per_weight_is_4_5():
+    cfg = method_cfg("hqq").method
+    assert methods.get("hqq").linear_weight_bytes(4096, 4096, cfg) * 8 / 4096**2 == pytest.approx(4.5)
 
 
 def test_quantized_linears_really_are_bitsandbytes(loaded, tiny_source):
