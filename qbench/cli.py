@@ -108,6 +108,7 @@ def preflight(argv: List[str]) -> List[Path]:
     same checks."""
     from qbench import preflight as pf
 
+    pf.register_configs()  # idempotent: callers other than main() (tests, scripts) get the method schemas too
     args = pf.parse_args(argv)
     try:
         with pf.hydra_context(args, conf_dir(), __file__):
