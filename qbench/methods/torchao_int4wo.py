@@ -90,8 +90,9 @@ def _quant_type(method_cfg: Any):
 
         return PrototypeInt4WeightOnlyConfig(group_size=gs)
     from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
-    return Int4WeightOnlyConfig(group_size=gs, int4_packing_format="tile_packed_to_4d")
+    return Int4WeightOnlyConfig(group_size=gs, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
 
 
 def load(source: Any, method_cfg: Any, device_map: Any):
