@@ -43,8 +43,8 @@ def _calibrates(name: str) -> bool:
 
 
 def _param(name: str):
-    # methods that calibrate quantize for real (a minute or more each on 2 cores): tests/test_gptq_awq.py covers
-    # them end to end; here they run only with -m slow
+    # methods that calibrate quantize for real here (8 windows of 64 tokens: about a minute each on 2 cores),
+    # marked slow so that -m "not slow" skips them; tests/test_gptq_awq.py covers them end to end
     return pytest.param(name, marks=pytest.mark.slow) if _calibrates(name) else name
 
 

@@ -57,6 +57,11 @@ def method(kind: str) -> ModuleType:
     return importlib.import_module(f"qbench.methods.{kind}")
 
 
+def is_quantized_module(module: Any) -> bool:
+    """GPT-QModel's quantized linears keep ``qweight`` as a buffer (or a parameter, in some kernels)."""
+    return "qweight" in module._buffers or "qweight" in module._parameters
+
+
 def versions() -> Dict[str, Optional[str]]:
     from qbench.store import package_versions
 

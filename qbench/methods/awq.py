@@ -19,6 +19,7 @@ from qbench.methods import _gptqmodel as gm
 KIND = "awq"
 EXTRA = gm.EXTRA
 LIBRARIES = gm.LIBRARIES
+is_quantized_module = gm.is_quantized_module
 STATE_ATTRS: Dict[str, tuple] = {}  # qweight / qzeros / scales are registered buffers: the walk sees them
 
 BITS = (4,)

@@ -16,6 +16,7 @@ from qbench.methods import _gptqmodel as gm
 KIND = "gptq"
 EXTRA = gm.EXTRA
 LIBRARIES = gm.LIBRARIES
+is_quantized_module = gm.is_quantized_module
 STATE_ATTRS: Dict[str, tuple] = {}  # qweight / qzeros / scales / g_idx are registered buffers: the walk sees them
 
 BITS = (2, 3, 4, 8)
