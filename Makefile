@@ -28,13 +28,13 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch first, pinned: on these machines pip finds a local CPU wheel; a bare `torch` would pull a CUDA build
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[bnb,eval,gptq,report,slurm,dev]"
+	$(PY) -m pip install -q -e ".[all]"
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install qbench with every extra (CPU torch)
 
 install-gpu: ## on a GPU node: install qbench into the current Python, keeping its CUDA torch
-	python3 -m pip install -e ".[bnb,eval,gptq,report,slurm]"
+	python3 -m pip install -e ".[methods,eval,report,slurm]"
 
 $(SMOLLM2):
 	$(PY) -m qbench.weights smollm2 --dest $(dir $@)

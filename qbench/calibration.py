@@ -1,4 +1,4 @@
-"""Calibration data for GPTQ / AWQ, as configuration (``method.calibration``, qbench.config.CalibrationConfig).
+"""Calibration data for methods that calibrate, as configuration (``method.calibration``, :class:`CalibrationConfig`).
 
 Sources:
 - ``builtin:tiny_text``: qbench/data/tiny_text.txt (GSM8K train questions + MMLU dev items; bundled, offline);
@@ -21,8 +21,26 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+@dataclass
+class CalibrationConfig:
+    """The ``calibration`` block of a calibrating method's schema: texts are joined, tokenized with the model's
+    tokenizer, and ``num_samples`` windows of ``seq_len_tokens`` are cut at seeded random offsets."""
+
+    # "builtin:tiny_text" (bundled, offline), a local .txt / .jsonl file, "c4" (allenai/c4, one en validation
+    # shard) or "wikitext2" (wikitext-2-raw-v1 train), or any Hub dataset id (online only)
+    source: str = "builtin:tiny_text"
+    text_field: str = "text"  # field read from JSONL / Hub rows ("question" for GSM8K's train.jsonl)
+    num_samples: int = 128  # calibration sequences
+    seq_len_tokens: int = 512  # tokens per calibration sequence
+    seed: int = 0  # seed of the window offsets
+    subset: Optional[str] = None  # Hub dataset config name (e.g. "wikitext-2-raw-v1"); null = none / shortcut's
+    split: Optional[str] = None  # Hub split; null = "train" (the shortcuts pick their own)
+    data_files: Optional[str] = None  # Hub data file(s) in the dataset repo; null = all (C4: one shard by default)
+
 
 BUILTIN = {"builtin:tiny_text": Path(__file__).parent / "data" / "tiny_text.txt"}
 

@@ -87,7 +87,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         "config": spec["config"],
         "overrides": spec.get("overrides", []),
         "command": spec.get("command", ""),
-        "environment": {**environment(), "cpu_affinity": affinity,
+        "environment": {**environment(methods.libraries(methods.get(cfg.method.kind))), "cpu_affinity": affinity,
                         "torch_compile_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")},
         "scheduler": slurm.job_info(),  # SLURM job id, node, array index; null outside SLURM
         "timings": {},
@@ -156,9 +156,9 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
             _inject(cfg.run.inject_failure, cfg.method.name)
 
         phase = "memory"
-        footprint = memory.weight_footprint(model)
+        footprint = memory.weight_footprint(model, method)
         analytic = memory.analytic_weights(model.config, method, cfg.method)
-        metrics["memory"] = {**footprint, **analytic, **memory.quantized_share(model)}
+        metrics["memory"] = {**footprint, **analytic, **memory.quantized_share(model, method)}
         measured, expected = footprint.get("weight_bytes_measured"), analytic.get("weight_bytes_analytic")
         metrics["memory"]["weight_measured_over_analytic"] = measured / expected if measured and expected else None
         for warning in memory.memory_warnings(metrics["memory"], memory.method_quantizes(method, cfg.method)):
@@ -174,7 +174,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
                 model, tokenizer, cfg.bench, device, phases,
                 footprint["weight_bytes_read_per_token"],  # the untied input embedding is read a row at a time
                 model.config,
-                compute_dtype="int8" if cfg.method.kind == "bnb_int8" else None,
+                compute_dtype=getattr(method, "COMPUTE_DTYPE", None),
             )
             timings["latency_s"] = time.perf_counter() - t0
             result["warnings"].extend(lat.pop("warnings", []))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from qbench.errors import ConfigError
-from qbench.config import register_configs, validate
+from qbench.config import validate
 from qbench.store import cell_dir as cell_dir_of
 from qbench.store import cell_id
 from qbench.measure import gpu_state
@@ -118,6 +118,7 @@ def preflight(argv: List[str]) -> CellDirs:
     same checks."""
     from qbench import preflight as pf
 
+    pf.register_configs()  # idempotent: callers other than main() (tests, scripts) get the method schemas too
     args = pf.parse_args(argv)
     try:
         with pf.hydra_context(args, conf_dir(), __file__):
@@ -491,7 +492,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from qbench import preflight as pf
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    register_configs()
+    pf.register_configs()
     register_help()
     os.environ.setdefault("QBENCH_COMMAND", "qbench " + " ".join(shlex.quote(a) for a in argv))
     started = time.time()

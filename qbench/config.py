@@ -42,53 +42,14 @@ class ModelConfig:
 
 
 @dataclass
-class CalibrationConfig:
-    """What GPTQ / AWQ calibrate on (qbench/calibration.py): texts are joined, tokenized with the model's
-    tokenizer, and ``num_samples`` windows of ``seq_len_tokens`` are cut at seeded random offsets."""
+class MethodBase:
+    """The keys every method has. Each method's own schema (``Config`` in qbench/methods/<kind>.py) adds its keys
+    to these; its YAML names that schema in its defaults list, so a result records only that method's keys."""
 
-    # "builtin:tiny_text" (bundled, offline), a local .txt / .jsonl file, "c4" (allenai/c4, one en validation
-    # shard) or "wikitext2" (wikitext-2-raw-v1 train), or any Hub dataset id (online only)
-    source: str = "builtin:tiny_text"
-    text_field: str = "text"  # field read from JSONL / Hub rows ("question" for GSM8K's train.jsonl)
-    num_samples: int = 128  # calibration sequences
-    seq_len_tokens: int = 512  # tokens per calibration sequence
-    seed: int = 0  # seed of the window offsets
-    subset: Optional[str] = None  # Hub dataset config name (e.g. "wikitext-2-raw-v1"); null = none / shortcut's
-    split: Optional[str] = None  # Hub split; null = "train" (the shortcuts pick their own)
-    data_files: Optional[str] = None  # Hub data file(s) in the dataset repo; null = all (C4: one shard by default)
-
-
-@dataclass
-class MethodConfig:
-    """One schema for every method: each method reads the fields it needs and validates them.
-
-    A union keeps the YAML flat and typed; a key that no method knows still fails at compose time.
-    """
-
-    name: str = MISSING  # method id used in cell ids and reports, e.g. "bnb_nf4"
-    kind: str = MISSING  # implementation in the registry (qbench/methods/__init__.py)
+    name: str = MISSING  # method id used in cell ids and reports
+    kind: str = MISSING  # implementation: the module qbench/methods/<kind>.py
     dtype: str = "bfloat16"  # dtype of what stays unquantized (embeddings, norms, lm_head) and of compute
     description: str = ""  # one line shown in the report
-    bits: Optional[int] = None  # bits per quantized weight
-    # bitsandbytes
-    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4 (transformers' default is fp4: we never rely on it)
-    bnb_4bit_use_double_quant: bool = True  # quantize the absmax scales too (4.127 instead of 4.5 bits/weight)
-    bnb_4bit_compute_dtype: str = "bfloat16"  # dtype of the matmul (transformers' default is float32)
-    llm_int8_threshold: float = 6.0  # LLM.int8 outlier threshold; columns above it run in 16-bit
-    # GPTQ / AWQ (GPT-QModel; qbench/methods/gptq.py, awq.py)
-    group_size: int = 128  # input weights sharing one scale/zero (-1 = one group per row); should divide in_features
-    sym: bool = True  # symmetric quantization (zero point fixed at mid-range); AWQ's own default is false
-    desc_act: bool = False  # GPTQ act-order: quantize columns by decreasing Hessian diagonal
-    # GPT-QModel's group-aware reordering (GAR, act-order within groups, keeps g_idx trivial); null = library
-    # default (on for GPTQ when desc_act is off, in gptqmodel 7.6)
-    act_group_aware: Optional[bool] = None
-    damp_percent: float = 0.05  # GPTQ Hessian damping, fraction of the mean Hessian diagonal (0 < x < 1)
-    awq_format: str = "gemm"  # AWQ checkpoint packing format: gemm | gemv | gemv_fast
-    # GPT-QModel kernel at load: auto (cuda: marlin, cpu: torch; never machete, which downloads CUTLASS) | marlin |
-    # exllama_v2 | triton | torch | torch_aten | torch_fused | machete | bitblas | gemm | gemv | ... (gptqmodel BACKEND)
-    backend: str = "auto"
-    checkpoint: Optional[str] = None  # pre-quantized checkpoint (Hub id or local dir): skip quantizing
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 @dataclass
@@ -196,18 +157,18 @@ class RunConfig:
 @dataclass
 class QBenchConfig:
     model: ModelConfig = MISSING
-    method: MethodConfig = MISSING
+    method: MethodBase = MISSING  # typed by the method's own schema at compose time
     bench: BenchConfig = MISSING
     eval: EvalConfig = MISSING
     run: RunConfig = field(default_factory=RunConfig)
 
 
 def register_configs() -> None:
-    """Register the schemas; each group's YAML names its schema in its defaults list."""
+    """Register the schemas; each group's YAML names its schema in its defaults list. The method schemas live
+    with the methods (qbench.methods.register_schemas; qbench.preflight.register_configs registers both)."""
     cs = ConfigStore.instance()
     cs.store(name="qbench_schema", node=QBenchConfig)
     cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="method", name="schema", node=MethodConfig)
     cs.store(group="bench", name="schema", node=BenchConfig)
     cs.store(group="eval", name="schema", node=EvalConfig)
 
@@ -229,8 +190,6 @@ def validate(cfg: Any) -> None:
     Runs in the sweep's main process for every cell before anything is launched, so a bad cell stops the
     sweep before any model is loaded or anything is written under runs/.
     """
-    from qbench import methods  # lazy: keeps config importable without torch
-
     m = cfg.model
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype: '{m.dtype}' is not one of {', '.join(DTYPES)}")
@@ -253,7 +212,7 @@ def validate(cfg: Any) -> None:
         if not architecture_path(m.architecture).exists():
             raise ConfigError(f"model.architecture: no bundled config.json named '{m.architecture}'")
 
-    methods.get(cfg.method.kind, key="method.kind").validate(cfg.method)
+    # the method's own checks run in qbench.preflight.check_method (the registry sits above this module)
     if cfg.method.dtype not in DTYPES:
         raise ConfigError(f"method.dtype: '{cfg.method.dtype}' is not one of {', '.join(DTYPES)}")
 

@@ -11,10 +11,11 @@
 - the directories a cell writes (results, cache, GPU slot locks) must be writable;
 - ``eval.tasks`` against the task table (qbench/evaluate/tasks.py) and the data at hand: offline, every task
   needs its data layout under ``eval.data_dir`` (a task with none, such as arc_challenge, needs the network);
-- a method's constraints against the model's shapes: a method module that defines
-  ``check_widths(method_cfg, widths)`` is handed the input widths of the model's quantizable linear layers,
-  built on the meta device from the model's config.json (no weights, no memory), and raises ConfigError naming
-  the key when it cannot quantize them.
+- the method: its own ``validate``, its schema matching ``method.kind``, and its constraints against the
+  model's shapes: a method module that defines ``check_widths(method_cfg, widths)`` is handed the input widths
+  of the model's quantizable linear layers, built on the meta device from the model's config.json (no weights,
+  no memory), and raises ConfigError naming the key when it cannot quantize them; one that defines
+  ``check_device(method_cfg, device, capability)`` is told where the cell will run (when this host knows).
 """
 from __future__ import annotations
 
@@ -91,8 +92,16 @@ def unknown_keys(node: Any, schema: type, prefix: str = "") -> List[Tuple[str, L
             continue
         hint = hints.get(key)
         if dataclasses.is_dataclass(hint) and hasattr(node[key], "keys"):
-            out += unknown_keys(node[key], hint, f"{prefix}{key}.")
+            out += unknown_keys(node[key], _own_schema(node[key], hint), f"{prefix}{key}.")
     return out
+
+
+def _own_schema(node: Any, hint: type) -> type:
+    """The schema a node was composed with when it refines the declared one (a method's Config), else the hint."""
+    from omegaconf import DictConfig, OmegaConf
+
+    own = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    return own if isinstance(own, type) and dataclasses.is_dataclass(own) and issubclass(own, hint) else hint
 
 
 def _suggest(word: str, known: List[str]) -> str:
@@ -248,10 +257,35 @@ def check_dirs(cfg: Any) -> None:
 
 def check_cell(cfg: Any) -> None:
     """Raise ConfigError (one line) when the cell cannot run as configured."""
+    check_method(cfg)
     check_schema_keys(cfg)
     check_eval(cfg)
     check_model(cfg)
     check_method_widths(cfg)
+    check_method_device(cfg)
+
+
+def register_configs() -> None:
+    """Every schema in Hydra's ConfigStore: the config groups' (qbench.config) and each method's own."""
+    from qbench import config, methods
+
+    config.register_configs()
+    methods.register_schemas()
+
+
+# ----------------------------------------------------------------------------------------------- method
+def check_method(cfg: Any) -> None:
+    """The method's kind is known, its YAML composed its own schema, and its values pass its validate()."""
+    from omegaconf import OmegaConf
+
+    from qbench import methods
+
+    method = methods.get(cfg.method.kind, key="method.kind")
+    schema = OmegaConf.get_type(cfg.method)
+    if schema is not method.Config:
+        raise ConfigError(f"method.kind: '{cfg.method.kind}' does not match the schema the method YAML names "
+                          f"({getattr(schema, '__module__', schema)}); its defaults list needs schema/{cfg.method.kind}")
+    method.validate(cfg.method)
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -274,6 +308,39 @@ def check_method_widths(cfg: Any) -> None:
     widths = linear_input_widths(cfg.model)
     if widths:
         check(cfg.method, widths, cfg.model.name)
+
+
+def cell_device(cfg: Any) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
+    """(cpu | cuda, the first GPU's compute capability) where the cell will run, or (None, None) when this
+    host cannot tell: a SLURM sweep runs its cells on other nodes (the method checks again when it loads)."""
+    if cfg.bench.device == "cpu":
+        return "cpu", None
+    launcher = str(_select(cfg, "hydra.launcher._target_") or "")
+    if launcher.endswith("SlurmLauncher"):
+        return None, None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", None
+    return "cuda", tuple(torch.cuda.get_device_capability(0))
+
+
+def _select(cfg: Any, key: str) -> Any:
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.select(cfg, key)
+    except Exception:  # no hydra node (a config composed without it)
+        return None
+
+
+def check_method_device(cfg: Any) -> None:
+    from qbench import methods
+
+    check = getattr(methods.get(cfg.method.kind), "check_device", None)
+    device, capability = cell_device(cfg)
+    if check is not None and device is not None:
+        check(cfg.method, device, capability)
 
 
 def linear_input_widths(model_cfg: Any) -> Dict[int, List[str]]:

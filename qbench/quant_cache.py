@@ -7,7 +7,7 @@ The key hashes everything that changes the quantized weights:
 - the method settings that shape the weights (kind, bits, group size, sym, act-order, damping, format, dtype);
 - the calibration settings (and the content hash of a local calibration file) and the tokenizer;
 - the device type that quantized (a GPU and a CPU run differ numerically, and their quantize times differ);
-- library versions: gptqmodel, transformers, torch.
+- the versions of the libraries the checkpoint depends on (the method says which).
 Kernel choice (``method.backend``) is not in the key: one checkpoint loads with any kernel.
 
 A checkpoint is built into ``.<key>.tmp-<pid>`` next to its final place and renamed into place, under an
@@ -33,12 +33,6 @@ def cache_root(source: Any) -> Path:
     info = getattr(source, "info", None) or {}
     root = info.get("cache_dir") or os.environ.get("QBENCH_CACHE") or ".cache/qbench"
     return Path(root).expanduser()
-
-
-def versions() -> Dict[str, Optional[str]]:
-    from qbench.store import package_versions
-
-    return package_versions(("gptqmodel", "transformers", "torch"))
 
 
 def source_fingerprint(source: Any) -> Dict[str, Any]:

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
@@ -113,7 +113,7 @@ def error_message(exc: BaseException) -> str:
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     cause = cause_line(text)
     if cause and cause != first and ": " in first and not first.startswith("Traceback"):
-        head = first.split(": ", 1)[0]  # "gptq quantization of X failed (exit code 1)"
+        head = first.split(": ", 1)[0]  # "<kind> quantization of X failed (exit code 1)"
         return cause_line(f"{head}: {cause}")
     return cause or type(exc).__name__
 
@@ -266,8 +266,9 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def environment() -> Dict[str, Any]:
-    """What produced the numbers: host, accelerator, and library versions. No environment variables."""
+def environment(method_libraries: Sequence[str] = ()) -> Dict[str, Any]:
+    """What produced the numbers: host, accelerator, and library versions (qbench's own and those the cell's
+    method names: qbench.methods.libraries). No environment variables."""
     env: Dict[str, Any] = {
         "host": socket.gethostname(),
         "platform": platform.platform(),
@@ -275,8 +276,7 @@ def environment() -> Dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "qbench_git_commit": git_commit(),
         "versions": package_versions(
-            ("qbench", "torch", "transformers", "accelerate", "bitsandbytes", "gptqmodel", "optimum",
-             "lm_eval", "hydra-core", "numpy")
+            ("qbench", "torch", "transformers", "accelerate", *method_libraries, "lm_eval", "hydra-core", "numpy")
         ),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "variables": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ},

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from qbench.cli import conf_dir, preflight, sweep_overrides
-from qbench.config import ConfigError, register_configs, validate
+from qbench.config import ConfigError, validate
+from qbench.preflight import check_method, register_configs
 
 CONF = Path(conf_dir())
 register_configs()
@@ -43,6 +44,7 @@ def test_every_method_composes_with_tiny(hydra_ctx, method, monkeypatch):
     cfg = compose(config_name="config", overrides=["model=tiny", f"method={method}"])
     assert cfg.method.name == method
     validate(cfg)
+    check_method(cfg)
 
 
 @pytest.mark.parametrize("model", options("model"))

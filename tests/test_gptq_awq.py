@@ -17,12 +17,15 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from qbench.config import ConfigError, MethodConfig
+from qbench.config import ConfigError
+from qbench.methods import _gptqmodel as gm
 
 
 def _cfg(kind: str, **over):
+    from qbench import methods
+
     base = {"gptq": dict(sym=True), "awq": dict(sym=False)}[kind]
-    cfg = OmegaConf.structured(MethodConfig(name=kind, kind=kind, dtype="bfloat16", bits=4, **base))
+    cfg = OmegaConf.structured(methods.get(kind).Config(name=kind, kind=kind, dtype="bfloat16", bits=4, **base))
     cfg.calibration.num_samples = 8
     cfg.calibration.seq_len_tokens = 64
     for k, v in over.items():
@@ -71,7 +74,8 @@ def test_validate_accepts_the_shipped_yamls():
     conf = Path(__file__).resolve().parents[1] / "conf" / "method"
     for name in ("gptq", "gptq_int8", "awq"):
         y = OmegaConf.load(conf / f"{name}.yaml")
-        cfg = OmegaConf.merge(OmegaConf.structured(MethodConfig), {k: v for k, v in y.items() if k != "defaults"})
+        schema = methods.get(y.kind).Config
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), {k: v for k, v in y.items() if k != "defaults"})
         methods.get(cfg.kind).validate(cfg)
         assert cfg.name == name
     assert OmegaConf.load(conf / "gptq_int8.yaml").bits == 8
@@ -89,31 +93,30 @@ def test_backend_names_are_gptqmodel_backends():
     from gptqmodel import extension
     from gptqmodel.utils.backend import BACKEND
 
-    from qbench.methods import gptq
+    from qbench.methods import awq, gptq
 
     values = {b.value for b in BACKEND}
-    for kind, names in gptq.BACKENDS.items():
+    for kind, names in (("gptq", gptq.BACKENDS), ("awq", awq.BACKENDS)):
         for short in names:
-            assert gptq.resolve_backend_name(short, kind) in values
-            assert gptq.resolve_backend_name(f"{kind}_{short}", kind) == f"{kind}_{short}"
-    assert gptq.resolve_backend_name("torch_awq", "awq") == "awq_torch"
-    assert gptq.resolve_backend_name("auto", "gptq") is None
+            assert gm.resolve_backend_name(short, kind) in values
+            assert gm.resolve_backend_name(f"{kind}_{short}", kind) == f"{kind}_{short}"
+    assert gm.resolve_backend_name("torch_awq", "awq") == "awq_torch"
+    assert gm.resolve_backend_name("auto", "gptq") is None
     known_ext = set(extension.available_extensions()) if hasattr(extension, "available_extensions") else None
-    for backend, ext in gptq._EXTENSIONS.items():
+    for backend, ext in gm._EXTENSIONS.items():
         assert backend in values
         if known_ext is not None and ext != "marlin":
             assert ext in known_ext
 
 
 def test_auto_backend_never_machete():
-    from qbench.methods import gptq
-
-    assert gptq.auto_backend(_cfg("gptq"), "gptq", "cpu")[0] == "gptq_torch"
-    assert gptq.auto_backend(_cfg("awq"), "awq", "cpu")[0] == "awq_torch"
-    assert gptq.auto_backend(_cfg("gptq"), "gptq", "cuda")[0] == "gptq_marlin"
-    assert gptq.auto_backend(_cfg("gptq", bits=8), "gptq", "cuda")[0] == "gptq_marlin"
-    assert gptq.auto_backend(_cfg("awq"), "awq", "cuda")[0] == "awq_marlin"  # AWQ Marlin takes zero points
-    assert gptq.auto_backend(_cfg("gptq", sym=False), "gptq", "cuda")[0] in ("gptq_triton", "gptq_torch")
+    assert gm.auto_backend(_cfg("gptq"), "gptq", "cpu")[0] == "gptq_torch"
+    assert gm.auto_backend(_cfg("awq"), "awq", "cpu")[0] == "awq_torch"
+    assert gm.auto_backend(_cfg("gptq"), "gptq", "cuda")[0] == "gptq_marlin"
+    assert gm.auto_backend(_cfg("gptq", bits=8), "gptq", "cuda")[0] == "gptq_marlin"
+    assert gm.auto_backend(_cfg("awq"), "awq", "cuda")[0] == "awq_marlin"  # AWQ Marlin takes zero points
+    assert gm.auto_backend(_cfg("gptq", sym=False), "gptq", "cuda")[0] in ("gptq_triton", "gptq_torch")
+    assert gm.auto_backend(_cfg("gptq", bits=3), "gptq", "cuda")[0] == "gptq_torch"  # neither Marlin nor Triton
 
 
 def test_linear_weight_bytes_formula():
@@ -233,7 +236,6 @@ def _end_to_end(kind, tiny_source, monkeypatch):
 
     from qbench import methods
     from qbench.measure import memory
-    from qbench.methods import gptq
 
     method = methods.get(kind)
     cfg = _cfg(kind)
@@ -269,7 +271,7 @@ def _end_to_end(kind, tiny_source, monkeypatch):
     for name, (out_f, in_f, nbytes) in _packed_bytes_by_layer(model).items():
         assert nbytes == method.linear_weight_bytes(out_f, in_f, cfg), name
     # and the whole model's footprint matches the analytic total (non-quantized parts at 16-bit)
-    measured = memory.weight_footprint(model)["weight_bytes_measured"]
+    measured = memory.weight_footprint(model, method)["weight_bytes_measured"]
     analytic = memory.analytic_weights(model.config, method, cfg)["weight_bytes_analytic"]
     assert abs(measured / analytic - 1) < 0.01, (measured, analytic)
 
@@ -277,7 +279,7 @@ def _end_to_end(kind, tiny_source, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("quantized again despite the cache")
 
-    monkeypatch.setattr(gptq, "quantize_checkpoint", boom)
+    monkeypatch.setattr(gm, "quantize_checkpoint", boom)
     t0 = time.perf_counter()
     model2, info2 = method.load(tiny_source, cfg, {"": "cpu"})
     hit_s = time.perf_counter() - t0
@@ -335,7 +337,7 @@ def test_quantization_failure_is_a_clear_exception(tiny_source, tmp_path):
 
 
 def test_generation_config_restored_from_source_or_stripped_of_sampling(tmp_path):
-    from qbench.methods.gptq import restore_generation_config
+    from qbench.methods._gptqmodel import restore_generation_config
 
     src, ckpt = tmp_path / "src", tmp_path / "ckpt"
     src.mkdir()

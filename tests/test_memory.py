@@ -109,7 +109,11 @@ def test_footprint_dedupes_tied_and_views_and_finds_quant_state():
                 state2=types.SimpleNamespace(absmax=torch.zeros(1), code=torch.zeros(256)),
             )
 
-    fp = memory.weight_footprint(Toy())
+    # where the state lives is the method's to say (qbench.methods: STATE_ATTRS); a method that says nothing
+    # gets only parameters and buffers counted
+    method = types.SimpleNamespace(STATE_ATTRS={"parameter": ("quant_state",)})
+    assert memory.weight_footprint(Toy())["weight_bytes_measured"] == 10 * 4 * 4 + 8
+    fp = memory.weight_footprint(Toy(), method)
     assert fp["weight_bytes_measured"] == 10 * 4 * 4 + 8 + 2 + 4 + 256 * 4
     assert fp["weight_bytes_by_kind"]["quant_state"] == 2 + 4 + 1024
     assert fp["nonpersistent_buffer_bytes"] == 12
@@ -155,7 +159,7 @@ def test_measured_vs_analytic_bnb_nf4(tiny_dir):
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.bfloat16)
     model = _load(tiny_dir, quantization_config=q)
-    fp = memory.weight_footprint(model)
+    fp = memory.weight_footprint(model, _real("bnb_4bit"))
     a = memory.analytic_weights(model.config, fake(nf4_dq_bytes), BF16)
     assert fp["weight_bytes_measured"] == a["weight_bytes_analytic"]  # every quant-state byte found
     assert fp["weight_bytes_by_kind"]["quant_state"] > 0
@@ -171,13 +175,26 @@ def test_measured_vs_analytic_bnb_int8(tiny_dir):
     from transformers import BitsAndBytesConfig
 
     model = _load(tiny_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-    fp = memory.weight_footprint(model)
+    fp = memory.weight_footprint(model, _real("bnb_int8"))
     a = memory.analytic_weights(model.config, fake(int8_bytes), BF16)
     assert fp["weight_bytes_measured"] == a["weight_bytes_analytic"]  # CB is the weight itself: counted once
     real = _real("bnb_int8")
     if real is not None:
         ra = memory.analytic_weights(model.config, real, BF16)
         assert fp["weight_bytes_measured"] / ra["weight_bytes_analytic"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_tensor_subclass_counted_by_its_inner_tensors():
+    """A wrapper tensor subclass (torchao's quantized weights) holds no storage of its own: its inner tensors
+    (__tensor_flatten__) are what the footprint counts, whatever method produced it."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8Tensor, PerRow
+
+    lin = torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
+    lin.weight = torch.nn.Parameter(Int8Tensor.from_hp(lin.weight.detach(), granularity=PerRow()), requires_grad=False)
+    fp = memory.weight_footprint(lin)
+    assert fp["weight_bytes_measured"] == 32 * 64 + 32 * 4 + 32  # int8 qdata, fp32 scale and int8 zero per row
+    assert fp["tensors_counted"] == 3
 
 
 def test_phase_memory_cpu():

@@ -31,13 +31,16 @@ def assert_one_line_error(proc, tmp_path, *needles):
     assert not (tmp_path / "runs").exists(), "preflight wrote under runs/"
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("+bench.foo=1", "bench.foo: unknown key"),
-    ("+method.calibration.num_sample=3", "method.calibration.num_sample: unknown key"),
-    ("+foo=1", "foo: unknown key"),
+@pytest.mark.parametrize("overrides,needle", [
+    (["+bench.foo=1"], "bench.foo: unknown key"),
+    # checked against the method's own schema (gptq's calibration block), and bf16 has no calibration at all
+    (["method=gptq", "+method.calibration.num_sample=3"], "method.calibration.num_sample: unknown key"),
+    (["method=gptq", "+method.group_sise=3"], "method.group_sise: unknown key (a '+' override or a YAML adds a key the schema does not have) (did you mean 'group_size'?)"),
+    (["method=bf16", "+method.group_size=64"], "method.group_size: unknown key"),
+    (["+foo=1"], "foo: unknown key"),
 ])
-def test_unknown_plus_keys_fail_preflight(tmp_path, override, needle):
-    assert_one_line_error(run(["model=tiny", override], tmp_path), tmp_path, needle)
+def test_unknown_plus_keys_fail_preflight(tmp_path, overrides, needle):
+    assert_one_line_error(run(["model=tiny", *overrides], tmp_path), tmp_path, needle)
 
 
 def test_unknown_config_override_key_is_checked_against_the_config_class(tmp_path):
@@ -98,7 +101,7 @@ def test_vocab_override_smaller_than_the_tokenizer_fails(tmp_path):
 
 def test_tokenizer_that_fits_passes_preflight(tmp_path, monkeypatch):
     from qbench.cli import preflight
-    from qbench.config import register_configs
+    from qbench.preflight import register_configs
 
     register_configs()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -44,8 +44,8 @@ def _memory(source, name):
     cfg = method_cfg(name).method
     method = methods.get(cfg.kind)
     model, _ = method.load(source, cfg, {"": "cpu"})
-    mem = {**memory.weight_footprint(model), **memory.analytic_weights(model.config, method, cfg),
-           **memory.quantized_share(model)}
+    mem = {**memory.weight_footprint(model, method), **memory.analytic_weights(model.config, method, cfg),
+           **memory.quantized_share(model, method)}
     mem["weight_measured_over_analytic"] = mem["weight_bytes_measured"] / mem["weight_bytes_analytic"]
     return mem, memory.memory_warnings(mem, memory.method_quantizes(method, cfg))
 

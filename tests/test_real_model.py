@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from qbench import methods, models, weights
 from qbench.cli import conf_dir
-from qbench.config import register_configs
+from qbench.preflight import register_configs
 from qbench.evaluate import quality
 from qbench.evaluate.perplexity import load_perplexity_text
 

@@ -145,9 +145,18 @@ def test_summary_error_and_random_cells(results, paired):
 
 
 def test_baseline_method_configured_then_fallbacks():
-    cell = lambda m, base="bf16": {"method": m, "model": "x", "config": {"run": {"baseline_method": base}}}
+    """The configured baseline when it ran; else a method that quantized nothing, 16-bit before 32-bit (by what
+    the results say, not by method names)."""
+    dtypes = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"}
+
+    def cell(m, base="bf16"):
+        return {"method": m, "model": "x",
+                "config": {"run": {"baseline_method": base}, "method": {"dtype": dtypes.get(m, "bfloat16")}},
+                "metrics": {"memory": {"params_quantized_measured": 0 if m in dtypes else 1000}}}
+
     assert T.baseline_method([cell("bf16"), cell("nf4")]) == "bf16"
     assert T.baseline_method([cell("fp32"), cell("fp16"), cell("nf4")]) == "fp16"
+    assert T.baseline_method([cell("fp32"), cell("half"), cell("nf4")]) == "half"  # any name: a 16-bit cast
     assert T.baseline_method([cell("fp32"), cell("nf4")]) == "fp32"
     assert T.baseline_method([cell("fp32", "nf4"), cell("nf4", "nf4")]) == "nf4"
     assert T.baseline_method([cell("int8")]) is None

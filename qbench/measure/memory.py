@@ -15,12 +15,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
-# Attributes where quantization libraries keep tensors that are neither parameters nor buffers:
-#   bitsandbytes Params4bit.quant_state (absmax, code, offset, nested state2.{absmax, code}),
-#   bitsandbytes Int8Params.CB / .SCB and Linear8bitLt.state (MatmulLtState: CB, SCB, ...).
-# GPT-QModel keeps qweight / qzeros / scales / g_idx as registered buffers, which the buffer walk sees.
-_PARAM_ATTRS = ("quant_state", "CB", "SCB")
-_MODULE_ATTRS = ("state", "quant_state", "weight_scale", "SCB", "CB")
+# Where a quantization library keeps tensors that are neither parameters nor buffers is the method's to say
+# (its module's STATE_ATTRS: attribute names on weights and on layers). Tensor subclasses (torchao's quantized
+# weights) hold no storage of their own: their inner tensors (__tensor_flatten__) are counted instead.
 
 
 def dtype_bytes(dtype: Any) -> int:
@@ -31,7 +28,7 @@ def dtype_bytes(dtype: Any) -> int:
 
 
 def _tensors_in(obj: Any, prefix: str, depth: int = 0) -> Iterator[Tuple[str, Any]]:
-    """Tensors inside a quantization-state object (bnb QuantState, MatmulLtState), nested states included."""
+    """Tensors inside a quantization-state object (a QuantState, a dict of scales), nested states included."""
     import torch
 
     if obj is None or depth > 3:
@@ -53,6 +50,22 @@ def _tensors_in(obj: Any, prefix: str, depth: int = 0) -> Iterator[Tuple[str, An
     if attrs:
         for k, item in attrs.items():
             yield from _tensors_in(item, f"{prefix}.{k}", depth + 1)
+
+
+def _storage_tensors(t: Any, name: str, depth: int = 0) -> Iterator[Tuple[str, Any]]:
+    """The plain tensors holding ``t``'s bytes: ``t`` itself, or for a wrapper tensor subclass (torchao's
+    Int8Tensor, Int4OpaqueTensor, Float8Tensor, ...) the inner tensors it flattens into, recursively."""
+    import torch
+
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, torch.nn.Parameter) or depth > 3:
+        yield name, t
+        return
+    inner_names, _ctx = flatten()
+    for inner in inner_names:
+        value = getattr(t, inner, None)
+        if isinstance(value, torch.Tensor):
+            yield from _storage_tensors(value, f"{name}.{inner}", depth + 1)
 
 
 def _byte_span(t) -> Tuple[int, int]:
@@ -77,37 +90,41 @@ def _union_bytes(spans: List[Tuple[int, int]]) -> int:
     return total
 
 
-def model_tensors(model) -> List[Tuple[str, str, Any]]:
+def model_tensors(model, method: Any = None) -> List[Tuple[str, str, Any]]:
     """(kind, name, tensor) for every tensor the model holds: parameters, persistent buffers, non-persistent
-    buffers and the tensors of quantization states. The same tensor may appear twice (tied weights, CB that
-    is the weight's data): the byte counts dedupe by address."""
+    buffers and the tensors of quantization states where ``method`` (a qbench.methods module) says its library
+    keeps them (``STATE_ATTRS``). Tensor subclasses are replaced by their inner tensors. The same tensor may
+    appear twice (tied weights, CB that is the weight's data): the byte counts dedupe by address."""
+    state_attrs = getattr(method, "STATE_ATTRS", None) or {}
+    param_attrs, module_attrs = state_attrs.get("parameter", ()), state_attrs.get("module", ())
     out: List[Tuple[str, str, Any]] = []
     for mod_name, module in model.named_modules(remove_duplicate=False):
         dot = f"{mod_name}." if mod_name else ""
         for name, p in module._parameters.items():
             if p is None:
                 continue
-            out.append(("parameter", dot + name, p))
-            for attr in _PARAM_ATTRS:
+            out.extend(("parameter", n, t) for n, t in _storage_tensors(p, dot + name))
+            for attr in param_attrs:
                 for tname, t in _tensors_in(getattr(p, attr, None), f"{dot}{name}.{attr}"):
                     out.append(("quant_state", tname, t))
         non_persistent = getattr(module, "_non_persistent_buffers_set", set())
         for name, b in module._buffers.items():
             if b is None:
                 continue
-            out.append(("buffer_nonpersistent" if name in non_persistent else "buffer", dot + name, b))
-        for attr in _MODULE_ATTRS:
+            kind = "buffer_nonpersistent" if name in non_persistent else "buffer"
+            out.extend((kind, n, t) for n, t in _storage_tensors(b, dot + name))
+        for attr in module_attrs:
             value = module.__dict__.get(attr)
             for tname, t in _tensors_in(value, f"{dot}{attr}"):
-                out.append(("quant_state", tname, t))
+                out.extend(("quant_state", n, inner) for n, inner in _storage_tensors(t, tname))
     return out
 
 
-def weight_footprint(model) -> Dict[str, Any]:
+def weight_footprint(model, method: Any = None) -> Dict[str, Any]:
     """Bytes of the weights as held in memory, from every tensor, each byte counted once.
 
-    ``weight_bytes_measured`` = parameters + persistent buffers (GPT-QModel's qweight/qzeros/scales/g_idx)
-    + quantization states (bnb absmax/code/offset/nested state, SCB). Non-persistent buffers (rotary
+    ``weight_bytes_measured`` = parameters + persistent buffers + quantization states where ``method`` says
+    its library keeps them (qbench.methods: STATE_ATTRS). Non-persistent buffers (rotary
     ``inv_freq``: derived, not weights) are reported apart in ``nonpersistent_buffer_bytes``. Tensors on the
     meta device (offloaded to disk) hold no memory here and are counted in ``meta_tensors``.
     Also ``weight_bytes_get_memory_footprint`` (transformers' figure, for comparison) and
@@ -117,7 +134,7 @@ def weight_footprint(model) -> Dict[str, Any]:
     by_kind_spans: Dict[str, Dict[str, List[Tuple[int, int]]]] = {}
     meta = 0
     n_tensors = 0
-    for kind, _name, t in model_tensors(model):
+    for kind, _name, t in model_tensors(model, method):
         if t.device.type == "meta":
             meta += 1
             continue
@@ -167,19 +184,10 @@ def weight_footprint(model) -> Dict[str, Any]:
 # What the method actually quantized
 
 # A method that leaves more than this share of the decoder layers' weights untouched says so (MoE experts held
-# as 3-D parameters, not nn.Linear, are invisible to bitsandbytes); and measured / analytic outside this band
+# as 3-D parameters, not nn.Linear, are invisible to most quantizers); and measured / analytic outside this band
 # means the memory model does not describe what the model holds.
 UNQUANTIZED_WARN_FRACTION = 0.10
 RATIO_BAND = (0.99, 1.01)
-_QUANT_PARAM_TYPES = ("Int8Params", "Params4bit")  # bitsandbytes' quantized weight classes
-
-
-def _is_quantized_module(mod) -> bool:
-    """A layer whose weight is held quantized: bitsandbytes' Linear8bitLt / Linear4bit, GPT-QModel's QuantLinear."""
-    w = mod._parameters.get("weight")
-    if w is not None and type(w).__name__ in _QUANT_PARAM_TYPES:
-        return True
-    return "qweight" in mod._buffers or "qweight" in mod._parameters
 
 
 def _logical_params(mod) -> int:
@@ -187,8 +195,8 @@ def _logical_params(mod) -> int:
     i, o = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
     if isinstance(i, int) and isinstance(o, int):
         return i * o
-    shape = getattr(getattr(mod._parameters.get("weight"), "quant_state", None), "shape", None)
-    return int(math.prod(shape)) if shape is not None else int(mod._parameters["weight"].numel())
+    w = mod._parameters.get("weight")
+    return int(math.prod(w.shape)) if w is not None else 0
 
 
 def _owner(name: str, modules: Dict[str, Any]) -> Optional[str]:
@@ -200,19 +208,21 @@ def _owner(name: str, modules: Dict[str, Any]) -> Optional[str]:
     return None
 
 
-def quantized_share(model) -> Dict[str, Any]:
+def quantized_share(model, method: Any = None) -> Dict[str, Any]:
     """Which share of the weights the method quantized, from the loaded model: parameters (logical counts:
     a 4-bit layer counts its out x in weights) and bytes (as held, quantization state included), of the whole
     model and of the decoder layers' weight matrices and tensors (ndim >= 2) alone, which every quantizing
-    method here is meant to cover; plus the largest unquantized ones there, layer index as '*'."""
+    method here is meant to cover; plus the largest unquantized ones there, layer index as '*'. Which layers
+    hold their weight quantized is the method's to say (``is_quantized_module``; none without it)."""
     import re
 
-    qmods = {n: m for n, m in model.named_modules() if _is_quantized_module(m)}
+    is_quantized = getattr(method, "is_quantized_module", None) or (lambda _mod: False)
+    qmods = {n: m for n, m in model.named_modules() if is_quantized(m)}
     layers = _decoder_layers(model, model.config) if hasattr(model, "config") else None
     in_layers = (lambda n: n.startswith(layers[0] + ".")) if layers else (lambda n: False)
     q_spans: Dict[str, List[Tuple[int, int]]] = {}
     all_spans: Dict[str, List[Tuple[int, int]]] = {}
-    for kind, name, t in model_tensors(model):
+    for kind, name, t in model_tensors(model, method):
         if t.device.type == "meta" or kind == "buffer_nonpersistent":
             continue
         all_spans.setdefault(str(t.device), []).append(_byte_span(t))
@@ -297,14 +307,14 @@ def _decoder_layers(model, config) -> Optional[Any]:
 def quantized_linears_of(model, config, rule: str) -> List[Tuple[str, Any]]:
     """(name, nn.Linear) the method quantizes, by the method module's ``QUANTIZED_LINEARS`` rule:
 
-    - "decoder_layers" (GPT-QModel): the linears inside the text decoder's layers;
-    - "transformers_bnb": every plain nn.Linear that transformers' bitsandbytes integration converts, i.e.
-      all but the modules its own ``get_modules_to_not_convert`` skips (output embedding, tied weights, the
-      model's last parameter, ``_keep_in_fp32_modules``), asked of transformers rather than copied.
+    - "decoder_layers": the linears inside the text decoder's layers (what GPT-QModel quantizes);
+    - "transformers": every plain nn.Linear that a transformers quantizer converts by default, i.e. all but
+      the modules its own ``get_modules_to_not_convert`` skips (output embedding, tied weights, the model's
+      last parameter, ``_keep_in_fp32_modules``), asked of transformers rather than copied.
     """
     import torch
 
-    if rule == "transformers_bnb":
+    if rule == "transformers":
         from transformers.quantizers.base import HfQuantizer
         from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -312,7 +322,7 @@ def quantized_linears_of(model, config, rule: str) -> List[Tuple[str, Any]]:
         return [(name, mod) for name, mod in model.named_modules()
                 if type(mod) is torch.nn.Linear and should_convert_module(name, skip)]
     if rule != "decoder_layers":
-        raise ValueError(f"QUANTIZED_LINEARS: unknown rule '{rule}' (decoder_layers | transformers_bnb)")
+        raise ValueError(f"QUANTIZED_LINEARS: unknown rule '{rule}' (decoder_layers | transformers)")
     layers = _decoder_layers(model, config)
     if layers is None:
         return []
@@ -323,7 +333,7 @@ def analytic_weights(hf_config: Any, method_module: Any, method_cfg: Any, trust_
     """Weight bytes expected from parameter counts and the method's bits per weight.
 
     The architecture is built on the meta device (no memory, no weights) and walked: every nn.Linear the
-    method quantizes (``quantized_linears_of``: the decoder layers', or for bitsandbytes every one transformers
+    method quantizes (``quantized_linears_of``: the decoder layers', or every one a transformers quantizer
     converts, vision tower and projector of a multimodal model included) costs
     ``method_module.linear_weight_bytes(out, in, method_cfg)``, its
     bias ``method_cfg.dtype`` bytes per element (16-bit for every quantizing method); everything else

@@ -5,11 +5,31 @@ with float32 compute and no double quantization. qbench's ``bnb_nf4`` is NF4 + d
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
+from qbench.config import MethodBase
+
+EXTRA = "bnb"
+LIBRARIES = ("bitsandbytes",)
 # transformers' bitsandbytes integration converts every nn.Linear but the output embedding and tied weights,
 # vision tower and projector of a multimodal model included (qbench.measure.memory.quantized_linears_of)
-QUANTIZED_LINEARS = "transformers_bnb"
+QUANTIZED_LINEARS = "transformers"
+# Params4bit.quant_state: absmax, code, offset, nested state2.{absmax, code}
+STATE_ATTRS = {"parameter": ("quant_state",), "module": ("quant_state",)}
+
+
+@dataclass
+class Config(MethodBase):
+    kind: str = "bnb_4bit"
+    bits: Optional[int] = 4  # bits per quantized weight (4 only)
+    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4 (transformers' default is fp4: we never rely on it)
+    bnb_4bit_use_double_quant: bool = True  # quantize the absmax scales too (4.127 instead of 4.5 bits/weight)
+    bnb_4bit_compute_dtype: str = "bfloat16"  # dtype of the matmul (transformers' default is float32)
+
+
+def is_quantized_module(module: Any) -> bool:
+    return type(module._parameters.get("weight")).__name__ == "Params4bit"
 
 BLOCK = 64  # weights per absmax scale (bitsandbytes' fixed 4-bit block size)
 NESTED_BLOCK = 256  # absmax values per fp32 scale when double quantization is on

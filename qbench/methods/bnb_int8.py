@@ -2,11 +2,32 @@
 magnitude exceeds ``llm_int8_threshold`` run in 16-bit. transformers keeps lm_head unquantized."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
+from qbench.config import MethodBase
+
+EXTRA = "bnb"
+LIBRARIES = ("bitsandbytes",)
 # transformers' bitsandbytes integration converts every nn.Linear but the output embedding and tied weights,
 # vision tower and projector of a multimodal model included (qbench.measure.memory.quantized_linears_of)
-QUANTIZED_LINEARS = "transformers_bnb"
+QUANTIZED_LINEARS = "transformers"
+# Int8Params.CB / .SCB on the weight; Linear8bitLt.state (MatmulLtState: CB, SCB, ...) on the layer. CB is the
+# weight's own data: the walk counts each byte once.
+STATE_ATTRS = {"parameter": ("CB", "SCB"), "module": ("state", "SCB", "CB")}
+# The int8 matmul's peak, not the 16-bit one, bounds compute (qbench.measure.latency)
+COMPUTE_DTYPE = "int8"
+
+
+@dataclass
+class Config(MethodBase):
+    kind: str = "bnb_int8"
+    bits: Optional[int] = 8  # bits per quantized weight (8 only)
+    llm_int8_threshold: float = 6.0  # outlier threshold (activation magnitude); columns above it run in 16-bit
+
+
+def is_quantized_module(module: Any) -> bool:
+    return type(module._parameters.get("weight")).__name__ == "Int8Params"
 
 
 def validate(method_cfg: Any) -> None:

@@ -1,9 +1,20 @@
 """fp32 / fp16 / bf16: no quantization, the weights cast to one dtype. The baselines of every sweep."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from qbench.config import MethodBase
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+EXTRA = None  # torch and transformers only
+LIBRARIES = ()
+
+
+@dataclass
+class Config(MethodBase):
+    kind: str = "dtype"
+    bits: Optional[int] = None  # bits per weight (documentation; checked against dtype)
 
 
 def validate(method_cfg: Any) -> None:

@@ -1,173 +1,80 @@
 """GPTQ (Frantar et al., 2022) through GPT-QModel: quantize once into the cache, then load with a chosen kernel.
 
-This module also holds the GPT-QModel machinery that ``awq.py`` shares (one code path, two ``kind``s):
-
-1. ``validate``: bits, group size, dtype, damping, act-order, kernel name, calibration, checkpoint.
-2. ``load``: the quantized checkpoint comes from ``method.checkpoint`` (a pre-quantized Hub id or local dir)
-   or from the qbench cache (qbench/quant_cache.py), where a cache miss quantizes in a *child process*:
-   ``GPTQModel.load(src, GPTQConfig | AWQConfig).quantize(calibration).save(tmp)``. The child keeps the
-   quantization's memory and time out of the cell (its CUDA peak, RSS peak and wall time are recorded in the
-   checkpoint's metadata instead), and a crash there becomes a clean exception here.
-   The checkpoint is then loaded in this process with ``GPTQModel.load(dir, backend=...)``; the HF model
-   (``.model``) is returned, and the quantized linears are counted by kernel class.
-3. ``linear_weight_bytes``: the packed GPT-QModel format, exactly (tests check it against the tensors).
-
-Kernels (``method.backend``): ``auto`` resolves here, not in GPT-QModel, because GPT-QModel's own auto-order
-on Hopper tries Machete first, whose JIT build downloads CUTLASS (fails offline, may hang on a firewall).
-qbench's ``auto``: CUDA -> Marlin when the config fits it (4/8-bit, group -1/32/64/128; GPTQ also sym),
-else Triton / torch; CPU -> the torch kernel (packed int32 layout kept as in the checkpoint).
-JIT-compiled kernels (Marlin, ExLlamaV2, Machete, AWQ GEMM, CPU packing) are built before the timed load
-and their time is recorded as ``kernel_compile_s``; their build cache lives under ``<cache_dir>/torch_extensions``
-(``GPTQMODEL_TORCH_EXTENSIONS_DIR`` / ``TORCH_EXTENSIONS_DIR``, unless already set), so it persists across cells.
+What GPTQ shares with AWQ (cache, calibration, child-process quantization, kernels, checkpoint checks) is in
+qbench/methods/_gptqmodel.py; this module holds what is GPTQ's own: its keys, its checks, its packed layout.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import math
-import os
-import resource
-import subprocess
-import sys
-import time
-from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from qbench.calibration import CalibrationConfig
+from qbench.config import MethodBase
+from qbench.methods import _gptqmodel as gm
 
 KIND = "gptq"
+EXTRA = gm.EXTRA
+LIBRARIES = gm.LIBRARIES
+is_quantized_module = gm.is_quantized_module
+STATE_ATTRS: Dict[str, tuple] = {}  # qweight / qzeros / scales / g_idx are registered buffers: the walk sees them
 
-BITS = {"gptq": (2, 3, 4, 8), "awq": (4,)}
-# Group sizes that some GPT-QModel kernel serves (torch kernel: GPTQ up to 1024, AWQ up to 128).
-GROUP_SIZES = {"gptq": (-1, 16, 32, 64, 128, 256, 512, 1024), "awq": (-1, 16, 32, 64, 128)}
-AWQ_FORMATS = ("gemm",)
-# Short kernel names per kind; the full GPT-QModel BACKEND value is "<kind>_<name>".
-BACKENDS = {
-    "gptq": ("marlin", "exllama_v2", "triton", "torch", "torch_aten", "torch_fused", "torch_int8", "machete",
-             "bitblas", "swordfish"),
-    "awq": ("marlin", "exllama_v2", "gemm", "gemm_triton", "gemv", "gemv_fast", "torch", "torch_aten",
-            "torch_fused", "torch_int8", "machete", "bitblas", "swordfish"),
-}
-# JIT-built extension behind a kernel (gptqmodel.extension names); None: nothing to compile ahead.
-_EXTENSIONS = {
-    "gptq_marlin": "marlin", "awq_marlin": "marlin", "gptq_exllama_v2": "exllamav2",
-    "awq_exllama_v2": "exllamav2_awq", "gptq_machete": "machete", "awq_machete": "machete",
-    "awq_gemm": "awq", "awq_gemv": "awq", "awq_gemv_fast": "awq", "gptq_swordfish": "swordfish",
-    "awq_swordfish": "swordfish",
-}
-MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # group sizes some GPT-QModel kernel serves
+# Short kernel names; the full GPT-QModel BACKEND value is "gptq_<name>".
+BACKENDS = ("marlin", "exllama_v2", "triton", "torch", "torch_aten", "torch_fused", "torch_int8", "machete",
+            "bitblas", "swordfish")
+MARLIN_NEEDS_SYM = True  # GPTQ Marlin takes symmetric weights only
+TRITON_BITS = (2, 4, 8)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# validate
+@dataclass
+class Config(MethodBase):
+    kind: str = KIND
+    bits: Optional[int] = 4  # bits per quantized weight: 2 | 3 | 4 | 8
+    group_size: int = 128  # input weights sharing one scale/zero (-1 = one group per row); should divide in_features
+    sym: bool = True  # symmetric quantization (zero point fixed at mid-range): what Marlin needs on a GPU
+    desc_act: bool = False  # act-order: quantize columns by decreasing Hessian diagonal
+    # GPT-QModel's group-aware reordering (act-order within groups, keeps g_idx trivial); null = library default
+    # (on when desc_act is off, in gptqmodel 7.6)
+    act_group_aware: Optional[bool] = None
+    damp_percent: float = 0.05  # Hessian damping, fraction of the mean Hessian diagonal (0 < x < 1)
+    # kernel at load: auto (cuda: marlin, cpu: torch; never machete, which downloads CUTLASS) | one of BACKENDS
+    backend: str = "auto"
+    checkpoint: Optional[str] = None  # pre-quantized checkpoint (Hub id or local dir): skip quantizing
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 def validate(method_cfg: Any) -> None:
-    validate_common(method_cfg, KIND)
+    gm.validate_common(method_cfg, KIND)
 
 
-def bits_of(cfg: Any) -> int:
-    return 4 if cfg.bits is None else int(cfg.bits)
-
-
-def validate_common(cfg: Any, kind: str) -> None:
-    from qbench import calibration
-    from qbench.config import ConfigError, hub_offline
-
-    bits = bits_of(cfg)
-    if bits not in BITS[kind]:
-        raise ConfigError(f"method.bits: {bits} is not supported by {kind} ({', '.join(map(str, BITS[kind]))})")
-    gs = int(cfg.group_size)
-    if gs != -1 and gs <= 0:
-        raise ConfigError(f"method.group_size: {gs} must be -1 (one group per output row) or positive")
-    if gs not in GROUP_SIZES[kind]:
-        raise ConfigError(
-            f"method.group_size: {gs} has no GPT-QModel {kind} kernel; use one of "
-            f"{', '.join(map(str, GROUP_SIZES[kind]))}"
-        )
-    if cfg.dtype not in ("float16", "bfloat16"):
-        raise ConfigError(
-            f"method.dtype: '{cfg.dtype}' is not supported by {kind} (float16, bfloat16): GPT-QModel kernels compute in 16-bit"
-        )
-    if kind == "gptq":
-        if not 0 < float(cfg.damp_percent) < 1:
-            raise ConfigError(f"method.damp_percent: {cfg.damp_percent} must lie strictly between 0 and 1")
-        if cfg.desc_act and getattr(cfg, "act_group_aware", None):
-            raise ConfigError("method.act_group_aware: true requires method.desc_act: false")
-    else:
-        if cfg.desc_act:
-            raise ConfigError("method.desc_act: act-order is a GPTQ option; AWQ has none (set false)")
-        if cfg.awq_format not in AWQ_FORMATS:
-            raise ConfigError(
-                f"method.awq_format: '{cfg.awq_format}' is not supported here ({', '.join(AWQ_FORMATS)}; "
-                "gemv / gemv_fast have CUDA-only kernels and another packed layout)"
-            )
-    resolve_backend_name(cfg.backend, kind)  # raises ConfigError naming method.backend
-    if cfg.checkpoint:
-        p = Path(cfg.checkpoint).expanduser()
-        if cfg.checkpoint.startswith(("/", ".", "~")) and not p.is_dir():
-            raise ConfigError(f"method.checkpoint: local directory '{cfg.checkpoint}' does not exist")
-        if not p.is_dir() and hub_offline():
-            raise ConfigError(
-                f"method.checkpoint: '{cfg.checkpoint}' is not a local directory and HF_HUB_OFFLINE is set"
-            )
-    else:
-        calibration.validate(cfg.calibration)
-
-
-def check_group_divides(cfg: Any, widths: Dict[int, List[str]], model_name: str, kind: str) -> None:
-    """ConfigError when method.group_size does not divide the input width of a layer to quantize."""
+def validate_own(cfg: Any) -> None:
     from qbench.config import ConfigError
 
-    gs = int(cfg.group_size)
-    bad = sorted(w for w in widths if gs != -1 and w % gs)
-    if not bad:
-        return
-    fits = [g for g in GROUP_SIZES[kind] if g == -1 or all(w % g == 0 for w in widths)]
-    raise ConfigError(
-        f"method.group_size: {gs} does not divide the input width {bad[0]} of {model_name}'s layer "
-        f"{widths[bad[0]][0]}, which {kind.upper()} requires; group sizes that fit every layer: "
-        f"{', '.join(map(str, fits))}"
-    )
+    if not 0 < float(cfg.damp_percent) < 1:
+        raise ConfigError(f"method.damp_percent: {cfg.damp_percent} must lie strictly between 0 and 1")
+    if cfg.desc_act and getattr(cfg, "act_group_aware", None):
+        raise ConfigError("method.act_group_aware: true requires method.desc_act: false")
 
 
-def resolve_backend_name(name: str, kind: str) -> Optional[str]:
-    """The GPT-QModel BACKEND value for ``method.backend`` (None for auto), or ConfigError."""
-    from qbench.config import ConfigError
-
-    name = str(name).strip().lower()
-    if name in ("auto", ""):
-        return None
-    short = name[len(kind) + 1 :] if name.startswith(f"{kind}_") else name
-    if kind == "awq" and short.endswith("_awq"):  # GPT-QModel's legacy aliases: torch_awq, torch_fused_awq, ...
-        short = short[: -len("_awq")]
-    if short not in BACKENDS[kind]:
-        raise ConfigError(
-            f"method.backend: '{name}' is not a GPT-QModel {kind} kernel; use auto or one of {', '.join(BACKENDS[kind])}"
-        )
-    return f"{kind}_{short}"
+def own_weight_settings(cfg: Any) -> Dict[str, Any]:
+    """GPTQ's part of the cache key's method settings."""
+    return dict(desc_act=bool(cfg.desc_act), damp_percent=float(cfg.damp_percent),
+                act_group_aware=getattr(cfg, "act_group_aware", None))
 
 
-def auto_backend(cfg: Any, kind: str, device_type: str) -> Tuple[str, str]:
-    """qbench's choice for ``backend: auto``: (BACKEND value, why). Never one that needs a download."""
-    bits, gs = bits_of(cfg), int(cfg.group_size)
-    if device_type != "cuda":
-        return f"{kind}_torch", "cpu: GPT-QModel's torch kernel (keeps the checkpoint's packed int32 layout)"
-    marlin_ok = bits in (4, 8) and gs in MARLIN_GROUP_SIZES and (kind == "awq" or cfg.sym)
-    if marlin_ok:
-        return f"{kind}_marlin", "cuda: Marlin (JIT-built with local nvcc; Machete skipped: it downloads CUTLASS)"
-    if kind == "gptq" and bits in (2, 4, 8) and gs in (-1, 16, 32, 64, 128, 256, 512, 1024):
-        try:
-            import triton  # noqa: F401
+def quantize_config(cfg: Any, common: Dict[str, Any]):
+    from gptqmodel.quantization.config import GPTQConfig
 
-            return "gptq_triton", "cuda: Triton (Marlin does not take this config)"
-        except ImportError:
-            pass
-    return f"{kind}_torch", "cuda: torch kernel (no faster kernel takes this config)"
+    kwargs = dict(desc_act=bool(cfg.desc_act), damp_percent=float(cfg.damp_percent))
+    if getattr(cfg, "act_group_aware", None) is not None:
+        kwargs["act_group_aware"] = bool(cfg.act_group_aware)
+    return GPTQConfig(**common, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# bytes
+def load(source: Any, method_cfg: Any, device_map: Any):
+    return gm.load_common(source, method_cfg, device_map, KIND)
 
 
 def linear_weight_bytes(out_features: int, in_features: int, method_cfg: Any) -> float:
@@ -175,550 +82,9 @@ def linear_weight_bytes(out_features: int, in_features: int, method_cfg: Any) ->
     qweight int32 [ceil(in*bits/32), out], qzeros int32 [groups, ceil(out*bits/32)], scales fp16/bf16
     [groups, out], g_idx int32 [in] (stored even without act-order). g128 4-bit: 4 + 16/128 + 4/128 =
     4.156 bits/weight, plus 32/out_features for g_idx."""
-    return packed_linear_bytes(out_features, in_features, bits_of(method_cfg), int(method_cfg.group_size), "gptq")
+    bits, gs = gm.bits_of(method_cfg), int(method_cfg.group_size)
+    groups = math.ceil(in_features / (in_features if gs == -1 else gs))
+    qzeros = groups * math.ceil(out_features * bits / 32) * 4
+    scales = groups * out_features * 2
+    return math.ceil(in_features * bits / 32) * out_features * 4 + qzeros + scales + in_features * 4
 
-
-def packed_linear_bytes(out_f: int, in_f: int, bits: int, group_size: int, layout: str) -> int:
-    g = in_f if group_size == -1 else group_size
-    groups = math.ceil(in_f / g)
-    zeros = groups * math.ceil(out_f * bits / 32) * 4
-    scales = groups * out_f * 2
-    if layout == "gptq":
-        return math.ceil(in_f * bits / 32) * out_f * 4 + zeros + scales + in_f * 4
-    # AWQ GEMM: qweight int32 [in, ceil(out*bits/32)] (packed along the output), no g_idx
-    return in_f * math.ceil(out_f * bits / 32) * 4 + zeros + scales
-
-
-# ---------------------------------------------------------------------------------------------------------
-# environment
-
-
-def setup_env(cache_root: Path) -> Dict[str, str]:
-    """Persistent JIT caches under the qbench cache (unless the user set them) and GPT-QModel's CPU workers."""
-    ext = Path(cache_root).expanduser().resolve() / "torch_extensions"
-    os.environ.setdefault("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(ext / "gptqmodel"))
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ext / "torch"))
-    # GPT-QModel's default is (cpus+1)//2 workers: 1 on a 2-core machine, where quantization stalls.
-    if "GPTQMODEL_CPU_WORKERS" not in os.environ and (os.cpu_count() or 1) <= 3:
-        os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
-    return {k: os.environ[k] for k in ("GPTQMODEL_TORCH_EXTENSIONS_DIR", "TORCH_EXTENSIONS_DIR")}
-
-
-def device_type_of(device_map: Any) -> str:
-    """cuda or cpu, from the device_map the runner passes ({"": "cpu"}, {"": 0}, "auto", "cuda:0", ...)."""
-    import torch
-
-    values = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
-    for v in values:
-        if isinstance(v, int) or (isinstance(v, str) and (v.startswith("cuda") or v in ("auto", "balanced", "sequential"))):
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if isinstance(v, torch.device) and v.type == "cuda":
-            return "cuda"
-    return "cpu"
-
-
-def _to_plain(obj: Any) -> Any:
-    """A config (DictConfig, dataclass, namespace) as plain JSON-ready data."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, SimpleNamespace):
-        return {k: _to_plain(v) for k, v in vars(obj).items()}
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _ns(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return SimpleNamespace(**{k: _ns(v) for k, v in obj.items()})
-    return obj
-
-
-def weight_settings(cfg: Any, kind: str) -> Dict[str, Any]:
-    """The method settings that change the quantized weights (the cache key's method part)."""
-    s: Dict[str, Any] = {
-        "kind": kind, "bits": bits_of(cfg), "group_size": int(cfg.group_size), "sym": bool(cfg.sym), "dtype": cfg.dtype,
-    }
-    if kind == "gptq":
-        s.update(desc_act=bool(cfg.desc_act), damp_percent=float(cfg.damp_percent),
-                 act_group_aware=getattr(cfg, "act_group_aware", None))
-    else:
-        s.update(format=cfg.awq_format)
-    return s
-
-
-# ---------------------------------------------------------------------------------------------------------
-# load
-
-
-def load(source: Any, method_cfg: Any, device_map: Any):
-    return load_common(source, method_cfg, device_map, KIND)
-
-
-def load_common(source: Any, cfg: Any, device_map: Any, kind: str):
-    from qbench import calibration, quant_cache
-
-    validate_common(cfg, kind)
-    root = quant_cache.cache_root(source)
-    env = setup_env(root)
-    device_type = device_type_of(device_map)
-    info: Dict[str, Any] = {
-        "library": "gptqmodel",
-        "versions": quant_cache.versions(),
-        "method_settings": weight_settings(cfg, kind),
-        "backend": str(cfg.backend),
-        "kernel_cache_dirs": env,
-    }
-
-    if cfg.checkpoint:
-        checkpoint = str(Path(cfg.checkpoint).expanduser()) if Path(cfg.checkpoint).expanduser().is_dir() else cfg.checkpoint
-        info.update(pre_quantized=True, quantized_checkpoint=checkpoint, cache_hit=None, quantize_s=None,
-                    calibration=None, quant_peak_memory_bytes=None)
-    else:
-        cal = calibration.describe(cfg.calibration)
-        key_payload = {
-            "source": quant_cache.source_fingerprint(source),
-            "tokenizer": str(source.tokenizer_path),
-            "method": weight_settings(cfg, kind),
-            "calibration": cal,
-            "quant_device": device_type,
-            "versions": quant_cache.versions(),
-        }
-        key = quant_cache.cache_key(key_payload)
-        spec = {"source": _to_plain(source), "method": _to_plain(cfg), "kind": kind, "device_type": device_type,
-                "cache_root": str(root)}
-        path, meta, hit = quant_cache.get_or_build(root, key, lambda tmp: quantize_checkpoint(spec, tmp))
-        checkpoint = str(path)
-        if hit:  # built before qbench restored it: an idempotent, atomic rewrite
-            info["generation_config"] = restore_generation_config(source.path, source.revision, path)
-        info.update(
-            pre_quantized=False,
-            quantized_checkpoint=checkpoint,
-            cache_key=key,
-            cache_hit=hit,
-            quantize_s=meta.get("quantize_s"),
-            quantize_timings=meta.get("timings"),
-            quant_peak_memory_bytes=meta.get("quant_peak_memory_bytes"),
-            quant_peak_memory_kind=meta.get("quant_peak_memory_kind"),
-            quant_rss_peak_bytes=meta.get("quant_rss_peak_bytes"),
-            quant_device=meta.get("quant_device"),
-            quantized_at=meta.get("quantized_at"),
-            quantize_versions=meta.get("versions"),
-            calibration=meta.get("calibration"),
-            quant_log=_quant_log_summary(path),
-        )
-
-    model, load_info = load_quantized(checkpoint, cfg, device_map, kind, device_type,
-                                      trust_remote_code=bool(getattr(source, "trust_remote_code", False)))
-    info.update(load_info)
-    return model, info
-
-
-_SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p")
-
-
-def restore_generation_config(source_path: str, revision: Optional[str], checkpoint: Path) -> str:
-    """Give a quantized checkpoint its source model's generation_config.json.
-
-    GPT-QModel's save writes its own, with ``do_sample: true``: anyone loading the cached checkpoint would
-    sample where the source model decodes greedily. The source's file is copied as it is; a source without
-    one (or unreachable) gets the written file without its sampling keys, i.e. transformers' defaults.
-    Returns where the file came from: "source" or "sampling keys removed".
-    """
-    from qbench.store import read_json, write_json_atomic
-
-    target = Path(checkpoint) / "generation_config.json"
-    local = Path(str(source_path)).expanduser() / "generation_config.json"
-    own: Optional[Dict[str, Any]] = read_json(local) if local.is_file() else None
-    if own is None and not Path(str(source_path)).expanduser().exists():
-        try:  # a Hub id: transformers finds it (in the local cache when offline)
-            from transformers import GenerationConfig
-
-            own = GenerationConfig.from_pretrained(source_path, revision=revision).to_diff_dict()
-        except Exception:
-            own = None
-    how = "source"
-    if own is None and not target.exists():
-        return "none"
-    if own is None:
-        own = {k: v for k, v in (read_json(target) or {}).items() if k not in _SAMPLING_KEYS}
-        how = "sampling keys removed"
-    if read_json(target) != own:
-        write_json_atomic(target, own)
-    return how
-
-
-def _quant_log_summary(path: Path) -> Optional[Dict[str, Any]]:
-    """Per-module losses GPT-QModel writes (quant_log.csv): count and mean of the numeric ones."""
-    import csv
-
-    f = Path(path) / "quant_log.csv"
-    if not f.exists():
-        return None
-    losses = []
-    with open(f, newline="") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                losses.append(float(row.get("loss", "")))
-            except ValueError:
-                pass
-    return {"file": str(f), "modules_with_loss": len(losses), "loss_mean": sum(losses) / len(losses) if losses else None}
-
-
-def prebuild_kernel(backend_value: str, dtype: Any) -> Tuple[Optional[str], Optional[float]]:
-    """Build (or load from the JIT cache) the extension behind a kernel, timed; raise a clear error if it fails."""
-    import torch
-
-    ext = _EXTENSIONS.get(backend_value)
-    if ext is None:
-        return None, None
-    if ext == "marlin":
-        ext = "marlin_bf16" if dtype == torch.bfloat16 else "marlin_fp16"
-    from gptqmodel import extension
-
-    t0 = time.perf_counter()
-    try:
-        ok = extension.load(ext).get(ext, False)
-    except Exception as exc:  # RuntimeError with the compiler's / downloader's message
-        raise RuntimeError(f"method.backend: kernel '{backend_value}' will not build (extension '{ext}'): {exc}") from exc
-    if not ok:
-        raise RuntimeError(
-            f"method.backend: kernel '{backend_value}' will not build (extension '{ext}'): {extension.error(ext)}"
-        )
-    return ext, time.perf_counter() - t0
-
-
-def count_kernels(model: Any) -> Dict[str, int]:
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-
-    counts: Dict[str, int] = {}
-    for mod in model.modules():
-        if isinstance(mod, BaseQuantLinear):
-            counts[type(mod).__name__] = counts.get(type(mod).__name__, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def load_quantized(checkpoint: str, cfg: Any, device_map: Any, kind: str, device_type: str,
-                   trust_remote_code: bool = False) -> Tuple[Any, Dict[str, Any]]:
-    import torch
-    from gptqmodel import GPTQModel
-
-    dtype = getattr(torch, cfg.dtype)
-    requested = resolve_backend_name(cfg.backend, kind)
-    if requested is None:
-        backend, why = auto_backend(cfg, kind, device_type)
-    else:
-        backend, why = requested, "method.backend"
-    local_qcfg = _local_quant_config(checkpoint)
-    if local_qcfg is not None:  # fail before loading anything
-        _check_checkpoint_matches(local_qcfg, cfg, kind, checkpoint)
-    extension_name, compile_s = prebuild_kernel(backend, dtype)
-
-    t0 = time.perf_counter()
-    qm = GPTQModel.load(checkpoint, backend=backend, device_map=device_map, dtype=dtype,
-                        trust_remote_code=trust_remote_code)
-    load_s = time.perf_counter() - t0
-    model = qm.model
-    qcfg = _checkpoint_quant_config(model)
-    _check_checkpoint_matches(qcfg, cfg, kind, checkpoint)
-    kernels = count_kernels(model)
-    if not kernels:
-        raise RuntimeError(f"{checkpoint}: loaded, but no GPT-QModel quantized linear found in the model")
-
-    warm = _warm_forwards(model, device_type)
-    return model, {
-        "backend_resolved": backend,
-        "backend_reason": why,
-        "kernels": kernels,
-        "kernel_extension": extension_name,
-        "kernel_compile_s": compile_s,
-        "load_s_excluding_quantize": load_s,
-        "first_forward_s": warm[0],
-        "warmup_forwards_s": warm,
-        "quantization_config": qcfg,
-        "bits": qcfg.get("bits"),
-        "group_size": qcfg.get("group_size"),
-    }
-
-
-def _checkpoint_quant_config(model: Any) -> Dict[str, Any]:
-    qc = getattr(model.config, "quantization_config", None) or {}
-    if hasattr(qc, "to_dict"):
-        qc = qc.to_dict()
-    qc = json.loads(json.dumps(qc, default=str))
-    if isinstance(qc.get("meta"), dict):
-        qc["meta"].pop("offload_to_disk_path", None)  # a temp dir of the build: noise
-    return qc
-
-
-def _local_quant_config(checkpoint: str) -> Optional[Dict[str, Any]]:
-    """The quantization config of a local checkpoint (config.json's, else quantize_config.json), or None."""
-    d = Path(checkpoint).expanduser()
-    for name, key in (("config.json", "quantization_config"), ("quantize_config.json", None), ("quant_config.json", None)):
-        f = d / name
-        if f.is_file():
-            try:
-                data = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            data = data.get(key) if key else data
-            if isinstance(data, dict) and data:
-                return data
-    return None
-
-
-def _check_checkpoint_matches(qcfg: Dict[str, Any], cfg: Any, kind: str, checkpoint: str) -> None:
-    """A checkpoint whose bits / group size / method differ from method.* would make the analytic bytes lie."""
-    method = str(qcfg.get("quant_method") or qcfg.get("method") or "").lower()
-    problems = []
-    if method and method != kind:
-        problems.append(f"quant_method {method} (method.kind is {kind})")
-    if qcfg.get("bits") is not None and int(qcfg["bits"]) != bits_of(cfg):
-        problems.append(f"bits {qcfg['bits']} (method.bits is {bits_of(cfg)})")
-    if qcfg.get("group_size") is not None and int(qcfg["group_size"]) != int(cfg.group_size):
-        problems.append(f"group_size {qcfg['group_size']} (method.group_size is {cfg.group_size})")
-    if problems:
-        raise ValueError(f"method.checkpoint: '{checkpoint}' has {', '.join(problems)}; make method.* match it")
-
-
-def _warm_forwards(model: Any, device_type: str, n: int = 3) -> list:
-    """``n`` 8-token forwards, timed apart from the load and from the bench: kernels that compile on first
-    call do it here (GPT-QModel's torch kernel torch.compiles its dequantization per layer, which takes the
-    first two calls on a CPU; Triton JIT-compiles; Marlin sets up its workspace). The dequantization does not
-    depend on the input shape, so later batch sizes and lengths do not compile again."""
-    import torch
-
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    ids = torch.ones((1, 8), dtype=torch.long, device=device)
-    times = []
-    for _ in range(n):
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model(input_ids=ids).logits
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        if not torch.isfinite(out).all():
-            raise RuntimeError("the quantized model's forward gave non-finite logits")
-    return times
-
-
-# ---------------------------------------------------------------------------------------------------------
-# quantize (runs in a child process)
-
-
-def quantize_checkpoint(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
-    """Quantize into ``out_dir`` in a child process (or in this one with QBENCH_QUANTIZE_IN_PROCESS=1)."""
-    out_dir = Path(out_dir)
-    spec_path = out_dir / "qbench_quantize_spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2, default=str))
-    if os.environ.get("QBENCH_QUANTIZE_IN_PROCESS", "0") == "1":
-        return _quantize(spec, out_dir)
-
-    env = dict(os.environ)
-    repo_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    log_path = out_dir / "quantize.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", "qbench.methods.gptq", "--quantize", str(spec_path), "--out", str(out_dir)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
-        )
-    error_path = out_dir / "qbench_quantize_error.json"
-    if proc.returncode != 0:
-        from qbench.store import cause_line
-
-        tail = _tail(log_path)
-        if error_path.exists():
-            err = json.loads(error_path.read_text())
-            detail = cause_line(f"{err.get('type')}: {err.get('message')}")
-            tail = err.get("traceback") or tail
-        else:  # died without its error file (a worker thread, a signal): the log's last exception line
-            detail = cause_line(tail)
-        # The message is the cause in one line; the child's traceback / log tail rides along as the cause
-        # of this exception, so the result's traceback holds it.
-        raise RuntimeError(
-            f"{spec['kind']} quantization of {spec['source']['path']} failed (exit code {proc.returncode}): {detail}"
-        ) from ChildProcessError(tail)
-    return json.loads((out_dir / "qbench_quantize_partial.json").read_text())
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGKILL when the cell process dies (a cell timeout must not leave it running)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _tail(path: Path, n: int = 2000) -> str:
-    try:
-        text = path.read_bytes()[-20000:].decode("utf-8", "replace")
-    except OSError:
-        return "(no log)"
-    lines = [ln.split("\r")[-1].rstrip() for ln in text.splitlines()]
-    return "\n".join(ln for ln in lines if ln)[-n:]
-
-
-def _quantize_config(cfg: Any, kind: str, device_type: str, offload_dir: Path):
-    from gptqmodel.quantization.config import AWQConfig, GPTQConfig
-
-    common = dict(bits=bits_of(cfg), group_size=int(cfg.group_size), sym=bool(cfg.sym),
-                  offload_to_disk_path=str(offload_dir))
-    if device_type == "cpu":
-        common["device"] = "cpu"
-    if kind == "gptq":
-        kwargs = dict(desc_act=bool(cfg.desc_act), damp_percent=float(cfg.damp_percent))
-        if getattr(cfg, "act_group_aware", None) is not None:
-            kwargs["act_group_aware"] = bool(cfg.act_group_aware)
-        return GPTQConfig(**common, **kwargs)
-    return AWQConfig(**common, format=cfg.awq_format)
-
-
-def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
-    """The build itself: calibration data, GPTQModel.load(src, config).quantize(data).save(out_dir)."""
-    import shutil
-
-    import torch
-
-    from qbench import calibration, quant_cache
-    from qbench.models import Source, load_tokenizer
-    from qbench.store import now_iso
-
-    setup_env(Path(spec["cache_root"]))
-    kind, device_type = spec["kind"], spec["device_type"]
-    cfg = _ns(spec["method"])
-    src = spec["source"]
-    source = Source(**{k: src[k] for k in ("path", "revision", "trust_remote_code", "random_weights", "tokenizer_path")},
-                    info=src.get("info") or {})
-
-    from gptqmodel import GPTQModel
-    from gptqmodel.utils.backend import BACKEND
-
-    timings: Dict[str, Any] = {}
-    # The CPU packing extension is JIT-built on first use (about a minute on 2 cores): build it untimed.
-    t0 = time.perf_counter()
-    try:
-        from gptqmodel import extension
-
-        extension.load("pack_block_cpu")
-    except Exception:  # GPT-QModel falls back to its Python packer
-        pass
-    timings["kernel_compile_s"] = time.perf_counter() - t0
-
-    if device_type == "cuda":
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.reset_peak_memory_stats(i)
-
-    t_start = time.perf_counter()
-    tokenizer = load_tokenizer(source)
-    rows, cal_info = calibration.build(cfg.calibration, tokenizer)
-    timings["calibration_data_s"] = time.perf_counter() - t_start
-
-    offload = out_dir / ".offload"
-    qcfg = _quantize_config(cfg, kind, device_type, offload)
-    kwargs: Dict[str, Any] = {"dtype": getattr(torch, cfg.dtype), "trust_remote_code": bool(source.trust_remote_code)}
-    if source.revision:
-        kwargs["revision"] = source.revision
-    t0 = time.perf_counter()
-    qm = GPTQModel.load(source.path, qcfg, **kwargs)
-    timings["load_source_s"] = time.perf_counter() - t0
-    # Packing kernel: the portable torch one (AWQ's default, the CUDA GEMM extension, would need nvcc here).
-    pack_backend = BACKEND.AWQ_TORCH if kind == "awq" else BACKEND.GPTQ_TORCH
-    t0 = time.perf_counter()
-    qm.quantize(rows, batch_size=1, backend=pack_backend, calibration_sort=None)
-    timings["quantize_algorithm_s"] = time.perf_counter() - t0
-    quantize_s = time.perf_counter() - t_start
-
-    peak_kind, peak = "process_rss", None
-    cuda_peaks = None
-    if device_type == "cuda":
-        cuda_peaks = [int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count())]
-        peak_kind, peak = "cuda_max_allocated", max(cuda_peaks) if cuda_peaks else None
-    t0 = time.perf_counter()
-    qm.save(str(out_dir))
-    timings["save_s"] = time.perf_counter() - t0
-    generation_config = restore_generation_config(source.path, source.revision, out_dir)
-    shutil.rmtree(offload, ignore_errors=True)
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    if peak is None:
-        peak = rss_peak
-    model_type = getattr(getattr(qm.model, "config", None), "model_type", None)
-    return {
-        "kind": kind,
-        "quantize_s": quantize_s,
-        "timings": timings,
-        "quant_peak_memory_bytes": peak,
-        "quant_peak_memory_kind": peak_kind,
-        "quant_cuda_peak_allocated_bytes_by_device": cuda_peaks,
-        "quant_rss_peak_bytes": rss_peak,
-        "quant_device": device_type,
-        "quantized_at": now_iso(),
-        "source": src["path"],
-        "model_type": model_type,
-        "gptqmodel_class": type(qm).__name__,
-        "generation_config": generation_config,
-        "method_settings": weight_settings(cfg, kind),
-        "calibration": cal_info,
-        "versions": quant_cache.versions(),
-    }
-
-
-def _main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(description="qbench: quantize one checkpoint with GPT-QModel (child process)")
-    parser.add_argument("--quantize", required=True, type=Path, help="spec JSON written by load()")
-    parser.add_argument("--out", required=True, type=Path)
-    args = parser.parse_args(argv)
-    spec = json.loads(args.quantize.read_text())
-    try:
-        meta = _quantize(spec, args.out)
-    except BaseException as exc:
-        import traceback
-
-        message = str(exc)
-        model_type = _model_type(spec["source"]["path"])
-        if model_type and not _gptqmodel_supports(model_type):
-            message = (f"model_type '{model_type}' is not in GPT-QModel's supported models (it tried module-tree "
-                       f"auto-detection): {message}")
-        (args.out / "qbench_quantize_error.json").write_text(
-            json.dumps({"type": type(exc).__name__, "message": message[:4000], "traceback": traceback.format_exc()[-8000:]})
-        )
-        traceback.print_exc()
-        return 1
-    (args.out / "qbench_quantize_partial.json").write_text(json.dumps(meta, indent=2, default=str))
-    return 0
-
-
-def _model_type(path: str) -> Optional[str]:
-    cfg = Path(path) / "config.json"
-    try:
-        return json.loads(cfg.read_text()).get("model_type") if cfg.exists() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _gptqmodel_supports(model_type: str) -> bool:
-    try:
-        from gptqmodel.models.auto import SUPPORTED_MODELS
-
-        return model_type in SUPPORTED_MODELS
-    except Exception:
-        return True
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

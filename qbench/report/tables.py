@@ -17,11 +17,13 @@ import numpy as np
 import pandas as pd
 
 from qbench.evaluate import tasks as task_table  # stdlib only, like store: the report builds without torch
+from qbench.config import RunConfig  # schemas only: no torch
 from qbench.store import cause_line  # stdlib only: the report still builds on a laptop without torch
 
 GB = 1e9
-# Methods tried, in order, when the configured baseline did not run in the sweep (brief: bf16, fp16, fp32).
-BASELINE_FALLBACKS = ("bf16", "fp16", "fp32")
+_DEFAULT_BASELINE = RunConfig.baseline_method  # the schema's default (conf/config.yaml may set another)
+# When the configured baseline did not run in the sweep: a method that quantized nothing, in this dtype order
+BASELINE_FALLBACK_DTYPES = ("bfloat16", "float16", "float32")
 CV_WARN_DEFAULT = 0.05
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # bench.cv_warn_threshold's default (qbench/config.py)
 # MMLU categories in the order the heatmap shows them; other keys found in results are appended.
@@ -381,21 +383,24 @@ def load_paired_compare() -> Optional[Callable[[str, str], Dict[str, Any]]]:
 
 
 def baseline_method(results: List[Dict[str, Any]]) -> Optional[str]:
-    """config.run.baseline_method of the cells (most common, default bf16), else bf16 / fp16 / fp32."""
+    """config.run.baseline_method of the cells (most common, default RunConfig's), else a method that quantized
+    nothing (memory.params_quantized_measured 0), bfloat16 before float16 before float32."""
     methods = {r["method"] for r in results}
-    configured = Counter(str(get(r, "config", "run", "baseline_method", default="bf16")) for r in results)
+    configured = Counter(str(get(r, "config", "run", "baseline_method", default=_DEFAULT_BASELINE)) for r in results)
     for m, _ in configured.most_common():
         if m in methods:
             return m
-    for m in BASELINE_FALLBACKS:
-        if m in methods:
-            return m
+    unquantized = {str(get(r, "config", "method", "dtype", default="")): r["method"] for r in results
+                   if get(r, "metrics", "memory", "params_quantized_measured") == 0}
+    for dtype in BASELINE_FALLBACK_DTYPES:
+        if dtype in unquantized:
+            return unquantized[dtype]
     return None
 
 
 def configured_baseline(results: List[Dict[str, Any]]) -> str:
-    c = Counter(str(get(r, "config", "run", "baseline_method", default="bf16")) for r in results)
-    return c.most_common(1)[0][0] if c else "bf16"
+    c = Counter(str(get(r, "config", "run", "baseline_method", default=_DEFAULT_BASELINE)) for r in results)
+    return c.most_common(1)[0][0] if c else _DEFAULT_BASELINE
 
 
 def baseline_cells(results: List[Dict[str, Any]], base: Optional[str]) -> Dict[str, Dict[str, Any]]:
