@@ -13,6 +13,7 @@
 #   bash scripts/gpu_session.sh latency8b        issue 18: the default gpu_8b cell (bf16, fp16): CI-until-precise, graph path
 #   bash scripts/gpu_session.sh rounds8b         issue 18: 3 interleaved rounds of bf16 and bnb_nf4, batch 1
 #   bash scripts/gpu_session.sh benchcheck8b     issue 18: bench-check bf16 and bnb_nf4, batch 1, N fresh runs, +- affinity
+#   bash scripts/gpu_session.sh newmethods8b     issue 17: hqq, torchao_int8wo, torchao_int4wo, fp8 on the 8B shape
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -111,6 +112,11 @@ case "${1:-}" in
     step "${BUDGET:-560}" $Q -m experiment=gpu_8b method=${METHODS:-bf16,bnb_nf4} run.runs_dir=$RUNS run.sweep=rounds_8b \
       run.rounds=${ROUNDS:-3} bench.batch_sizes=[1] bench.decode_paths=[eager,static,graph] ${EXTRA:-}
     pack rounds_8b
+    ;;
+  newmethods8b)
+    step "${BUDGET:-300}" $Q -m experiment=gpu_8b method=${METHODS:-hqq,torchao_int8wo,torchao_int4wo,fp8} run.runs_dir=$RUNS \
+      run.sweep=newmethods_8b ${EXTRA:-}
+    pack newmethods_8b
     ;;
   benchcheck8b)
     for aff in ${AFFINITY:-null gpu_local}; do
