@@ -55,23 +55,69 @@ def device_map_for(device: str, num_gpus: int) -> Any:
 
 
 def run(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The cell, start to end: a result dict that is ``ok`` with its metrics or ``error`` with the phase it failed
+    in and every metric measured before (failures are data)."""
     from omegaconf import OmegaConf
 
-    from qbench import methods, models, slurm
-    from qbench.errors import ConfigError
-    from qbench.store import cell_id
+    from qbench import methods
     from qbench.measure.cpu_affinity import apply_cpu_affinity
-    from qbench.store import SCHEMA_VERSION, environment, now_iso
+    from qbench.store import error_message, now_iso
 
     cfg = OmegaConf.create(spec["config"])
     # First, before torch is imported (environment() imports it): threads inherit the affinity of their parent
     affinity, affinity_warning = apply_cpu_affinity(cfg.bench.get("cpu_affinity"), int(cfg.model.num_gpus))
     # torch.compile's on-disk caches (Inductor's FX graph and autotune caches) in qbench's cache, not in /tmp: a
     # later cell with the same shapes and dtype (another round, a rerun, bench-check) loads the compiled decode
-    # step instead of compiling it again (H200, 8B: 36 s at batch 1, 52 s for the batch-dynamic graph)
+    # step instead of compiling it again (H200, 8B: 34 s at batch 1, 41 s for the batch-dynamic graph; warm 9 + 10 s)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.run.cache_dir).expanduser().resolve() / "torch_compile"))
     t_start = time.perf_counter()
-    result: Dict[str, Any] = {
+    result = _new_result(cfg, spec, affinity, affinity_warning)
+    where = {"phase": "setup"}
+    try:
+        method = methods.get(cfg.method.kind)
+        device = resolve_device(cfg.bench.device)
+        source = _resolve(cfg, device, result, where)
+        model, tokenizer, phases = _load(cfg, method, source, device, result, where)
+        if cfg.run.inject_failure:
+            _inject(cfg.run.inject_failure, cfg.method.name)
+        footprint = _memory(model, method, cfg, result, where)
+        if cfg.bench.enabled:
+            _latency(model, tokenizer, method, cfg, device, phases, footprint, result, where)
+        if cfg.eval.enabled:
+            _accuracy(model, tokenizer, cfg, device, phases, result, where)
+        if cfg.eval.enabled and cfg.eval.quality.enabled:
+            where["phase"] = "quality"
+            t0 = time.perf_counter()
+            with phases.phase("quality"):
+                result["metrics"]["quality"] = _quality(model, tokenizer, cfg, spec)
+            result["warnings"].extend(result["metrics"]["quality"].pop("warnings"))
+            result["timings"]["quality_s"] = time.perf_counter() - t0
+        result["metrics"]["memory"].update(phases.summary())
+        result["status"] = "ok"
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # failures are data
+        result["error"] = {
+            "class": classify(exc),
+            "type": type(exc).__name__,
+            "message": error_message(exc),  # the cause in one line; the whole text is in the traceback
+            "traceback": traceback.format_exc()[-20000:],
+            "phase": where["phase"],
+        }
+        log.error("cell failed in %s: %s: %s", where["phase"], type(exc).__name__, result["error"]["message"])
+    result["finished_at"] = now_iso()
+    result["wall_time_s"] = time.perf_counter() - t_start
+    return result
+
+
+def _new_result(cfg: Any, spec: Dict[str, Any], affinity: Any, affinity_warning: Any) -> Dict[str, Any]:
+    """The result as it stands before anything is measured: what the cell is and where it runs."""
+    from qbench import methods, slurm
+    from qbench.store import SCHEMA_VERSION, cell_id, environment, now_iso
+
+    if affinity_warning:
+        log.warning(affinity_warning)
+    return {
         "schema_version": SCHEMA_VERSION,
         "attempt_id": spec.get("attempt_id"),
         "status": "error",
@@ -95,128 +141,112 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
         "warnings": [affinity_warning] if affinity_warning else [],
         "error": None,
     }
-    if affinity_warning:
-        log.warning(affinity_warning)
+
+
+def _resolve(cfg: Any, device: str, result: Dict[str, Any], where: Dict[str, str]) -> Any:
+    """The model's source as a local folder (built, converted or downloaded once into the cache)."""
+    import torch
+
+    from qbench import models
+
+    result["device"] = device
+    result["gpus_used"] = list(range(torch.cuda.device_count())) if device == "cuda" else []
+    where["phase"] = "resolve"
+    t0 = time.perf_counter()
+    source = models.resolve(cfg.model, cfg.run.cache_dir, device=device)
+    source.info["cache_dir"] = str(Path(cfg.run.cache_dir).expanduser())
+    result["timings"]["resolve_s"] = time.perf_counter() - t0
+    result["source"] = {
+        "path": source.path,
+        "revision": source.revision,
+        "trust_remote_code": source.trust_remote_code,
+        "random_weights": source.random_weights,
+        **{k: v for k, v in source.info.items() if k != "cache_dir"},
+    }
+    result["random_weights"] = source.random_weights
+    log.info("cell %s: weights from %s: %s", result["cell"], source.path,
+             "RANDOM (random_init or builtin:tiny): accuracy and quality figures sit at chance"
+             if source.random_weights else "real")
+    return source
+
+
+def _load(cfg: Any, method: Any, source: Any, device: str, result: Dict[str, Any], where: Dict[str, str]) -> tuple:
+    """(model, tokenizer, phase memory) with the method applied; its one-time costs go into timings."""
+    from qbench import models
+    from qbench.errors import ConfigError
+    from qbench.measure import memory
+    from qbench.preflight import tokenizer_fit_problem
+
+    where["phase"] = "load"
     timings = result["timings"]
-    metrics = result["metrics"]
-    phase = "setup"
-    try:
-        import torch
-
-        from qbench.measure import memory
-
-        device = resolve_device(cfg.bench.device)
-        result["device"] = device
-        result["gpus_used"] = list(range(torch.cuda.device_count())) if device == "cuda" else []
-        method = methods.get(cfg.method.kind)
-
-        phase = "resolve"
+    phases = memory.PhaseMemory(device)
+    with phases.phase("load"):
         t0 = time.perf_counter()
-        source = models.resolve(cfg.model, cfg.run.cache_dir, device=device)
-        source.info["cache_dir"] = str(Path(cfg.run.cache_dir).expanduser())
-        timings["resolve_s"] = time.perf_counter() - t0
-        result["source"] = {
-            "path": source.path,
-            "revision": source.revision,
-            "trust_remote_code": source.trust_remote_code,
-            "random_weights": source.random_weights,
-            **{k: v for k, v in source.info.items() if k != "cache_dir"},
-        }
-        result["random_weights"] = source.random_weights
-        log.info("cell %s: weights from %s: %s", result["cell"], source.path,
-                 "RANDOM (random_init or builtin:tiny): accuracy and quality figures sit at chance"
-                 if source.random_weights else "real")
+        model, method_info = method.load(source, cfg.method, device_map_for(device, int(cfg.model.num_gpus)))
+        timings["load_s"] = time.perf_counter() - t0
+    model.eval()
+    tokenizer = models.load_tokenizer(source)
+    # preflight checked what was on disk; a Hub model's tokenizer and config are checked here, loaded
+    problem = tokenizer_fit_problem(len(tokenizer), model.get_input_embeddings().num_embeddings,
+                                    f"'{source.tokenizer_path}'")
+    if problem:
+        raise ConfigError(problem)
+    result["method_info"] = method_info
+    # One-time costs apart from the load itself: quantization (the original cost, also on a cache hit)
+    # and kernel JIT builds; load_s is the wall time of the whole load, these say what it contained.
+    timings["quantize_s"] = method_info.get("quantize_s")
+    timings["quantize_cache_hit"] = method_info.get("cache_hit")
+    timings["kernel_compile_s"] = method_info.get("kernel_compile_s")
+    timings["load_excluding_quantize_s"] = method_info.get("load_s_excluding_quantize")
+    if device == "cuda" and hasattr(model, "hf_device_map"):
+        result["device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
+    return model, tokenizer, phases
 
-        phase = "load"
-        phases = memory.PhaseMemory(device)
-        with phases.phase("load"):
-            t0 = time.perf_counter()
-            model, method_info = method.load(source, cfg.method, device_map_for(device, int(cfg.model.num_gpus)))
-            timings["load_s"] = time.perf_counter() - t0
-        model.eval()
-        tokenizer = models.load_tokenizer(source)
-        # preflight checked what was on disk; a Hub model's tokenizer and config are checked here, loaded
-        from qbench.preflight import tokenizer_fit_problem
 
-        problem = tokenizer_fit_problem(len(tokenizer), model.get_input_embeddings().num_embeddings,
-                                        f"'{source.tokenizer_path}'")
-        if problem:
-            raise ConfigError(problem)
-        result["method_info"] = method_info
-        # One-time costs apart from the load itself: quantization (the original cost, also on a cache hit)
-        # and kernel JIT builds; load_s is the wall time of the whole load, these say what it contained.
-        timings["quantize_s"] = method_info.get("quantize_s")
-        timings["quantize_cache_hit"] = method_info.get("cache_hit")
-        timings["kernel_compile_s"] = method_info.get("kernel_compile_s")
-        timings["load_excluding_quantize_s"] = method_info.get("load_s_excluding_quantize")
-        if device == "cuda" and hasattr(model, "hf_device_map"):
-            result["device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
+def _memory(model: Any, method: Any, cfg: Any, result: Dict[str, Any], where: Dict[str, str]) -> Dict[str, Any]:
+    """Weights measured and analytic (metrics.memory); returns the measured footprint."""
+    from qbench.measure import memory
 
-        if cfg.run.inject_failure:
-            _inject(cfg.run.inject_failure, cfg.method.name)
+    where["phase"] = "memory"
+    footprint = memory.weight_footprint(model, method)
+    analytic = memory.analytic_weights(model.config, method, cfg.method)
+    mem = result["metrics"]["memory"] = {**footprint, **analytic, **memory.quantized_share(model, method)}
+    measured, expected = footprint.get("weight_bytes_measured"), analytic.get("weight_bytes_analytic")
+    mem["weight_measured_over_analytic"] = measured / expected if measured and expected else None
+    for warning in memory.memory_warnings(mem, memory.method_quantizes(method, cfg.method)):
+        log.warning(warning)
+        result["warnings"].append(warning)
+    return footprint
 
-        phase = "memory"
-        footprint = memory.weight_footprint(model, method)
-        analytic = memory.analytic_weights(model.config, method, cfg.method)
-        metrics["memory"] = {**footprint, **analytic, **memory.quantized_share(model, method)}
-        measured, expected = footprint.get("weight_bytes_measured"), analytic.get("weight_bytes_analytic")
-        metrics["memory"]["weight_measured_over_analytic"] = measured / expected if measured and expected else None
-        for warning in memory.memory_warnings(metrics["memory"], memory.method_quantizes(method, cfg.method)):
-            log.warning(warning)
-            result["warnings"].append(warning)
 
-        if cfg.bench.enabled:
-            phase = "latency"
-            from qbench.measure import latency
+def _latency(model: Any, tokenizer: Any, method: Any, cfg: Any, device: str, phases: Any, footprint: Dict[str, Any],
+             result: Dict[str, Any], where: Dict[str, str]) -> None:
+    from qbench.measure import latency
 
-            t0 = time.perf_counter()
-            lat = latency.measure(
-                model, tokenizer, cfg.bench, device, phases,
-                footprint["weight_bytes_read_per_token"],  # the untied input embedding is read a row at a time
-                model.config,
-                compute_dtype=getattr(method, "COMPUTE_DTYPE", None),
-            )
-            timings["latency_s"] = time.perf_counter() - t0
-            result["warnings"].extend(lat.pop("warnings", []))
-            metrics["memory"]["kv_cache_bytes_analytic"] = lat.pop("kv_cache_bytes_analytic", None)
-            metrics["latency"] = lat
+    where["phase"] = "latency"
+    t0 = time.perf_counter()
+    lat = latency.measure(
+        model, tokenizer, cfg.bench, device, phases,
+        footprint["weight_bytes_read_per_token"],  # the untied input embedding is read a row at a time
+        model.config,
+        compute_dtype=getattr(method, "COMPUTE_DTYPE", None),
+    )
+    result["timings"]["latency_s"] = time.perf_counter() - t0
+    result["warnings"].extend(lat.pop("warnings", []))
+    result["metrics"]["memory"]["kv_cache_bytes_analytic"] = lat.pop("kv_cache_bytes_analytic", None)
+    result["metrics"]["latency"] = lat
 
-        if cfg.eval.enabled:
-            phase = "eval"
-            from qbench.evaluate import accuracy
 
-            t0 = time.perf_counter()
-            with phases.phase("eval"):
-                metrics["accuracy"] = accuracy.run(model, tokenizer, cfg.eval, device, result["random_weights"])
-            result["warnings"].extend((metrics["accuracy"] or {}).get("warnings", []))
-            timings["eval_s"] = time.perf_counter() - t0
+def _accuracy(model: Any, tokenizer: Any, cfg: Any, device: str, phases: Any, result: Dict[str, Any],
+              where: Dict[str, str]) -> None:
+    from qbench.evaluate import accuracy
 
-        if cfg.eval.enabled and cfg.eval.quality.enabled:
-            phase = "quality"
-            t0 = time.perf_counter()
-            with phases.phase("quality"):
-                metrics["quality"] = _quality(model, tokenizer, cfg, spec)
-            result["warnings"].extend(metrics["quality"].pop("warnings"))
-            timings["quality_s"] = time.perf_counter() - t0
-
-        metrics["memory"].update(phases.summary())
-        result["status"] = "ok"
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # failures are data
-        from qbench.store import error_message
-
-        result["error"] = {
-            "class": classify(exc),
-            "type": type(exc).__name__,
-            "message": error_message(exc),  # the cause in one line; the whole text is in the traceback
-            "traceback": traceback.format_exc()[-20000:],
-            "phase": phase,
-        }
-        log.error("cell failed in %s: %s: %s", phase, type(exc).__name__, result["error"]["message"])
-    result["finished_at"] = now_iso()
-    result["wall_time_s"] = time.perf_counter() - t_start
-    return result
+    where["phase"] = "eval"
+    t0 = time.perf_counter()
+    with phases.phase("eval"):
+        result["metrics"]["accuracy"] = accuracy.run(model, tokenizer, cfg.eval, device, result["random_weights"])
+    result["warnings"].extend((result["metrics"]["accuracy"] or {}).get("warnings", []))
+    result["timings"]["eval_s"] = time.perf_counter() - t0
 
 
 def _quality(model: Any, tokenizer: Any, cfg: Any, spec: Dict[str, Any]) -> Dict[str, Any]:
