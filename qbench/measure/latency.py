@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from qbench.measure import bandwidth, gpu_specs, gpu_state, memory, stats, timing
@@ -155,8 +155,6 @@ def _step_stamper(device: Any, n_steps: int):
     return StepStamps()
 
 
-
-
 def generate_timed(model, input_ids, attention_mask, new_tokens: int, path: str, device: Any, pad_token_id: int,
                    compile_config: Any = None) -> Dict[str, Any]:
     """One forced-length greedy generate with per-step stamps. Returns {"steps_s", "wall_s", "output_ids"}.
@@ -205,7 +203,8 @@ def record_decode_steps(model, input_ids, attention_mask, new_tokens: int, devic
     one generate records its keyword arguments: replaying them calls the same compiled function with the same
     guards (no recompile) on the same cache, which generate has just filled with this prompt (the prefill).
     Raises RuntimeError when generate did not call a compiled step once per decode token."""
-    generate_timed(model, input_ids, attention_mask, new_tokens, "static", device, pad_token_id, compile_config)
+    if getattr(model, "_compiled_call", None) is None:  # no static generate ran yet: one makes the compiled step
+        generate_timed(model, input_ids, attention_mask, new_tokens, "static", device, pad_token_id, compile_config)
     compiled = getattr(model, "_compiled_call", None)
     if compiled is None:
         raise RuntimeError("generate compiled no decode step (model._compiled_call is missing)")
@@ -266,20 +265,20 @@ def graph_decode_timed(model, calls: List[Dict[str, Any]], device: Any) -> Dict[
     with torch.inference_mode(), torch.no_grad(), (decode_mode() if decode_mode else contextlib.nullcontext()):
         rewind_cache(calls)
         timing.synchronize(device)
-        if cuda:
+        if cuda:  # events on the stream: no sync inside the loop
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(calls) + 1)]
-            events[0].record()
-            for i, kwargs in enumerate(calls):
-                token = step(**{**kwargs, "input_ids": token}).logits[:, -1:, :].argmax(-1)
-                tokens.append(token)
-                events[i + 1].record()
-            events[-1].synchronize()
-            return {"steps_s": [events[0].elapsed_time(e) / 1e3 for e in events], "tokens": tokens}
-        stamps = [time.perf_counter()]
-        for kwargs in calls:
+            stamp = lambda i: events[i].record()  # noqa: E731
+        else:
+            stamps = [0.0] * (len(calls) + 1)
+            stamp = lambda i: stamps.__setitem__(i, time.perf_counter())  # noqa: E731
+        stamp(0)
+        for i, kwargs in enumerate(calls):
             token = step(**{**kwargs, "input_ids": token}).logits[:, -1:, :].argmax(-1)
             tokens.append(token)
-            stamps.append(time.perf_counter())
+            stamp(i + 1)
+    if cuda:
+        events[-1].synchronize()
+        return {"steps_s": [events[0].elapsed_time(e) / 1e3 for e in events], "tokens": tokens}
     return {"steps_s": [t - stamps[0] for t in stamps], "tokens": tokens}
 
 
@@ -330,8 +329,8 @@ class Settings:
     max_time_per_figure_s: Optional[float]
     cv_warn_threshold: float
     seed: int
-    gpu_spec_overrides: Dict[str, Any] = field(default_factory=dict)
-    measure_copy_bandwidth: bool = True
+    gpu_spec_overrides: Dict[str, Any]
+    measure_copy_bandwidth: bool
 
     @classmethod
     def from_bench(cls, bench_cfg: Any) -> "Settings":
@@ -354,7 +353,7 @@ class Settings:
             max_time_per_figure_s=None if get("max_time_per_figure_s") is None else float(get("max_time_per_figure_s")),
             cv_warn_threshold=float(get("cv_warn_threshold")), seed=int(get("seed")),
             gpu_spec_overrides=dict(get("gpu_spec_overrides") or {}),
-            measure_copy_bandwidth=bool(getattr(bench_cfg, "measure_copy_bandwidth", True)),
+            measure_copy_bandwidth=bool(get("measure_copy_bandwidth")),
         )
 
     def loop(self) -> Dict[str, Any]:

@@ -111,9 +111,36 @@ def repeat(
     if min_repeats < 1 or max_repeats < min_repeats:
         raise ValueError(f"repeat: need 1 <= min_repeats ({min_repeats}) <= max_repeats ({max_repeats})")
     with gc_paused():
-        return _repeat(run_once, warmup_runs=warmup_runs, min_repeats=min_repeats, max_repeats=max_repeats,
-                       min_duration_s=min_duration_s, target_ci_pct=target_ci_pct, max_time_s=max_time_s,
-                       value_of=value_of, max_warmup_runs=max_warmup_runs, steady_pct=steady_pct, clock=clock)
+        warmup_s = warm_up(run_once, min_runs=warmup_runs, max_runs=max(warmup_runs, max_warmup_runs or 0),
+                           steady_pct=steady_pct, clock=clock)
+        results: List[Any] = []
+        values: List[float] = []  # value_of of each result, read only when there is a precision target
+        timed_s = 0.0
+        stopped_by, half = "max_repeats", None
+        while len(results) < max_repeats:
+            t0 = clock()
+            results.append(run_once())
+            timed_s += clock() - t0
+            if target_ci_pct is not None:
+                values.append(float(value_of(results[-1])))
+            if len(results) < min_repeats or timed_s < min_duration_s:
+                continue
+            if target_ci_pct is None:
+                stopped_by = "min_repeats"
+                break
+            half = _ci_half_width_pct(values)
+            if half is not None and half <= target_ci_pct:
+                stopped_by = "precision"
+                break
+            if max_time_s is not None and timed_s >= max_time_s:
+                stopped_by = "time_cap"
+                break
+    if half is None:
+        with contextlib.suppress(TypeError, ValueError):  # results that are no figure (a test's None) have no CI
+            half = _ci_half_width_pct(values or [float(value_of(r)) for r in results])
+    first: Optional[float] = warmup_s[0] if warmup_s else None
+    return {"results": results, "first_call_s": first, "warmup_s": warmup_s, "timed_s": timed_s, "n": len(results),
+            "stopped_by": stopped_by, "ci_half_width_pct": half}
 
 
 @contextlib.contextmanager
@@ -131,36 +158,3 @@ def gc_paused():
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _repeat(run_once, *, warmup_runs, min_repeats, max_repeats, min_duration_s, target_ci_pct, max_time_s, value_of,
-            max_warmup_runs, steady_pct, clock) -> Dict[str, Any]:
-    warmup_s = warm_up(run_once, min_runs=warmup_runs, max_runs=max(warmup_runs, max_warmup_runs or 0),
-                       steady_pct=steady_pct, clock=clock)
-    results: List[Any] = []
-    values: List[float] = []
-    timed_s = 0.0
-    stopped_by, half = "max_repeats", None
-    while len(results) < max_repeats:
-        t0 = clock()
-        results.append(run_once())
-        timed_s += clock() - t0
-        if len(results) < min_repeats or timed_s < min_duration_s:
-            continue
-        if target_ci_pct is None:
-            stopped_by = "min_repeats"
-            break
-        values = [float(value_of(r)) for r in results]
-        half = _ci_half_width_pct(values)
-        if half is not None and half <= target_ci_pct:
-            stopped_by = "precision"
-            break
-        if max_time_s is not None and timed_s >= max_time_s:
-            stopped_by = "time_cap"
-            break
-    if half is None:
-        with contextlib.suppress(TypeError, ValueError):  # results that are no figure (a test's None) have no CI
-            half = _ci_half_width_pct([float(value_of(r)) for r in results])
-    first: Optional[float] = warmup_s[0] if warmup_s else None
-    return {"results": results, "first_call_s": first, "warmup_s": warmup_s, "timed_s": timed_s, "n": len(results),
-            "stopped_by": stopped_by, "ci_half_width_pct": half}
