@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from qbench.errors import ConfigError
 from qbench.config import validate
 from qbench.store import cell_dir as cell_dir_of
-from qbench.store import cell_id
+from qbench.store import cell_id, sweep_dir_of
 from qbench.measure import gpu_state
 
 log = logging.getLogger("qbench")
@@ -136,7 +136,8 @@ def preflight(argv: List[str]) -> CellDirs:
                 try:
                     cfg = _compose(cell_overrides, args.config_name or "config")
                 except Exception as exc:
-                    raise ConfigError(_one_line(exc) + _foreign_key_hint(exc, cell_overrides)) from exc
+                    line = _one_line(exc)
+                    raise ConfigError(line + _foreign_key_hint(line, cell_overrides)) from exc
                 validate(cfg)
                 pf.check_cell(cfg)
                 cid = cell_id(cfg)
@@ -148,10 +149,10 @@ def preflight(argv: List[str]) -> CellDirs:
                 seen[cid] = cell_overrides
                 dirs.append(cell_dir_of(cfg))
                 rounds.add(int(cfg.run.rounds))
-                dirs.in_round = cfg.run.round is not None
             if len(rounds) > 1:
                 raise ConfigError(f"run.rounds: cells of one sweep ask for different counts ({sorted(rounds)}); give one")
             dirs.rounds = rounds.pop()
+            dirs.in_round = cfg.run.round is not None  # run.round comes from the command line: the same for all
             pf.check_dirs(cfg)
             _check_launcher(cfg)
     except ConfigError:
@@ -161,11 +162,11 @@ def preflight(argv: List[str]) -> CellDirs:
     return dirs
 
 
-def _foreign_key_hint(exc: BaseException, cell_overrides: List[str]) -> str:
+def _foreign_key_hint(line: str, cell_overrides: List[str]) -> str:
     """Each method's schema holds only its own keys, so a key set for a whole sweep (method.group_size=64 over
-    fp32,awq) fails at the methods that lack it: say which cell, and how to set a key for one method only."""
-    text = _one_line(exc)  # the outer line names the key, the innermost cause says "not in"
-    if "not in" not in text or "method." not in text:
+    fp32,awq) fails at the methods that lack it: say which cell, and how to set a key for one method only.
+    ``line``: the error's one line, whose outer part names the key and whose innermost cause says "not in"."""
+    if "not in" not in line or "method." not in line:
         return ""
     method = next((o.split("=", 1)[1] for o in cell_overrides if o.startswith("method=")), "?")
     return (f": method '{method}' has no such key (each method takes only its own keys); set it for one method "
@@ -414,9 +415,7 @@ def summary_counts(cell_dirs: List[Path], since: float) -> Dict[str, int]:
 
 def summary_line(cell_dirs: List[Path], since: float) -> str:
     c = summary_counts(cell_dirs, since)
-    # the sweep folder, also for a round's cells (<sweep>/<cell>/rounds/<k>)
-    where = ", ".join(dict.fromkeys(str(Path(d).parents[2] if Path(d).parent.name == "rounds" else Path(d).parent)
-                                    for d in cell_dirs))
+    where = ", ".join(dict.fromkeys(str(sweep_dir_of(d)) for d in cell_dirs))
     extra = f", {c['missing']} without a result" if c["missing"] else ""
     return (
         f"qbench: {where}: {c['cells']} cells: ran {c['ran']}, skipped {c['skipped']}, failed {c['failed']}"

@@ -20,13 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from qbench.store import read_result, write_result
-
-ROUNDS_DIR = "rounds"
-
-
-def round_dir(cell_dir: Path, k: int) -> Path:
-    return Path(cell_dir) / ROUNDS_DIR / str(k)
+from qbench.store import read_result, round_dir, write_result
 
 
 def _half_width_pct(dist: Dict[str, Any]) -> Optional[float]:
@@ -58,19 +52,19 @@ def combine_figure(dists: List[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def _key(row: Dict[str, Any], kind: str) -> Tuple:
-    return (kind, row.get("decode_path"), row.get("batch_size"), row.get("prompt_tokens"))
+def _key(row: Dict[str, Any]) -> Tuple:
+    return (row.get("decode_path"), row.get("batch_size"), row.get("prompt_tokens"))
 
 
 def combine_latency(sections: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Round 1's latency section with each figure that every round measured combined over the rounds."""
     out = copy.deepcopy(sections[0])
     for kind, dist_keys in (("prefill", ("ttft_ms",)), ("decode", ("tokens_per_s", "per_token_ms"))):
-        by_key = {_key(r, kind): [r] for r in out.get(kind) or []}
+        by_key = {_key(r): [r] for r in out.get(kind) or []}
         for section in sections[1:]:
             for row in section.get(kind) or []:
-                if _key(row, kind) in by_key:
-                    by_key[_key(row, kind)].append(row)
+                if _key(row) in by_key:
+                    by_key[_key(row)].append(row)
         for rows in by_key.values():
             if len(rows) != len(sections):
                 continue  # a figure some round lacks (a path that failed there) stays round 1's

@@ -35,18 +35,30 @@ RECORDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
                 "QBENCH_DATA", "QBENCH_CACHE")
 
 
-def cell_id(cfg: Any) -> str:
-    """Directory name of one cell under runs/<sweep>/: the one format, for a composed config or its plain dict."""
-    return f"{cfg['model']['name']}__{cfg['method']['name']}"
+ROUNDS_DIR = "rounds"  # run.rounds: <cell>/rounds/<k>/result.json, combined into <cell>/result.json
+
+
+def cell_id(cfg: Any, method_name: Optional[str] = None) -> str:
+    """Directory name of one cell under runs/<sweep>/: the one format, for a composed config or its plain dict.
+    ``method_name``: the same model's cell of another method (the quality baseline's)."""
+    return f"{cfg['model']['name']}__{method_name or cfg['method']['name']}"
+
+
+def round_dir(cell_dir: Path, k: int) -> Path:
+    return Path(cell_dir) / ROUNDS_DIR / str(k)
 
 
 def cell_dir(cfg: Any, method_name: Optional[str] = None) -> Path:
-    """Where a cell's result.json goes: runs/<sweep>/<cell>, or its rounds/<k> while a round is measured.
-    ``method_name``: the same place for another method of the sweep (the quality baseline's)."""
+    """Where a cell's result.json goes: runs/<sweep>/<cell>, or its rounds/<k> while a round is measured."""
     run = cfg["run"]
-    cid = f"{cfg['model']['name']}__{method_name}" if method_name else cell_id(cfg)
-    path = Path(run["runs_dir"]) / run["sweep"] / cid
-    return path / "rounds" / str(run["round"]) if run.get("round") else path
+    path = Path(run["runs_dir"]) / run["sweep"] / cell_id(cfg, method_name)
+    return round_dir(path, run["round"]) if run.get("round") else path
+
+
+def sweep_dir_of(cell_dir: Path) -> Path:
+    """The sweep folder a cell's (or a round's) result directory lies in."""
+    cell_dir = Path(cell_dir)
+    return cell_dir.parents[2] if cell_dir.parent.name == ROUNDS_DIR else cell_dir.parent
 
 
 def error_row(cfg_dict: Dict[str, Any], error_class: str, message: str, phase: str,
