@@ -266,3 +266,25 @@ def test_nf4_bits_per_weight_is_4_127():
     cfg = method_cfg("bnb_nf4").method
     bytes_ = methods.get("bnb_4bit").linear_weight_bytes(4096, 4096, cfg)
     assert bytes_ * 8 / (4096 * 4096) == pytest.approx(4.127, abs=0.001)
+
+
+@pytest.mark.parametrize("kind, why", [
+    ("awq", ", which AWQ requires; group sizes that fit every layer: -1, 16, 32, 64"),
+    ("hqq", ", which hqq requires"),
+    ("torchao_int4wo", " (torchao would leave it unquantized)"),
+])
+def test_group_size_must_divide_every_input_width(kind, why):
+    """The methods whose groups run along the input dimension refuse, with one line, a group size that does not
+    divide a layer's width (SmolLM2's 576 at 128), each saying why; one that divides all passes."""
+    from types import SimpleNamespace
+
+    from qbench import methods
+    from qbench.errors import ConfigError
+
+    widths = {576: ["model.layers.0.self_attn.q_proj"], 1536: ["model.layers.0.mlp.down_proj"]}
+    check = methods.get(kind).check_widths
+    with pytest.raises(ConfigError) as err:
+        check(SimpleNamespace(group_size=128), widths, "smollm2_135m")
+    assert str(err.value) == ("method.group_size: 128 does not divide the input width 576 of smollm2_135m's layer "
+                              "model.layers.0.self_attn.q_proj" + why)
+    check(SimpleNamespace(group_size=64), widths, "smollm2_135m")

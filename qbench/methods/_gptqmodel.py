@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import math
 import os
 import resource
 import subprocess
@@ -108,22 +107,6 @@ def validate_common(cfg: Any, kind: str) -> None:
             )
     else:
         calibration.validate(cfg.calibration)
-
-
-def check_group_divides(cfg: Any, widths: Dict[int, List[str]], model_name: str, kind: str) -> None:
-    """ConfigError when method.group_size does not divide the input width of a layer to quantize."""
-    from qbench.config import ConfigError
-
-    gs = int(cfg.group_size)
-    bad = sorted(w for w in widths if gs != -1 and w % gs)
-    if not bad:
-        return
-    fits = [g for g in method(kind).GROUP_SIZES if g == -1 or all(w % g == 0 for w in widths)]
-    raise ConfigError(
-        f"method.group_size: {gs} does not divide the input width {bad[0]} of {model_name}'s layer "
-        f"{widths[bad[0]][0]}, which {kind.upper()} requires; group sizes that fit every layer: "
-        f"{', '.join(map(str, fits))}"
-    )
 
 
 def resolve_backend_name(name: str, kind: str) -> Optional[str]:
@@ -573,7 +556,7 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
 
     import torch
 
-    from qbench import calibration, quant_cache
+    from qbench import calibration
     from qbench.models import Source, load_tokenizer
     from qbench.store import now_iso
 

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 from qbench.calibration import CalibrationConfig
 from qbench.config import MethodBase
 from qbench.methods import _gptqmodel as gm
+from qbench.methods._groups import check_group_divides
 
 KIND = "awq"
 EXTRA = gm.EXTRA
@@ -75,7 +76,7 @@ def quantize_config(cfg: Any, common: Dict[str, Any]):
 def check_widths(method_cfg: Any, widths: Dict[int, List[str]], model_name: str) -> None:
     """AWQ packs whole groups along the input dimension: group_size must divide every layer's input width
     (GPT-QModel otherwise fails minutes into quantization)."""
-    gm.check_group_divides(method_cfg, widths, model_name, KIND)
+    check_group_divides(method_cfg.group_size, widths, model_name, ", which AWQ requires", GROUP_SIZES)
 
 
 def load(source: Any, method_cfg: Any, device_map: Any):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List
 
 from qbench.config import MethodBase
+from qbench.methods._groups import check_group_divides
 
 EXTRA = "hqq"
 LIBRARIES = ("hqq",)
@@ -49,13 +50,7 @@ def validate(method_cfg: Any) -> None:
 
 def check_widths(method_cfg: Any, widths: Dict[int, List[str]], model_name: str) -> None:
     """HQQ groups whole rows (axis 1): group_size must divide every layer's input width."""
-    from qbench.config import ConfigError
-
-    gs = int(method_cfg.group_size)
-    bad = sorted(w for w in widths if w % gs)
-    if bad:
-        raise ConfigError(f"method.group_size: {gs} does not divide the input width {bad[0]} of {model_name}'s layer "
-                          f"{widths[bad[0]][0]}, which hqq requires")
+    check_group_divides(method_cfg.group_size, widths, model_name, ", which hqq requires")
 
 
 def is_quantized_module(module: Any) -> bool:

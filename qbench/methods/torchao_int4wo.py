@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from qbench.config import MethodBase
+from qbench.methods._groups import check_group_divides
 
 EXTRA = "torchao"
 LIBRARIES = ("torchao",)
@@ -70,13 +71,7 @@ def check_device(method_cfg: Any, device: str, capability: Optional[Tuple[int, i
 
 def check_widths(method_cfg: Any, widths: Dict[int, List[str]], model_name: str) -> None:
     """torchao leaves a layer whose input width group_size does not divide unquantized, silently: refuse it."""
-    from qbench.config import ConfigError
-
-    gs = int(method_cfg.group_size)
-    bad = sorted(w for w in widths if w % gs)
-    if bad:
-        raise ConfigError(f"method.group_size: {gs} does not divide the input width {bad[0]} of {model_name}'s layer "
-                          f"{widths[bad[0]][0]} (torchao would leave it unquantized)")
+    check_group_divides(method_cfg.group_size, widths, model_name, " (torchao would leave it unquantized)")
 
 
 def is_quantized_module(module: Any) -> bool:
