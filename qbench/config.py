@@ -72,6 +72,9 @@ class BenchConfig:
     # min_repeats), or until max_time_per_figure_s seconds of timed runs (the figure is then flagged)
     target_ci_pct: Optional[float] = 1.0  # %
     max_time_per_figure_s: Optional[float] = 10.0  # s
+    # a compiled path's first call at a batch size (torch.compile's trace and codegen) may take this long, then the
+    # path is recorded unsupported with that reason (null: no limit; H200, 8B bf16: 37-61 s)
+    max_compile_s: Optional[float] = 300.0  # s
     min_repeats: int = 6  # timed runs at least (6: the fewest whose order statistics give a 95 % CI of the median)
     max_repeats: int = 100  # timed runs at most
     min_duration_s: float = 1.0  # and at least this much time timed (s)

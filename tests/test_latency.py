@@ -218,8 +218,9 @@ def test_measure_on_gpu(tmp_path):
 
 def test_every_figure_warms_up_until_steady(tiny_model, monkeypatch):
     """A first call carries one-time costs and compiled paths keep speeding up for a few calls after their compile
-    (H100: calls 3-5 ran ~7 % slow), so every figure's loop may warm up to bench.max_warmup_runs calls while runs
-    still get faster by more than warmup_steady_pct; never fewer than bench.warmup_runs. Both are recorded."""
+    (H100: calls 3-5 ran ~7 % slow), so prefill and the compiled paths may warm up to bench.max_warmup_runs calls
+    while runs still get faster by more than warmup_steady_pct; eager decode, which has no such transient, warms
+    up bench.warmup_runs; never fewer than bench.warmup_runs. Both are recorded."""
     model, tok = tiny_model
     monkeypatch.setattr(latency, "static_unsupported_reason", lambda *a, **k: None)  # run it uncompiled on CPU
     seen = []
@@ -232,8 +233,8 @@ def test_every_figure_warms_up_until_steady(tiny_model, monkeypatch):
     monkeypatch.setattr(latency.timing, "repeat", spy)
     cfg = _quick(batch_sizes=[1], prompt_tokens=[8], warmup_runs=1, max_warmup_runs=3)
     out = latency.measure(model, tok, cfg, "cpu", None, 1, model.config)
-    # one prefill loop, then eager and static decode at batch 1
-    assert seen == [(1, 3), (1, 3), (1, 3)]
+    # one prefill loop, then eager and static decode at batch 1: eager has no transient after its first call
+    assert seen == [(1, 3), (1, 1), (1, 3)]
     assert [d["decode_path"] for d in out["decode"]] == ["eager", "static"]
     assert out["settings"]["warmup_runs"] == 1 and out["settings"]["max_warmup_runs"] == 3
     seen.clear()
@@ -348,3 +349,108 @@ def test_measure_graph_path_on_cpu(tiny_model):
 def test_decode_paths_are_checked():
     with pytest.raises(ValueError, match="unknown"):
         latency.Settings.from_bench(_quick(decode_paths=["eagre"]))
+
+
+# ---- the compile deadline ------------------------------------------------------------------------------
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_deadline_stops_a_block_that_runs_past_it():
+    t0 = time.monotonic()
+    with pytest.raises(timing.DeadlineExceeded, match="too slow"):
+        with timing.deadline(0.2, "too slow"):
+            _spin(5.0)
+    assert time.monotonic() - t0 < 2.0
+    with timing.deadline(5.0, "never"):  # a block that ends in time is left alone, and so is what follows
+        _spin(0.05)
+    _spin(0.3)
+    with timing.deadline(None, "no limit"):
+        _spin(0.3)
+
+
+def test_deadline_raises_again_when_a_library_swallows_the_first():
+    """Dynamo and Inductor catch and wrap errors raised while they compile; one that carried on would otherwise
+    compile for as long as it liked."""
+    swallowed = []
+    with pytest.raises(timing.DeadlineExceeded):
+        with timing.deadline(0.1, "late"):
+            try:
+                _spin(5.0)
+            except timing.DeadlineExceeded:
+                swallowed.append(True)
+            _spin(5.0)  # the library's own carrying on
+    assert swallowed == [True]
+
+
+def test_deadline_puts_back_an_outer_alarm():
+    import signal
+
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda *a: fired.append(True))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.6)
+        with timing.deadline(5.0, "inner"):
+            _spin(0.1)
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > 0.2  # the outer alarm runs on, less the block's time
+        _spin(1.0)
+        assert fired == [True]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_deadline_is_a_no_op_off_the_main_thread():
+    import threading
+
+    done = []
+    th = threading.Thread(target=lambda: (timing.deadline(0.01, "x").__enter__(), _spin(0.1), done.append(True)))
+    th.start()
+    th.join()
+    assert done == [True]
+
+
+def test_a_compile_past_max_compile_s_marks_static_and_graph_unsupported(tiny_model, monkeypatch):
+    """A compile that runs past bench.max_compile_s ends that path (and graph, which replays static's compiled
+    step) as unsupported with the reason; eager is measured at every batch size all the same. The deadline
+    covers only the first call at a batch size: later calls may take their time."""
+    model, tok = tiny_model
+    monkeypatch.setattr(latency, "static_unsupported_reason", lambda *a, **k: None)
+    real = latency.generate_timed
+
+    def slow_first_compile(model, ids, mask, new_tokens, path, *a, **k):
+        if path == "static":
+            _spin(3.0)  # the 'compile'
+        return real(model, ids, mask, new_tokens, path, *a, **k)
+
+    monkeypatch.setattr(latency, "generate_timed", slow_first_compile)
+    cfg = _quick(batch_sizes=[1, 2], prompt_tokens=[8], decode_paths=["eager", "static", "graph"], max_compile_s=0.5)
+    out = latency.measure(model, tok, cfg, "cpu", None, 1, model.config)
+    assert [(d["decode_path"], d["batch_size"]) for d in out["decode"]] == [("eager", 1), ("eager", 2)]
+    by_path = {u["decode_path"]: u for u in out["unsupported"]}
+    assert by_path["static"] == {"decode_path": "static", "batch_size": 1, "reason":
+                                 "DeadlineExceeded: torch.compile of the static decode step at batch 1 ran past "
+                                 "bench.max_compile_s=0.5 s"}
+    assert by_path["graph"]["batch_size"] == 1
+    assert by_path["graph"]["reason"].startswith("needs the static path's compiled step (DeadlineExceeded: ")
+    assert out["settings"]["max_compile_s"] == 0.5
+    # the same slow first call within the limit is measured
+    out = latency.measure(model, tok, _quick(batch_sizes=[1], prompt_tokens=[8], decode_paths=["static"],
+                                             max_compile_s=10.0, max_repeats=2), "cpu", None, 1, model.config)
+    assert [d["decode_path"] for d in out["decode"]] == ["static"] and out["unsupported"] == []
+
+
+def test_a_deadline_wrapped_by_the_compiler_is_named_as_itself():
+    try:
+        try:
+            raise timing.DeadlineExceeded("torch.compile of the static decode step at batch 8 ran past x")
+        except timing.DeadlineExceeded as exc:
+            raise RuntimeError("BackendCompilerFailed: backend='inductor' raised: ...") from exc
+    except RuntimeError as wrapped:
+        assert latency._reason_of(wrapped) == \
+            "DeadlineExceeded: torch.compile of the static decode step at batch 8 ran past x"
+    assert latency._reason_of(ValueError("boom\nmore")) == "ValueError: boom"

@@ -16,7 +16,10 @@ transformers' MinNewTokensLengthLogitsProcessor for every step), greedy; a run t
 
 Every timed figure repeats until the 95 % CI of its median is within ``bench.target_ci_pct`` % of it, or its
 time cap ``bench.max_time_per_figure_s`` is spent (then ``precision.stopped_by`` says ``time_cap``): see
-qbench.measure.timing.repeat. The loop is batch-major (every path at batch 1, then at batch 8, ...) so that
+qbench.measure.timing.repeat. The first call of a compiled path at each batch size (where torch.compile traces
+and code-generates the step) is stopped after ``bench.max_compile_s``: the path is then recorded as unsupported
+with that reason, not left to hold the GPU for many minutes (the H200, 8B shape: bf16 compiles in 37-61 s;
+torchao int8 weight-only had not finished after 170 s, float8 after 9 min). The loop is batch-major (every path at batch 1, then at batch 8, ...) so that
 ``graph`` reuses what ``static`` just compiled and warmed up at the same shapes.
 """
 from __future__ import annotations
@@ -327,6 +330,7 @@ class Settings:
     min_duration_s: float
     target_ci_pct: Optional[float]
     max_time_per_figure_s: Optional[float]
+    max_compile_s: Optional[float]
     cv_warn_threshold: float
     seed: int
     gpu_spec_overrides: Dict[str, Any]
@@ -351,15 +355,20 @@ class Settings:
             max_repeats=int(get("max_repeats")), min_duration_s=float(get("min_duration_s")),
             target_ci_pct=None if get("target_ci_pct") is None else float(get("target_ci_pct")),
             max_time_per_figure_s=None if get("max_time_per_figure_s") is None else float(get("max_time_per_figure_s")),
+            max_compile_s=None if get("max_compile_s") is None else float(get("max_compile_s")),
             cv_warn_threshold=float(get("cv_warn_threshold")), seed=int(get("seed")),
             gpu_spec_overrides=dict(get("gpu_spec_overrides") or {}),
             measure_copy_bandwidth=bool(get("measure_copy_bandwidth")),
         )
 
-    def loop(self) -> Dict[str, Any]:
-        """timing.repeat's keywords for one figure: every figure warms up until steady (GPU clocks ramp up over
-        the first prefill calls; a compiled path keeps speeding up for a few calls after its compile)."""
-        return dict(warmup_runs=self.warmup_runs, max_warmup_runs=self.max_warmup_runs,
+    def loop(self, speeds_up: bool = True) -> Dict[str, Any]:
+        """timing.repeat's keywords for one figure. ``speeds_up``: the figure has a transient after its first call
+        (GPU clocks ramp up over the first prefill calls; a compiled path keeps speeding up for a few calls after
+        its compile), so it warms up until steady, up to max_warmup_runs. Eager decode has none: on the H200 its
+        extra warm-ups ran as fast as its timed runs, and on a noisy host "still faster" is a coin toss that cost
+        it 7-10 s a figure; it warms up warmup_runs only."""
+        return dict(warmup_runs=self.warmup_runs,
+                    max_warmup_runs=self.max_warmup_runs if speeds_up else self.warmup_runs,
                     steady_pct=self.warmup_steady_pct, min_repeats=self.min_repeats, max_repeats=self.max_repeats,
                     min_duration_s=self.min_duration_s, target_ci_pct=self.target_ci_pct,
                     max_time_s=self.max_time_per_figure_s)
@@ -473,11 +482,20 @@ def _tokens_per_s(batch: int) -> Callable[[List[float]], float]:
     return lambda steps: batch * (len(steps) - 1) / (steps[-1] - steps[0])
 
 
+def _compile_deadline(s: Settings, path: str, batch: int):
+    """The limit on a compiled path's first call at a batch size, where torch.compile does its work."""
+    return timing.deadline(s.max_compile_s, f"torch.compile of the {path} decode step at batch {batch} ran past "
+                                            f"bench.max_compile_s={s.max_compile_s:g} s")
+
+
 def _decode_runner(t: Target, s: Settings, path: str, batch: int, energy_runs: List[Optional[float]]):
-    """The run_once of one (path, batch size): returns a run's step stamps, records its GPU energy."""
+    """The run_once of one (path, batch size): returns a run's step stamps, records its GPU energy. A compiled
+    path's first call runs under bench.max_compile_s (graph's is its recording: a static generate, if none ran)."""
     ids, mask = random_prompt(batch, s.decode_prompt_tokens, t.vocab, t.special_ids, s.seed, t.in_device)
+    first = path == "static"
     if path == "graph":
-        calls = record_decode_steps(t.model, ids, mask, s.new_tokens, t.device, t.pad_token_id, t.compile_config)
+        with _compile_deadline(s, path, batch):
+            calls = record_decode_steps(t.model, ids, mask, s.new_tokens, t.device, t.pad_token_id, t.compile_config)
 
         def timed():
             return graph_decode_timed(t.model, calls, t.device)["steps_s"]
@@ -487,8 +505,11 @@ def _decode_runner(t: Target, s: Settings, path: str, batch: int, energy_runs: L
                                   t.compile_config)["steps_s"]
 
     def run_once():
+        nonlocal first
         e0 = gpu_state.total_energy_j(t.device, t.gpu_indices) if t.cuda else None
-        steps = timed()
+        with _compile_deadline(s, path, batch) if first else contextlib.nullcontext():
+            steps = timed()
+        first = False
         e1 = gpu_state.total_energy_j(t.device, t.gpu_indices) if t.cuda else None
         energy_runs.append(e1 - e0 if e0 is not None and e1 is not None else None)
         return steps
@@ -501,7 +522,7 @@ def decode_row(t: Target, s: Settings, path: str, batch: int) -> tuple:
     energy_runs: List[Optional[float]] = []
     run_once = _decode_runner(t, s, path, batch, energy_runs)
     breaks0 = _graph_breaks()
-    res = timing.repeat(run_once, value_of=_tokens_per_s(batch), **s.loop())
+    res = timing.repeat(run_once, value_of=_tokens_per_s(batch), **s.loop(speeds_up=path in COMPILED_PATHS))
     breaks1 = _graph_breaks()
     steps = res["results"]
     tps = stats.summarize([_tokens_per_s(batch)(x) for x in steps], "tokens/s")
@@ -531,6 +552,19 @@ def decode_row(t: Target, s: Settings, path: str, batch: int) -> tuple:
     return row, res
 
 
+def _reason_of(exc: BaseException) -> str:
+    """One line for a path that failed: a compile deadline by its own message, even where Dynamo or Inductor
+    wrapped it in an error of theirs."""
+    cause: Optional[BaseException] = exc
+    seen = set()
+    while cause is not None and id(cause) not in seen and not isinstance(cause, timing.DeadlineExceeded):
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    exc = cause if isinstance(cause, timing.DeadlineExceeded) else exc
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
     """Every decode path at every batch size, batch-major, into out["decode"] / out["unsupported"]."""
     import torch
@@ -553,9 +587,11 @@ def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
             except Exception as exc:  # a method whose kernels cannot take this path (compile fails, ...)
                 if path not in COMPILED_PATHS:
                     raise
-                text = str(exc).strip()
-                reason[path] = f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+                reason[path] = _reason_of(exc)
                 failed_at[path] = batch
+                if path == "static" and "graph" in reason and reason["graph"] is None:
+                    # graph replays static's compiled step: without it, it would compile that step itself
+                    reason["graph"], failed_at["graph"] = f"needs the static path's compiled step ({reason[path]})", batch
                 continue
             out["decode"].append(row)
             out["one_time"]["decode"].append({"decode_path": path, "batch_size": batch, "first_call_s": res["first_call_s"]})

@@ -143,6 +143,44 @@ def repeat(
             "stopped_by": stopped_by, "ci_half_width_pct": half}
 
 
+class DeadlineExceeded(Exception):
+    """Raised inside a :func:`deadline` block that ran past its time."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: Optional[float], message: str):
+    """Raise DeadlineExceeded(message) in the block once it has run ``seconds`` (None: no limit), and again every
+    second after that, in case a library caught the first one and carried on (Dynamo and Inductor wrap errors
+    raised while they compile, and a wrapped one still ends the block). SIGALRM interrupts Python between
+    bytecodes and wakes a thread waiting on a lock or a future, so it stops a compile in Python or one waiting on
+    its worker processes. Only the main thread receives signals: elsewhere the block runs without a limit. An
+    alarm that was already set (a test timeout) is put back, less the time this block took."""
+    import signal
+    import threading
+
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    done = []
+
+    def on_alarm(signum, frame):
+        if not done:  # the block may have just ended: then the alarm is late, not a breach
+            raise DeadlineExceeded(message)
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, max(float(seconds), 1e-3), 1.0)
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        done.append(True)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_delay > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_delay - (time.monotonic() - t0), 1e-3), outer_interval)
+
+
 @contextlib.contextmanager
 def gc_paused():
     """Python's cyclic garbage collector off while a figure is measured (collected once before), as benchmark
