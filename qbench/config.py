@@ -238,6 +238,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"bench.target_ci_pct: {b.target_ci_pct} is not a positive percentage (null: no target)")
     if b.max_time_per_figure_s is not None and not b.max_time_per_figure_s > 0:
         raise ConfigError(f"bench.max_time_per_figure_s: {b.max_time_per_figure_s} is not positive (null: no cap)")
+    if b.max_compile_s is not None and not b.max_compile_s > 0:
+        raise ConfigError(f"bench.max_compile_s: {b.max_compile_s} is not positive (null: no limit)")
     if b.warmup_steady_pct < 0:
         raise ConfigError(f"bench.warmup_steady_pct: {b.warmup_steady_pct} is negative")
     if b.max_repeats < b.min_repeats:

@@ -116,6 +116,7 @@ BAD_INPUTS = [
     (["bench.cpu_affinity=0-3x"], "bench.cpu_affinity: '0-3x'"),  # malformed cpulist
     (["bench.cpu_affinity=gpu_near"], "bench.cpu_affinity: 'gpu_near'"),  # neither null, gpu_local nor a cpulist
     (["bench.max_warmup_runs=-1"], "bench.max_warmup_runs: -1 is negative"),
+    (["bench.max_compile_s=0"], "bench.max_compile_s: 0.0 is not positive (null: no limit)"),
 ]
 
 

@@ -483,7 +483,10 @@ def _tokens_per_s(batch: int) -> Callable[[List[float]], float]:
 
 
 def _compile_deadline(s: Settings, path: str, batch: int):
-    """The limit on a compiled path's first call at a batch size, where torch.compile does its work."""
+    """The limit on a compiled path's first call at a batch size, where torch.compile does its work (none when
+    bench.max_compile_s is null)."""
+    if s.max_compile_s is None:
+        return contextlib.nullcontext()
     return timing.deadline(s.max_compile_s, f"torch.compile of the {path} decode step at batch {batch} ran past "
                                             f"bench.max_compile_s={s.max_compile_s:g} s")
 
