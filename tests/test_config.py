@@ -1,7 +1,6 @@
 """Every YAML under conf/ composes against its schema; bad input fails with one line naming the culprit."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
