@@ -54,6 +54,21 @@ def device_map_for(device: str, num_gpus: int) -> Any:
     return {"": 0} if num_gpus == 1 else "auto"  # "auto" spreads layers over every visible GPU
 
 
+# torch's own default for the CUDA caching allocator, spelled out
+TORCH_DEFAULT_ALLOC_CONF = "expandable_segments:False"
+
+
+def pin_allocator_config() -> None:
+    """Every cell measures under the same CUDA caching allocator: the user's setting if any, else torch's
+    default, written out in PYTORCH_ALLOC_CONF. GPT-QModel 7.6 sets its own on import (expandable segments,
+    max_split_size_mb 256, a garbage-collection threshold of 0.7) whenever PYTORCH_ALLOC_CONF is empty, even
+    where the user set the older PYTORCH_CUDA_ALLOC_CONF: gptq and awq cells would otherwise reserve and fragment
+    memory under another allocator than every other method's, and their peaks and timings would not compare.
+    A user's PYTORCH_CUDA_ALLOC_CONF alone is copied under the primary name. Before any CUDA use."""
+    if not os.environ.get("PYTORCH_ALLOC_CONF"):
+        os.environ["PYTORCH_ALLOC_CONF"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or TORCH_DEFAULT_ALLOC_CONF
+
+
 def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     """The cell, start to end: a result dict that is ``ok`` with its metrics or ``error`` with the phase it failed
     in and every metric measured before (failures are data)."""
@@ -70,6 +85,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     # later cell with the same shapes and dtype (another round, a rerun, bench-check) loads the compiled decode
     # step instead of compiling it again (H200, 8B: 34 s at batch 1, 41 s for the batch-dynamic graph; warm 9 + 10 s)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.run.cache_dir).expanduser().resolve() / "torch_compile"))
+    pin_allocator_config()
     t_start = time.perf_counter()
     result = _new_result(cfg, spec, affinity, affinity_warning)
     where = {"phase": "setup"}

@@ -32,7 +32,7 @@ _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CRED
 # (a cell on a SLURM node inherits them from the submitting shell, so the result shows whether they arrived).
 # Only these: the rest of the environment is not recorded, it carries tokens and passwords.
 RECORDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "GPTQMODEL_OFFLINE", "HF_HOME",
-                "QBENCH_DATA", "QBENCH_CACHE")
+                "QBENCH_DATA", "QBENCH_CACHE", "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
 ROUNDS_DIR = "rounds"  # run.rounds: <cell>/rounds/<k>/result.json, combined into <cell>/result.json

@@ -68,6 +68,10 @@ def test_sweep_with_a_failing_cell_goes_on(tmp_path, cache):
     assert len({r["pid"] for r in res.values()}) == 3
     ok = res["tiny__fp32"]
     assert ok["environment"]["versions"]["torch"]
+    if not os.environ.get("PYTORCH_ALLOC_CONF"):
+        expected = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "expandable_segments:False"
+        assert all(r["environment"]["variables"]["PYTORCH_ALLOC_CONF"] == expected
+                   for r in res.values()), "every cell measures under the same, recorded, allocator settings"
     assert ok["metrics"]["memory"]["weight_bytes_measured"] > 0
     assert ok["metrics"]["latency"]["decode"], "decode measured"
     affinity = ok["environment"]["cpu_affinity"]  # recorded unpinned too: which cores the cell could use
@@ -195,3 +199,19 @@ def test_cpu_affinity_pins_the_cell_process(tmp_path, cache):
     assert row["status"] == "ok", row.get("error")
     assert row["environment"]["cpu_affinity"] == {"requested": "0", "cpus": [0], "applied": True}
     assert not any("cpu_affinity" in w for w in row["warnings"])
+
+
+def test_gptqmodel_cannot_change_the_allocator_of_one_methods_cells():
+    """GPT-QModel 7.6 sets its own PYTORCH_ALLOC_CONF on import when that one is empty: the cell pins torch's
+    default first, and a user's own setting, under either name, is what stays."""
+    code = ("import os, sys; from qbench import cell; cell.pin_allocator_config(); import gptqmodel.models.auto; "
+            "print(os.environ.get('PYTORCH_ALLOC_CONF'))")
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    base.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", GPTQMODEL_OFFLINE="1")
+    for extra, expected in (({}, "expandable_segments:False"),
+                            ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, "expandable_segments:True"),
+                            ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:128"}, "max_split_size_mb:128")):
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True,
+                             timeout=300, cwd=REPO)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.strip().splitlines()[-1] == expected, (extra, out.stdout[-500:])
