@@ -288,3 +288,23 @@ def test_group_size_must_divide_every_input_width(kind, why):
     assert str(err.value) == ("method.group_size: 128 does not divide the input width 576 of smollm2_135m's layer "
                               "model.layers.0.self_attn.q_proj" + why)
     check(SimpleNamespace(group_size=64), widths, "smollm2_135m")
+
+
+@pytest.mark.parametrize("name", ["torchao_int8wo", "torchao_int4wo"])
+def test_torchao_methods_leave_inductor_settings_alone(tiny_source, name):
+    """torchao's configs switch on Inductor's coordinate-descent tuning for the whole process by default: the
+    compiled paths of torchao cells would get tuning no other method gets (and compile for minutes). Loading
+    a torchao method leaves Inductor's settings as they were, and the result records why."""
+    import torch._inductor.config as inductor
+
+    cfg = method_cfg(name).method
+    with inductor.patch(coordinate_descent_tuning=False, force_fuse_int_mm_with_mul=False):
+        _model, info = methods.get(cfg.kind).load(tiny_source, cfg, {"": "cpu"})
+        assert inductor.coordinate_descent_tuning is False and inductor.force_fuse_int_mm_with_mul is False
+    assert '"set_inductor_config": false' in json.dumps(info["quantization_config"])
+
+
+def test_fp8_leaves_inductor_settings_alone():
+    """fp8 loads on FP8 GPUs only; its torchao config is checked here instead."""
+    pytest.importorskip("torchao")
+    assert methods.get("fp8").quant_type(method_cfg("fp8").method).set_inductor_config is False

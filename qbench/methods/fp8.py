@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 from qbench.config import MethodBase
+from qbench.methods import _torchao
 
 EXTRA = "torchao"
 LIBRARIES = ("torchao",)
@@ -61,7 +62,7 @@ def quant_type(method_cfg: Any):
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
 
     granularity = PerRow() if method_cfg.granularity == "row" else PerTensor()
-    return Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
+    return Float8DynamicActivationFloat8WeightConfig(granularity=granularity, **_torchao.CONFIG_KWARGS)
 
 
 def load(source: Any, method_cfg: Any, device_map: Any):

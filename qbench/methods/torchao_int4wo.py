@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from qbench.config import MethodBase
+from qbench.methods import _torchao
 from qbench.methods._groups import check_group_divides
 
 EXTRA = "torchao"
@@ -83,11 +84,12 @@ def _quant_type(method_cfg: Any):
     if packing_format(method_cfg) == "opaque":
         from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
 
-        return PrototypeInt4WeightOnlyConfig(group_size=gs)
+        return PrototypeInt4WeightOnlyConfig(group_size=gs, **_torchao.CONFIG_KWARGS)
     from torchao.quantization import Int4WeightOnlyConfig
     from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
-    return Int4WeightOnlyConfig(group_size=gs, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
+    return Int4WeightOnlyConfig(group_size=gs, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D,
+                                **_torchao.CONFIG_KWARGS)
 
 
 def load(source: Any, method_cfg: Any, device_map: Any):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qbench.config import MethodBase
+from qbench.methods import _torchao
 
 EXTRA = "torchao"
 LIBRARIES = ("torchao",)
@@ -46,7 +47,7 @@ def load(source: Any, method_cfg: Any, device_map: Any):
 
     from qbench.models import from_pretrained
 
-    quant = TorchAoConfig(Int8WeightOnlyConfig(granularity=PerRow()))
+    quant = TorchAoConfig(Int8WeightOnlyConfig(granularity=PerRow(), **_torchao.CONFIG_KWARGS))
     model = from_pretrained(source, device_map=device_map, dtype=getattr(torch, method_cfg.dtype),
                             quantization_config=quant)
     return model, {"quantization_config": json.loads(json.dumps(quant.to_dict(), default=str)),
