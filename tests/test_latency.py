@@ -161,6 +161,11 @@ def test_measure_on_cpu(tiny_model, monkeypatch):
     out = latency.measure(model, tok, _quick(), "cpu", pm, fp["weight_bytes_read_per_token"], model.config)
     json.dumps(out)  # result.json material
     assert out["device"] == "cpu" and out["timer"] == "perf_counter"
+    assert out["torch_settings"] == {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+                                     "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                                     "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                                     "inductor_max_autotune": False, "inductor_coordinate_descent_tuning": False,
+                                     "inductor_force_fuse_int_mm_with_mul": False}
     assert [(p["batch_size"], p["prompt_tokens"]) for p in out["prefill"]] == [(1, 8), (1, 16), (2, 8), (2, 16)]
     for p in out["prefill"]:
         assert 2 <= p["ttft_ms"]["n"] <= 3 and p["ttft_ms"]["unit"] == "ms"

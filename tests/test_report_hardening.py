@@ -148,3 +148,37 @@ def test_unquantized_share_and_memory_model_mismatch_are_shown(tmp_path):
     assert "measured / analytic weight bytes = 0.930" in fp32
     panel = page[page.index('id="memory-accounting"'):page.index('id="environment"')]
     assert "tiny__fp32" in panel and "tiny__bf16" not in panel  # bf16 quantizes nothing by design
+
+
+def test_a_switch_one_methods_library_flipped_shows_as_mixed(tmp_path):
+    """A library that changes a process-wide switch for its own cells (GPT-QModel's allocator, torchao's Inductor
+    tuning) makes those cells incomparable: the report's mixed-environment panel names the switch and the cells.
+    A cell that recorded nothing about it (no latency section, an older result) is not counted as differing."""
+    sweep = _copy(DEMO, tmp_path / "demo")
+    a, b = sorted(p.name for p in sweep.iterdir() if (p / "result.json").exists())
+    keys = {"inductor_coordinate_descent_tuning", "PYTORCH_ALLOC_CONF"}
+
+    def setting(tuning, alloc):
+        def fn(r):
+            r["metrics"]["latency"]["torch_settings"] = {"inductor_coordinate_descent_tuning": tuning}
+            r["environment"].setdefault("variables", {})["PYTORCH_ALLOC_CONF"] = alloc
+        return fn
+
+    def unrecorded(r):
+        r["metrics"]["latency"].pop("torch_settings", None)
+        r["environment"].get("variables", {}).pop("PYTORCH_ALLOC_CONF", None)
+
+    def mixed():
+        results = T.load_results(sweep)
+        return {m["key"]: m for m in H.honesty_view(results, T.summary_rows(results))["mixed"]}
+
+    _edit(sweep / a / "result.json", setting(True, "expandable_segments:True"))
+    _edit(sweep / b / "result.json", setting(False, "expandable_segments:False"))
+    found = mixed()
+    for key in keys:
+        assert {v["value"]: v["cells"] for v in found[key]["values"]} in (
+            {"True": [a], "False": [b]}, {"expandable_segments:True": [a], "expandable_segments:False": [b]}), key
+    _edit(sweep / b / "result.json", unrecorded)
+    assert not keys & set(mixed())
+    _edit(sweep / b / "result.json", setting(True, "expandable_segments:True"))
+    assert not keys & set(mixed())

@@ -614,6 +614,22 @@ def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the section
+def torch_settings() -> Dict[str, Any]:
+    """Process-wide switches that change what the timed code computes or how it is compiled, read as timing
+    starts, after the method has loaded: libraries set them on import or when applied (torchao's configs
+    switched on Inductor's coordinate-descent tuning until qbench turned that off), so a cell records what it
+    really ran under and the report can say when cells of a sweep differ."""
+    import torch
+    import torch._inductor.config as inductor
+
+    out: Dict[str, Any] = {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+                           "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+                           "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32)}
+    for key in ("max_autotune", "coordinate_descent_tuning", "force_fuse_int_mm_with_mul"):
+        out[f"inductor_{key}"] = bool(getattr(inductor, key, False))
+    return out
+
+
 def measure(
     model,
     tokenizer,
@@ -645,6 +661,7 @@ def measure(
     dtype = compute_dtype or getattr(model, "dtype", None)
     copy_bw = bandwidth.copy_bandwidth(device) if s.measure_copy_bandwidth else None
     model.eval()
+    settings_at_start = torch_settings()
     t = _target(model, tokenizer, device, model_config, weight_bytes_read_per_token, spec, dtype, copy_bw, compile_config)
     out: Dict[str, Any] = {"prefill": [], "decode": [], "unsupported": [], "warnings": [], "kv_shapes": [],
                            "one_time": {"first_call_s": None, "compile_s": None, "prefill": [], "decode": []}}
@@ -662,5 +679,6 @@ def measure(
         "host_cpu": gpu_state.host_cpu_load(cpu_start, gpu_state.cpu_times()),
         "compute_dtype": gpu_specs.dtype_key(dtype) if dtype is not None else None,
         "settings": s.record(),
+        "torch_settings": settings_at_start,
         "kv_cache_bytes_analytic": [dict(k) for k in dict.fromkeys(tuple(sorted(k.items())) for k in kv_shapes)],
     }

@@ -282,11 +282,16 @@ def _mixed_environment(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     libs = sorted({k for r in results for k in (T.get(r, "environment", "versions", default={}) or {})})
     for lib in libs:
         keys[lib] = lambda r, lib=lib: T.get(r, "environment", "versions", lib)
+    # what libraries may switch for one method's cells only (an allocator, Inductor tuning, TF32); a cell that did
+    # not record one (no latency section, an older result) says nothing about it and is left out
+    recorded = {"PYTORCH_ALLOC_CONF": lambda r: T.get(r, "environment", "variables", "PYTORCH_ALLOC_CONF")}
+    for key in sorted({k for r in results for k in (T.get(r, "metrics", "latency", "torch_settings", default={}) or {})}):
+        recorded[key] = lambda r, key=key: T.get(r, "metrics", "latency", "torch_settings", key)
     out = []
-    for name, f in keys.items():
+    for name, f in [*keys.items(), *recorded.items()]:
         by_value: Dict[str, List[str]] = defaultdict(list)
         for r in results:
-            if r.get("environment"):
+            if r.get("environment") and (name not in recorded or f(r) is not None):
                 by_value[str(f(r))].append(r["cell"])
         if len(by_value) > 1:
             out.append({"key": name, "values": [{"value": v, "cells": cells} for v, cells in by_value.items()]})
