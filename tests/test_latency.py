@@ -461,3 +461,23 @@ def test_a_deadline_wrapped_by_the_compiler_is_named_as_itself():
         assert latency._reason_of(wrapped) == \
             "DeadlineExceeded: torch.compile of the static decode step at batch 8 ran past x"
     assert latency._reason_of(ValueError("boom\nmore")) == "ValueError: boom"
+
+
+def test_a_real_inductor_compile_past_max_compile_s_is_stopped(tiny_model, tmp_path, monkeypatch):
+    """The deadline against torch.compile itself (Inductor on the CPU, transformers' own switch to compile there):
+    the alarm gets through Dynamo and Inductor, static and graph are recorded unsupported, and eager at the next
+    batch size still runs in the same process. (A compile within the limit: test_measure_graph_path_on_cpu.)"""
+    from transformers import CompileConfig
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # cold: a cached graph loads fast
+    model, tok = tiny_model
+    cc = CompileConfig()  # inductor, as generate compiles on a GPU
+    cc._compile_all_devices = True
+    cfg = _quick(batch_sizes=[1, 2], prompt_tokens=[8], decode_paths=["eager", "static", "graph"], max_compile_s=1.0)
+    t0 = time.monotonic()
+    out = latency.measure(model, tok, cfg, "cpu", None, 1, model.config, compile_config=cc)
+    assert time.monotonic() - t0 < 60
+    assert [(d["decode_path"], d["batch_size"]) for d in out["decode"]] == [("eager", 1), ("eager", 2)]
+    reasons = {u["decode_path"]: u["reason"] for u in out["unsupported"]}
+    assert reasons["static"].startswith("DeadlineExceeded: torch.compile of the static decode step at batch 1")
+    assert reasons["graph"].startswith("needs the static path's compiled step (DeadlineExceeded")
