@@ -219,41 +219,7 @@ def validate(cfg: Any) -> None:
     if cfg.method.dtype not in DTYPES:
         raise ConfigError(f"method.dtype: '{cfg.method.dtype}' is not one of {', '.join(DTYPES)}")
 
-    b = cfg.bench
-    if b.device not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"bench.device: '{b.device}' is not one of auto, cuda, cpu")
-    _positive_ints(list(b.batch_sizes), "bench.batch_sizes")
-    _positive_ints(list(b.prompt_tokens), "bench.prompt_tokens")
-    _positive_ints([b.decode_prompt_tokens], "bench.decode_prompt_tokens")
-    _positive_ints([b.new_tokens], "bench.new_tokens")
-    for p in b.decode_paths:
-        if p not in ("eager", "static", "graph"):
-            raise ConfigError(f"bench.decode_paths: '{p}' is not one of eager, static, graph")
-    if b.warmup_runs < 0:
-        raise ConfigError(f"bench.warmup_runs: {b.warmup_runs} is negative")
-    if b.max_warmup_runs < 0:
-        raise ConfigError(f"bench.max_warmup_runs: {b.max_warmup_runs} is negative")
-    _positive_ints([b.min_repeats], "bench.min_repeats")
-    if b.target_ci_pct is not None and not b.target_ci_pct > 0:
-        raise ConfigError(f"bench.target_ci_pct: {b.target_ci_pct} is not a positive percentage (null: no target)")
-    if b.max_time_per_figure_s is not None and not b.max_time_per_figure_s > 0:
-        raise ConfigError(f"bench.max_time_per_figure_s: {b.max_time_per_figure_s} is not positive (null: no cap)")
-    if b.max_compile_s is not None and not b.max_compile_s > 0:
-        raise ConfigError(f"bench.max_compile_s: {b.max_compile_s} is not positive (null: no limit)")
-    if b.warmup_steady_pct < 0:
-        raise ConfigError(f"bench.warmup_steady_pct: {b.warmup_steady_pct} is negative")
-    if b.max_repeats < b.min_repeats:
-        raise ConfigError(f"bench.max_repeats: {b.max_repeats} is below bench.min_repeats ({b.min_repeats})")
-    if b.min_duration_s < 0:
-        raise ConfigError(f"bench.min_duration_s: {b.min_duration_s} is negative")
-    if b.cpu_affinity is not None and b.cpu_affinity != GPU_LOCAL:
-        try:
-            parse_cpulist(b.cpu_affinity)
-        except ValueError as exc:
-            raise ConfigError(
-                f"bench.cpu_affinity: '{b.cpu_affinity}' is neither null, {GPU_LOCAL} nor a CPU list like 0-3,8 ({exc})"
-            ) from None
-
+    validate_bench(cfg.bench)
     validate_eval(cfg.eval)
 
     r = cfg.run
@@ -289,6 +255,43 @@ def _check_limit(value: Any, key: str) -> None:
         raise ConfigError(f"{key}: {value} must be positive (or null for all items)")
     if value >= 1 and float(value) != int(value):
         raise ConfigError(f"{key}: {value} is neither a fraction below 1 nor a whole number of items")
+
+
+def validate_bench(b: Any) -> None:
+    """The bench keys' checks (qbench.config.validate): ConfigError naming the key."""
+    if b.device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"bench.device: '{b.device}' is not one of auto, cuda, cpu")
+    _positive_ints(list(b.batch_sizes), "bench.batch_sizes")
+    _positive_ints(list(b.prompt_tokens), "bench.prompt_tokens")
+    _positive_ints([b.decode_prompt_tokens], "bench.decode_prompt_tokens")
+    _positive_ints([b.new_tokens], "bench.new_tokens")
+    for p in b.decode_paths:
+        if p not in ("eager", "static", "graph"):
+            raise ConfigError(f"bench.decode_paths: '{p}' is not one of eager, static, graph")
+    if b.warmup_runs < 0:
+        raise ConfigError(f"bench.warmup_runs: {b.warmup_runs} is negative")
+    if b.max_warmup_runs < 0:
+        raise ConfigError(f"bench.max_warmup_runs: {b.max_warmup_runs} is negative")
+    _positive_ints([b.min_repeats], "bench.min_repeats")
+    if b.target_ci_pct is not None and not b.target_ci_pct > 0:
+        raise ConfigError(f"bench.target_ci_pct: {b.target_ci_pct} is not a positive percentage (null: no target)")
+    if b.max_time_per_figure_s is not None and not b.max_time_per_figure_s > 0:
+        raise ConfigError(f"bench.max_time_per_figure_s: {b.max_time_per_figure_s} is not positive (null: no cap)")
+    if b.max_compile_s is not None and not b.max_compile_s > 0:
+        raise ConfigError(f"bench.max_compile_s: {b.max_compile_s} is not positive (null: no limit)")
+    if b.warmup_steady_pct < 0:
+        raise ConfigError(f"bench.warmup_steady_pct: {b.warmup_steady_pct} is negative")
+    if b.max_repeats < b.min_repeats:
+        raise ConfigError(f"bench.max_repeats: {b.max_repeats} is below bench.min_repeats ({b.min_repeats})")
+    if b.min_duration_s < 0:
+        raise ConfigError(f"bench.min_duration_s: {b.min_duration_s} is negative")
+    if b.cpu_affinity is not None and b.cpu_affinity != GPU_LOCAL:
+        try:
+            parse_cpulist(b.cpu_affinity)
+        except ValueError as exc:
+            raise ConfigError(
+                f"bench.cpu_affinity: '{b.cpu_affinity}' is neither null, {GPU_LOCAL} nor a CPU list like 0-3,8 ({exc})"
+            ) from None
 
 
 def validate_eval(e: Any) -> None:
