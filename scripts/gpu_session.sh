@@ -115,7 +115,7 @@ case "${1:-}" in
     ;;
   newmethods8b)
     # eager, static and graph at batch 1/8/32, shortened (32 tokens, 3 s per figure); a compile past 150 s is
-    # recorded as the path's reason (torchao's had not ended after 170 s and 9.5 min while their Inductor tuning was on)
+    # recorded as the path's reason (torchao's had not ended after ~140 s and ~8 min while their Inductor tuning was on)
     step "${BUDGET:-560}" $Q -m experiment=gpu_8b method=${METHODS:-hqq,torchao_int8wo,torchao_int4wo,fp8} run.runs_dir=$RUNS \
       run.sweep=newmethods_8b ${EXTRA:-bench.new_tokens=32 bench.max_time_per_figure_s=3 bench.max_compile_s=150}
     pack newmethods_8b

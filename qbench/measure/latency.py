@@ -19,7 +19,7 @@ time cap ``bench.max_time_per_figure_s`` is spent (then ``precision.stopped_by``
 qbench.measure.timing.repeat. The first call of a compiled path at each batch size (where torch.compile traces
 and code-generates the step) is stopped after ``bench.max_compile_s``: the path is then recorded as unsupported
 with that reason, not left to hold the GPU for many minutes (the H200, 8B shape: bf16 compiles in 37-61 s;
-torchao int8 weight-only, with its Inductor tuning on, had not finished after 170 s, float8 after 9 min). The
+torchao int8 weight-only, with its Inductor tuning on, had not finished after ~140 s, float8 after ~8 min). The
 loop is batch-major (every path at batch 1, then at batch 8, ...) so that ``graph`` reuses what ``static`` just
 compiled and warmed up at the same shapes.
 """
