@@ -22,7 +22,13 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 GPTQMODE
 export QBENCH_CACHE=${QBENCH_CACHE:-/tmp/qbench-cache} QBENCH_DATA=${QBENCH_DATA:-$PWD/.gpudata}
 Q="python3 -m qbench.cli"
 RUNS=/tmp/gpu_runs
-step() { local budget=$1; shift; echo "=== $(date +%T) [$budget s] $*"; timeout --signal=INT "$budget" "$@"; echo "=== rc=$? $(date +%T)"; }
+# every step's whole output also goes to $OUT/session.log: a cell's own log lines (its child process's) are the only
+# account of where a cut cell spent its time, and the caller usually filters what it prints
+step() {
+  local budget=$1; shift; echo "=== $(date +%T) [$budget s] $*" | tee -a "$OUT/session.log"
+  timeout --signal=INT "$budget" "$@" 2>&1 | tee -a "$OUT/session.log"
+  echo "=== rc=${PIPESTATUS[0]} $(date +%T)" | tee -a "$OUT/session.log"
+}
 # bench_check.py on issue 3's cell: batch-1 decode of TOKENS tokens on both paths, prefill at 512 tokens
 bench_cell() {  # budget dir first-index repeats model method tokens
   step "$1" python3 scripts/bench_check.py --runs-dir "$2" --first-index "$3" --repeats "$4" \
@@ -114,8 +120,9 @@ case "${1:-}" in
     pack rounds_8b
     ;;
   newmethods8b)
-    # eager, static and graph at batch 1/8/32, shortened (32 tokens, 3 s per figure); a compile past 150 s is
-    # recorded as the path's reason (torchao's had not ended after ~140 s and ~8 min while their Inductor tuning was on)
+    # eager, static and graph at batch 1/8/32, shortened (32 tokens, 3 s per figure); compiles past 150 s in all are
+    # recorded as the path's reason (torchao's had not ended after ~140 s and ~8 min while their Inductor tuning was
+    # on; int8wo's cell with it off still ran over 5 min)
     step "${BUDGET:-560}" $Q -m experiment=gpu_8b method=${METHODS:-hqq,torchao_int8wo,torchao_int4wo,fp8} run.runs_dir=$RUNS \
       run.sweep=newmethods_8b ${EXTRA:-bench.new_tokens=32 bench.max_time_per_figure_s=3 bench.max_compile_s=150}
     pack newmethods_8b

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 
 import pytest
@@ -449,6 +450,38 @@ def test_a_compile_past_max_compile_s_marks_static_and_graph_unsupported(tiny_mo
                                                  max_compile_s=limit, min_repeats=1, max_repeats=1),
                               "cpu", None, 1, model.config)
         assert [d["decode_path"] for d in out["decode"]] == ["static"] and out["unsupported"] == []
+
+
+def test_max_compile_s_bounds_the_cells_compiles_together(tiny_model, monkeypatch):
+    """Each batch size's first static call 'compiles' for 1.5 s, within a 2.5 s limit on its own, but not twice:
+    batch 1 is measured, the second compile (batch 2) is stopped by what is left, and the reason says how much the
+    earlier compiles spent. A per-call limit would have let every batch size compile for the whole limit."""
+    model, tok = tiny_model
+    monkeypatch.setattr(latency, "static_unsupported_reason", lambda *a, **k: None)
+    real = latency.generate_timed
+    compiled_at = set()
+
+    def slow_compile_per_batch(model, ids, mask, new_tokens, path, *a, **k):
+        if path == "static" and ids.shape[0] not in compiled_at:
+            compiled_at.add(ids.shape[0])
+            _spin(1.5)  # the batch size's 'compile'
+        return real(model, ids, mask, new_tokens, path, *a, **k)
+
+    monkeypatch.setattr(latency, "generate_timed", slow_compile_per_batch)
+    cfg = _quick(batch_sizes=[1, 2], prompt_tokens=[8], decode_paths=["eager", "static"], max_compile_s=2.5)
+    out = latency.measure(model, tok, cfg, "cpu", None, 1, model.config)
+    assert [(d["decode_path"], d["batch_size"]) for d in out["decode"]] == [("eager", 1), ("static", 1), ("eager", 2)]
+    (static,) = out["unsupported"]
+    assert static["decode_path"] == "static" and static["batch_size"] == 2
+    assert re.fullmatch(r"DeadlineExceeded: torch\.compile of the static decode step at batch 2 ran past "
+                        r"bench\.max_compile_s=2\.5 s \((\d+) s of it spent on the cell's earlier compiles\)",
+                        static["reason"]), static["reason"]
+    assert out["one_time"]["decode"][1]["first_call_s"] >= 1.5
+    # no limit: both batch sizes compile and are measured
+    compiled_at.clear()
+    out = latency.measure(model, tok, _quick(batch_sizes=[1, 2], prompt_tokens=[8], decode_paths=["static"],
+                                             max_compile_s=None), "cpu", None, 1, model.config)
+    assert [d["batch_size"] for d in out["decode"]] == [1, 2] and out["unsupported"] == []
 
 
 def test_a_deadline_wrapped_by_the_compiler_is_named_as_itself():

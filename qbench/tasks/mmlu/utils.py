@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import os
-from pathlib import Path
 
 from qbench.tasks import FIXTURES_DIR, resolve_data_dir  # noqa: F401  (lm-eval loads this file by path)
 LETTERS = ("A", "B", "C", "D")
