@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 log = logging.getLogger("qbench.cell")
+CELL_LOG = "cell.log"  # the cell process's log, beside result.json
 
 
 def classify(exc: BaseException) -> str:
@@ -350,16 +351,23 @@ def main(argv: list[str] | None = None) -> int:
     from qbench.measure.gpu_state import DeviceWatch
     from qbench.store import write_result
 
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    spec_path = Path(argv[0])
+    spec = json.loads(spec_path.read_text())
+    cell_dir = spec_path.parent.parent
+    log_format = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
+    logging.basicConfig(level=logging.INFO, format=log_format)
+    # the cell's own log beside its result, appended to by every attempt: where a cell that was stopped before
+    # it wrote a result (a time limit, a compile that did not end) spent its time, figure by figure
+    to_file = logging.FileHandler(cell_dir / CELL_LOG, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter(log_format))
+    logging.getLogger().addHandler(to_file)
+    log.info("attempt %s, pid %d", spec.get("attempt_id"), os.getpid())
     once = OncePerCell.install()
     # SLURM sends SIGUSR2 to every process of a job signal_delay_s before its time limit (submitit's --signal),
     # and SIGUSR2 ends a Python process by default: the cell would die 90 s early as a "crash". It measures on;
     # at the limit SLURM stops it and the row says timeout.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    argv = sys.argv[1:] if argv is None else argv
-    spec_path = Path(argv[0])
-    spec = json.loads(spec_path.read_text())
-    cell_dir = spec_path.parent.parent
     spec.setdefault("cell_dir", str(cell_dir))  # where the cell keeps files beside its result (quality)
     # Registered as measuring on its devices for the whole cell: the result says whether another measuring
     # process (another sweep, another user, another lock folder) overlapped with it there.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import time
 
@@ -452,7 +453,7 @@ def test_a_compile_past_max_compile_s_marks_static_and_graph_unsupported(tiny_mo
         assert [d["decode_path"] for d in out["decode"]] == ["static"] and out["unsupported"] == []
 
 
-def test_max_compile_s_bounds_the_cells_compiles_together(tiny_model, monkeypatch):
+def test_max_compile_s_bounds_the_cells_compiles_together(tiny_model, monkeypatch, caplog):
     """Each batch size's first static call 'compiles' for 1.5 s, within a 2.5 s limit on its own, but not twice:
     batch 1 is measured, the second compile (batch 2) is stopped by what is left, and the reason says how much the
     earlier compiles spent. A per-call limit would have let every batch size compile for the whole limit."""
@@ -469,6 +470,7 @@ def test_max_compile_s_bounds_the_cells_compiles_together(tiny_model, monkeypatc
 
     monkeypatch.setattr(latency, "generate_timed", slow_compile_per_batch)
     cfg = _quick(batch_sizes=[1, 2], prompt_tokens=[8], decode_paths=["eager", "static"], max_compile_s=2.5)
+    caplog.set_level(logging.INFO, logger="qbench.latency")
     out = latency.measure(model, tok, cfg, "cpu", None, 1, model.config)
     assert [(d["decode_path"], d["batch_size"]) for d in out["decode"]] == [("eager", 1), ("static", 1), ("eager", 2)]
     (static,) = out["unsupported"]
@@ -477,6 +479,12 @@ def test_max_compile_s_bounds_the_cells_compiles_together(tiny_model, monkeypatc
                         r"bench\.max_compile_s=2\.5 s \((\d+) s of it spent on the cell's earlier compiles\)",
                         static["reason"]), static["reason"]
     assert out["one_time"]["decode"][1]["first_call_s"] >= 1.5
+    # the cell's log says when each compiled path starts with what is left, and which one was stopped
+    lines = [r.getMessage() for r in caplog.records if r.name == "qbench.latency"]
+    assert "decode static bs=1: starting (compiles may take 2.5 s more of bench.max_compile_s)" in lines
+    assert any(re.fullmatch(r"decode static bs=2: starting \(compiles may take [01]\.\d s more of bench\.max_compile_s\)", x)
+               for x in lines), lines
+    assert f"decode static bs=2: not measured ({static['reason']})" in lines
     # no limit: both batch sizes compile and are measured
     compiled_at.clear()
     out = latency.measure(model, tok, _quick(batch_sizes=[1, 2], prompt_tokens=[8], decode_paths=["static"],

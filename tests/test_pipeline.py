@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,6 +75,12 @@ def test_sweep_with_a_failing_cell_goes_on(tmp_path, cache):
                    for r in res.values()), "every cell measures under the same, recorded, allocator settings"
     assert ok["metrics"]["memory"]["weight_bytes_measured"] > 0
     assert ok["metrics"]["latency"]["decode"], "decode measured"
+    # the cell process's own log beside its result, figure by figure
+    cell_log = (runs / "s" / "tiny__fp32" / "cell.log").read_text()
+    assert cell_log.count("[qbench.cell][INFO] attempt ") == 1
+    assert re.search(r"\[qbench.latency\]\[INFO\] prefill bs=1 prompt=8: [\d.e+]+ ms ± 0.00 % \(0 % CI\) \(1 runs", cell_log), cell_log
+    assert re.search(r"decode eager bs=1: [\d.e+]+ tokens/s ± 0.00 % \(0 % CI\) \(1 runs, [\d.]+ s timed, stopped by min_repeats\)",
+                     cell_log), cell_log
     affinity = ok["environment"]["cpu_affinity"]  # recorded unpinned too: which cores the cell could use
     assert affinity["requested"] is None and affinity["applied"] is False
     if hasattr(os, "sched_getaffinity"):
@@ -88,6 +95,7 @@ def test_sweep_with_a_failing_cell_goes_on(tmp_path, cache):
     proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=s", "run.rerun_failed=true"], runs, cache)
     assert "ran 1, skipped 2, failed 0" in proc.stdout + proc.stderr
     assert results(runs / "s")["tiny__bf16"]["status"] == "ok"
+    assert (runs / "s" / "tiny__bf16" / "cell.log").read_text().count("] attempt ") == 2, "each attempt appends"
     proc = qbench(["-m", *FAST, "method=fp32", "run.sweep=s", "run.force=true"], runs, cache)
     assert "ran 1," in proc.stdout + proc.stderr
 
@@ -145,6 +153,9 @@ def test_ctrl_c_stops_cleanly_and_says_what_finished(tmp_path, cache):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-2000:]
     assert "interrupted" in out
+    # the cut cell wrote no result, but its log says how far it got
+    (cut,) = [d for d in (runs / "c").iterdir() if d.is_dir() and not (d / "result.json").exists()]
+    assert "interrupted: no result written" in (cut / "cell.log").read_text()
     assert "ran" in out and "skipped" in out
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -36,6 +37,18 @@ from qbench.measure import bandwidth, gpu_specs, gpu_state, memory, stats, timin
 
 DECODE_PATHS = ("eager", "static", "graph")
 COMPILED_PATHS = ("static", "graph")
+# one line per figure as it is done, into the cell's log (cell.log beside result.json): the only account of
+# where a cell that was stopped (a job's time limit, a compile that does not end) spent its time
+log = logging.getLogger("qbench.latency")
+
+
+def _log_figure(label: str, dist: Dict[str, Any], res: Dict[str, Any]) -> None:
+    ci, first = dist["median_ci"], res.get("first_call_s")
+    half = "" if ci["half_width_pct"] is None else f" ± {ci['half_width_pct']:.2f} %"
+    if ci["level"] < 0.95:  # too few runs for a 95 % interval: say what coverage [min, max] has
+        half += f" ({100 * ci['level']:.0f} % CI)"
+    log.info("%s: %.4g %s%s (%d runs, %.2f s timed, stopped by %s%s)", label, dist["p50"], dist["unit"], half,
+             res["n"], res["timed_s"], res["stopped_by"], "" if first is None else f"; first call {first:.2f} s")
 
 
 def random_prompt(batch: int, length: int, vocab: int, special_ids: List[int], seed: int, device: Any):
@@ -475,6 +488,7 @@ def measure_prefill(t: Target, s: Settings, out: Dict[str, Any]) -> None:
             out["kv_shapes"].append({"batch_size": batch, "seq_len_tokens": plen,
                                      "bytes": memory.kv_cache_bytes(t.model_config, batch, plen, t.kv_dtype_bytes)})
             label = f"prefill bs={batch} prompt={plen}"
+            _log_figure(label, ttft, res)
             out["warnings"].extend(w for w in (stats.cv_warning(label, ttft, s.cv_warn_threshold),
                                                _precision_warning(label, res, s)) if w)
 
@@ -608,6 +622,8 @@ def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
             if reason[path] is not None:
                 continue
             left = None if s.max_compile_s is None else s.max_compile_s - sum(compile_spent)
+            if path in COMPILED_PATHS and left is not None:
+                log.info("decode %s bs=%d: starting (compiles may take %.1f s more of bench.max_compile_s)", path, batch, left)
             try:
                 row, res = decode_row(t, s, path, batch, left, compile_spent)
             except torch.OutOfMemoryError:
@@ -617,6 +633,7 @@ def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
                     raise
                 reason[path] = _reason_of(exc)
                 failed_at[path] = batch
+                log.warning("decode %s bs=%d: not measured (%s)", path, batch, reason[path])
                 if path == "static" and "graph" in reason and reason["graph"] is None:
                     # graph replays static's compiled step: without it, it would compile that step itself
                     reason["graph"], failed_at["graph"] = f"needs the static path's compiled step ({reason[path]})", batch
@@ -626,6 +643,7 @@ def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
             if path == "static" and out["one_time"]["compile_s"] is None:
                 out["one_time"]["compile_s"] = res["first_call_s"]  # the first static generate compiles the step
             label = f"decode {path} bs={batch}"
+            _log_figure(label, row["tokens_per_s"], res)
             out["warnings"].extend(w for w in (stats.cv_warning(label, row["tokens_per_s"], s.cv_warn_threshold),
                                                _precision_warning(label, res, s)) if w)
         out["kv_shapes"].append({"batch_size": batch, "seq_len_tokens": s.decode_prompt_tokens + s.new_tokens,
