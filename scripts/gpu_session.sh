@@ -133,7 +133,9 @@ case "${1:-}" in
   benchcheck8b)
     for aff in ${AFFINITY:-null gpu_local}; do
       for m in ${METHODS:-bf16 bnb_nf4}; do
-        step "${BUDGET:-150}" python3 scripts/bench_check.py --runs-dir $RUNS/benchcheck_8b/${m}_affinity_$aff --repeats "${N:-5}" \
+        # FIRST numbers the runs from there: runs added to the committed ones (docs/stability/h200_8b/benchcheck_8b)
+        step "${BUDGET:-150}" python3 scripts/bench_check.py --runs-dir $RUNS/benchcheck_8b/${m}_affinity_$aff \
+          --first-index "${FIRST:-0}" --repeats "${N:-5}" \
           model=llama3_1_8b_instruct model.random_init=true method=$m bench.device=cuda bench.batch_sizes=[1] \
           bench.prompt_tokens=[512] bench.decode_paths=[${PATHS:-eager}] bench.cpu_affinity=$aff ${EXTRA:-}
       done
