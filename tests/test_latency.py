@@ -1,6 +1,7 @@
 """Timing loop bounds, roofline arithmetic, forced generation length, and the latency section on CPU."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -490,6 +491,20 @@ def test_max_compile_s_bounds_the_cells_compiles_together(tiny_model, monkeypatc
     out = latency.measure(model, tok, _quick(batch_sizes=[1, 2], prompt_tokens=[8], decode_paths=["static"],
                                              max_compile_s=None), "cpu", None, 1, model.config)
     assert [d["batch_size"] for d in out["decode"]] == [1, 2] and out["unsupported"] == []
+
+
+def test_a_long_first_call_logs_a_heartbeat_and_its_time(caplog):
+    """While a compiled path's first call runs, a line every every_s says it is still going (a compile stuck where
+    the alarm cannot reach would show in the cell's log); its duration is added to what the compiles spent."""
+    caplog.set_level(logging.INFO, logger="qbench.latency")
+    spent = [1.0]
+    with latency._timed_block(contextlib.nullcontext(), spent, "decode static bs=8", every_s=0.2):
+        _spin(0.7)
+    time.sleep(0.3)  # nothing more once the block has ended
+    beats = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
+    assert 2 <= len(beats) <= 4, beats
+    assert all(re.fullmatch(r"decode static bs=8: first call \(compile\) still running after \d+ s", b) for b in beats)
+    assert len(spent) == 2 and 0.7 <= spent[1] < 2.0
 
 
 def test_a_deadline_wrapped_by_the_compiler_is_named_as_itself():

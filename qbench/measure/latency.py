@@ -502,22 +502,36 @@ def _compile_deadline(s: Settings, path: str, batch: int, left_s: Optional[float
     """The limit on a compiled path's first call at a batch size, where torch.compile does its work: what is left
     of bench.max_compile_s after the cell's earlier compiles (none when it is null). The block's duration is
     appended to ``spent``."""
+    label = f"decode {path} bs={batch}"
     if left_s is None:
-        return _timed_block(contextlib.nullcontext(), spent)
+        return _timed_block(contextlib.nullcontext(), spent, label)
     used = s.max_compile_s - left_s
     earlier = f" ({used:.0f} s of it spent on the cell's earlier compiles)" if used >= 0.5 else ""
     return _timed_block(timing.deadline(max(left_s, 1e-3), f"torch.compile of the {path} decode step at batch {batch} "
                                                           f"ran past bench.max_compile_s={s.max_compile_s:g} s{earlier}"),
-                        spent)
+                        spent, label)
 
 
 @contextlib.contextmanager
-def _timed_block(inner, spent: List[float]):
+def _timed_block(inner, spent: List[float], label: str, every_s: float = 30.0):
+    """``inner`` timed into ``spent``; meanwhile a line in the log every ``every_s`` while it runs, from a thread
+    of its own: if a compile outlives its deadline (stuck in native code, where no alarm reaches), the log shows
+    it still going, which a cell stopped from outside would otherwise not say."""
+    import threading
+
     t0 = time.perf_counter()
+    done = threading.Event()
+
+    def heartbeat():
+        while not done.wait(every_s):
+            log.info("%s: first call (compile) still running after %.0f s", label, time.perf_counter() - t0)
+
+    threading.Thread(target=heartbeat, daemon=True, name="qbench-compile-heartbeat").start()
     try:
         with inner:
             yield
     finally:
+        done.set()
         spent.append(time.perf_counter() - t0)
 
 
