@@ -121,12 +121,12 @@ case "${1:-}" in
     ;;
   newmethods8b)
     # eager, static and graph at batch 1/8/32, shortened (32 tokens, 3 s per figure), one step per method so that
-    # a slow one cannot starve the others (the sweep skips finished cells); a cell's compiles past 100 s in all are
+    # a slow one cannot starve the others (the sweep skips finished cells); a cell's compiles past 150 s in all are
     # recorded as the path's reason (torchao's had not ended after ~140 s and ~8 min while their Inductor tuning
     # was on; int8wo's cell with it off still ran over 5 min)
     for m in $(echo "${METHODS:-hqq,torchao_int8wo,torchao_int4wo,fp8}" | tr , ' '); do
-      step "${BUDGET:-200}" $Q -m experiment=gpu_8b method=$m run.runs_dir=$RUNS run.sweep=newmethods_8b \
-        ${EXTRA:-bench.new_tokens=32 bench.max_time_per_figure_s=3 bench.max_compile_s=100}
+      step "${BUDGET:-260}" $Q -m experiment=gpu_8b method=$m run.runs_dir=$RUNS run.sweep=newmethods_8b \
+        ${EXTRA:-bench.new_tokens=32 bench.max_time_per_figure_s=3 bench.max_compile_s=150}
     done
     pack newmethods_8b
     ;;
