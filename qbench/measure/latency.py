@@ -19,8 +19,8 @@ time cap ``bench.max_time_per_figure_s`` is spent (then ``precision.stopped_by``
 qbench.measure.timing.repeat. The first calls of the compiled paths at each batch size (where torch.compile
 traces and code-generates the step) may take ``bench.max_compile_s`` together: the one that runs past what is left
 is stopped and its path recorded as unsupported from that batch size, with that reason, not left to hold the GPU
-for many minutes (the H200, 8B shape: bf16 compiles in 37-61 s;
-torchao int8 weight-only, with its Inductor tuning on, had not finished after ~140 s, float8 after ~8 min). The
+for many minutes (the H200, 8B shape: bf16 compiles in 37-61 s; torchao int8 weight-only, with its Inductor
+tuning on, had not finished after ~140 s, float8 after ~8 min). The
 loop is batch-major (every path at batch 1, then at batch 8, ...) so that ``graph`` reuses what ``static`` just
 compiled and warmed up at the same shapes.
 """
@@ -498,17 +498,23 @@ def _tokens_per_s(batch: int) -> Callable[[List[float]], float]:
     return lambda steps: batch * (len(steps) - 1) / (steps[-1] - steps[0])
 
 
-def _compile_deadline(s: Settings, path: str, batch: int, left_s: Optional[float], spent: List[float]):
+def _compile_left_s(s: Settings, spent: List[float]) -> Optional[float]:
+    """What is left of bench.max_compile_s after the cell's compiles so far (None: no limit)."""
+    return None if s.max_compile_s is None else s.max_compile_s - sum(spent)
+
+
+def _compile_deadline(s: Settings, path: str, batch: int, spent: List[float]):
     """The limit on a compiled path's first call at a batch size, where torch.compile does its work: what is left
-    of bench.max_compile_s after the cell's earlier compiles (none when it is null). The block's duration is
-    appended to ``spent``."""
+    of bench.max_compile_s after the cell's earlier compiles, ``spent`` (none when it is null). The block's
+    duration is appended to ``spent``."""
     label = f"decode {path} bs={batch}"
+    left_s = _compile_left_s(s, spent)
     if left_s is None:
         return _timed_block(contextlib.nullcontext(), spent, label)
     used = s.max_compile_s - left_s
     earlier = f" ({used:.0f} s of it spent on the cell's earlier compiles)" if used >= 0.5 else ""
-    return _timed_block(timing.deadline(max(left_s, 1e-3), f"torch.compile of the {path} decode step at batch {batch} "
-                                                          f"ran past bench.max_compile_s={s.max_compile_s:g} s{earlier}"),
+    return _timed_block(timing.deadline(left_s, f"torch.compile of the {path} decode step at batch {batch} ran past "
+                                                f"bench.max_compile_s={s.max_compile_s:g} s{earlier}"),
                         spent, label)
 
 
@@ -536,14 +542,14 @@ def _timed_block(inner, spent: List[float], label: str, every_s: float = 30.0):
 
 
 def _decode_runner(t: Target, s: Settings, path: str, batch: int, energy_runs: List[Optional[float]],
-                   compile_left_s: Optional[float], compile_spent: List[float]):
+                   compile_spent: List[float]):
     """The run_once of one (path, batch size): returns a run's step stamps, records its GPU energy. A compiled
     path's first call (graph's: its recording, a static generate if none ran) runs under what is left of
     bench.max_compile_s, its duration appended to ``compile_spent``."""
     ids, mask = random_prompt(batch, s.decode_prompt_tokens, t.vocab, t.special_ids, s.seed, t.in_device)
     first = path == "static"
     if path == "graph":
-        with _compile_deadline(s, path, batch, compile_left_s, compile_spent):
+        with _compile_deadline(s, path, batch, compile_spent):
             calls = record_decode_steps(t.model, ids, mask, s.new_tokens, t.device, t.pad_token_id, t.compile_config)
 
         def timed():
@@ -556,7 +562,7 @@ def _decode_runner(t: Target, s: Settings, path: str, batch: int, energy_runs: L
     def run_once():
         nonlocal first
         e0 = gpu_state.total_energy_j(t.device, t.gpu_indices) if t.cuda else None
-        with _compile_deadline(s, path, batch, compile_left_s, compile_spent) if first else contextlib.nullcontext():
+        with _compile_deadline(s, path, batch, compile_spent) if first else contextlib.nullcontext():
             steps = timed()
         first = False
         e1 = gpu_state.total_energy_j(t.device, t.gpu_indices) if t.cuda else None
@@ -566,13 +572,12 @@ def _decode_runner(t: Target, s: Settings, path: str, batch: int, energy_runs: L
     return run_once
 
 
-def decode_row(t: Target, s: Settings, path: str, batch: int, compile_left_s: Optional[float] = None,
-               compile_spent: Optional[List[float]] = None) -> tuple:
+def decode_row(t: Target, s: Settings, path: str, batch: int, compile_spent: Optional[List[float]] = None) -> tuple:
     """(row, repeat result) of one decode figure: the runs of ``path`` at ``batch`` and their bounds. A compiled
-    path's first call may take ``compile_left_s`` (None: no limit); its duration is appended to ``compile_spent``."""
+    path's first call may take what is left of bench.max_compile_s after ``compile_spent`` (the cell's earlier
+    compiles), and its duration is appended there."""
     energy_runs: List[Optional[float]] = []
-    run_once = _decode_runner(t, s, path, batch, energy_runs, compile_left_s,
-                              compile_spent if compile_spent is not None else [])
+    run_once = _decode_runner(t, s, path, batch, energy_runs, compile_spent if compile_spent is not None else [])
     breaks0 = _graph_breaks()
     res = timing.repeat(run_once, value_of=_tokens_per_s(batch), **s.loop(speeds_up=path in COMPILED_PATHS))
     breaks1 = _graph_breaks()
@@ -635,11 +640,11 @@ def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
         for path in s.decode_paths:
             if reason[path] is not None:
                 continue
-            left = None if s.max_compile_s is None else s.max_compile_s - sum(compile_spent)
+            left = _compile_left_s(s, compile_spent)
             if path in COMPILED_PATHS and left is not None:
                 log.info("decode %s bs=%d: starting (compiles may take %.1f s more of bench.max_compile_s)", path, batch, left)
             try:
-                row, res = decode_row(t, s, path, batch, left, compile_spent)
+                row, res = decode_row(t, s, path, batch, compile_spent)
             except torch.OutOfMemoryError:
                 raise  # the cell records it as class oom
             except Exception as exc:  # a method whose kernels cannot take this path (compile fails, ...)
