@@ -310,6 +310,47 @@ def test_warm_up_runs_while_runs_get_faster():
     assert len(timing.warm_up(workload(clock, 0.1, []), min_runs=2, max_runs=3, steady_pct=0.0, clock=clock)) == 2
 
 
+def test_warm_up_past_its_minimum_stays_within_the_time_cap():
+    """A slow figure that keeps speeding up stops warming up once the warm-ups after the first (which holds the
+    compile) have taken the figure's time cap; the minimum runs regardless."""
+    clock = FakeClock()
+
+    def slowing_down(durations):
+        it = iter(durations)
+
+        def run():
+            seconds = next(it)
+            clock.t += seconds
+            return seconds
+        return run
+
+    runs = [40.0, 10.0, 9.0, 8.0, 7.0, 6.0]
+    assert len(timing.warm_up(slowing_down(runs), min_runs=1, max_runs=6, steady_pct=5.0, clock=clock)) == 6
+    capped = timing.warm_up(slowing_down(runs), min_runs=1, max_runs=6, steady_pct=5.0, max_time_s=15.0, clock=clock)
+    assert capped == pytest.approx([40.0, 10.0, 9.0])  # 10 + 9 s past the first reach the 15 s cap
+    assert len(timing.warm_up(slowing_down(runs), min_runs=4, max_runs=6, steady_pct=5.0, max_time_s=1.0,
+                              clock=clock)) == 4
+    seen = []
+    r = timing.repeat(slowing_down(runs + [5.0] * 3), warmup_runs=1, max_warmup_runs=6, min_repeats=3, max_repeats=3,
+                      min_duration_s=0.0, target_ci_pct=1.0, max_time_s=15.0, steady_pct=5.0,
+                      after_warmup=seen.append, clock=clock)
+    assert seen == [pytest.approx([40.0, 10.0, 9.0])] and r["warmup_s"] == seen[0] and r["n"] == 3
+
+
+def test_a_figure_whose_minimum_runs_are_slow_says_so_before_it_runs_them(caplog):
+    """The time cap cannot cut a figure below bench.min_repeats: when those runs will take SLOW_FIGURE_S or more
+    at the last warm-up's pace, the cell's log says so before they start (a cell stopped then still explains)."""
+    s = latency.Settings.from_bench(_quick(min_repeats=6, max_time_per_figure_s=3.0))
+    say = latency._say_if_slow("decode static bs=32", s)
+    with caplog.at_level(logging.INFO, logger="qbench.latency"):
+        say([12.0, 4.0])  # 6 x 4 s = 24 s: no line
+        assert not caplog.records
+        say([30.0, 19.8])
+    (rec,) = caplog.records
+    assert rec.getMessage() == ("decode static bs=32: one run takes 19.8 s: the 6 timed runs of bench.min_repeats "
+                                "will take about 119 s, past bench.max_time_per_figure_s=3")
+
+
 # ---- the graph path ------------------------------------------------------------------------------------
 
 

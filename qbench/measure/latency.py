@@ -447,6 +447,25 @@ def _precision(res: Dict[str, Any], s: Settings) -> Dict[str, Any]:
             "timed_s": res["timed_s"], "warmup_s": sum(res["warmup_s"])}
 
 
+SLOW_FIGURE_S = 30.0  # a figure whose timed runs alone will take this long says so before it starts them
+
+
+def _say_if_slow(label: str, s: Settings):
+    """timing.repeat's after_warmup: one log line before the timed runs when bench.min_repeats runs at the pace
+    of the last warm-up will take SLOW_FIGURE_S or more. The time cap cannot shorten them (fewer runs give no
+    95 % CI of the median), so a cell that goes quiet for minutes (torchao int8 weight-only's compiled decode at
+    batch 32 on the H200) says why in its cell.log, even if it is stopped before it writes a result."""
+    def after_warmup(warmup_s: List[float]) -> None:
+        if not warmup_s:
+            return
+        floor_s = s.min_repeats * warmup_s[-1]
+        if floor_s >= SLOW_FIGURE_S:
+            cap = "" if s.max_time_per_figure_s is None else f", past bench.max_time_per_figure_s={s.max_time_per_figure_s:g}"
+            log.info("%s: one run takes %.1f s: the %d timed runs of bench.min_repeats will take about %.0f s%s",
+                     label, warmup_s[-1], s.min_repeats, floor_s, cap)
+    return after_warmup
+
+
 def _precision_warning(label: str, res: Dict[str, Any], s: Settings) -> Optional[str]:
     if res["stopped_by"] != "time_cap" or s.target_ci_pct is None:
         return None
@@ -471,7 +490,7 @@ def measure_prefill(t: Target, s: Settings, out: Dict[str, Any]) -> None:
 
                 return timing.time_call(first_token, t.device, t.out_device)[0]
 
-            res = timing.repeat(run_once, **s.loop())
+            res = timing.repeat(run_once, after_warmup=_say_if_slow(f"prefill bs={batch} prompt={plen}", s), **s.loop())
             if out["one_time"]["first_call_s"] is None:
                 out["one_time"]["first_call_s"] = res["first_call_s"]  # the model's very first forward
             out["one_time"]["prefill"].append({"batch_size": batch, "prompt_tokens": plen, "first_call_s": res["first_call_s"]})
@@ -579,7 +598,8 @@ def decode_row(t: Target, s: Settings, path: str, batch: int, compile_spent: Opt
     energy_runs: List[Optional[float]] = []
     run_once = _decode_runner(t, s, path, batch, energy_runs, compile_spent if compile_spent is not None else [])
     breaks0 = _graph_breaks()
-    res = timing.repeat(run_once, value_of=_tokens_per_s(batch), **s.loop(speeds_up=path in COMPILED_PATHS))
+    res = timing.repeat(run_once, value_of=_tokens_per_s(batch), after_warmup=_say_if_slow(f"decode {path} bs={batch}", s),
+                        **s.loop(speeds_up=path in COMPILED_PATHS))
     breaks1 = _graph_breaks()
     steps = res["results"]
     tps = stats.summarize([_tokens_per_s(batch)(x) for x in steps], "tokens/s")

@@ -62,15 +62,20 @@ def _ci_half_width_pct(values: List[float]) -> Optional[float]:
 
 
 def warm_up(run_once: Callable[[], Any], *, min_runs: int, max_runs: int, steady_pct: float,
-            clock: Callable[[], float] = time.perf_counter) -> List[float]:
+            max_time_s: Optional[float] = None, clock: Callable[[], float] = time.perf_counter) -> List[float]:
     """Discarded runs before timing: at least ``min_runs``, then more while each run is still faster than the one
     before by more than ``steady_pct`` % (host seconds: the one-time costs of a first call, a compiled path that
-    keeps speeding up for a few calls after its compile), at most ``max_runs``. A run that is not faster ends
-    the warm-up: on a noisy host (generate's Python) run-to-run scatter is not a transient, and waiting for two
-    runs to agree would only burn time. Returns each warm-up's host seconds (the first holds the one-time costs)."""
+    keeps speeding up for a few calls after its compile), at most ``max_runs``, and only while the warm-ups after
+    the first have taken less than ``max_time_s`` (the figure's time cap; the first holds the compile, which has
+    a limit of its own). A run that is not faster ends the warm-up: on a noisy host (generate's Python)
+    run-to-run scatter is not a transient, and waiting for two runs to agree would only burn time. Without the
+    time bound a slow figure could warm up for minutes: torchao int8 weight-only's compiled decode on the H200
+    took 4.9 s a run at batch 8, and at batch 32 it ran over 2 minutes without a figure. Returns each warm-up's
+    host seconds (the first holds the one-time costs)."""
     seconds: List[float] = []
     while len(seconds) < max(min_runs, 0) or (
         len(seconds) < max_runs and (len(seconds) < 2 or seconds[-1] < seconds[-2] * (1 - steady_pct / 100))
+        and (max_time_s is None or sum(seconds[1:]) < max_time_s)
     ):
         t0 = clock()
         run_once()
@@ -90,10 +95,12 @@ def repeat(
     value_of: Callable[[Any], float] = float,
     max_warmup_runs: Optional[int] = None,
     steady_pct: float = 2.0,
+    after_warmup: Optional[Callable[[List[float]], None]] = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Dict[str, Any]:
     """Warm up (:func:`warm_up`; ``max_warmup_runs`` > ``warmup_runs`` lets a path that is still speeding up warm
-    up further), then repeat ``run_once`` until the figure is precise or a limit is reached:
+    up further, within ``max_time_s``; ``after_warmup`` is then called with the warm-ups' seconds), then repeat
+    ``run_once`` until the figure is precise or a limit is reached:
 
     * precise: at least ``min_repeats`` runs and ``min_duration_s`` seconds timed, and the 95 % CI of the median
       of ``value_of(result)`` is within ``target_ci_pct`` % of the median (None: stop at the minimums);
@@ -112,7 +119,9 @@ def repeat(
         raise ValueError(f"repeat: need 1 <= min_repeats ({min_repeats}) <= max_repeats ({max_repeats})")
     with gc_paused():
         warmup_s = warm_up(run_once, min_runs=warmup_runs, max_runs=max(warmup_runs, max_warmup_runs or 0),
-                           steady_pct=steady_pct, clock=clock)
+                           steady_pct=steady_pct, max_time_s=max_time_s, clock=clock)
+        if after_warmup is not None:
+            after_warmup(warmup_s)
         results: List[Any] = []
         values: List[float] = []  # value_of of each result, read only when there is a precision target
         timed_s = 0.0
