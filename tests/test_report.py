@@ -5,10 +5,7 @@ tests/fixtures/make_report_fixtures.py writes the fixtures; its docstring says w
 from __future__ import annotations
 
 import json
-import math
 import re
-import sys
-import types
 from pathlib import Path
 
 import pandas as pd
@@ -24,35 +21,6 @@ MIXED, DEMO = FIXTURES / "mixed", FIXTURES / "demo"
 HOSTILE_MODEL = "<script>alert(1)</script>"
 HOSTILE_METHOD = '"</script><img src=x onerror=alert(1)>'
 FAKE_PLOTLYJS = "/* plotly.js stand-in for fast tests */ window.Plotly = {newPlot: function () {}};"
-
-
-def local_paired_compare(baseline_correct: str, cell_correct: str) -> dict:
-    """Test-only stand-in for qbench.evaluate.paired.paired_compare (same signature, fractions, Wald CI)."""
-    n = len(baseline_correct)
-    b = [c == "1" for c in baseline_correct]
-    c = [ch == "1" for ch in cell_correct]
-    n01 = sum((not x) and y for x, y in zip(b, c))
-    n10 = sum(x and (not y) for x, y in zip(b, c))
-    delta = (n01 - n10) / n
-    var = ((n01 + n10) / n - delta ** 2) / n
-    half = 1.96 * math.sqrt(max(var, 0.0))
-    return {"delta": delta, "ci_low": delta - half, "ci_high": delta + half, "mcnemar_p": 1.0,
-            "flip_rate": (n01 + n10) / n, "n": n, "n_01": n01, "n_10": n10}
-
-
-def install_paired(monkeypatch) -> None:
-    """Use the real qbench.evaluate.paired when it exists; otherwise the local stand-in, for this test only."""
-    try:
-        import qbench.evaluate.paired  # noqa: F401
-    except ImportError:
-        mod = types.ModuleType("qbench.evaluate.paired")
-        mod.paired_compare = local_paired_compare
-        monkeypatch.setitem(sys.modules, "qbench.evaluate.paired", mod)
-
-
-@pytest.fixture
-def paired(monkeypatch):
-    install_paired(monkeypatch)
 
 
 @pytest.fixture
@@ -85,7 +53,7 @@ def test_unreadable_result_becomes_an_error_cell(tmp_path):
     assert (r["status"], r["error"]["class"], r["model"], r["method"]) == ("error", "unreadable", "m", "q")
 
 
-def test_summary_memory_and_speed(results, paired):
+def test_summary_memory_and_speed(results):
     rows = T.summary_rows(results)
     assert len(rows) == 6
     base = by_cell(rows, "llama3_8b", "bf16")
@@ -102,7 +70,7 @@ def test_summary_memory_and_speed(results, paired):
     assert gptq["quantize_s"] == 612.0 and nf4["quantize_s"] is None
 
 
-def test_summary_accuracy_delta_is_paired_by_doc_id(results, paired):
+def test_summary_accuracy_delta_is_paired_by_doc_id(results):
     rows = T.summary_rows(results)
     nf4 = by_cell(rows, "llama3_8b", "bnb_nf4")
     # the fixture flips 3 wrong->right and 7 right->wrong of 100 MMLU items
@@ -133,7 +101,7 @@ def test_summary_without_paired_module_falls_back_to_plain_difference(results, m
     assert gptq["mmlu_ci_low_pp"] is None
 
 
-def test_summary_error_and_random_cells(results, paired):
+def test_summary_error_and_random_cells(results):
     rows = T.summary_rows(results)
     err = by_cell(rows, "llama3_8b", "bnb_int8")
     assert (err["status"], err["error_class"], err["error_type"], err["error_phase"]) == \
@@ -221,7 +189,7 @@ def test_pareto_front():
     assert [p[2] for p in C.pareto_front(pts)] == ["nf4", "int8", "bf16"]
 
 
-def test_charts_present_or_absent(results, paired):
+def test_charts_present_or_absent(results):
     rows = T.summary_rows(results)
     charts = C.build_charts(rows, results)
     assert [c["key"] for c in charts] == ["quality", "pareto", "throughput", "memory", "delta", "categories"]
@@ -251,7 +219,7 @@ def test_throughput_error_bars_from_dist(results):
 
 
 @pytest.fixture
-def mixed_page(results, paired):
+def mixed_page(results):
     return H.render_sweep(results, "mixed", plotlyjs=FAKE_PLOTLYJS)
 
 
@@ -358,7 +326,6 @@ def test_demo_sweep_banner_and_absent_charts(monkeypatch):
 
 
 def test_cli_builds_every_sweep_and_index(tmp_path, monkeypatch, capsys):
-    install_paired(monkeypatch)
     monkeypatch.setattr(H, "get_plotlyjs", lambda: FAKE_PLOTLYJS)
     out = tmp_path / "reports"
     assert cli.main(["--all", str(FIXTURES), "--out", str(out)]) == 0
@@ -384,7 +351,7 @@ def test_cli_single_sweep_and_errors(tmp_path, monkeypatch):
     assert cli.main(["--all", str(empty), "--out", str(out)]) == 2
 
 
-def test_real_page_embeds_plotly_once(results, tmp_path, paired):
+def test_real_page_embeds_plotly_once(results, tmp_path):
     page_path = H.build_sweep_report(MIXED, tmp_path)
     page = page_path.read_text()
     from plotly.offline import get_plotlyjs

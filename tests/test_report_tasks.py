@@ -13,7 +13,7 @@ import pytest
 from qbench.report import charts as C
 from qbench.report import html as H
 from qbench.report import tables as T
-from tests.test_report import FAKE_PLOTLYJS, MIXED, install_paired, row_html
+from tests.test_report import FAKE_PLOTLYJS, MIXED, row_html
 
 N = 40
 # acc_norm records per cell (1 = correct); acc's are different, so a headline mix-up changes every number
@@ -59,7 +59,6 @@ def _sweep(tmp_path: Path, recorded: str = "acc_norm,none") -> Path:
 
 @pytest.fixture
 def sweep(tmp_path, monkeypatch):
-    install_paired(monkeypatch)
     monkeypatch.setattr(H, "get_plotlyjs", lambda: FAKE_PLOTLYJS)
     return _sweep(tmp_path)
 
@@ -88,7 +87,6 @@ def test_summary_rows_carry_the_new_task_headed_by_acc_norm(sweep):
 def test_a_result_headed_by_acc_is_read_by_the_table_headline(tmp_path, monkeypatch):
     """Results written before the table named acc_norm (headline acc,none) still show acc_norm, paired on its
     own records (correct_by_metric)."""
-    install_paired(monkeypatch)
     rows = T.summary_rows(T.load_results(_sweep(tmp_path, recorded="acc,none")))
     nf4 = _row(rows, "bnb_nf4")
     assert nf4["arc_challenge_metric"] == "acc_norm,none" and nf4["arc_challenge_pct"] == pytest.approx(50.0)
