@@ -122,10 +122,10 @@ case "${1:-}" in
   newmethods8b)
     # eager, static and graph at batch 1/8/32, shortened (32 tokens, 3 s per figure), one step per method so that
     # a slow one cannot starve the others (the sweep skips finished cells); a cell's compiles past 150 s in all are
-    # recorded as the path's reason (torchao's had not ended after ~140 s and ~8 min while their Inductor tuning
-    # was on; int8wo's cell with it off still ran over 5 min)
+    # recorded as the path's reason. A cell takes 220-250 s with 60 s of compiles (H200, 2026-12-02: int4wo, fp8,
+    # eager + static); int8wo's static runs take ~5 s at batch 8 and more at 32, so give it BUDGET=540 alone
     for m in $(echo "${METHODS:-hqq,torchao_int8wo,torchao_int4wo,fp8}" | tr , ' '); do
-      step "${BUDGET:-260}" $Q -m experiment=gpu_8b method=$m run.runs_dir=$RUNS run.sweep=newmethods_8b \
+      step "${BUDGET:-300}" $Q -m experiment=gpu_8b method=$m run.runs_dir=$RUNS run.sweep=newmethods_8b \
         ${EXTRA:-bench.new_tokens=32 bench.max_time_per_figure_s=3 bench.max_compile_s=150}
     done
     pack newmethods_8b
