@@ -35,7 +35,7 @@ bench_cell() {  # budget dir first-index repeats model method tokens
     model=$5 model.random_init=true method=$6 bench.batch_sizes=[1] bench.prompt_tokens=[512] \
     bench.new_tokens=$7 bench.decode_paths=[eager,static] bench.min_repeats=10 ${EXTRA:-}
 }
-pack() { tar czf "$OUT/$1.tgz" -C "$RUNS" "$1" --exclude='.submitit' 2>/dev/null; ls -la "$OUT/$1.tgz"; }
+pack() { tar czf "$OUT/$1.tgz" --exclude='.submitit' -C "$RUNS" "$1"; ls -la "$OUT/$1.tgz"; }
 
 case "${1:-}" in
   setup)
@@ -140,7 +140,7 @@ case "${1:-}" in
           bench.prompt_tokens=[512] bench.decode_paths=[${PATHS:-eager}] bench.cpu_affinity=$aff ${EXTRA:-}
       done
     done
-    tar czf "$OUT/benchcheck_8b.tgz" -C $RUNS benchcheck_8b --exclude='.submitit' && ls -la "$OUT/benchcheck_8b.tgz"
+    tar czf "$OUT/benchcheck_8b.tgz" --exclude='.submitit' -C $RUNS benchcheck_8b && ls -la "$OUT/benchcheck_8b.tgz"
     ;;
   *) sed -n 2,15p "$0"; exit 2 ;;
 esac
