@@ -481,6 +481,7 @@ def measure_prefill(t: Target, s: Settings, out: Dict[str, Any]) -> None:
 
     for batch in s.batch_sizes:
         for plen in s.prompt_tokens:
+            label = f"prefill bs={batch} prompt={plen}"
             ids, mask = random_prompt(batch, plen, t.vocab, t.special_ids, s.seed, t.in_device)
 
             def run_once(ids=ids, mask=mask):
@@ -490,7 +491,7 @@ def measure_prefill(t: Target, s: Settings, out: Dict[str, Any]) -> None:
 
                 return timing.time_call(first_token, t.device, t.out_device)[0]
 
-            res = timing.repeat(run_once, after_warmup=_say_if_slow(f"prefill bs={batch} prompt={plen}", s), **s.loop())
+            res = timing.repeat(run_once, after_warmup=_say_if_slow(label, s), **s.loop())
             if out["one_time"]["first_call_s"] is None:
                 out["one_time"]["first_call_s"] = res["first_call_s"]  # the model's very first forward
             out["one_time"]["prefill"].append({"batch_size": batch, "prompt_tokens": plen, "first_call_s": res["first_call_s"]})
@@ -506,7 +507,6 @@ def measure_prefill(t: Target, s: Settings, out: Dict[str, Any]) -> None:
             })
             out["kv_shapes"].append({"batch_size": batch, "seq_len_tokens": plen,
                                      "bytes": memory.kv_cache_bytes(t.model_config, batch, plen, t.kv_dtype_bytes)})
-            label = f"prefill bs={batch} prompt={plen}"
             _log_figure(label, ttft, res)
             out["warnings"].extend(w for w in (stats.cv_warning(label, ttft, s.cv_warn_threshold),
                                                _precision_warning(label, res, s)) if w)
