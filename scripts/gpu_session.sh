@@ -14,6 +14,7 @@
 #   bash scripts/gpu_session.sh rounds8b         issue 18: 3 interleaved rounds of bf16 and bnb_nf4, batch 1
 #   bash scripts/gpu_session.sh benchcheck8b     issue 18: bench-check bf16 and bnb_nf4, batch 1, N fresh runs, +- affinity
 #   bash scripts/gpu_session.sh newmethods8b     issue 17: hqq, torchao_int8wo, torchao_int4wo, fp8 on the 8B shape
+#   bash scripts/gpu_session.sh eagerprobe       issue 18: where the first eager generate at a batch size spends its time
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -129,6 +130,9 @@ case "${1:-}" in
         ${EXTRA:-bench.new_tokens=32 bench.max_time_per_figure_s=3 bench.max_compile_s=150}
     done
     pack newmethods_8b
+    ;;
+  eagerprobe)
+    step "${BUDGET:-150}" python3 scripts/probe_eager_first_call.py
     ;;
   benchcheck8b)
     for aff in ${AFFINITY:-null gpu_local}; do
