@@ -72,6 +72,10 @@ class BenchConfig:
     # min_repeats), or until max_time_per_figure_s seconds of timed runs (the figure is then flagged)
     target_ci_pct: Optional[float] = 1.0  # %
     max_time_per_figure_s: Optional[float] = 10.0  # s
+    # eager decode's figures: its own cap (null: max_time_per_figure_s; 0: min_repeats runs, no more). Eager's
+    # step time is the host's Python: between fresh processes its median moves up to 3.4 times what one process's
+    # CI says (H200 bench-check), so runs past the minimum narrow a CI that is not its real uncertainty (run.rounds)
+    max_time_per_eager_figure_s: Optional[float] = 0.0  # s
     # a compiled path's first call at a batch size (torch.compile's trace and codegen) may take this long, then the
     # path is recorded unsupported with that reason (null: no limit; H200, 8B bf16: 37-61 s)
     max_compile_s: Optional[float] = 300.0  # s
@@ -277,6 +281,9 @@ def validate_bench(b: Any) -> None:
         raise ConfigError(f"bench.target_ci_pct: {b.target_ci_pct} is not a positive percentage (null: no target)")
     if b.max_time_per_figure_s is not None and not b.max_time_per_figure_s > 0:
         raise ConfigError(f"bench.max_time_per_figure_s: {b.max_time_per_figure_s} is not positive (null: no cap)")
+    if b.max_time_per_eager_figure_s is not None and b.max_time_per_eager_figure_s < 0:
+        raise ConfigError(f"bench.max_time_per_eager_figure_s: {b.max_time_per_eager_figure_s} is negative "
+                          "(0: min_repeats only; null: as max_time_per_figure_s)")
     if b.max_compile_s is not None and not b.max_compile_s > 0:
         raise ConfigError(f"bench.max_compile_s: {b.max_compile_s} is not positive (null: no limit)")
     if b.warmup_steady_pct < 0:

@@ -289,6 +289,55 @@ def test_repeat_flags_a_figure_that_hits_its_time_cap():
     assert "target ±1 % not reached" in warning and "after 10 runs" in warning
 
 
+def test_a_cap_of_zero_runs_the_minimums_only_and_is_no_cap_hit():
+    """max_time_s=0 asks for min_repeats (and min_duration_s) only: a noisy figure stops there as "min_repeats",
+    not flagged as capped; one that is already precise there still says "precision"."""
+    clock, log = FakeClock(), []
+    noisy = timing.repeat(workload(clock, 0.5, log), warmup_runs=1, min_repeats=6, max_repeats=100, min_duration_s=0,
+                          target_ci_pct=1.0, max_time_s=0.0, value_of=lambda i: 100.0 + 20 * (i % 2), clock=clock)
+    assert noisy["stopped_by"] == "min_repeats" and noisy["n"] == 6 and noisy["ci_half_width_pct"] > 1.0
+    steady = timing.repeat(workload(clock, 0.5, []), warmup_runs=1, min_repeats=6, max_repeats=100, min_duration_s=0,
+                           target_ci_pct=1.0, max_time_s=0.0, value_of=lambda i: 100.0, clock=clock)
+    assert steady["stopped_by"] == "precision" and steady["n"] == 6
+    long_minimum = timing.repeat(workload(clock, 0.5, []), warmup_runs=0, min_repeats=6, max_repeats=100,
+                                 min_duration_s=4.0, target_ci_pct=1.0, max_time_s=0.0,
+                                 value_of=lambda i: 100.0 + 20 * (i % 2), clock=clock)
+    assert long_minimum["n"] == 8  # min_duration_s still holds
+    s = latency.Settings.from_bench(_quick(target_ci_pct=1.0))
+    assert latency._precision_warning("decode eager bs=1", noisy, s, "eager") is None
+
+
+def test_eager_decode_has_its_own_time_cap():
+    """bench.max_time_per_eager_figure_s caps eager decode's figures (default 0: the minimum runs); prefill and
+    the compiled paths keep bench.max_time_per_figure_s; null gives eager that cap too. Warnings and the slow-
+    figure line name the key that applied."""
+    s = latency.Settings.from_bench(_quick(max_time_per_figure_s=10.0))
+    assert BenchConfig().max_time_per_eager_figure_s == 0.0
+    assert s.loop("eager")["max_time_s"] == 0.0 and s.loop("eager")["max_warmup_runs"] == s.warmup_runs
+    for path in (None, "static", "graph"):
+        assert s.loop(path)["max_time_s"] == 10.0 and s.loop(path)["max_warmup_runs"] == s.max_warmup_runs
+    same = latency.Settings.from_bench(_quick(max_time_per_figure_s=10.0, max_time_per_eager_figure_s=None))
+    assert same.loop("eager")["max_time_s"] == 10.0
+    five = latency.Settings.from_bench(_quick(target_ci_pct=1.0, max_time_per_eager_figure_s=5.0))
+    clock = FakeClock()
+    r = timing.repeat(workload(clock, 0.5, []), value_of=lambda i: 100.0 + 20 * (i % 2), clock=clock,
+                      **{**five.loop("eager"), "min_repeats": 6, "max_repeats": 100})
+    assert r["stopped_by"] == "time_cap" and r["timed_s"] == pytest.approx(5.0)
+    assert latency._precision_warning("decode eager bs=1", r, five, "eager").endswith(
+        "within bench.max_time_per_eager_figure_s=5")
+    assert "bench.max_time_per_figure_s=10" in latency._precision_warning("decode static bs=1", r, five, "static")
+
+
+def test_a_negative_eager_cap_is_refused_by_name():
+    from qbench.config import validate_bench
+    from qbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="bench.max_time_per_eager_figure_s: -1"):
+        validate_bench(_quick(max_time_per_eager_figure_s=-1.0))
+    validate_bench(_quick(max_time_per_eager_figure_s=0.0))
+    validate_bench(_quick(max_time_per_eager_figure_s=None))
+
+
 def test_warm_up_runs_while_runs_get_faster():
     clock = FakeClock()
     durations = iter([10.0, 5.0, 3.0, 2.95, 2.0, 2.0])

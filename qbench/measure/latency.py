@@ -31,7 +31,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from qbench.measure import bandwidth, gpu_specs, gpu_state, memory, stats, timing
 
@@ -345,6 +345,7 @@ class Settings:
     min_duration_s: float
     target_ci_pct: Optional[float]
     max_time_per_figure_s: Optional[float]
+    max_time_per_eager_figure_s: Optional[float]
     max_compile_s: Optional[float]
     cv_warn_threshold: float
     seed: int
@@ -370,23 +371,31 @@ class Settings:
             max_repeats=int(get("max_repeats")), min_duration_s=float(get("min_duration_s")),
             target_ci_pct=None if get("target_ci_pct") is None else float(get("target_ci_pct")),
             max_time_per_figure_s=None if get("max_time_per_figure_s") is None else float(get("max_time_per_figure_s")),
+            max_time_per_eager_figure_s=(None if get("max_time_per_eager_figure_s") is None
+                                         else float(get("max_time_per_eager_figure_s"))),
             max_compile_s=None if get("max_compile_s") is None else float(get("max_compile_s")),
             cv_warn_threshold=float(get("cv_warn_threshold")), seed=int(get("seed")),
             gpu_spec_overrides=dict(get("gpu_spec_overrides") or {}),
             measure_copy_bandwidth=bool(get("measure_copy_bandwidth")),
         )
 
-    def loop(self, speeds_up: bool = True) -> Dict[str, Any]:
-        """timing.repeat's keywords for one figure. ``speeds_up``: the figure has a transient after its first call
-        (GPU clocks ramp up over the first prefill calls; a compiled path keeps speeding up for a few calls after
-        its compile), so it warms up until steady, up to max_warmup_runs. Eager decode has none: on the H200 its
-        extra warm-ups ran as fast as its timed runs, and on a noisy host "still faster" is a coin toss that cost
-        it 7-10 s a figure; it warms up warmup_runs only."""
+    def cap(self, path: Optional[str] = None) -> Tuple[str, Optional[float]]:
+        """(bench key, seconds) of the time cap of a figure of decode ``path`` (None: a prefill figure)."""
+        if path == "eager" and self.max_time_per_eager_figure_s is not None:
+            return "max_time_per_eager_figure_s", self.max_time_per_eager_figure_s
+        return "max_time_per_figure_s", self.max_time_per_figure_s
+
+    def loop(self, path: Optional[str] = None) -> Dict[str, Any]:
+        """timing.repeat's keywords for one figure of decode ``path`` (None: prefill). Prefill and the compiled
+        paths have a transient after their first call (GPU clocks ramp up over the first prefill calls; a compiled
+        path keeps speeding up for a few calls after its compile), so they warm up until steady, up to
+        max_warmup_runs. Eager decode has none: on the H200 its extra warm-ups ran as fast as its timed runs, and
+        on a noisy host "still faster" is a coin toss that cost it 7-10 s a figure; it warms up warmup_runs only."""
         return dict(warmup_runs=self.warmup_runs,
-                    max_warmup_runs=self.max_warmup_runs if speeds_up else self.warmup_runs,
+                    max_warmup_runs=self.warmup_runs if path == "eager" else self.max_warmup_runs,
                     steady_pct=self.warmup_steady_pct, min_repeats=self.min_repeats, max_repeats=self.max_repeats,
                     min_duration_s=self.min_duration_s, target_ci_pct=self.target_ci_pct,
-                    max_time_s=self.max_time_per_figure_s)
+                    max_time_s=self.cap(path)[1])
 
     def record(self) -> Dict[str, Any]:
         out = dict(self.__dict__)
@@ -450,7 +459,7 @@ def _precision(res: Dict[str, Any], s: Settings) -> Dict[str, Any]:
 SLOW_FIGURE_S = 30.0  # a figure whose timed runs alone will take this long says so before it starts them
 
 
-def _say_if_slow(label: str, s: Settings):
+def _say_if_slow(label: str, s: Settings, path: Optional[str] = None):
     """timing.repeat's after_warmup: one log line before the timed runs when bench.min_repeats runs at the pace
     of the last warm-up will take SLOW_FIGURE_S or more. The time cap cannot shorten them (fewer runs give no
     95 % CI of the median), so a cell that goes quiet for minutes (torchao int8 weight-only's compiled decode at
@@ -459,19 +468,21 @@ def _say_if_slow(label: str, s: Settings):
         if not warmup_s:
             return
         floor_s = s.min_repeats * warmup_s[-1]
+        key, seconds = s.cap(path)
         if floor_s >= SLOW_FIGURE_S:
-            cap = "" if s.max_time_per_figure_s is None else f", past bench.max_time_per_figure_s={s.max_time_per_figure_s:g}"
+            cap = "" if seconds is None else f", past bench.{key}={seconds:g}"
             log.info("%s: one run takes %.1f s: the %d timed runs of bench.min_repeats will take about %.0f s%s",
                      label, warmup_s[-1], s.min_repeats, floor_s, cap)
     return after_warmup
 
 
-def _precision_warning(label: str, res: Dict[str, Any], s: Settings) -> Optional[str]:
+def _precision_warning(label: str, res: Dict[str, Any], s: Settings, path: Optional[str] = None) -> Optional[str]:
     if res["stopped_by"] != "time_cap" or s.target_ci_pct is None:
         return None
     half = res["ci_half_width_pct"]
+    key, seconds = s.cap(path)
     return (f"{label}: 95 % CI of the median ±{half:.1f} % after {res['n']} runs, target ±{s.target_ci_pct:g} % "
-            f"not reached within bench.max_time_per_figure_s={s.max_time_per_figure_s:g}")
+            f"not reached within bench.{key}={seconds:g}")
 
 
 # ----------------------------------------------------------------------------------------------- prefill
@@ -598,8 +609,8 @@ def decode_row(t: Target, s: Settings, path: str, batch: int, compile_spent: Opt
     energy_runs: List[Optional[float]] = []
     run_once = _decode_runner(t, s, path, batch, energy_runs, compile_spent if compile_spent is not None else [])
     breaks0 = _graph_breaks()
-    res = timing.repeat(run_once, value_of=_tokens_per_s(batch), after_warmup=_say_if_slow(f"decode {path} bs={batch}", s),
-                        **s.loop(speeds_up=path in COMPILED_PATHS))
+    res = timing.repeat(run_once, value_of=_tokens_per_s(batch), after_warmup=_say_if_slow(f"decode {path} bs={batch}", s, path),
+                        **s.loop(path))
     breaks1 = _graph_breaks()
     steps = res["results"]
     tps = stats.summarize([_tokens_per_s(batch)(x) for x in steps], "tokens/s")
@@ -684,7 +695,7 @@ def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
             label = f"decode {path} bs={batch}"
             _log_figure(label, row["tokens_per_s"], res)
             out["warnings"].extend(w for w in (stats.cv_warning(label, row["tokens_per_s"], s.cv_warn_threshold),
-                                               _precision_warning(label, res, s)) if w)
+                                               _precision_warning(label, res, s, path)) if w)
         out["kv_shapes"].append({"batch_size": batch, "seq_len_tokens": s.decode_prompt_tokens + s.new_tokens,
                                  "bytes": memory.kv_cache_bytes(t.model_config, batch, s.decode_prompt_tokens + s.new_tokens, t.kv_dtype_bytes)})
     for path in s.decode_paths:

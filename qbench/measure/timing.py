@@ -105,6 +105,7 @@ def repeat(
     * precise: at least ``min_repeats`` runs and ``min_duration_s`` seconds timed, and the 95 % CI of the median
       of ``value_of(result)`` is within ``target_ci_pct`` % of the median (None: stop at the minimums);
     * ``max_time_s`` seconds timed (after ``min_repeats``): the cap, flagged as ``stopped_by: "time_cap"``;
+      0 asks for the minimums only (``stopped_by: "min_repeats"``, unless they already met the target);
     * ``max_repeats`` runs.
 
     ``run_once`` returns its own measurement (a number, a list of step timestamps, ...): it must finish its
@@ -140,6 +141,9 @@ def repeat(
             half = _ci_half_width_pct(values)
             if half is not None and half <= target_ci_pct:
                 stopped_by = "precision"
+                break
+            if max_time_s == 0:  # asked for the minimums only: no cap was hit
+                stopped_by = "min_repeats"
                 break
             if max_time_s is not None and timed_s >= max_time_s:
                 stopped_by = "time_cap"
