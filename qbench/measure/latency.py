@@ -528,6 +528,11 @@ def _tokens_per_s(batch: int) -> Callable[[List[float]], float]:
     return lambda steps: batch * (len(steps) - 1) / (steps[-1] - steps[0])
 
 
+def _decode_label(path: str, batch: int) -> str:
+    """How the log, the warnings and the compile messages name one decode figure."""
+    return f"decode {path} bs={batch}"
+
+
 def _compile_left_s(s: Settings, spent: List[float]) -> Optional[float]:
     """What is left of bench.max_compile_s after the cell's compiles so far (None: no limit)."""
     return None if s.max_compile_s is None else s.max_compile_s - sum(spent)
@@ -537,7 +542,7 @@ def _compile_deadline(s: Settings, path: str, batch: int, spent: List[float]):
     """The limit on a compiled path's first call at a batch size, where torch.compile does its work: what is left
     of bench.max_compile_s after the cell's earlier compiles, ``spent`` (none when it is null). The block's
     duration is appended to ``spent``."""
-    label = f"decode {path} bs={batch}"
+    label = _decode_label(path, batch)
     left_s = _compile_left_s(s, spent)
     if left_s is None:
         return _timed_block(contextlib.nullcontext(), spent, label)
@@ -609,7 +614,7 @@ def decode_row(t: Target, s: Settings, path: str, batch: int, compile_spent: Opt
     energy_runs: List[Optional[float]] = []
     run_once = _decode_runner(t, s, path, batch, energy_runs, compile_spent if compile_spent is not None else [])
     breaks0 = _graph_breaks()
-    res = timing.repeat(run_once, value_of=_tokens_per_s(batch), after_warmup=_say_if_slow(f"decode {path} bs={batch}", s, path),
+    res = timing.repeat(run_once, value_of=_tokens_per_s(batch), after_warmup=_say_if_slow(_decode_label(path, batch), s, path),
                         **s.loop(path))
     breaks1 = _graph_breaks()
     steps = res["results"]
@@ -671,9 +676,10 @@ def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
         for path in s.decode_paths:
             if reason[path] is not None:
                 continue
+            label = _decode_label(path, batch)
             left = _compile_left_s(s, compile_spent)
             if path in COMPILED_PATHS and left is not None:
-                log.info("decode %s bs=%d: starting (compiles may take %.1f s more of bench.max_compile_s)", path, batch, left)
+                log.info("%s: starting (compiles may take %.1f s more of bench.max_compile_s)", label, left)
             try:
                 row, res = decode_row(t, s, path, batch, compile_spent)
             except torch.OutOfMemoryError:
@@ -683,7 +689,7 @@ def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
                     raise
                 reason[path] = _reason_of(exc)
                 failed_at[path] = batch
-                log.warning("decode %s bs=%d: not measured (%s)", path, batch, reason[path])
+                log.warning("%s: not measured (%s)", label, reason[path])
                 if path == "static" and "graph" in reason and reason["graph"] is None:
                     # graph replays static's compiled step: without it, it would compile that step itself
                     reason["graph"], failed_at["graph"] = f"needs the static path's compiled step ({reason[path]})", batch
@@ -692,7 +698,6 @@ def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
             out["one_time"]["decode"].append({"decode_path": path, "batch_size": batch, "first_call_s": res["first_call_s"]})
             if path == "static" and out["one_time"]["compile_s"] is None:
                 out["one_time"]["compile_s"] = res["first_call_s"]  # the first static generate compiles the step
-            label = f"decode {path} bs={batch}"
             _log_figure(label, row["tokens_per_s"], res)
             out["warnings"].extend(w for w in (stats.cv_warning(label, row["tokens_per_s"], s.cv_warn_threshold),
                                                _precision_warning(label, res, s, path)) if w)
