@@ -444,6 +444,33 @@ def test_measure_graph_path_on_cpu(tiny_model):
     assert out["copy_bandwidth"] is None  # measured on GPUs only
 
 
+def test_compiled_paths_run_at_compiled_batch_sizes_only(tiny_model, caplog):
+    """bench.compiled_batch_sizes=[1]: static and graph at batch 1 only (one compile), eager at every batch size;
+    the skipped figures are named in the log and are not recorded as unsupported."""
+    model, tok = tiny_model
+    cfg = _quick(batch_sizes=[1, 2], prompt_tokens=[8], decode_paths=["eager", "static", "graph"],
+                 compiled_batch_sizes=[1], target_ci_pct=50.0, max_time_per_figure_s=5.0)
+    with caplog.at_level(logging.INFO, logger="qbench.latency"):
+        out = latency.measure(model, tok, cfg, "cpu", None, 1, model.config, compile_config=_compile_on_cpu())
+    assert [(d["decode_path"], d["batch_size"]) for d in out["decode"]] == [
+        ("eager", 1), ("static", 1), ("graph", 1), ("eager", 2)]
+    assert out["unsupported"] == [] and out["settings"]["compiled_batch_sizes"] == [1]
+    assert "decode static bs=2: not run (bench.compiled_batch_sizes=[1])" in caplog.text
+    assert latency.Settings.from_bench(_quick(batch_sizes=[1, 2])).compiled_batch_sizes == [1, 2]  # null: all
+
+
+def test_compiled_batch_sizes_are_checked_by_name():
+    from qbench.config import validate_bench
+    from qbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"bench.compiled_batch_sizes: \[8\] not in bench.batch_sizes \[1, 2\]"):
+        validate_bench(_quick(batch_sizes=[1, 2], compiled_batch_sizes=[1, 8]))
+    with pytest.raises(ConfigError, match=r"bench.compiled_batch_sizes: \[\] names no batch size"):
+        validate_bench(_quick(compiled_batch_sizes=[]))
+    validate_bench(_quick(batch_sizes=[1, 2], compiled_batch_sizes=[2]))
+    validate_bench(_quick(compiled_batch_sizes=None))
+
+
 def test_decode_paths_are_checked():
     with pytest.raises(ValueError, match="unknown"):
         latency.Settings.from_bench(_quick(decode_paths=["eagre"]))

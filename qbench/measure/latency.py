@@ -337,6 +337,7 @@ class Settings:
     decode_prompt_tokens: int
     new_tokens: int
     decode_paths: List[str]
+    compiled_batch_sizes: List[int]
     warmup_runs: int
     max_warmup_runs: int
     warmup_steady_pct: float
@@ -365,6 +366,7 @@ class Settings:
             batch_sizes=[int(b) for b in get("batch_sizes")], prompt_tokens=[int(p) for p in get("prompt_tokens")],
             decode_prompt_tokens=int(get("decode_prompt_tokens")), new_tokens=int(get("new_tokens")),
             decode_paths=[p for p in DECODE_PATHS if p in paths],  # static before graph: graph replays static's
+            compiled_batch_sizes=[int(b) for b in (get("compiled_batch_sizes") or get("batch_sizes"))],
             warmup_runs=int(get("warmup_runs")),
             max_warmup_runs=max(int(get("warmup_runs")), int(get("max_warmup_runs"))),
             warmup_steady_pct=float(get("warmup_steady_pct")), min_repeats=int(get("min_repeats")),
@@ -675,6 +677,9 @@ def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
     for batch in s.batch_sizes:
         for path in s.decode_paths:
             if reason[path] is not None:
+                continue
+            if path in COMPILED_PATHS and batch not in s.compiled_batch_sizes:
+                log.info("%s: not run (bench.compiled_batch_sizes=%s)", _decode_label(path, batch), s.compiled_batch_sizes)
                 continue
             label = _decode_label(path, batch)
             left = _compile_left_s(s, compile_spent)
