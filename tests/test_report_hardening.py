@@ -182,3 +182,36 @@ def test_a_switch_one_methods_library_flipped_shows_as_mixed(tmp_path):
     assert not keys & set(mixed())
     _edit(sweep / b / "result.json", setting(True, "expandable_segments:True"))
     assert not keys & set(mixed())
+
+
+def test_compiled_paths_skipped_by_choice_are_said_to_be(tmp_path):
+    """A cell whose static and graph ran at some batch sizes only (bench.compiled_batch_sizes) says so beside
+    the tables, which would otherwise look the same as a failure; a cell that ran them everywhere, or whose method
+    never runs them, is not listed."""
+    sweep = _copy(DEMO, tmp_path / "demo")
+    cells = sorted(p.parent.name for p in sweep.glob("*/result.json"))
+    a, b = cells[:2]
+
+    def settings(compiled, unsupported=()):
+        def fn(r):
+            lat = r["metrics"]["latency"]
+            lat.setdefault("settings", {}).update(batch_sizes=[1, 8, 32], decode_paths=["eager", "static", "graph"],
+                                   compiled_batch_sizes=compiled)
+            lat["unsupported"] = [{"decode_path": p, "reason": "cannot", "batch_size": None} for p in unsupported]
+        return fn
+
+    def not_run():
+        results = T.load_results(sweep)
+        return H.honesty_view(results, T.summary_rows(results))["not_run"]
+
+    _edit(sweep / a / "result.json", settings([1]))
+    _edit(sweep / b / "result.json", settings([1], unsupported=("static", "graph")))
+    listed = [{"cell": a, "paths": ["static", "graph"], "compiled": [1], "skipped": [8, 32]}]
+    assert not_run() == listed
+    _edit(sweep / b / "result.json", settings([1, 8, 32]))
+    assert not_run() == listed
+    _edit(sweep / b / "result.json", settings(None))  # null: every batch size
+    assert not_run() == listed
+    page = H.build_sweep_report(sweep, tmp_path / "reports").read_text()
+    assert (f"{a}: static and graph ran at batch 1 only, not at 8, 32 (<code>bench.compiled_batch_sizes</code>)"
+            in page)

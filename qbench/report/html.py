@@ -323,6 +323,7 @@ def honesty_view(results: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> D
     unsupported = [{"cell": r["cell"], "path": u.get("decode_path"), "reason": u.get("reason")}
                    for r in results for u in T.get(r, "metrics", "latency", "unsupported", default=[]) or []
                    if isinstance(u, dict)]
+    not_run = [x for x in (_compiled_not_run(r) for r in results) if x]
     no_pairing = [f"{r['cell']} ({task_table.label(t)})" for r in rows for t in T.row_tasks(rows)
                   if r.get(f"{t}_delta_source") == "difference"]
     schema = sorted({str(r.get("schema_version")) for r in results} - {"1"})
@@ -331,8 +332,23 @@ def honesty_view(results: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> D
               for r in rows if r.get("weight_ratio_off") or r.get("unquantized_high")]
     return {"random": random_cells, "limited": limited, "fewshot": fewshot_view, "noisy": noisy,
             "mixed": _mixed_environment(results), "same_environment": _same_environment_text(results),
-            "memory": memory, "unsupported": unsupported, "no_pairing": no_pairing,
+            "memory": memory, "unsupported": unsupported, "not_run": not_run, "no_pairing": no_pairing,
             "schema": schema, "paired_available": T.load_paired_compare() is not None}
+
+
+def _compiled_not_run(r: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Where a cell ran its compiled decode paths at some of its batch sizes only (bench.compiled_batch_sizes):
+    their figures are absent at the others by choice, which the tables alone would not tell from a failure.
+    None where every batch size ran them, or where the method never runs them (listed as unsupported)."""
+    settings = T.get(r, "metrics", "latency", "settings", default={}) or {}
+    batches, compiled = settings.get("batch_sizes") or [], settings.get("compiled_batch_sizes")
+    never = {u.get("decode_path") for u in T.get(r, "metrics", "latency", "unsupported", default=[]) or []
+             if isinstance(u, dict) and u.get("batch_size") is None}
+    paths = [p for p in settings.get("decode_paths") or [] if p in ("static", "graph") and p not in never]
+    skipped = [b for b in batches if compiled is not None and b not in compiled]
+    if not paths or not skipped:
+        return None
+    return {"cell": r["cell"], "paths": paths, "compiled": list(compiled), "skipped": skipped}
 
 
 def _same_environment_text(results: List[Dict[str, Any]]) -> str:
