@@ -283,7 +283,8 @@ def validate_bench(b: Any) -> None:
                               "bench.decode_paths=[eager] runs no compiled path)")
         stray = [x for x in compiled if x not in list(b.batch_sizes)]
         if stray:
-            raise ConfigError(f"bench.compiled_batch_sizes: {stray} not in bench.batch_sizes {list(b.batch_sizes)}")
+            raise ConfigError(f"bench.compiled_batch_sizes: {stray} not in bench.batch_sizes {list(b.batch_sizes)} "
+                              "(name some of those, or null for all)")
     if b.warmup_runs < 0:
         raise ConfigError(f"bench.warmup_runs: {b.warmup_runs} is negative")
     if b.max_warmup_runs < 0:
