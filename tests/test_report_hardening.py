@@ -195,8 +195,8 @@ def test_compiled_paths_skipped_by_choice_are_said_to_be(tmp_path):
     def settings(compiled, unsupported=()):
         def fn(r):
             lat = r["metrics"]["latency"]
-            lat.setdefault("settings", {}).update(batch_sizes=[1, 8, 32], decode_paths=["eager", "static", "graph"],
-                                   compiled_batch_sizes=compiled)
+            lat.setdefault("settings", {}).update(batch_sizes=[1, 8, 32], compiled_batch_sizes=compiled,
+                                                  decode_paths=["eager", "static", "graph"])
             lat["unsupported"] = [{"decode_path": p, "reason": "cannot", "batch_size": None} for p in unsupported]
         return fn
 

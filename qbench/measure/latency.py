@@ -678,10 +678,10 @@ def measure_decode(t: Target, s: Settings, out: Dict[str, Any]) -> None:
         for path in s.decode_paths:
             if reason[path] is not None:
                 continue
-            if path in COMPILED_PATHS and batch not in s.compiled_batch_sizes:
-                log.info("%s: not run (bench.compiled_batch_sizes=%s)", _decode_label(path, batch), s.compiled_batch_sizes)
-                continue
             label = _decode_label(path, batch)
+            if path in COMPILED_PATHS and batch not in s.compiled_batch_sizes:
+                log.info("%s: not run (bench.compiled_batch_sizes=%s)", label, s.compiled_batch_sizes)
+                continue
             left = _compile_left_s(s, compile_spent)
             if path in COMPILED_PATHS and left is not None:
                 log.info("%s: starting (compiles may take %.1f s more of bench.max_compile_s)", label, left)
