@@ -266,3 +266,39 @@ def test_ci_predicted_spread(bench_check):
     figs = bench_check.figures({"metrics": {"latency": {"decode": [
         {"decode_path": "static", "batch_size": 1, "tokens_per_s": dist}]}}})
     assert figs["decode static bs=1 tokens/s"][3] == pytest.approx(1.0)  # (max - min) / 2 of the stored CI
+
+
+@pytest.mark.parametrize("group, latency_s", [
+    ("defaults_32tok_cold", "165.2"), ("defaults_32tok_warm", "81.2"), ("defaults_32tok_warm_2", "83.0"),
+    ("compiled_bs1_cold", "78.5"), ("compiled_bs1_cold_2", "80.0"), ("compiled_bs1_warm", "57.5"),
+    ("compiled_all_cold_4", "150.6"), ("compiled_all_warm_4", "94.4"),
+])
+def test_the_recorded_h200_latency_phases(recorded, group, latency_s):
+    """The latency phase each H200 table row quotes is that run's latency_s in runs.csv."""
+    runs = recorded[1]
+    (value,) = runs[runs.group == f"h200_8b/{group}"].latency_s
+    assert f"{value:.1f}" == latency_s
+    assert any(f"{latency_s} s" in line for line in STABILITY_PAGE.splitlines() if line.startswith(f"| `{group}`"))
+
+
+@pytest.mark.parametrize("method, path", [("bf16", "graph"), ("bf16", "static"), ("bf16", "eager"),
+                                          ("bnb_nf4", "eager")])
+def test_the_recorded_rounds(recorded, method, path):
+    """run.rounds=3: the rounds' medians and the combined CI of the page's rounds table."""
+    figures = recorded[0]
+    (row,) = figures[(figures.path == f"h200_8b/rounds_8b/llama3_1_8b_instruct__{method}")
+                     & (figures.decode_path == path) & (figures.metric == "tokens_per_s")].itertuples()
+    medians = ", ".join(f"{float(v):.1f}" for v in row.rounds_medians.split(";"))
+    line = next(l for l in STABILITY_PAGE.splitlines() if l.startswith(f"| {method} | decode {path} |"))
+    assert medians in line and f"{row.p50:.1f} ± " in line and row.rounds_dominated_by in line
+
+
+@pytest.mark.parametrize("group, method, weight_bytes", [
+    ("newmethods_8b", "torchao_int8wo", "9,088,081,920"), ("newmethods_8b", "torchao_int4wo", "5,809,643,520"),
+    ("newmethods_8b", "fp8", "9,086,705,664"), ("newmethods_8b_2", "hqq", "6,027,747,328"),
+])
+def test_the_recorded_new_method_footprints(recorded, group, method, weight_bytes):
+    runs = recorded[1]
+    (row,) = runs[(runs.group == f"h200_8b/{group}") & (runs.method == method)].itertuples()
+    assert f"{row.weight_bytes_measured:,}" == weight_bytes == f"{row.weight_bytes_analytic:,}"
+    assert weight_bytes in STABILITY_PAGE
