@@ -20,6 +20,7 @@ dest=${1:?usage: gpu_bundle.sh DEST [PYTHON]}
 py=${2:-.venv/bin/python}
 cd "$(dirname "$0")/.."
 command -v "$py" >/dev/null || [ -x "$py" ] || { echo "gpu_bundle: no Python at $py (make install first, or pass one)" >&2; exit 2; }
+git rev-parse --is-inside-work-tree >/dev/null 2>&1 || { echo "gpu_bundle: $PWD is not a git checkout (the bundle carries the files git tracks)" >&2; exit 2; }
 here=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 gpu_python=${GPU_PYTHON:-$here}
 keep=${KEEP:-torch triton nvidia-* cuda-*}

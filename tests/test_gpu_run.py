@@ -39,6 +39,7 @@ def qbench_overrides(gpu_run, cmd: list) -> list | None:
     return None
 
 
+@pytest.mark.slow  # ~13 compositions of ~3 s each
 def test_every_step_composes(gpu_run, tmp_path):
     """A renamed config key or option breaks a step at compose time, here, not on a lent GPU."""
     a = gpu_run.parse(["latency-8b", "--runs-dir", str(tmp_path), "--data", str(tmp_path)])
