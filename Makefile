@@ -14,7 +14,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GPTQMOD
 QBENCH_CACHE ?= .cache/qbench
 SMOLLM2 := $(QBENCH_CACHE)/weights/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: help install install-gpu weights test test-gpu test-slurm demo sweep report bench-check browser clean
+.PHONY: help install install-gpu gpu-bundle weights test test-gpu test-slurm demo sweep report bench-check browser clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ install: $(VENV)/.installed ## create .venv and install qbench with every extra 
 
 install-gpu: ## on a GPU node: install qbench into the current Python, keeping its CUDA torch
 	python3 -m pip install -e ".[methods,eval,report,slurm]"
+
+gpu-bundle: install ## a folder to carry to an offline GPU node (wheels + project + data): make gpu-bundle [DEST=gpu-bundle]
+	QBENCH_DATA=$${QBENCH_DATA:-} QBENCH_CACHE=$(QBENCH_CACHE) bash scripts/gpu_bundle.sh $(or $(DEST),gpu-bundle) $(PY)
 
 $(SMOLLM2):
 	$(PY) -m qbench.weights smollm2 --dest $(dir $@)

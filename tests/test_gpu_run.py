@@ -1,0 +1,120 @@
+"""scripts/gpu_run.py (the project's GPU measurements as named steps under a budget) and scripts/gpu_bundle.sh
+(make gpu-bundle: what an offline GPU node needs). Nothing here needs a GPU: every step's commands are composed
+with --cfg job, the budget is tried on a command that prints nothing, and the bundle is built without wheels."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_run():
+    spec = importlib.util.spec_from_file_location("gpu_run", ROOT / "scripts" / "gpu_run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def qbench_overrides(gpu_run, cmd: list) -> list | None:
+    """The Hydra overrides of a step's command (bench_check's too, after its own flags); None for other tools."""
+    if cmd[:3] == gpu_run.QBENCH:
+        return [a for a in cmd[3:] if a != "-m"]
+    if cmd[:2] == gpu_run.BENCH_CHECK:
+        args, out = cmd[2:], []
+        while args:
+            if args[0].startswith("--"):
+                args = args[2:]
+            else:
+                out.append(args.pop(0))
+        return out
+    return None
+
+
+@pytest.mark.slow  # ~13 compositions of ~3 s each
+def test_every_step_composes(gpu_run, tmp_path):
+    """A renamed config key or option breaks a step at compose time, here, not on a lent GPU."""
+    a = gpu_run.parse(["latency-8b", "--runs-dir", str(tmp_path), "--data", str(tmp_path)])
+    checked = 0
+    for name, step in gpu_run.STEPS.items():
+        for cmd in step.commands(a):
+            overrides = qbench_overrides(gpu_run, cmd)
+            if overrides is None:
+                assert Path(cmd[1]).is_file(), f"{name}: {cmd[1]} does not exist"
+                continue
+            proc = subprocess.run([sys.executable, "-m", "qbench.cli", "-m", *overrides, "--cfg", "job"], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120,
+                                  env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)))
+            assert proc.returncode == 0, f"{name}: {overrides}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            checked += 1
+    assert checked >= 12
+
+
+def test_options_reach_the_commands(gpu_run):
+    a = gpu_run.parse(["spread-8b", "--methods", "bf16", "--affinity", "gpu_local", "--repeats", "3",
+                       "--first-index", "2", "--extra", "bench.new_tokens=32 bench.max_time_per_figure_s=3"])
+    (cmd,) = gpu_run.STEPS["spread-8b"].commands(a)
+    assert cmd[cmd.index("--repeats") + 1] == "3" and cmd[cmd.index("--first-index") + 1] == "2"
+    assert "bench.cpu_affinity=gpu_local" in cmd and cmd[-2:] == ["bench.new_tokens=32", "bench.max_time_per_figure_s=3"]
+    per_method = gpu_run.STEPS["methods-8b"].commands(gpu_run.parse(["methods-8b", "--methods", "hqq,fp8"]))
+    assert [next(x for x in c if x.startswith("method=")) for c in per_method] == ["method=hqq", "method=fp8"]
+
+
+def test_budget_interrupts_a_command_that_prints_nothing(gpu_run, tmp_path):
+    """SIGINT at the budget even while the command is silent (a compile), and the log says what happened."""
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGINT, lambda *a: (print('interrupted', flush=True), sys.exit(3)))\n"
+              "time.sleep(60)\n")
+    log = tmp_path / "session.log"
+    start = time.monotonic()
+    rc = gpu_run.run([sys.executable, "-c", script], 1.0, log, dict(os.environ))
+    assert rc == 3 and time.monotonic() - start < 20
+    text = log.read_text()
+    assert "[1 s]" in text and "interrupted" in text and "=== rc=3" in text
+
+
+def test_pack_leaves_out_job_folders(gpu_run, tmp_path):
+    cell = tmp_path / "runs" / "latency_8b" / "m__bf16"
+    cell.mkdir(parents=True)
+    (cell / "result.json").write_text("{}")
+    (tmp_path / "runs" / "latency_8b" / ".submitit" / "1").mkdir(parents=True)
+    (tmp_path / "runs" / "latency_8b" / ".submitit" / "1" / "log.out").write_text("x")
+    gpu_run.pack(tmp_path / "runs", "latency_8b", tmp_path)
+    with tarfile.open(tmp_path / "latency_8b.tgz") as tar:
+        assert sorted(tar.getnames()) == ["latency_8b", "latency_8b/m__bf16", "latency_8b/m__bf16/result.json"]
+
+
+def test_setup_without_wheels_says_so(gpu_run, tmp_path, capsys):
+    assert gpu_run.main(["setup", "--wheels", str(tmp_path), "--site", str(tmp_path / "site")]) == 2
+    assert "no .whl under --wheels" in capsys.readouterr().err
+
+
+def test_bundle_holds_the_project_data_and_an_install_script(tmp_path):
+    data = tmp_path / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    (data / "test.jsonl").write_text("{}\n")
+    dest = tmp_path / "bundle"
+    proc = subprocess.run(["bash", "scripts/gpu_bundle.sh", str(dest), sys.executable], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300,
+                          env=dict(os.environ, WHEELS="0", QBENCH_DATA=str(tmp_path / "data"),
+                                   QBENCH_CACHE=str(tmp_path / "nocache")))
+    assert proc.returncode == 0, proc.stderr
+    assert (dest / "qbench" / "Makefile").is_file() and (dest / "qbench" / "conf" / "config.yaml").is_file()
+    assert (dest / "qbench" / "scripts" / "gpu_run.py").is_file()
+    assert not (dest / "qbench" / ".venv").exists() and not (dest / "qbench" / "reports" / "examples").exists()
+    assert (dest / "data" / "gsm8k" / "test.jsonl").is_file() and not (dest / "weights").exists()
+    assert os.access(dest / "install.sh", os.X_OK) and "--no-index" in (dest / "install.sh").read_text()
+
+
+def test_bundle_without_a_python_is_one_line(tmp_path):
+    proc = subprocess.run(["bash", "scripts/gpu_bundle.sh", str(tmp_path / "b"), str(tmp_path / "nopython")],
+                          cwd=ROOT, text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "make install first" in proc.stderr
