@@ -119,7 +119,9 @@
       var body = box.querySelector("tbody.answer");
       var res = decide(m, b);
       body.textContent = "";
-      row(body, "Least weight memory", res.memory, function (c) { return c.weights_text + " \u00b7 " + quality(c, m); },
+      row(body, "Least weight memory", res.memory, function (c) {
+        var q = quality(c, m);
+        return c.weights_text + (q ? " \u00b7 " + q : ""); },
           "weights within " + (100 * data.memory_tie_fraction) + " % of each other");
       m.batch_sizes.forEach(function (bs) {
         var k = String(bs);
