@@ -155,6 +155,22 @@ def test_a_single_report_embeds_plotly_unless_asked(tmp_path, monkeypatch):
     assert cli.main([str(FIXTURES / "demo"), "--out", str(out), "--plotlyjs", "shared"]) == 0
     assert FAKE_PLOTLYJS not in (out / "demo" / "index.html").read_text()
     assert (out / "assets" / "plotly.min.js").is_file()
+    # out is a site now: rebuilding one of its sweeps joins it rather than embedding plotly.js again
+    assert cli.main([str(FIXTURES / "mixed"), "--out", str(out)]) == 0
+    assert '<script src="../assets/plotly.min.js">' in (out / "mixed" / "index.html").read_text()
+    assert cli.main([str(FIXTURES / "mixed"), "--out", str(out), "--plotlyjs", "inline"]) == 0
+    assert FAKE_PLOTLYJS in (out / "mixed" / "index.html").read_text()
+
+
+def test_committed_examples_are_one_small_site():
+    """reports/examples: every sweep of runs/ has its page, all pages share one plotly.js, all of it under 8 MB."""
+    root = EXAMPLES.parent
+    assert (root / "assets" / "plotly.min.js").is_file()
+    for sweep in EXAMPLES.iterdir():
+        page = (root / sweep.name / "index.html").read_text()
+        assert '<script src="../assets/plotly.min.js"></script>' in page and 'id="decision"' in page, sweep.name
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert total <= 8_000_000, f"reports/examples holds {total / 1e6:.1f} MB"
 
 
 def test_the_shared_asset_is_rewritten_only_when_it_changes(tmp_path):

@@ -4,7 +4,8 @@
     qbench-report --all runs [--out reports]     -> every runs/*/ that holds a result, reports/index.html linking them,
                                                     and one reports/assets/plotly.min.js that every page loads
 
-A single report embeds plotly.js (a page copied alone still opens); --all shares one copy. --plotlyjs overrides.
+A single report embeds plotly.js (a page copied alone still opens), unless OUT is already a site (it holds
+assets/plotly.min.js): then it joins the site and shares that copy. --all shares one copy. --plotlyjs overrides.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="reports directory (default: reports)")
     p.add_argument("--plotlyjs", choices=("inline", "shared"), default=None,
                    help="embed plotly.js in each page (default for one sweep), or load one shared copy from "
-                        "OUT/assets/plotly.min.js (default with --all); both open from disk with no network")
+                        "OUT/assets/plotly.min.js (default with --all, or where OUT already has it); both open "
+                        "from disk with no network")
     return p
 
 
@@ -41,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     else:
         sweeps = [root]
-    shared = (args.plotlyjs or ("shared" if args.all else "inline")) == "shared"
+    shared = (args.plotlyjs or ("shared" if args.all or site.is_site(out) else "inline")) == "shared"
 
     def report(sweep: Path, e: Exception) -> None:
         why = str(e) if isinstance(e, FileNotFoundError) else f"{sweep}: not built: {type(e).__name__}: {e}"

@@ -4,7 +4,8 @@ shared copy of plotly.js in reports/assets/ that every page loads by a relative 
 Why shared: plotly.js is 4.6 MB; embedded in each page, a folder of ten sweeps carries it ten times. Why still
 relative: the site must open from disk (file://) and from any static host, with no network. A single report
 (``qbench-report runs/<sweep>``) keeps plotly.js embedded by default, since a page copied alone off a node must
-still open; ``--plotlyjs shared`` makes it join a site instead.
+still open, unless the reports folder is already a site (it holds assets/plotly.min.js): then it joins it, so that
+rebuilding one sweep of a published site does not embed 4.6 MB again. ``--plotlyjs`` decides either way.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ def write_plotly_asset(out_root: Path, plotlyjs: Optional[str] = None) -> Path:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)  # a page being opened meanwhile never loads half a library
     return path
+
+
+def is_site(out_root: Path) -> bool:
+    """``out_root`` already shares plotly.js (an earlier --all built it): a sweep built into it should join."""
+    return (Path(out_root) / ASSETS / PLOTLY_FILE).is_file()
 
 
 def sweeps_under(runs_root: Path) -> List[Path]:
