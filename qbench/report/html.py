@@ -520,7 +520,9 @@ table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #ddd;pad
 <td>{{ s.n_ok }} ok{% if s.n_error %}, <span class="err">{{ s.n_error }} failed</span>{% endif %}
 {% if s.random %}<br><span class="muted">{{ s.random }} on random weights</span>{% endif %}</td>
 <td>{{ s.models|join(", ") }}</td><td>{{ s.methods|join(", ") }}</td>
-<td>{% for model, picks in (s.get("least_memory") or {}).items() %}{% if s.models|length > 1 %}{{ model }}: {% endif %}{{ picks|join(" = ") if picks else "none" }}{% if not loop.last %}<br>{% endif %}{% else %}&mdash;{% endfor %}</td>
+<td>{% for model, picks in (s.get("least_memory") or {}).items() %}
+{% if s.models|length > 1 %}{{ model }}: {% endif %}{{ picks|join(" = ") if picks else "none" }}
+{% if not loop.last %}<br>{% endif %}{% else %}&mdash;{% endfor %}</td>
 <td class="muted">{{ s.built_at }}</td>
 </tr>{% endfor %}
 </tbody></table>
