@@ -53,9 +53,9 @@ def test_strict_asks_the_whole_ci():
 
 def test_accuracy_budget_uses_the_paired_delta():
     m = panel("gpu_smollm2")  # bnb_int8: MMLU -1.05 pp [-4.56, +2.5], GSM8K +1.6 pp
-    assert D.decide(m, {"acc_drop_pp": 1.0})["excluded"]["bnb_int8"] == "MMLU \u0394 -1.1 pp < \u22121"
+    assert D.decide(m, {"acc_drop_pp": 1.0})["excluded"]["bnb_int8"] == "MMLU \u0394 \u22121.053 pp < \u22121"
     assert "bnb_int8" not in D.decide(m, {"acc_drop_pp": 2.0})["excluded"]
-    assert D.decide(m, {"acc_drop_pp": 2.0, "strict": True})["excluded"]["bnb_int8"].startswith("MMLU \u0394 -4.6")
+    assert D.decide(m, {"acc_drop_pp": 2.0, "strict": True})["excluded"]["bnb_int8"].startswith("MMLU \u0394 \u22124.561 pp")
 
 
 def test_decode_ties_are_overlapping_cis():

@@ -36,6 +36,7 @@ DEFAULT_BUDGET: Dict[str, Any] = {
 MEMORY_TIE_FRACTION = 0.01  # weights within 1 % of the smallest: the measured-vs-analytic band of the report
 SIXTEEN_BIT_DTYPES = ("bfloat16", "float16")
 DTYPE_BITS = {name: 8 * size for name, size in T.DTYPE_BYTES.items()}
+MINUS = "\u2212"
 
 
 def _ci(v: Any, lo: Any, hi: Any) -> Optional[Dict[str, Optional[float]]]:
@@ -259,7 +260,7 @@ def within_budget(c: Dict[str, Any], measured: Dict[str, Any], budget: Dict[str,
                 return f"{task_table.label(t)} \u0394 not measured"
             v = a["lo"] if strict and a["lo"] is not None else a["v"]
             if v < -drop:
-                return f"{task_table.label(t)} \u0394 {v:+.1f} pp < \u2212{drop:g}"
+                return f"{task_table.label(t)} \u0394 {f'{v:.4g}'.replace('-', MINUS)} pp < {MINUS}{drop:g}"
     return None
 
 
@@ -283,8 +284,6 @@ def decide(model: Dict[str, Any], budget: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------- text the page shows (the script arranges it)
-
-MINUS = "\u2212"
 
 
 def _g(x: float, sig: int) -> str:

@@ -506,7 +506,7 @@ body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sa
  max-width:1100px;margin:2rem auto;padding:0 1rem}
 table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #ddd;padding:.4rem .6rem;text-align:left;
  vertical-align:top}th{background:#f3f3f3}.tag{font-size:.8em;border-radius:3px;padding:0 .3em;background:#fde7c8}
-.err{color:#a33a00}.muted{color:#666}
+.err{color:#a33a00}.muted{color:#666}.date{white-space:nowrap}
 </style></head><body>
 <h1>qbench reports</h1>
 <p class="muted">{{ sweeps|length }} sweep(s), {{ sweeps|sum(attribute="n_cells") }} cells; rebuilt {{ built_at }}.
@@ -516,14 +516,14 @@ table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #ddd;pad
 <th>methods</th><th>least memory within the default budget</th><th>report built</th></tr></thead><tbody>
 {% for s in sweeps %}<tr>
 <td><a href="{{ s.href }}">{{ s.sweep }}</a>{% if s.demo %} <span class="tag">demo</span>{% endif %}</td>
-<td>{{ s.get("ran") or "?" }}</td>
+<td class="date">{{ s.get("ran") or "?" }}</td>
 <td>{{ s.n_ok }} ok{% if s.n_error %}, <span class="err">{{ s.n_error }} failed</span>{% endif %}
 {% if s.random %}<br><span class="muted">{{ s.random }} on random weights</span>{% endif %}</td>
 <td>{{ s.models|join(", ") }}</td><td>{{ s.methods|join(", ") }}</td>
 <td>{% for model, picks in (s.get("least_memory") or {}).items() %}
 {% if s.models|length > 1 %}{{ model }}: {% endif %}{{ picks|join(" = ") if picks else "none" }}
 {% if not loop.last %}<br>{% endif %}{% else %}&mdash;{% endfor %}</td>
-<td class="muted">{{ s.built_at }}</td>
+<td class="muted date">{{ s.built_at[:16]|replace("T", " ") }}</td>
 </tr>{% endfor %}
 </tbody></table>
 {% else %}<p>No sweep reports yet: run <code>qbench-report runs/&lt;sweep&gt;</code>.</p>{% endif %}
