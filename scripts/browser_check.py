@@ -270,17 +270,20 @@ _SORT_CHECK = """(() => {
 })()"""
 
 
-# Each model's answer as the panel's script rendered it (data-answer) and as decision.py expects it (data-expected).
+# Each model's answer as the panel's script rendered it (data-answer) and as decision.py expects it under the
+# default budget (data-expected); whether the form holds that default budget (data-default-budget); the share link.
 _DECISION_FACTS = """(() => {
   const sec = document.getElementById('decision');
   if (!sec) return null;
-  return Array.from(sec.querySelectorAll('.decision-model')).map(m => ({
+  const link = document.getElementById('decision-link');
+  return {link: link ? link.getAttribute('href') : null, models: Array.from(sec.querySelectorAll('.decision-model')).map(m => ({
     model: m.getAttribute('data-model'),
+    default_budget: m.getAttribute('data-default-budget') === 'true',
     expected: JSON.parse(m.getAttribute('data-expected') || 'null'),
     answer: JSON.parse(m.getAttribute('data-answer') || 'null'),
     rows: Array.from(m.querySelectorAll('tbody.answer tr')).map(r => r.textContent.trim()),
     excluded: (m.querySelector('.excluded') || {}).textContent || '',
-  }));
+  }))};
 })()"""
 
 # Types a budget into the panel's form (keys missing from it keep their value; null empties the field) and fires
@@ -296,14 +299,14 @@ _SET_BUDGET = """((b) => {
 })"""
 
 
-def _decision_problems(decision: Optional[List[Dict[str, Any]]], sweep_page: bool) -> List[str]:
+def _decision_problems(decision: Optional[Dict[str, Any]], sweep_page: bool) -> List[str]:
     if decision is None:
         return ["no decision panel (#decision)"] if sweep_page else []
     out = []
-    for m in decision:
+    for m in decision["models"]:
         if m["answer"] is None:
             out.append(f"decision panel of {m['model']!r}: the script gave no answer")
-        elif m["expected"] is not None and _answer(m["answer"]) != _answer(m["expected"]):
+        elif m["default_budget"] and m["expected"] is not None and _answer(m["answer"]) != _answer(m["expected"]):
             out.append(f"decision panel of {m['model']!r}: the script answers {m['answer']}, the report's rule "
                        f"{m['expected']}")
     return out
@@ -346,12 +349,14 @@ def _event_problems(events: List[Dict[str, Any]]) -> List[str]:
 
 def check_report(html_path: Path, screenshot: Optional[Path] = None, expect_charts: Optional[int] = None,
                  expect_rows: Optional[int] = None, chromium: Optional[str] = None, pdf: Optional[Path] = None,
-                 timeout: float = 90.0, budgets: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
-    """Run the check; returns the facts found and ``problems`` (empty when the page passes)."""
+                 timeout: float = 90.0, budgets: Optional[List[Dict[str, Any]]] = None,
+                 fragment: str = "") -> Dict[str, Any]:
+    """Run the check; returns the facts found and ``problems`` (empty when the page passes). ``fragment`` is
+    appended to the page's address (e.g. a decision budget: '#budget&kl_max=0.3')."""
     chromium = chromium or find_chromium()
     if not chromium:
         raise FileNotFoundError("chromium not found (apt-get install -y chromium)")
-    url = Path(html_path).resolve().as_uri()
+    url = Path(html_path).resolve().as_uri() + fragment
     problems: List[str] = []
     with tempfile.TemporaryDirectory(prefix="qbench-chromium-") as profile:
         proc = _launch(chromium, profile)
@@ -431,8 +436,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--timeout", type=float, default=90.0)
     p.add_argument("--budget", action="append", type=json.loads, default=[],
                    help='a budget to type into the decision panel, as JSON: \'{"kl_max": 0.3, "strict": true}\'')
+    p.add_argument("--fragment", default="", help="appended to the page's address, e.g. '#budget&kl_max=0.3'")
     a = p.parse_args(argv)
-    facts = check_report(a.html, a.screenshot, a.charts, a.rows, a.chromium, a.pdf, a.timeout, a.budget)
+    facts = check_report(a.html, a.screenshot, a.charts, a.rows, a.chromium, a.pdf, a.timeout, a.budget, a.fragment)
     print(json.dumps(facts, indent=1))
     if facts["problems"]:
         print("browser check FAILED:\n  " + "\n  ".join(facts["problems"]), file=sys.stderr)

@@ -102,7 +102,7 @@ def test_check_catches_a_broken_page(tmp_path):
 
 
 def _model_answers(decision):
-    return [m["answer"] for m in decision]
+    return [m["answer"] for m in decision["models"]]
 
 
 def test_decision_panel_follows_the_budget(site_reports, tmp_path):
@@ -128,7 +128,19 @@ def test_decision_panel_follows_the_budget(site_reports, tmp_path):
         assert got == {"memory": want["memory"], "decode": {str(k): v for k, v in want["decode"].items()}}
         answers.append(got["memory"])
     assert answers == [["bnb_nf4"], ["bf16", "fp16"], ["bnb_nf4"]]
-    assert "Left out: bnb_int8 (KL 0.01532 > 0.015)" in facts["decision_budgets"][1][0]["excluded"]
+    assert "Left out: bnb_int8 (KL 0.01532 > 0.015)" in facts["decision_budgets"][1]["models"][0]["excluded"]
+    # the share link holds the form's budget; typed budgets add up (the PPL ratio of the first stays)
+    assert facts["decision_budgets"][1]["link"] == "#budget&kl_max=0.015&ppl_ratio_max=1.3&acc_drop_pp=2&strict=1"
+
+
+def test_a_link_opens_the_page_with_its_budget(site_reports):
+    """The share link's address (#budget&...) sets the form on load: the answer is the loose budget's."""
+    facts = browser_check.check_report(site_reports / "gpu_smollm2" / "index.html",
+                                       fragment="#budget&kl_max=0.3&ppl_ratio_max=1.3&acc_drop_pp=&strict=0")
+    assert facts["problems"] == []
+    [m] = facts["decision"]["models"]
+    assert not m["default_budget"] and m["answer"]["memory"] == ["bnb_nf4"]
+    assert facts["decision"]["link"] == "#budget&kl_max=0.3&ppl_ratio_max=1.3&acc_drop_pp=&strict=0"
 
 
 def test_site_pages_share_plotly_and_still_open_offline(site_reports):

@@ -110,6 +110,11 @@
     return "Budget: " + (parts.length ? parts.join(", ") : "none") + (b.strict ? ", whole 95 % CI" : "") + ".";
   }
 
+  function isDefault(b) {  /* the budget decision.py's data-expected answer was computed under */
+    return ["kl_max", "ppl_ratio_max", "acc_drop_pp", "strict"].every(function (k) {
+      return b[k] === data.budget[k]; });
+  }
+
   function render() {
     var b = budget();
     var note = document.getElementById("decision-budget-note");
@@ -136,10 +141,36 @@
       var answer = {memory: res.memory.map(function (c) { return c.method; }), decode: {}};
       Object.keys(res.decode).forEach(function (k) { answer.decode[k] = res.decode[k].map(function (c) { return c.method; }); });
       box.setAttribute("data-answer", JSON.stringify(answer));
+      box.setAttribute("data-default-budget", String(isDefault(b)));
     });
   }
-  form.addEventListener("input", render);
-  form.addEventListener("change", render);
+  /* A budget travels in the address as #budget&kl_max=0.1&ppl_ratio_max=&acc_drop_pp=2&strict=1 (an empty value:
+     constraint off), so a reader can send the answer under their budget; the link below always holds the current
+     one. Read on load and when the address changes; the form is only ever written from it. */
+  var PREFIX = "#budget&";
+  function fromHash() {
+    if (location.hash.indexOf(PREFIX) !== 0) { return; }
+    var q = new URLSearchParams(location.hash.slice(PREFIX.length));
+    ["kl_max", "ppl_ratio_max", "acc_drop_pp"].forEach(function (k) {
+      if (q.has(k) && !form.elements[k].disabled) { form.elements[k].value = q.get(k); }
+    });
+    if (q.has("strict")) { form.elements.strict.checked = q.get("strict") === "1"; }
+  }
+  function toHash(b) {
+    var q = new URLSearchParams();
+    ["kl_max", "ppl_ratio_max", "acc_drop_pp"].forEach(function (k) { q.set(k, b[k] === null ? "" : String(b[k])); });
+    q.set("strict", b.strict ? "1" : "0");
+    return PREFIX + q.toString();
+  }
+  function update() {
+    render();
+    var link = document.getElementById("decision-link");
+    if (link) { link.setAttribute("href", toHash(budget())); }
+  }
+  form.addEventListener("input", update);
+  form.addEventListener("change", update);
   form.addEventListener("submit", function (e) { e.preventDefault(); });
-  render();
+  window.addEventListener("hashchange", function () { fromHash(); update(); });
+  fromHash();
+  update();
 })();
