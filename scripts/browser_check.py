@@ -12,7 +12,11 @@ pip dependency). The check fails (exit 1, and ``problems`` in the JSON it prints
   - fewer charts are drawn than the page expects (<main data-expected-charts>, or --charts), a chart is
     empty (no .main-svg) or has no height;
   - the summary table does not have one row per cell (<main data-expected-rows>, or --rows);
-  - sorting a numeric column does not sort it.
+  - sorting a numeric column does not sort it;
+  - a sweep page has no decision panel, or the panel's script answers otherwise than the report's own rule
+    (qbench/report/decision.py's answer under the default budget, in each model's data-expected).
+With --budget (repeatable, JSON such as '{"kl_max": 0.3}'), it then types each budget into the panel and records
+the answers it gives (``decision_budgets``), for tests that compare them with decision.py.
 It saves a screenshot of the first screen (laptop size, 1366x900) and one of the whole page.
 """
 from __future__ import annotations
@@ -266,20 +270,93 @@ _SORT_CHECK = """(() => {
 })()"""
 
 
+# Each model's answer as the panel's script rendered it (data-answer) and as decision.py expects it under the
+# default budget (data-expected); whether the form holds that default budget (data-default-budget); the share link.
+_DECISION_FACTS = """(() => {
+  const sec = document.getElementById('decision');
+  if (!sec) return null;
+  const link = document.getElementById('decision-link');
+  return {link: link ? link.getAttribute('href') : null, models: Array.from(sec.querySelectorAll('.decision-model')).map(m => ({
+    model: m.getAttribute('data-model'),
+    default_budget: m.getAttribute('data-default-budget') === 'true',
+    expected: JSON.parse(m.getAttribute('data-expected') || 'null'),
+    answer: JSON.parse(m.getAttribute('data-answer') || 'null'),
+    rows: Array.from(m.querySelectorAll('tbody.answer tr')).map(r => r.textContent.trim()),
+    excluded: (m.querySelector('.excluded') || {}).textContent || '',
+  }))};
+})()"""
+
+# Types a budget into the panel's form (keys missing from it keep their value; null empties the field) and fires
+# the events a reader's typing would; then the answers are read back with _DECISION_FACTS.
+_SET_BUDGET = """((b) => {
+  const form = document.getElementById('decision-budget');
+  for (const [k, v] of Object.entries(b)) {
+    const el = form.elements[k];
+    if (el.type === 'checkbox') { el.checked = !!v; } else { el.value = v === null ? '' : String(v); }
+    el.dispatchEvent(new Event(el.type === 'checkbox' ? 'change' : 'input', {bubbles: true}));
+  }
+  return true;
+})"""
+
+
+def _decision_problems(decision: Optional[Dict[str, Any]], sweep_page: bool) -> List[str]:
+    if decision is None:
+        return ["no decision panel (#decision)"] if sweep_page else []
+    out = []
+    for m in decision["models"]:
+        if m["answer"] is None:
+            out.append(f"decision panel of {m['model']!r}: the script gave no answer")
+        elif m["default_budget"] and m["expected"] is not None and _answer(m["answer"]) != _answer(m["expected"]):
+            out.append(f"decision panel of {m['model']!r}: the script answers {m['answer']}, the report's rule "
+                       f"{m['expected']}")
+    return out
+
+
+def _answer(a: Dict[str, Any]) -> Dict[str, Any]:
+    """The comparable part of an answer: the picks, in order (decode keys as strings, as JSON has them)."""
+    return {"memory": list(a.get("memory") or []), "decode": {str(k): list(v) for k, v in (a.get("decode") or {}).items()}}
+
+
 def _sorted_ok(values: List[str]) -> bool:
     nums = [float(v) for v in values if v not in ("", None)]
     first_empty = next((i for i, v in enumerate(values) if v in ("", None)), len(values))
     return nums == sorted(nums) and all(v in ("", None) for v in values[first_empty:])
 
 
+def _event_problems(events: List[Dict[str, Any]]) -> List[str]:
+    """What the browser reported while the page ran: errors, network use, dialogs."""
+    problems: List[str] = []
+    for e in events:
+        m, p = e["method"], e.get("params", {})
+        if m == "Runtime.exceptionThrown":
+            d = p.get("exceptionDetails", {})
+            problems.append(f"uncaught exception: {d.get('text')} {d.get('exception', {}).get('description', '')}"[:500])
+        elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+            args = " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+            problems.append(f"console.{p['type']}: {args}"[:500])
+        elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
+            en = p["entry"]
+            problems.append(f"log error ({en.get('source')}): {en.get('text')} {en.get('url', '')}"[:500])
+        elif m == "Network.requestWillBeSent":
+            req_url = p.get("request", {}).get("url", "")
+            if not req_url.startswith(LOCAL_SCHEMES):
+                problems.append(f"network request (the page must be self-contained): {req_url[:200]}")
+        elif m == "Page.javascriptDialogOpening":
+            problems.append(f"a JavaScript dialog opened ({p.get('type')}: {p.get('message')!r}): "
+                            "result content was executed")
+    return problems
+
+
 def check_report(html_path: Path, screenshot: Optional[Path] = None, expect_charts: Optional[int] = None,
                  expect_rows: Optional[int] = None, chromium: Optional[str] = None, pdf: Optional[Path] = None,
-                 timeout: float = 90.0) -> Dict[str, Any]:
-    """Run the check; returns the facts found and ``problems`` (empty when the page passes)."""
+                 timeout: float = 90.0, budgets: Optional[List[Dict[str, Any]]] = None,
+                 fragment: str = "") -> Dict[str, Any]:
+    """Run the check; returns the facts found and ``problems`` (empty when the page passes). ``fragment`` is
+    appended to the page's address (e.g. a decision budget: '#budget&kl_max=0.3')."""
     chromium = chromium or find_chromium()
     if not chromium:
         raise FileNotFoundError("chromium not found (apt-get install -y chromium)")
-    url = Path(html_path).resolve().as_uri()
+    url = Path(html_path).resolve().as_uri() + fragment
     problems: List[str] = []
     with tempfile.TemporaryDirectory(prefix="qbench-chromium-") as profile:
         proc = _launch(chromium, profile)
@@ -312,6 +389,11 @@ def check_report(html_path: Path, screenshot: Optional[Path] = None, expect_char
                 full_path = screenshot.with_name(screenshot.stem + "_full" + screenshot.suffix)
                 full_path.write_bytes(base64.b64decode(full["data"]))
                 facts["screenshots"] = [str(screenshot), str(full_path)]
+            facts["decision"] = cdp.eval(_DECISION_FACTS)
+            facts["decision_budgets"] = []
+            for b in budgets or []:  # after the default answer was read: each budget changes the page
+                cdp.eval(f"{_SET_BUDGET}({json.dumps(b)})")
+                facts["decision_budgets"].append(cdp.eval(_DECISION_FACTS))
             facts["sort"] = cdp.eval(_SORT_CHECK)  # after the screenshots: it reorders the table
             if pdf:
                 data = cdp.call("Page.printToPDF", printBackground=False)["data"]
@@ -323,25 +405,7 @@ def check_report(html_path: Path, screenshot: Optional[Path] = None, expect_char
         finally:
             _stop(proc)
 
-    for e in events:
-        m, p = e["method"], e.get("params", {})
-        if m == "Runtime.exceptionThrown":
-            d = p.get("exceptionDetails", {})
-            problems.append(f"uncaught exception: {d.get('text')} {d.get('exception', {}).get('description', '')}"[:500])
-        elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-            args = " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
-            problems.append(f"console.{p['type']}: {args}"[:500])
-        elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
-            en = p["entry"]
-            problems.append(f"log error ({en.get('source')}): {en.get('text')} {en.get('url', '')}"[:500])
-        elif m == "Network.requestWillBeSent":
-            req_url = p.get("request", {}).get("url", "")
-            if not req_url.startswith(LOCAL_SCHEMES):
-                problems.append(f"network request (the page must be self-contained): {req_url[:200]}")
-        elif m == "Page.javascriptDialogOpening":
-            problems.append(f"a JavaScript dialog opened ({p.get('type')}: {p.get('message')!r}): "
-                            "result content was executed")
-
+    problems += _event_problems(events)
     want_charts = expect_charts if expect_charts is not None else facts.get("expected_charts")
     want_rows = expect_rows if expect_rows is not None else facts.get("expected_rows")
     if (facts["charts"] or want_charts) and facts.get("ready") in (None, "error"):
@@ -352,6 +416,7 @@ def check_report(html_path: Path, screenshot: Optional[Path] = None, expect_char
         problems.append(f"only {len(facts['charts_drawn'])} of {facts['charts']} charts drawn: {facts['charts_drawn']}")
     if want_rows is None or facts["rows"] != want_rows:
         problems.append(f"summary table has {facts['rows']} rows, expected {want_rows}")
+    problems += _decision_problems(facts.get("decision"), sweep_page=bool(want_rows))
     s = facts.get("sort") or {}
     if s.get("col", -1) >= 0 and (s.get("aria") != "ascending" or not _sorted_ok(s.get("values", []))):
         problems.append(f"sorting column {s.get('header')!r} did not sort it: {s.get('values')}")
@@ -369,8 +434,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rows", type=int, help="summary rows expected (default: the page's data-expected-rows)")
     p.add_argument("--chromium", help=f"browser binary (default {CHROMIUM})")
     p.add_argument("--timeout", type=float, default=90.0)
+    p.add_argument("--budget", action="append", type=json.loads, default=[],
+                   help='a budget to type into the decision panel, as JSON: \'{"kl_max": 0.3, "strict": true}\'')
+    p.add_argument("--fragment", default="", help="appended to the page's address, e.g. '#budget&kl_max=0.3'")
     a = p.parse_args(argv)
-    facts = check_report(a.html, a.screenshot, a.charts, a.rows, a.chromium, a.pdf, a.timeout)
+    facts = check_report(a.html, a.screenshot, a.charts, a.rows, a.chromium, a.pdf, a.timeout, a.budget, a.fragment)
     print(json.dumps(facts, indent=1))
     if facts["problems"]:
         print("browser check FAILED:\n  " + "\n  ".join(facts["problems"]), file=sys.stderr)

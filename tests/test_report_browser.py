@@ -29,6 +29,19 @@ browser_check = _load("browser_check", ROOT / "scripts" / "browser_check.py")
 test_report = _load("qbench_test_report_helpers", Path(__file__).parent / "test_report.py")
 
 
+EXAMPLES = ROOT / "reports" / "examples" / "runs"
+
+
+@pytest.fixture(scope="module")
+def site_reports(tmp_path_factory):
+    """A real sweep (SmolLM2-135M on an H200: quality, accuracy, decode) built as a site: plotly.js shared."""
+    from qbench.report import site
+
+    out = tmp_path_factory.mktemp("site")
+    site.build_site([EXAMPLES / "gpu_smollm2", EXAMPLES / "cpu_new_methods"], out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     """Both fixture sweeps built once, with the real plotly.js (the page must work offline as shipped)."""
@@ -85,3 +98,56 @@ def test_check_catches_a_broken_page(tmp_path):
     assert "JavaScript dialog opened" in text
     assert "only 0 of 1 charts drawn" in text
     assert "summary table has 0 rows, expected 1" in text
+    assert "no decision panel (#decision)" in text
+
+
+def _model_answers(decision):
+    return [m["answer"] for m in decision["models"]]
+
+
+def test_decision_panel_follows_the_budget(site_reports, tmp_path):
+    """Type budgets into the page: the script's picks change, and equal decision.py's rule for each budget."""
+    from qbench.report import decision as D
+    from qbench.report import tables as T
+
+    budgets = [{"kl_max": 0.3, "ppl_ratio_max": 1.3}, {"kl_max": 0.015, "strict": True},
+               {"kl_max": "", "ppl_ratio_max": "", "acc_drop_pp": "", "strict": False}]
+    facts = browser_check.check_report(site_reports / "gpu_smollm2" / "index.html", budgets=budgets,
+                                       screenshot=_shots(tmp_path) / "report_decision.png")
+    assert facts["problems"] == []  # also: the default answer on load is decision.py's, and plotly loaded from disk
+    [default] = _model_answers(facts["decision"])
+    assert default["memory"] == ["bnb_int8"]
+    results = T.load_results(EXAMPLES / "gpu_smollm2")
+    [model] = D.decision_data(T.summary_rows(results), results)["models"]
+    typed = {**D.DEFAULT_BUDGET}
+    answers = []
+    for b, seen in zip(budgets, facts["decision_budgets"]):
+        typed.update({k: (None if v == "" else v) for k, v in b.items()})
+        want = D.decide(model, typed)
+        [got] = _model_answers(seen)
+        assert got == {"memory": want["memory"], "decode": {str(k): v for k, v in want["decode"].items()}}
+        answers.append(got["memory"])
+    assert answers == [["bnb_nf4"], ["bf16", "fp16"], ["bnb_nf4"]]
+    assert "Left out: bnb_int8 (KL 0.01532 > 0.015)" in facts["decision_budgets"][1]["models"][0]["excluded"]
+    # the share link holds the form's budget; typed budgets add up (the PPL ratio of the first stays)
+    assert facts["decision_budgets"][1]["link"] == "#budget&kl_max=0.015&ppl_ratio_max=1.3&acc_drop_pp=2&strict=1"
+
+
+def test_a_link_opens_the_page_with_its_budget(site_reports):
+    """The share link's address (#budget&...) sets the form on load: the answer is the loose budget's."""
+    facts = browser_check.check_report(site_reports / "gpu_smollm2" / "index.html",
+                                       fragment="#budget&kl_max=0.3&ppl_ratio_max=1.3&acc_drop_pp=&strict=0")
+    assert facts["problems"] == []
+    [m] = facts["decision"]["models"]
+    assert not m["default_budget"] and m["answer"]["memory"] == ["bnb_nf4"]
+    assert facts["decision"]["link"] == "#budget&kl_max=0.3&ppl_ratio_max=1.3&acc_drop_pp=&strict=0"
+
+
+def test_site_pages_share_plotly_and_still_open_offline(site_reports):
+    for sweep in ("gpu_smollm2", "cpu_new_methods"):
+        page = site_reports / sweep / "index.html"
+        assert page.stat().st_size < 1_000_000  # plotly.js (4.6 MB) is not in it
+        facts = browser_check.check_report(page)
+        assert facts["problems"] == [] and len(facts["charts_drawn"]) == facts["charts"] > 0
+    facts = browser_check.check_report(site_reports / "index.html", expect_charts=0, expect_rows=0)
+    assert facts["problems"] == []

@@ -1,8 +1,9 @@
-"""Renders a sweep's self-contained HTML page and the reports index.
+"""Renders a sweep's HTML page and the reports index.
 
-Self-contained: plotly.js is embedded once in a <script>; each figure travels as JSON inside
+Self-contained by default: plotly.js is embedded once in a <script>; each figure travels as JSON inside
 <script type="application/json"> and is drawn by Plotly.newPlot. No CDN, no fetch: the page opens from
-file:// and copies to any static host.
+file:// and copies to any static host. A site of many sweeps (qbench-report --all, qbench.report.site) shares one
+copy instead: each page loads ``../assets/plotly.min.js`` by a relative <script src>, still from file://.
 
 Safety: jinja2 autoescapes every string from the results; the figure JSON is made inert inside <script> by
 escaping '<', '>' and '&' as \\u003c / \\u003e / \\u0026 (valid JSON, and no '</script>' can close the tag).
@@ -22,9 +23,11 @@ from plotly.offline import get_plotlyjs
 
 from qbench.evaluate import tasks as task_table
 from qbench.report import charts as C
+from qbench.report import decision as D
 from qbench.report import tables as T
 
 TEMPLATE = "template.html.j2"
+DECISION_JS = Path(__file__).with_name("decision.js")  # the decision panel's script, inlined into every page
 DAGGER, DOUBLE_DAGGER, WARN, STAR = "\u2020", "\u2021", "\u26a0", "\u2605"
 MINUS = "\u2212"
 ERROR_ROW_CHARS = 200  # an error in the summary's notes column: one line, not a screen
@@ -407,7 +410,16 @@ def sweep_meta(results: List[Dict[str, Any]], sweep: str) -> Dict[str, Any]:
             "models": list(dict.fromkeys(r["model"] for r in results)),
             "methods": list(dict.fromkeys(r["method"] for r in results)),
             "demo": any(T.is_demo(r) for r in results), "random": sum(T.is_random(r) for r in results),
-            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "ran": _ran(results), "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _ran(results: List[Dict[str, Any]]) -> Optional[str]:
+    """When the sweep's cells ran, as dates (UTC): '2026-12-01', or '2026-11-23 to 2026-11-27'; None if unknown."""
+    days = sorted({str(t)[:10] for r in results for t in (r.get("started_at"), r.get("finished_at"))
+                   if isinstance(t, str) and len(t) >= 10})
+    if not days:
+        return None
+    return days[0] if days[0] == days[-1] else f"{days[0]} to {days[-1]}"
 
 
 def decode_gap_view(results: List[Dict[str, Any]]) -> List[Dict[str, str]]:
@@ -429,9 +441,21 @@ def decode_gap_view(results: List[Dict[str, Any]]) -> List[Dict[str, str]]:
     return out
 
 
+def decision_view(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The decision panel: its data (embedded as JSON for the page's script), the answer under the default
+    budget (the browser check holds the script to it), and which budget fields any model can judge."""
+    data = D.add_text(D.decision_data(rows, results))
+    expected = [json.dumps(D.decide(m, data["budget"]), sort_keys=True) for m in data["models"]]
+    return {"data": data, "json": script_json(data), "expected": expected,
+            "measured": {"kl": any(m["measured"]["kl"] for m in data["models"]),
+                         "ppl_ratio": any(m["measured"]["ppl_ratio"] for m in data["models"]),
+                         "acc": any(m["measured"]["acc"] for m in data["models"])}}
+
+
 def sweep_context(results: List[Dict[str, Any]], sweep: str, downloads: Optional[Dict[str, str]] = None,
-                  plotlyjs: Optional[str] = None) -> Dict[str, Any]:
-    """Everything the page template shows. ``plotlyjs`` overrides the embedded library (tests only)."""
+                  plotlyjs: Optional[str] = None, plotly_src: Optional[str] = None) -> Dict[str, Any]:
+    """Everything the page template shows. ``plotlyjs`` overrides the embedded library (tests only);
+    ``plotly_src`` loads it from that relative path instead of embedding it (a site's shared asset)."""
     rows = T.summary_rows(results)
     charts = C.build_charts(rows, results)
     base = T.baseline_method(results)
@@ -449,13 +473,15 @@ def sweep_context(results: List[Dict[str, Any]], sweep: str, downloads: Optional
         "demo_cells": [r["cell"] for r in results if T.is_demo(r)],
         "baseline": base, "configured_baseline": configured, "models_without_base": models_without_base,
         "summary": summary_view(rows), "quality": quality_view(rows, results), "errors": errors,
+        "decision": decision_view(rows, results), "decision_js": DECISION_JS.read_text(encoding="utf-8"),
         "decode_gap": decode_gap_view(results),
         "measured": measured,
         "charts": [{**c, "json": figure_json(c["figure"]) if c["figure"] is not None else None} for c in charts],
         "honesty": honesty_view(results, rows), "env": environment_view(results),
         "downloads": downloads or {}, "several_models": len({r["model"] for r in results}) > 1,
         "sym": {"dagger": DAGGER, "ddagger": DOUBLE_DAGGER, "warn": WARN, "star": STAR},
-        "plotlyjs": plotlyjs if plotlyjs is not None else get_plotlyjs(),
+        "plotly_src": plotly_src,
+        "plotlyjs": "" if plotly_src else (plotlyjs if plotlyjs is not None else get_plotlyjs()),
     }
     ctx["meta"]["n_charts"] = sum(c["json"] is not None for c in ctx["charts"])
     return ctx
@@ -480,17 +506,24 @@ body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sa
  max-width:1100px;margin:2rem auto;padding:0 1rem}
 table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #ddd;padding:.4rem .6rem;text-align:left;
  vertical-align:top}th{background:#f3f3f3}.tag{font-size:.8em;border-radius:3px;padding:0 .3em;background:#fde7c8}
-.err{color:#a33a00}.muted{color:#666}
+.err{color:#a33a00}.muted{color:#666}.date{white-space:nowrap}
 </style></head><body>
 <h1>qbench reports</h1>
-<p class="muted">{{ sweeps|length }} sweep(s); rebuilt {{ built_at }}.</p>
+<p class="muted">{{ sweeps|length }} sweep(s), {{ sweeps|sum(attribute="n_cells") }} cells; rebuilt {{ built_at }}.
+"Least memory" is each report's decision panel under its default quality budget (open the report to change it).</p>
 {% if sweeps %}
-<table><thead><tr><th>sweep</th><th>cells</th><th>models</th><th>methods</th><th>built</th></tr></thead><tbody>
+<table id="sweeps"><thead><tr><th>sweep</th><th>ran<span class="muted"> (UTC)</span></th><th>cells</th><th>models</th>
+<th>methods</th><th>least memory within the default budget</th><th>report built</th></tr></thead><tbody>
 {% for s in sweeps %}<tr>
 <td><a href="{{ s.href }}">{{ s.sweep }}</a>{% if s.demo %} <span class="tag">demo</span>{% endif %}</td>
+<td class="date">{{ s.get("ran") or "?" }}</td>
 <td>{{ s.n_ok }} ok{% if s.n_error %}, <span class="err">{{ s.n_error }} failed</span>{% endif %}
 {% if s.random %}<br><span class="muted">{{ s.random }} on random weights</span>{% endif %}</td>
-<td>{{ s.models|join(", ") }}</td><td>{{ s.methods|join(", ") }}</td><td class="muted">{{ s.built_at }}</td>
+<td>{{ s.models|join(", ") }}</td><td>{{ s.methods|join(", ") }}</td>
+<td>{% for model, picks in (s.get("least_memory") or {}).items() %}
+{% if s.models|length > 1 %}{{ model }}: {% endif %}{{ picks|join(" = ") if picks else "none" }}
+{% if not loop.last %}<br>{% endif %}{% else %}&mdash;{% endfor %}</td>
+<td class="muted date">{{ s.built_at[:16]|replace("T", " ") }}</td>
 </tr>{% endfor %}
 </tbody></table>
 {% else %}<p>No sweep reports yet: run <code>qbench-report runs/&lt;sweep&gt;</code>.</p>{% endif %}
@@ -533,17 +566,21 @@ def _checked(r: Dict[str, Any], sweep: str) -> Dict[str, Any]:
         return {**stand_in, **{k: r[k] for k in ("cell", "model", "method", "sweep", "_path")}}
 
 
-def _page(results: List[Dict[str, Any]], sweep: str, out_dir: Path, plotlyjs: Optional[str]):
+def _page(results: List[Dict[str, Any]], sweep: str, out_dir: Path, plotlyjs: Optional[str],
+          plotly_src: Optional[str] = None):
     paths = T.write_tables(results, out_dir)
     downloads = {"tidy table (CSV)": paths["tidy_csv"].name, "tidy table (Parquet)": paths["tidy_parquet"].name,
                  "summary (CSV)": paths["summary_csv"].name}
-    ctx = sweep_context(results, sweep, downloads, plotlyjs=plotlyjs)
+    ctx = sweep_context(results, sweep, downloads, plotlyjs=plotlyjs, plotly_src=plotly_src)
     return ctx, render_context(ctx)
 
 
-def build_sweep_report(sweep_dir: Path, out_root: Path, plotlyjs: Optional[str] = None) -> Path:
+def build_sweep_report(sweep_dir: Path, out_root: Path, plotlyjs: Optional[str] = None,
+                       plotly_src: Optional[str] = None) -> Path:
     """reports/<sweep>/{index.html, results_tidy.csv, results_tidy.parquet, summary.csv, report.json}, then
     reports/index.html. Returns the sweep page's path. Raises FileNotFoundError for a sweep with no result.
+    ``plotly_src``: load plotly.js from this path relative to the page (qbench.report.site writes it) instead
+    of embedding it.
 
     One result the report cannot digest (load_results catches the wrong types it knows of; this catches the
     rest) becomes an "unreadable" row with the reason, and the other cells still make the page."""
@@ -554,14 +591,15 @@ def build_sweep_report(sweep_dir: Path, out_root: Path, plotlyjs: Optional[str] 
     sweep = sweep_dir.resolve().name
     out_dir = Path(out_root) / sweep
     try:
-        ctx, text = _page(results, sweep, out_dir, plotlyjs)
+        ctx, text = _page(results, sweep, out_dir, plotlyjs, plotly_src)
     except Exception:
-        ctx, text = _page([_checked(r, sweep) for r in results], sweep, out_dir, plotlyjs)
+        ctx, text = _page([_checked(r, sweep) for r in results], sweep, out_dir, plotlyjs, plotly_src)
     page = out_dir / "index.html"
     tmp = page.with_suffix(".html.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(page)  # a reader never sees half a page
-    meta = ctx["meta"]
+    meta = {**ctx["meta"], "least_memory": {m["model"]: D.decide(m, D.DEFAULT_BUDGET)["memory"]
+                                            for m in ctx["decision"]["data"]["models"]}}
     (out_dir / "report.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     write_index(Path(out_root))
     return page
