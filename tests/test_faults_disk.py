@@ -150,3 +150,21 @@ def test_a_file_where_the_sweep_folder_should_be_ends_with_one_line_and_the_summ
     assert len(errors) == 1 and str(runs / "s") in errors[0], proc.stderr[-3000:]
     assert f"qbench: {runs / 's'}: 2 cells: ran 0, skipped 0, failed 0, 2 without a result" in proc.stderr
     assert (runs / "s").read_text() == "not a folder"
+
+
+def test_rounds_combine_on_a_full_disk_leaves_no_half_quality_file(tmp_path, monkeypatch):
+    from qbench import rounds
+
+    cell_dir = tmp_path / "tiny__bf16"
+    for k in (1, 2):
+        store.write_result(store.round_dir(cell_dir, k), {"status": "ok", "metrics": {}, "warnings": []})
+    (store.round_dir(cell_dir, 1) / "quality_logprobs.npz").write_bytes(b"x" * 4096)
+
+    def half_copy(src, dest, *a, **kw):  # the disk fills up halfway through
+        Path(dest).write_bytes(Path(src).read_bytes()[:100])
+        _enospc()
+
+    monkeypatch.setattr(rounds.shutil, "copy2", half_copy)
+    with pytest.raises(OSError):
+        rounds.combine(cell_dir, 2)
+    assert [p.name for p in cell_dir.iterdir() if p.is_file()] == [], "no half file beside the result"

@@ -45,7 +45,7 @@ def test_a_secret_in_an_override_is_written_nowhere(tmp_path):
     assert "method.description=token <redacted> here" in multirun
     job = runs / "s" / "tiny__fp32" / ".hydra"
     assert "description: token <redacted> here" in (job / "config.yaml").read_text()
-    assert "method.description=token <redacted> here" in (job / "overrides.yaml").read_text()
+    assert "method.description=token\\ <redacted>\\ here" in (job / "overrides.yaml").read_text()  # Hydra's escapes
     assert "sweep:" in (job / "hydra.yaml").read_text()
     assert (runs / "s" / "tiny__fp32" / "cli.log").exists()
 

@@ -68,6 +68,7 @@ def test_stop_signal_to_the_sweep_stops_the_cell_and_says_so(tmp_path, signum):
     cell_dir = runs / "t" / "tiny__bf16"
     proc = subprocess.Popen(QBENCH + ["-m", *SLOW, "method=bf16", "run.sweep=t", f"run.runs_dir={runs}"], cwd=REPO,
                             env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = None
     try:
         child = _cell_pid(cell_dir, time.time() + 300)
         held = _open_files(child)
@@ -79,12 +80,15 @@ def test_stop_signal_to_the_sweep_stops_the_cell_and_says_so(tmp_path, signum):
     finally:
         if proc.poll() is None:
             proc.kill()
+        orphan = child is not None and _alive(child)
+        if orphan:  # this test's own measuring process must not outlive it, whatever went wrong
+            os.kill(child, signal.SIGKILL)
+    assert not orphan, "the cell process outlived the sweep"
     assert proc.returncode == 128 + signum, out[-3000:]
     name = signal.Signals(signum).name
     assert f"qbench: interrupted by {name}" in out
     assert "qbench: " + str(runs / "t") + ": 1 cells: ran 0" in out, "the summary line"
     assert "Traceback" not in out
-    assert not _alive(child), "the cell process outlived the sweep"
     assert not (cell_dir / "result.json").exists(), "a stopped cell writes nothing: the next start redoes it"
     assert "interrupted: no result written" in (cell_dir / "cell.log").read_text()
 
