@@ -142,6 +142,7 @@ def preflight(argv: List[str]) -> CellDirs:
                 validate(cfg)
                 pf.check_cell(cfg)
                 _check_hydra_dirs(cfg, bool(args.multirun))
+                _check_name_lengths(cfg)
                 cid = cell_id(cfg)
                 if cid in seen:
                     raise ConfigError(
@@ -193,6 +194,23 @@ def _check_hydra_dirs(cfg: Any, multirun: bool) -> None:
     if resolved != runs and runs not in resolved.parents:
         raise ConfigError(f"{' / '.join(keys)}: '{where}' is outside run.runs_dir '{runs}'; Hydra would write "
                           f".hydra/ and cli.log there (keep these keys under run.runs_dir)")
+
+
+def _check_name_lengths(cfg: Any) -> None:
+    """A folder name longer than the filesystem takes (NAME_MAX, 255 bytes on most) would fail only when the
+    cell's folder is made, after preflight: refuse it here, naming the key."""
+    runs = Path(str(cfg.run.runs_dir)).expanduser()
+    probe = runs
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        name_max = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for key, name in (("run.sweep", str(cfg.run.sweep)), ("model.name / method.name", cell_id(cfg))):
+        if len(name.encode()) > name_max:
+            raise ConfigError(f"{key}: the folder name '{name[:40]}…' is {len(name.encode())} bytes; the filesystem "
+                              f"of '{runs}' takes at most {name_max}")
 
 
 def _foreign_key_hint(line: str, cell_overrides: List[str]) -> str:

@@ -168,3 +168,16 @@ def test_rounds_combine_on_a_full_disk_leaves_no_half_quality_file(tmp_path, mon
     with pytest.raises(OSError):
         rounds.combine(cell_dir, 2)
     assert [p.name for p in cell_dir.iterdir() if p.is_file()] == [], "no half file beside the result"
+
+
+@pytest.mark.parametrize("override, key", [("method.name=" + "m" * 300, "model.name / method.name"),
+                                           ("run.sweep=" + "s" * 300, "run.sweep")])
+def test_a_name_the_filesystem_refuses_stops_at_preflight(tmp_path, override, key):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QBENCH_LOCK_DIR": str(tmp_path / "locks")}
+    proc = subprocess.run(QBENCH + [*FAST, "method=bf16", override, f"run.runs_dir={runs}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("qbench: error")]
+    assert line.startswith(f"qbench: error: {key}:") and "at most 255" in line
+    assert not runs.exists()
