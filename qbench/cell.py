@@ -72,6 +72,10 @@ class Stopped(KeyboardInterrupt):
 
 
 def _raise_stopped(signum: int, frame: Any) -> None:
+    # the first signal starts an orderly stop; a second one (Ctrl-C to a whole process group, then the sweep
+    # passing it on) must not break into the cleanup with a traceback. Bounded: the sweep kills after its grace
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     raise Stopped(signum)
 
 
