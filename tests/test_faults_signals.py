@@ -102,8 +102,8 @@ def test_cell_process_stops_when_its_parent_is_killed(tmp_path):
         from qbench import cell
         cell.install_stop_handlers()
         cell.die_with_parent(int(sys.argv[1]))
-        print(os.getpid(), flush=True)
         try:
+            print(os.getpid(), flush=True)
             time.sleep(120)
         except cell.Stopped as exc:
             open({str(marker)!r}, "w").write(str(exc.signum))
