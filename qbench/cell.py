@@ -474,15 +474,16 @@ def main(argv: list[str] | None = None) -> int:
     from qbench.measure.gpu_state import DeviceWatch
     from qbench.store import write_result
 
-    install_stop_handlers()
     logging.raiseExceptions = False  # a log line the disk refuses is dropped, not printed as a traceback
     argv = sys.argv[1:] if argv is None else argv
     spec_path = Path(argv[0])
     cell_dir = spec_path.parent.parent
     log_format = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
     logging.basicConfig(level=logging.INFO, format=log_format)
-    to_file = _log_to_file(cell_dir, log_format)
+    to_file = None
+    install_stop_handlers()
     try:
+        to_file = _log_to_file(cell_dir, log_format)
         spec = json.loads(spec_path.read_text())
         die_with_parent(spec.get("parent_pid"))
         log.info("attempt %s, pid %d", spec.get("attempt_id"), os.getpid())
