@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,13 +56,17 @@ def test_cell_whose_result_cannot_be_written_says_so_in_one_line(tmp_path, monke
     monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)  # pytest's capture stands in for the console
     root = logging.getLogger()
     handlers = list(root.handlers)
+    signals = {s: signal.getsignal(s) for s in (*cell.STOP_SIGNALS, signal.SIGUSR2)}
     try:
         rc = cell.main([str(spec)])
-    finally:
+    finally:  # cell.main sets up a process of its own: give pytest's back
         for h in root.handlers[:]:
             if h not in handlers:
                 root.removeHandler(h)
                 h.close()
+        for s, handler in signals.items():
+            signal.signal(s, handler)
+        logging.raiseExceptions = True
     assert rc == cell.EXIT_UNWRITTEN
     assert cli._child_fault(rc)[0] == "filesystem"
     err = capsys.readouterr().err
