@@ -337,7 +337,7 @@ def _stopped_by_scheduler(rc: int) -> Optional[tuple]:
 STOP_GRACE_S = 30.0  # how long a stopped cell may take to unwind (kill its own subprocesses) before SIGKILL
 
 
-def _stop_child(proc: subprocess.Popen, signum: int, grace_s: float = STOP_GRACE_S) -> None:
+def _stop_child(proc: subprocess.Popen, signum: int) -> None:
     """Pass the sweep's stop signal on to the cell process and wait until it is gone: the sweep never exits
     while its cell measures on. Further stop signals meanwhile are ignored (the wait is bounded)."""
     for s in STOP_SIGNALS:
@@ -345,7 +345,7 @@ def _stop_child(proc: subprocess.Popen, signum: int, grace_s: float = STOP_GRACE
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signum)
     try:
-        proc.wait(timeout=grace_s)
+        proc.wait(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -586,19 +586,19 @@ def run_rounds(argv: List[str], cell_dirs: CellDirs, started: float) -> int:
     into its result.json (qbench/rounds.py). Accuracy and quality run in round 1 only."""
     from qbench import rounds
 
-    for k in range(1, cell_dirs.rounds + 1):
-        extra = [f"run.round={k}"] + ([] if k == 1 else ["eval.enabled=false"])
-        print(f"qbench: round {k} of {cell_dirs.rounds}", flush=True)
-        proc = subprocess.Popen([sys.executable, "-m", "qbench.cli", *argv, *extra],
-                                env={**os.environ, ROUNDS_PARENT_ENV: str(os.getpid())})
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt as exc:  # the round's own sweep stops its cell, then this command stops
-            _stop_child(proc, getattr(exc, "signum", signal.SIGINT), grace_s=2 * STOP_GRACE_S)
-            raise
-        if rc in [signal_exit_status(s) for s in STOP_SIGNALS]:
-            print("qbench: interrupted; finished rounds are kept, the next start goes on", file=sys.stderr)
-            return rc
+    os.environ[ROUNDS_PARENT_ENV] = str(os.getpid())  # each round's process stops when this one dies
+    try:
+        for k in range(1, cell_dirs.rounds + 1):
+            extra = [f"run.round={k}"] + ([] if k == 1 else ["eval.enabled=false"])
+            print(f"qbench: round {k} of {cell_dirs.rounds}", flush=True)
+            # A stop signal here kills the round's process (subprocess.call does); its cell process then gets
+            # SIGTERM from the kernel (cell.die_with_parent) and stops as under the round's own sweep
+            rc = subprocess.call([sys.executable, "-m", "qbench.cli", *argv, *extra])
+            if rc in [signal_exit_status(s) for s in STOP_SIGNALS]:
+                print("qbench: interrupted; finished rounds are kept, the next start goes on", file=sys.stderr)
+                return rc
+    finally:
+        os.environ.pop(ROUNDS_PARENT_ENV, None)
     for cell_dir in cell_dirs:
         rounds.combine(cell_dir, cell_dirs.rounds)
     print(summary_line(cell_dirs, started), flush=True)
