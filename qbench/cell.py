@@ -2,27 +2,42 @@
 
 Started by qbench.cli.run_cell as ``python -m qbench.cell <spec.json>``. Whatever happens, the cell ends in a
 result.json: ``ok`` with its metrics, or ``error`` with the error class, message, traceback and the phase it
-failed in, plus every metric measured before the failure. The one exception is Ctrl-C: an interrupted cell
-writes nothing, so that the next run of the sweep redoes it.
+failed in, plus every metric measured before the failure. The one exception is a stop (Ctrl-C, SIGTERM, SIGHUP,
+or the death of the sweep that started it): a stopped cell writes nothing, so that the next run of the sweep
+redoes it, and it ends by the same signal so that its parent (or SLURM) reads how it ended.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 log = logging.getLogger("qbench.cell")
 CELL_LOG = "cell.log"  # the cell process's log, beside result.json
 
 
+# Host allocation failures, whoever raised them: torch's CPU allocator ("DefaultCPUAllocator: can't allocate
+# memory: you tried to allocate N bytes", or "not enough memory"), CUDA's ("out of memory"), numpy's
+# _ArrayMemoryError (a MemoryError, "Unable to allocate 7.45 GiB for an array"), glibc / C++ ("Cannot allocate
+# memory", "std::bad_alloc").
+_OOM_TEXT = ("out of memory", "defaultcpuallocator", "can't allocate memory", "cannot allocate memory",
+             "not enough memory", "unable to allocate", "bad_alloc")
+# Filesystem faults after preflight: the disk filled up, a quota, a path of the wrong type, a name too long
+_FS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST)
+
+
 def classify(exc: BaseException) -> str:
-    """Error class stored in the result: oom | config | exception."""
+    """Error class stored in the result: oom | config | filesystem | exception."""
     from qbench.config import ConfigError
 
     try:
@@ -32,11 +47,76 @@ def classify(exc: BaseException) -> str:
             return "oom"
     except ImportError:  # pragma: no cover
         pass
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or any(t in text for t in _OOM_TEXT) or getattr(exc, "errno", None) == errno.ENOMEM:
         return "oom"
     if isinstance(exc, ConfigError):
         return "config"
+    if isinstance(exc, OSError) and exc.errno in _FS_ERRNOS:
+        return "filesystem"
     return "exception"
+
+
+# ----------------------------------------------------------------------------------------------- stopping
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal as an exception. A KeyboardInterrupt, so every ``except Exception`` (Hydra's, a library's)
+    lets it through and every ``finally`` runs: the subprocesses a cell started are killed by subprocess.run's
+    own cleanup, lock files are closed, and no result is written."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    # the first signal starts an orderly stop; a second one (Ctrl-C to a whole process group, then the sweep
+    # passing it on) must not break into the cleanup with a traceback. Bounded: the sweep kills after its grace
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def install_stop_handlers() -> None:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Stopped`. SIGTERM and SIGHUP end Python at once by default,
+    with no ``finally`` run and no message: that is how SLURM, systemd, Kubernetes, ``timeout`` and a closed
+    terminal stop a job. A signal the process inherited as ignored (nohup's SIGHUP) stays ignored."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_stopped)
+
+
+def signal_exit_status(signum: int) -> int:
+    """The shell's status for a process ended by ``signum``: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + int(signum)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: Optional[int]) -> None:
+    """SIGTERM to this cell process when the sweep that started it dies, even by SIGKILL, so that no orphan goes
+    on measuring on a device whose slot lock another sweep may take. Linux: prctl(PR_SET_PDEATHSIG); elsewhere a
+    thread that polls the parent's pid. A parent already gone before this ran is caught by the pid check."""
+    if not parent_pid:
+        return
+    armed = False
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+    if armed:
+        return
+
+    def poll() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=poll, name="qbench-parent-watch", daemon=True).start()
 
 
 def resolve_device(bench_device: str) -> str:
@@ -347,44 +427,97 @@ class OncePerCell(logging.Filter):
         return f
 
 
+EXIT_UNWRITTEN = 74  # sysexits EX_IOERR: the cell ended but its result.json could not be written (disk full, ...)
+
+
+def _log_to_file(cell_dir: Path, log_format: str) -> Optional[logging.Handler]:
+    """The cell's own log beside its result, appended to by every attempt: where a cell that was stopped before
+    it wrote a result (a time limit, a compile that did not end) spent its time, figure by figure. None where
+    it cannot be opened (the disk is full, the path is not a folder): the cell still runs and says so."""
+    try:
+        handler = logging.FileHandler(cell_dir / CELL_LOG, encoding="utf-8")
+    except OSError as exc:
+        log.error("%s: cannot write the cell log (%s); logging to the console only", cell_dir / CELL_LOG, exc)
+        return None
+    handler.setFormatter(logging.Formatter(log_format))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def _traceback_to_file(message: str, handler: Optional[logging.Handler]) -> None:
+    """One line on the console; the traceback in cell.log only (where there is one)."""
+    log.error(message)
+    if handler is not None:
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, traceback.format_exc(), None, None))
+
+
+def mark_contaminated(result: Dict[str, Any]) -> None:
+    """A result measured while another measuring process used the same device is not ``ok``: its timings and peaks
+    are those of a shared device (runs of the same cell measured side by side showed CVs of 71-75 %). It becomes
+    an error of class ``contaminated`` that keeps every figure (the report shows them, marked), is counted as
+    failed, and is measured again by ``run.rerun_failed=true``. Only a known overlap counts: where the registry
+    could not be written (shared is null) the result stays as it is, with the registry's error recorded."""
+    shared = result.get("device_shared") or {}
+    if not shared.get("shared"):
+        return
+    others = ", ".join(shared.get("other_measuring_processes") or []) or "unknown"
+    message = (f"another measuring process used this cell's device meanwhile ({others}): its timings and peaks "
+               "are not this method's alone; rerun with run.rerun_failed=true")
+    if result.get("status") == "ok":
+        result["status"] = "error"
+        result["error"] = {"class": "contaminated", "type": "contaminated", "message": message, "traceback": "",
+                           "phase": "device"}
+    result["warnings"].append(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     from qbench.measure.gpu_state import DeviceWatch
     from qbench.store import write_result
 
+    logging.raiseExceptions = False  # a log line the disk refuses is dropped, not printed as a traceback
     argv = sys.argv[1:] if argv is None else argv
     spec_path = Path(argv[0])
-    spec = json.loads(spec_path.read_text())
     cell_dir = spec_path.parent.parent
     log_format = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
     logging.basicConfig(level=logging.INFO, format=log_format)
-    # the cell's own log beside its result, appended to by every attempt: where a cell that was stopped before
-    # it wrote a result (a time limit, a compile that did not end) spent its time, figure by figure
-    to_file = logging.FileHandler(cell_dir / CELL_LOG, encoding="utf-8")
-    to_file.setFormatter(logging.Formatter(log_format))
-    logging.getLogger().addHandler(to_file)
-    log.info("attempt %s, pid %d", spec.get("attempt_id"), os.getpid())
-    once = OncePerCell.install()
-    # SLURM sends SIGUSR2 to every process of a job signal_delay_s before its time limit (submitit's --signal),
-    # and SIGUSR2 ends a Python process by default: the cell would die 90 s early as a "crash". It measures on;
-    # at the limit SLURM stops it and the row says timeout.
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    spec.setdefault("cell_dir", str(cell_dir))  # where the cell keeps files beside its result (quality)
-    # Registered as measuring on its devices for the whole cell: the result says whether another measuring
-    # process (another sweep, another user, another lock folder) overlapped with it there.
-    with DeviceWatch(spec.get("device_keys") or []) as watch:
-        try:
+    to_file = None
+    install_stop_handlers()
+    try:
+        to_file = _log_to_file(cell_dir, log_format)
+        spec = json.loads(spec_path.read_text())
+        die_with_parent(spec.get("parent_pid"))
+        log.info("attempt %s, pid %d", spec.get("attempt_id"), os.getpid())
+        once = OncePerCell.install()
+        # SLURM sends SIGUSR2 to every process of a job signal_delay_s before its time limit (submitit's --signal),
+        # and SIGUSR2 ends a Python process by default: the cell would die 90 s early as a "crash". It measures
+        # on; at the limit SLURM stops it and the row says timeout.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        spec.setdefault("cell_dir", str(cell_dir))  # where the cell keeps files beside its result (quality)
+        # Registered as measuring on its devices for the whole cell: the result says whether another measuring
+        # process (another sweep, another user, another lock folder) overlapped with it there.
+        with DeviceWatch(spec.get("device_keys") or []) as watch:
             result = run(spec)
-        except KeyboardInterrupt:
-            log.warning("interrupted: no result written, the next run redoes this cell")
-            return 130
-        result["device_shared"] = watch.report()
-    if result["device_shared"]["shared"]:
-        result["warnings"].append(
-            "another measuring process used this cell's device meanwhile ("
-            + ", ".join(result["device_shared"]["other_measuring_processes"]) + "): timings and peaks may be off")
-    result["library_warnings"] = once.records()
-    result["warnings"].extend(once.warnings())
-    write_result(cell_dir, result)
+            result["device_shared"] = watch.report()
+        mark_contaminated(result)
+        result["library_warnings"] = once.records()
+        result["warnings"].extend(once.warnings())
+    except Stopped as exc:
+        log.warning("interrupted: no result written, the next run redoes this cell (%s)", signal.Signals(exc.signum).name)
+        # ended by the same signal, so the parent (or SLURM) reads how the cell ended
+        signal.signal(exc.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), exc.signum)
+        return signal_exit_status(exc.signum)
+    except KeyboardInterrupt:
+        log.warning("interrupted: no result written, the next run redoes this cell")
+        return 130
+    except Exception as exc:  # outside run(): the spec, the device registry; its traceback goes to cell.log
+        _traceback_to_file(f"cell process failed: {type(exc).__name__}: {exc}", to_file)
+        return 1
+    try:
+        write_result(cell_dir, result)
+    except OSError as exc:
+        _traceback_to_file(f"{cell_dir / 'result.json'}: result not written: {exc}", to_file)
+        return EXIT_UNWRITTEN
     return 0
 
 

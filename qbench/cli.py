@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
+from qbench.cell import EXIT_UNWRITTEN, STOP_SIGNALS, Stopped, install_stop_handlers, signal_exit_status
 from qbench.errors import ConfigError
 from qbench.config import validate
 from qbench.store import cell_dir as cell_dir_of
@@ -140,6 +141,8 @@ def preflight(argv: List[str]) -> CellDirs:
                     raise ConfigError(line + _foreign_key_hint(line, cell_overrides)) from exc
                 validate(cfg)
                 pf.check_cell(cfg)
+                _check_hydra_dirs(cfg, bool(args.multirun))
+                _check_name_lengths(cfg)
                 cid = cell_id(cfg)
                 if cid in seen:
                     raise ConfigError(
@@ -160,6 +163,54 @@ def preflight(argv: List[str]) -> CellDirs:
     except Exception as exc:  # Hydra / OmegaConf / YAML errors: one line naming the culprit
         raise ConfigError(_one_line(exc)) from exc
     return dirs
+
+
+def _hydra_path(cfg: Any, key: str) -> str:
+    """The value of a hydra.* path key, resolved where it can be at compose time; an interpolation that only a
+    running job can resolve (${hydra.job.num}) reads as one plain folder name, which is what it becomes."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    try:
+        return str(OmegaConf.select(cfg, key, throw_on_missing=True))
+    except Exception:
+        section, _, leaf = key.rpartition(".")
+        raw = OmegaConf.to_container(OmegaConf.select(cfg, section), resolve=False).get(leaf, "")
+        return re.sub(r"\$\{[^}]*\}", "x", str(raw))
+
+
+def _check_hydra_dirs(cfg: Any, multirun: bool) -> None:
+    """Hydra's output folder of a job (where .hydra/ and cli.log go) must lie under run.runs_dir: a
+    hydra.sweep.subdir of ../../x, or a hydra.run.dir / hydra.sweep.dir elsewhere, would write outside it."""
+    runs = Path(str(cfg.run.runs_dir)).expanduser().resolve()
+    if multirun:
+        keys = ("hydra.sweep.dir", "hydra.sweep.subdir")
+        where = Path(_hydra_path(cfg, keys[0])).expanduser() / _hydra_path(cfg, keys[1])
+    else:
+        keys = ("hydra.run.dir",)
+        where = Path(_hydra_path(cfg, keys[0])).expanduser()
+    resolved = where.resolve()
+    if resolved != runs and runs not in resolved.parents:
+        raise ConfigError(f"{' / '.join(keys)}: '{where}' is outside run.runs_dir '{runs}'; Hydra would write "
+                          f".hydra/ and cli.log there (keep these keys under run.runs_dir)")
+
+
+def _check_name_lengths(cfg: Any) -> None:
+    """A folder name longer than the filesystem takes (NAME_MAX, 255 bytes on most) would fail only when the
+    cell's folder is made, after preflight: refuse it here, naming the key."""
+    runs = Path(str(cfg.run.runs_dir)).expanduser()
+    probe = runs
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        name_max = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for key, name in (("run.sweep", str(cfg.run.sweep)), ("model.name / method.name", cell_id(cfg))):
+        if len(name.encode()) > name_max:
+            raise ConfigError(f"{key}: the folder name '{name[:40]}…' is {len(name.encode())} bytes; the filesystem "
+                              f"of '{runs}' takes at most {name_max}")
 
 
 def _foreign_key_hint(line: str, cell_overrides: List[str]) -> str:
@@ -230,11 +281,11 @@ def acquire_slot(num_gpus: int, want_gpu: bool, slot_dir: Optional[Path] = None,
 
 # ----------------------------------------------------------------------------------------------- one cell
 @contextlib.contextmanager
-def cell_lock(cell_dir: Path) -> Iterator[None]:
+def cell_lock(cell_dir: Path) -> Iterator[Any]:
     """Hold the cell while it is measured. Another process measuring the same cell (a second sweep over the
     same runs/, or a SLURM job an earlier, killed submission left running) makes this one wait, and the
-    caller then finds the cell done instead of measuring it twice. flock: freed by the kernel if the holder
-    dies, even by SIGKILL."""
+    caller then finds the cell done instead of measuring it twice. flock: freed by the kernel when the last
+    process holding it dies, even by SIGKILL. Yields the lock file, which the cell process inherits."""
     path = cell_dir / ".attempt" / "lock"
     f = _try_lock(path)
     if f is None:
@@ -244,7 +295,7 @@ def cell_lock(cell_dir: Path) -> Iterator[None]:
         f = open(path, "a")
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
     try:
-        yield
+        yield f
     finally:
         f.close()
 
@@ -283,6 +334,23 @@ def _stopped_by_scheduler(rc: int) -> Optional[tuple]:
     return (cls, slurm.error_message(cls, job, state, node))
 
 
+STOP_GRACE_S = 30.0  # how long a stopped cell may take to unwind (kill its own subprocesses) before SIGKILL
+
+
+def _stop_child(proc: subprocess.Popen, signum: int) -> None:
+    """Pass the sweep's stop signal on to the cell process and wait until it is gone: the sweep never exits
+    while its cell measures on. Further stop signals meanwhile are ignored (the wait is bounded)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signum)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _wait_child(proc: subprocess.Popen, timeout_min: float) -> Optional[tuple]:
     """Wait for the cell process under its time limit; (error class, message) if it did not end cleanly."""
     try:
@@ -291,20 +359,27 @@ def _wait_child(proc: subprocess.Popen, timeout_min: float) -> Optional[tuple]:
         proc.kill()
         proc.wait()
         return ("timeout", f"cell ran past run.timeout_min={timeout_min} min and was stopped")
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (cell.Stopped): the cell stops with the sweep
+        _stop_child(proc, getattr(exc, "signum", signal.SIGINT))
         raise
     if rc == 0:
         return None
     stopped = _stopped_by_scheduler(rc)
     if stopped is not None:
         return stopped
+    return _child_fault(rc)
+
+
+def _child_fault(rc: int) -> tuple:
+    """(error class, message) of a cell process that ended with ``rc`` without writing its result."""
     if rc == -signal.SIGKILL:
         return ("killed", "cell process killed by SIGKILL (often the kernel's OOM killer)")
+    if rc in [-s for s in STOP_SIGNALS]:  # someone stopped the cell process itself, not the sweep
+        return ("cancelled", f"cell process stopped by {signal.Signals(-rc).name}")
+    if rc < 0:
+        return ("crash", f"cell process died of {signal.Signals(-rc).name}")
+    if rc == EXIT_UNWRITTEN:
+        return ("filesystem", "the cell finished but its result.json could not be written (the cause is in cell.log)")
     return ("crash", f"cell process exited with code {rc}")
 
 
@@ -318,12 +393,92 @@ def _child_env(want_gpu: bool, device: str, gpus: List[str]) -> Dict[str, str]:
     return env
 
 
-def run_cell(cfg: Any) -> str:
-    """Run one cell in a fresh child process. Returns "ok", "error" or "skipped:<status>"."""
+def _cfg_dict(cfg: Any) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    # hydra.* is not resolved: its help template calls a resolver only the qbench command registers
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if hasattr(cfg[k], "keys") else cfg[k]
+            for k in cfg.keys() if k != "hydra"}
+
+
+def _task_overrides() -> List[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+HYDRA_SUBDIR = ".hydra"
+
+
+def _write_hydra_files(cfg: Any) -> None:
+    """Hydra's record of the job, <cell>/.hydra/{config,hydra,overrides}.yaml, as Hydra writes it but with every
+    secret value redacted: conf/config.yaml sets hydra.output_subdir to null so that Hydra itself writes none
+    (an override such as method.description=$HF_TOKEN would be kept there in clear)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from qbench.store import error_row, read_result, should_skip, write_json_atomic, write_result
+    from qbench.store import redact, write_text_atomic
+
+    hydra_cfg = HydraConfig.instance().cfg
+    output_dir = OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir", default=None) if hydra_cfg else None
+    if not output_dir:  # run_cell called outside a Hydra job (tests, scripts): there is no job to record
+        return
+    out = Path(str(output_dir)) / HYDRA_SUBDIR
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg), ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        plain = redact(OmegaConf.to_container(node, resolve=False))
+        write_text_atomic(out / name, OmegaConf.to_yaml(OmegaConf.create(plain)))
+
+
+def run_cell(cfg: Any) -> str:
+    """Run one cell in a fresh child process. Returns "ok", "error" or "skipped:<status>".
+
+    A fault of the sweep's own process after preflight (the disk fills up, runs/<sweep> turns out to be a file,
+    a name the filesystem refuses) ends this cell, not the sweep: one line on the console, the traceback in the
+    log file, and an error row wherever the disk still takes one."""
+    try:
+        return _run_cell(cfg)
+    except Exception as exc:
+        from qbench.cell import classify
+        from qbench.store import error_message
+
+        cid = cell_id(cfg)
+        cls = classify(exc)
+        message = f"{type(exc).__name__}: {error_message(exc)}"
+        log.error("%s: error (%s) %s", cid, cls, message)
+        _traceback_to_log_files(cid)
+        _write_error_row(cell_dir_of(cfg), _cfg_dict(cfg), (cls, message), None)
+        return "error"
+
+
+def _traceback_to_log_files(cid: str) -> None:
+    """The traceback of the exception being handled into the log files (cli.log), not onto the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, f"{cid}: traceback", None, sys.exc_info())
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _write_error_row(cell_dir: Path, cfg_dict: Dict[str, Any], error: tuple, t0: Optional[float]) -> Optional[dict]:
+    """The error row of a cell that wrote none itself; None, and one line, where the disk refuses it too."""
+    from qbench import slurm
+    from qbench.store import error_row, write_result
+
+    row = error_row(cfg_dict, error[0], error[1], "cell", scheduler=slurm.job_info())
+    row["wall_time_s"] = time.perf_counter() - t0 if t0 is not None else None
+    row["overrides"] = _task_overrides()
+    try:
+        write_result(cell_dir, row)
+    except OSError as exc:
+        log.error("%s: the error row could not be written either: %s", cell_dir.name, exc)
+        return None
+    return row
+
+
+def _run_cell(cfg: Any) -> str:
+    from qbench.store import read_result, should_skip, write_json_atomic
 
     cid = cell_id(cfg)
     cell_dir = cell_dir_of(cfg)
@@ -332,17 +487,13 @@ def run_cell(cfg: Any) -> str:
         log.info("%s: skipped, already %s (run.force=true or run.rerun_failed=true to rerun)", cid, skipped)
         return f"skipped:{skipped}"
 
-    # hydra.* is not resolved: its help template calls a resolver only the qbench command registers
-    cfg_dict = {k: OmegaConf.to_container(cfg[k], resolve=True) if hasattr(cfg[k], "keys") else cfg[k]
-                for k in cfg.keys() if k != "hydra"}
-    try:
-        task_overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        task_overrides = []
+    cfg_dict = _cfg_dict(cfg)
+    _write_hydra_files(cfg)
     device = cfg.bench.device
     want_gpu = device == "cuda" or (device == "auto" and bool(gpu_state.visible_gpus()))
     before = read_result(cell_dir)
-    with cell_lock(cell_dir):
+    t0 = time.perf_counter()
+    with cell_lock(cell_dir) as cell_lock_file:
         locks, gpus = _take_devices(cfg, want_gpu)
         try:
             # Again, holding the cell: another process may have finished it while this one waited
@@ -351,8 +502,9 @@ def run_cell(cfg: Any) -> str:
                 return f"skipped:{read_result(cell_dir)['status']}"
             spec = {
                 "attempt_id": uuid.uuid4().hex,  # ties the child's result to this attempt
+                "parent_pid": os.getpid(),  # the cell process stops when this one dies (cell.die_with_parent)
                 "config": cfg_dict,
-                "overrides": task_overrides,
+                "overrides": _task_overrides(),
                 "command": os.environ.get("QBENCH_COMMAND", ""),
                 "device_keys": gpu_state.device_keys(gpus),  # the cell registers as measuring on these (DeviceWatch)
             }
@@ -360,8 +512,11 @@ def run_cell(cfg: Any) -> str:
             write_json_atomic(spec_path, spec)
             log.info("%s: measuring in a fresh process%s", cid, f" on GPU {','.join(gpus)}" if gpus else " on CPU")
             t0 = time.perf_counter()
+            # The cell process inherits the slot and cell locks (flock belongs to the open file, shared by
+            # both): they stay held until it is gone, whatever becomes of this process meanwhile
             proc = subprocess.Popen([sys.executable, "-m", "qbench.cell", str(spec_path)],
-                                    env=_child_env(want_gpu, device, gpus), start_new_session=False)
+                                    env=_child_env(want_gpu, device, gpus), start_new_session=False,
+                                    pass_fds=[f.fileno() for f in [cell_lock_file, *locks]])
             error = _wait_child(proc, cfg.run.timeout_min)
         finally:
             for f in locks:
@@ -373,13 +528,8 @@ def run_cell(cfg: Any) -> str:
         result = read_result(cell_dir)
         fresh = result is not None and result.get("attempt_id") == spec["attempt_id"]
         if error is not None and not fresh:
-            from qbench import slurm
-
-            row = error_row(cfg_dict, error[0], error[1], "cell", scheduler=slurm.job_info())
-            row["wall_time_s"] = time.perf_counter() - t0
-            row["overrides"] = task_overrides
-            write_result(cell_dir, row)
-            result = row
+            result = _write_error_row(cell_dir, cfg_dict, error, t0) or {"error": {"class": error[0],
+                                                                                     "message": error[1]}}
     status = (result or {}).get("status", "error")
     if status == "ok":
         log.info("%s: ok in %.1f s", cid, time.perf_counter() - t0)
@@ -436,13 +586,19 @@ def run_rounds(argv: List[str], cell_dirs: CellDirs, started: float) -> int:
     into its result.json (qbench/rounds.py). Accuracy and quality run in round 1 only."""
     from qbench import rounds
 
-    for k in range(1, cell_dirs.rounds + 1):
-        extra = [f"run.round={k}"] + ([] if k == 1 else ["eval.enabled=false"])
-        print(f"qbench: round {k} of {cell_dirs.rounds}", flush=True)
-        rc = subprocess.call([sys.executable, "-m", "qbench.cli", *argv, *extra])
-        if rc == 130:
-            print("qbench: interrupted; finished rounds are kept, the next start goes on", file=sys.stderr)
-            return 130
+    os.environ[ROUNDS_PARENT_ENV] = str(os.getpid())  # each round's process stops when this one dies
+    try:
+        for k in range(1, cell_dirs.rounds + 1):
+            extra = [f"run.round={k}"] + ([] if k == 1 else ["eval.enabled=false"])
+            print(f"qbench: round {k} of {cell_dirs.rounds}", flush=True)
+            # A stop signal here kills the round's process (subprocess.call does); its cell process then gets
+            # SIGTERM from the kernel (cell.die_with_parent) and stops as under the round's own sweep
+            rc = subprocess.call([sys.executable, "-m", "qbench.cli", *argv, *extra])
+            if rc in [signal_exit_status(s) for s in STOP_SIGNALS]:
+                print("qbench: interrupted; finished rounds are kept, the next start goes on", file=sys.stderr)
+                return rc
+    finally:
+        os.environ.pop(ROUNDS_PARENT_ENV, None)
     for cell_dir in cell_dirs:
         rounds.combine(cell_dir, cell_dirs.rounds)
     print(summary_line(cell_dirs, started), flush=True)
@@ -507,6 +663,28 @@ def _info_only(args: Any) -> bool:
                 or getattr(args, "version", False))
 
 
+ROUNDS_PARENT_ENV = "QBENCH_ROUNDS_PARENT"  # set by run_rounds: the pid of the command that runs the rounds
+
+
+def _stopped_exit(exc: KeyboardInterrupt, cell_dirs: List[Path], started: float, what: str) -> None:
+    """A stop signal ended the sweep: one line, the summary line, and the shell's status for that signal."""
+    signum = getattr(exc, "signum", signal.SIGINT)
+    print(f"\nqbench: interrupted by {signal.Signals(signum).name}; {what}", file=sys.stderr)
+    print(summary_line(cell_dirs, started), file=sys.stderr)
+    sys.exit(signal_exit_status(signum))
+
+
+def _fault_exit(exc: Exception, cell_dirs: List[Path], started: float) -> None:
+    """A fault of Hydra's own after preflight (its job folder or log file on a full disk, a path of the wrong
+    type): one line and the summary line, exit 1; the traceback goes to the log file where there is one."""
+    from qbench.store import error_message
+
+    _traceback_to_log_files("sweep")
+    print(f"qbench: error: {type(exc).__name__}: {error_message(exc)}", file=sys.stderr)
+    print(summary_line(cell_dirs, started), file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     from qbench import preflight as pf
 
@@ -533,15 +711,25 @@ def main(argv: Optional[List[str]] = None) -> None:
         _hydra_app()
         return
     print(f"qbench: {len(cell_dirs)} cell(s) checked", flush=True)
+    install_stop_handlers()  # SIGTERM and SIGHUP stop the sweep as Ctrl-C does, and reach the cell process
+    logging.raiseExceptions = False  # a log line the disk refuses is dropped, not printed as a traceback
+    if os.environ.get(ROUNDS_PARENT_ENV, "").isdigit():
+        from qbench.cell import die_with_parent
+
+        die_with_parent(int(os.environ[ROUNDS_PARENT_ENV]))
     if cell_dirs.rounds > 1 and not cell_dirs.in_round:
-        sys.exit(run_rounds(argv, cell_dirs, started))
+        try:
+            sys.exit(run_rounds(argv, cell_dirs, started))
+        except KeyboardInterrupt as exc:
+            _stopped_exit(exc, cell_dirs, started, "finished rounds are kept, the next start goes on")
     sys.argv = [sys.argv[0]] + argv
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # a fault escaping Hydra reaches _fault_exit instead of Hydra's traceback
     try:
         _hydra_app()
-    except KeyboardInterrupt:
-        print("\nqbench: interrupted; cells with a result.json finished, the rest run on the next start", file=sys.stderr)
-        print(summary_line(cell_dirs, started), file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _stopped_exit(exc, cell_dirs, started, "cells with a result.json finished, the rest run on the next start")
+    except Exception as exc:
+        _fault_exit(exc, cell_dirs, started)
     print(summary_line(cell_dirs, started), flush=True)
     sys.exit(exit_status(cell_dirs, started))
 

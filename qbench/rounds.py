@@ -15,6 +15,7 @@ named in ``rounds.dominated_by`` so that the report can say whether more repeats
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -93,6 +94,17 @@ def _refresh_derived(row: Dict[str, Any], kind: str) -> None:
             row[fraction] = tps / row[bound]
 
 
+def _copy_atomic(src: Path, dest: Path) -> None:
+    """A copy that a full disk cannot leave half-written: through a temp file beside ``dest``, then rename."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def combine(cell_dir: Path, rounds: int) -> Optional[Dict[str, Any]]:
     """Write ``<cell_dir>/result.json`` from its rounds; None (nothing written) while a round has no result."""
     cell_dir = Path(cell_dir)
@@ -118,6 +130,6 @@ def combine(cell_dir: Path, rounds: int) -> Optional[Dict[str, Any]]:
     for k, r in enumerate(results[1:], 2):
         combined["warnings"] = combined.get("warnings", []) + [f"round {k}: {w}" for w in r.get("warnings", [])]
     for extra in round_dir(cell_dir, 1).glob("*.npz"):  # quality files live beside the result the report reads
-        shutil.copy2(extra, cell_dir / extra.name)
+        _copy_atomic(extra, cell_dir / extra.name)
     write_result(cell_dir, combined)
     return combined

@@ -165,13 +165,20 @@ def redact(obj: Any, secrets: Optional[list[str]] = None) -> Any:
 
 def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    write_text_atomic(path, json.dumps(redact(data), indent=2, sort_keys=False, default=_json_default,
+                                       allow_nan=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` to ``path`` through a temp file in the same folder, fsync and rename: a reader sees the old file or
+    the whole new one, and a fault (the disk full, a signal) leaves neither a 0-byte file nor the temp file.
+    Redact first: this writes what it is given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(redact(data), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -179,6 +186,20 @@ def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+class RedactFilter:
+    """A logging filter that redacts secrets in every record it passes (Hydra's job log, cli.log: Hydra logs
+    each job's overrides, which may carry a token's value). Named in conf/config.yaml's hydra.job_logging."""
+
+    def filter(self, record: Any) -> bool:
+        secrets = _secret_values()
+        if secrets:
+            text = record.getMessage()
+            clean = redact(text, secrets)
+            if clean != text:
+                record.msg, record.args = clean, ()
+        return True
 
 
 def _json_default(obj: Any) -> Any:

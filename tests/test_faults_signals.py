@@ -1,0 +1,161 @@
+"""Stop signals (SIGTERM, SIGHUP, SIGINT) and the death of the sweep: the cell process stops with the sweep, holds
+its own locks while it lives, and never goes on measuring as an orphan; a result measured beside another
+measuring process is not ``ok``."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from qbench import cell, cli
+from qbench.store import should_skip, write_result
+
+REPO = Path(__file__).resolve().parent.parent
+QBENCH = [sys.executable, "-m", "qbench.cli"]
+# The tiny model with a latency run long enough to be caught measuring (each decode run generates 64 tokens)
+SLOW = ["model=tiny", "bench=quick", "bench.batch_sizes=[1]", "bench.new_tokens=64", "bench.min_repeats=40",
+        "bench.max_repeats=40", "bench.max_time_per_figure_s=600", "bench.max_time_per_eager_figure_s=null",
+        "bench.warmup_runs=0", "bench.prompt_tokens=[8]", "bench.decode_prompt_tokens=8", "bench.device=cpu"]
+
+
+def _env(tmp_path: Path) -> dict:
+    e = dict(os.environ)
+    e.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO),
+             QBENCH_LOCK_DIR=str(tmp_path / "locks"))  # slots of its own: other sweeps on this host do not delay it
+    return e
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped) is gone for what matters here
+    return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z" if Path(f"/proc/{pid}").exists() else True
+
+
+def _cell_pid(cell_dir: Path, deadline: float) -> int:
+    """The cell process's pid, once it measures (its log has the weights line)."""
+    log = cell_dir / "cell.log"
+    while time.time() < deadline:
+        text = log.read_text() if log.exists() else ""
+        if "weights from" in text:
+            return int(re.findall(r"attempt \w+, pid (\d+)", text)[-1])
+        time.sleep(0.05)
+    pytest.fail("the cell never started measuring")
+
+
+def _open_files(pid: int) -> set:
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            out.add(os.readlink(fd))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_stop_signal_to_the_sweep_stops_the_cell_and_says_so(tmp_path, signum):
+    runs = tmp_path / "runs"
+    cell_dir = runs / "t" / "tiny__bf16"
+    proc = subprocess.Popen(QBENCH + ["-m", *SLOW, "method=bf16", "run.sweep=t", f"run.runs_dir={runs}"], cwd=REPO,
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = None
+    try:
+        child = _cell_pid(cell_dir, time.time() + 300)
+        held = _open_files(child)
+        # the cell process holds the cell's lock and its CPU slot itself, not through the sweep alone
+        assert str(cell_dir / ".attempt" / "lock") in held
+        assert any(p.startswith(str(tmp_path / "locks")) and p.endswith(".lock") for p in held), held
+        os.kill(proc.pid, signum)  # the sweep's process only, as systemd, SLURM or `timeout` would
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        orphan = child is not None and _alive(child)
+        if orphan:  # this test's own measuring process must not outlive it, whatever went wrong
+            os.kill(child, signal.SIGKILL)
+    assert not orphan, "the cell process outlived the sweep"
+    assert proc.returncode == 128 + signum, out[-3000:]
+    name = signal.Signals(signum).name
+    assert f"qbench: interrupted by {name}" in out
+    assert "qbench: " + str(runs / "t") + ": 1 cells: ran 0" in out, "the summary line"
+    assert "Traceback" not in out
+    assert not (cell_dir / "result.json").exists(), "a stopped cell writes nothing: the next start redoes it"
+    assert "interrupted: no result written" in (cell_dir / "cell.log").read_text()
+
+
+def test_cell_process_stops_when_its_parent_is_killed(tmp_path):
+    """SIGKILL of the sweep (no handler runs) still stops the cell process: it asked the kernel for SIGTERM on
+    its parent's death (cell.die_with_parent)."""
+    marker = tmp_path / "stopped"
+    child_code = textwrap.dedent(f"""
+        import os, sys, time
+        from qbench import cell
+        cell.install_stop_handlers()
+        cell.die_with_parent(int(sys.argv[1]))
+        try:
+            print(os.getpid(), flush=True)
+            time.sleep(120)
+        except cell.Stopped as exc:
+            open({str(marker)!r}, "w").write(str(exc.signum))
+    """)
+    parent_code = textwrap.dedent("""
+        import subprocess, sys, time, os
+        child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid())])
+        time.sleep(120)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, child_code], env=_env(tmp_path),
+                              stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 30
+    while _alive(child_pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child_pid), "the cell process lived on as an orphan"
+    assert marker.read_text() == str(int(signal.SIGTERM)), "it unwound (finally blocks ran), not killed outright"
+
+
+def test_cell_process_of_a_parent_already_gone_stops_at_once(tmp_path):
+    code = "from qbench import cell\ncell.install_stop_handlers()\ncell.die_with_parent(1)\nimport time; time.sleep(60)"
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, timeout=30)
+    assert proc.returncode != 0 and b"Stopped" in proc.stderr
+
+
+def test_cell_process_stopped_on_its_own_is_a_cancelled_row():
+    assert cli._child_fault(-signal.SIGTERM) == ("cancelled", "cell process stopped by SIGTERM")
+    assert cli._child_fault(-signal.SIGHUP)[0] == "cancelled"
+    assert cli._child_fault(-signal.SIGSEGV) == ("crash", "cell process died of SIGSEGV")
+    assert cli._child_fault(-signal.SIGKILL)[0] == "killed"
+    assert cli._child_fault(cell.EXIT_UNWRITTEN)[0] == "filesystem"
+
+
+def _result(shared):
+    return {"status": "ok", "error": None, "warnings": [],
+            "device_shared": {"shared": shared, "other_measuring_processes": ["host-123-456"] if shared else []}}
+
+
+def test_a_result_measured_on_a_shared_device_is_not_ok(tmp_path):
+    r = _result(True)
+    cell.mark_contaminated(r)
+    assert r["status"] == "error" and r["error"]["class"] == "contaminated"
+    assert "host-123-456" in r["error"]["message"] and "rerun_failed" in r["error"]["message"]
+    # not passed off as done: a rerun with run.rerun_failed=true measures it again
+    write_result(tmp_path, {**r, "config": {}})
+    assert should_skip(tmp_path, force=False, rerun_failed=True) is None
+
+
+@pytest.mark.parametrize("shared", [False, None])
+def test_a_result_on_an_unshared_or_unknown_device_stays_ok(shared):
+    r = _result(shared)
+    cell.mark_contaminated(r)
+    assert r["status"] == "ok" and r["error"] is None
