@@ -52,7 +52,13 @@ def config_dict(model_cfg: Any) -> Dict[str, Any]:
 
 
 def _load_config_dict(model_cfg: Any) -> Dict[str, Any]:
-    """config.json of the architecture: a local dir's, a bundled one, or the Hub's (online only)."""
+    """config.json of the architecture: the builtin tiny model's, a local dir's, a bundled one, or the Hub's
+    (online only). Every source resolve() can build has a case here: a source without one fell through to the
+    Hub lookup, whose OSError preflight reads as "config not at hand" and so skipped every width check."""
+    if model_cfg.source == "builtin:tiny":
+        from qbench import tiny
+
+        return dict(tiny.TINY_LLAMA)
     local = Path(model_cfg.source).expanduser()
     if is_gguf(model_cfg.source) and local.is_file():
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
