@@ -318,23 +318,39 @@ def _child_env(want_gpu: bool, device: str, gpus: List[str]) -> Dict[str, str]:
     return env
 
 
+def _set_aside_previous(cid: str, cell_dir: Path, ident: Dict[str, Any]) -> None:
+    """A stored result about to be measured over moves to result.prev.json; the log line says why."""
+    from qbench import store
+
+    previous = store.read_result(cell_dir)
+    if previous is None:
+        return
+    changes = store.changed_settings(previous, ident)
+    why = f"its settings changed ({store.describe_changes(changes)})" if changes else \
+        f"rerunning a stored {previous.get('status')} result"
+    store.set_aside_previous(cell_dir)
+    log.warning("%s: %s: measuring again; the stored result is kept as %s", cid, why, store.PREVIOUS_RESULT_FILE)
+
+
 def run_cell(cfg: Any) -> str:
     """Run one cell in a fresh child process. Returns "ok", "error" or "skipped:<status>"."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from qbench import store
     from qbench.store import error_row, read_result, should_skip, write_json_atomic, write_result
 
     cid = cell_id(cfg)
     cell_dir = cell_dir_of(cfg)
-    skipped = should_skip(cell_dir, cfg.run.force, cfg.run.rerun_failed)
-    if skipped:
-        log.info("%s: skipped, already %s (run.force=true or run.rerun_failed=true to rerun)", cid, skipped)
-        return f"skipped:{skipped}"
-
     # hydra.* is not resolved: its help template calls a resolver only the qbench command registers
     cfg_dict = {k: OmegaConf.to_container(cfg[k], resolve=True) if hasattr(cfg[k], "keys") else cfg[k]
                 for k in cfg.keys() if k != "hydra"}
+    ident = store.identity(cfg_dict)
+    skipped = should_skip(cell_dir, cfg.run.force, cfg.run.rerun_failed, ident)
+    if skipped:
+        log.info("%s: %s", cid, store.skip_hint(cell_dir, skipped))
+        return f"skipped:{skipped}"
+    _set_aside_previous(cid, cell_dir, ident)
     try:
         task_overrides = list(HydraConfig.get().overrides.task)
     except ValueError:
@@ -346,7 +362,7 @@ def run_cell(cfg: Any) -> str:
         locks, gpus = _take_devices(cfg, want_gpu)
         try:
             # Again, holding the cell: another process may have finished it while this one waited
-            if read_result(cell_dir) != before and should_skip(cell_dir, False, False):
+            if read_result(cell_dir) != before and should_skip(cell_dir, False, False, ident):
                 log.info("%s: skipped, finished by another process while this one waited", cid)
                 return f"skipped:{read_result(cell_dir)['status']}"
             spec = {
