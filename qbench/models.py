@@ -65,7 +65,7 @@ def _load_config_dict(model_cfg: Any) -> Dict[str, Any]:
 
         return load_gguf_checkpoint(str(local), return_tensors=False)["config"]
     if (local / "config.json").exists():
-        return json.loads((local / "config.json").read_text())
+        return read_config_json(local / "config.json")
     if model_cfg.architecture:
         return json.loads(architecture_path(model_cfg.architecture).read_text())
     from transformers import AutoConfig
@@ -74,6 +74,23 @@ def _load_config_dict(model_cfg: Any) -> Dict[str, Any]:
         model_cfg.source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
     )
     return config.to_dict()
+
+
+def read_config_json(path: Path, key: str = "model.source") -> Dict[str, Any]:
+    """A model folder's config.json as a dict, or ConfigError naming the key, the file and the line."""
+    from qbench.errors import ConfigError
+
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{key}: '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{key}: '{path}' is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: '{path}' cannot be read ({exc.strerror})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ConfigError(f"{key}: '{path}' has no model_type: not a transformers config.json")
+    return config
 
 
 def resolve(model_cfg: Any, cache_dir: str | Path, device: str = "cpu") -> Source:
