@@ -618,12 +618,14 @@ def memory_needs(cfg: Any, config: Dict[str, Any]) -> List[Tuple[str, str, int, 
     b = cfg.bench
     if b.enabled:
         decode = int(b.decode_prompt_tokens) + int(b.new_tokens)
+        # (tokens cached, tokens through the layers at once, what): a decode's widest step is its prompt's prefill
+        phases = [(int(p), int(p), f"prefill of {int(p)} tokens") for p in b.prompt_tokens]
+        phases.append((decode, int(b.decode_prompt_tokens), f"decode to {decode} tokens"))
         for batch in b.batch_sizes:
-            for tokens, what in [(int(p), f"prefill of {int(p)} tokens") for p in b.prompt_tokens] + \
-                    [(decode, f"decode to {decode} tokens")]:
-                kv = memory.kv_cache_bytes(config, int(batch), tokens, nbytes)
-                out.append(("bench.batch_sizes", f"batch {int(batch)}, {what}", kv, int(batch) * tokens * per_token_act,
-                            int(batch)))
+            for cached, wide, what in phases:
+                kv = memory.kv_cache_bytes(config, int(batch), cached, nbytes)
+                out.append(("bench.batch_sizes", f"batch {int(batch)}, {what}", kv,
+                            int(batch) * wide * per_token_act, int(batch)))
     q = cfg.eval.quality
     if q.enabled:
         n, ctx = int(q.batch_size), int(q.ctx_tokens)
