@@ -570,6 +570,8 @@ def device_memory(cfg: Any) -> Optional[Tuple[int, str]]:
     GPU: the total memory of the cell's model.num_gpus smallest cards, from NVML (no CUDA context is created);
     CPU: the memory available now (psutil), what the process can grow into."""
     device, _capability = cell_device(cfg)
+    if device == "cpu" and cfg.bench.device == "cuda":
+        return None  # a GPU cell on a host without one: not this check's to say (the cell and its method are)
     if device == "cpu":
         import psutil
 
