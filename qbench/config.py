@@ -151,7 +151,7 @@ class RunConfig:
     sweep: str = "default"  # results go to <runs_dir>/<sweep>/<model>__<method>/result.json
     runs_dir: str = "runs"
     cache_dir: str = "${oc.env:QBENCH_CACHE,.cache/qbench}"  # built models, quantized checkpoints
-    force: bool = False  # rerun every cell, also ok ones
+    force: bool = False  # rerun every cell, also ok ones (a cell whose settings changed reruns without it)
     rerun_failed: bool = False  # rerun cells whose result says error (ok cells are still skipped)
     timeout_min: float = 120.0  # a cell running longer is stopped and recorded as status error, class timeout
     # Fail injection for tests and dry runs: the cell raises this error class after loading the model.

@@ -15,7 +15,13 @@
   model's shapes: a method module that defines ``check_widths(method_cfg, widths)`` is handed the input widths
   of the model's quantizable linear layers, built on the meta device from the model's config.json (no weights,
   no memory), and raises ConfigError naming the key when it cannot quantize them; one that defines
-  ``check_device(method_cfg, device, capability)`` is told where the cell will run (when this host knows).
+  ``check_device(method_cfg, device, capability)`` is told where the cell will run (when this host knows);
+- every file the cell will read, before a model loads: a model folder's config.json and safetensors headers
+  (tensor shapes against config.json's architecture), offline data rows (each task's own reader), corpora and
+  calibration files (qbench.config.check_text_file, qbench.calibration.check_file);
+- sizes against the model's limits: every sequence against its context length, and the cell's largest moment
+  (weights + KV cache + activations, a lower bound) against the memory its device has.
+docs/preflight.md lists them all.
 """
 from __future__ import annotations
 
