@@ -91,6 +91,7 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"method.calibration.source: file '{source}' does not exist")
         if path.suffix not in (".txt", ".jsonl", ".json"):
             raise ConfigError(f"method.calibration.source: '{source}' is neither .txt nor .jsonl")
+        check_file(path, _get(cfg, "text_field", "text"))
     else:
         from qbench.config import hub_offline
 
@@ -99,6 +100,28 @@ def validate(cfg: Any) -> None:
                 f"method.calibration.source: '{source}' is a Hub dataset and HF_HUB_OFFLINE is set; "
                 "use builtin:tiny_text or a local .txt/.jsonl file"
             )
+
+
+def check_file(path: Path, text_field: str = "text") -> None:
+    """A local calibration file reads as _read_texts will read it, or ConfigError naming the key, the file and the
+    line: text (not empty, binary or other than UTF-8); for .jsonl every non-empty line a JSON object whose
+    ``text_field`` is a string."""
+    from qbench.config import ConfigError, check_text_file
+
+    text = check_text_file(path, "method.calibration.source")
+    if path.suffix == ".txt":
+        return
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"method.calibration.source: '{path}' line {line_no} is not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            got = f"keys: {', '.join(sorted(row))}" if isinstance(row, dict) else f"a {type(row).__name__}"
+            raise ConfigError(f"method.calibration.text_field: '{path}' line {line_no} has no string field "
+                              f"'{text_field}' ({got})")
 
 
 def _sha256_file(path: Path) -> str:

@@ -210,7 +210,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
 def _new_result(cfg: Any, spec: Dict[str, Any], affinity: Any, affinity_warning: Any) -> Dict[str, Any]:
     """The result as it stands before anything is measured: what the cell is and where it runs."""
     from qbench import methods, slurm
-    from qbench.store import SCHEMA_VERSION, cell_id, environment, now_iso
+    from qbench.store import SCHEMA_VERSION, cell_id, environment, identity, now_iso
 
     if affinity_warning:
         log.warning(affinity_warning)
@@ -228,6 +228,7 @@ def _new_result(cfg: Any, spec: Dict[str, Any], affinity: Any, affinity_warning:
         "started_at": now_iso(),
         "pid": os.getpid(),  # each cell runs in a process of its own
         "config": spec["config"],
+        "identity": identity(spec["config"]),  # the settings that change its figures: skip-if-done compares them
         "overrides": spec.get("overrides", []),
         "command": spec.get("command", ""),
         "environment": {**environment(methods.libraries(methods.get(cfg.method.kind))), "cpu_affinity": affinity,

@@ -432,6 +432,20 @@ def _write_hydra_files(cfg: Any) -> None:
         write_text_atomic(out / name, OmegaConf.to_yaml(OmegaConf.create(plain)))
 
 
+def _set_aside_previous(cid: str, cell_dir: Path, ident: Dict[str, Any]) -> None:
+    """A stored result about to be measured over moves to result.prev.json; the log line says why."""
+    from qbench import store
+
+    previous = store.read_result(cell_dir)
+    if previous is None:
+        return
+    changes = store.changed_settings(previous, ident)
+    why = f"its settings changed ({store.describe_changes(changes)})" if changes else \
+        f"rerunning a stored {previous.get('status')} result"
+    store.set_aside_previous(cell_dir)
+    log.warning("%s: %s: measuring again; the stored result is kept as %s", cid, why, store.PREVIOUS_RESULT_FILE)
+
+
 def run_cell(cfg: Any) -> str:
     """Run one cell in a fresh child process. Returns "ok", "error" or "skipped:<status>".
 
@@ -478,16 +492,18 @@ def _write_error_row(cell_dir: Path, cfg_dict: Dict[str, Any], error: tuple, t0:
 
 
 def _run_cell(cfg: Any) -> str:
+    from qbench import store
     from qbench.store import read_result, should_skip, write_json_atomic
 
     cid = cell_id(cfg)
     cell_dir = cell_dir_of(cfg)
-    skipped = should_skip(cell_dir, cfg.run.force, cfg.run.rerun_failed)
-    if skipped:
-        log.info("%s: skipped, already %s (run.force=true or run.rerun_failed=true to rerun)", cid, skipped)
-        return f"skipped:{skipped}"
-
     cfg_dict = _cfg_dict(cfg)
+    ident = store.identity(cfg_dict)
+    skipped = should_skip(cell_dir, cfg.run.force, cfg.run.rerun_failed, ident)
+    if skipped:
+        log.info("%s: %s", cid, store.skip_hint(cell_dir, skipped))
+        return f"skipped:{skipped}"
+    _set_aside_previous(cid, cell_dir, ident)
     _write_hydra_files(cfg)
     device = cfg.bench.device
     want_gpu = device == "cuda" or (device == "auto" and bool(gpu_state.visible_gpus()))
@@ -497,7 +513,7 @@ def _run_cell(cfg: Any) -> str:
         locks, gpus = _take_devices(cfg, want_gpu)
         try:
             # Again, holding the cell: another process may have finished it while this one waited
-            if read_result(cell_dir) != before and should_skip(cell_dir, False, False):
+            if read_result(cell_dir) != before and should_skip(cell_dir, False, False, ident):
                 log.info("%s: skipped, finished by another process while this one waited", cid)
                 return f"skipped:{read_result(cell_dir)['status']}"
             spec = {

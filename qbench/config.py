@@ -151,7 +151,7 @@ class RunConfig:
     sweep: str = "default"  # results go to <runs_dir>/<sweep>/<model>__<method>/result.json
     runs_dir: str = "runs"
     cache_dir: str = "${oc.env:QBENCH_CACHE,.cache/qbench}"  # built models, quantized checkpoints
-    force: bool = False  # rerun every cell, also ok ones
+    force: bool = False  # rerun every cell, also ok ones (a cell whose settings changed reruns without it)
     rerun_failed: bool = False  # rerun cells whose result says error (ok cells are still skipped)
     timeout_min: float = 120.0  # a cell running longer is stopped and recorded as status error, class timeout
     # Fail injection for tests and dry runs: the cell raises this error class after loading the model.
@@ -360,10 +360,10 @@ def _check_windows(prefix: str, source: str, length_key: str, length: int, minim
         raise ConfigError(f"{prefix}.{length_key}: {length} must be at least {minimum}")
     if max_windows is not None:
         _positive_ints([max_windows], f"{prefix}.max_windows")
-    _check_corpus(source, f"{prefix}.source", offline)
+    _check_corpus(source, f"{prefix}.source", offline, min_bytes=length)
 
 
-def _check_corpus(source: str, key: str, offline: bool) -> None:
+def _check_corpus(source: str, key: str, offline: bool, min_bytes: int = 1) -> None:
     """A text corpus: wikitext2 (online only), builtin:tiny_text, or a local file."""
     if source in PERPLEXITY_HUB_SOURCES:
         if offline:
@@ -376,3 +376,36 @@ def _check_corpus(source: str, key: str, offline: bool) -> None:
             raise ConfigError(f"{key}: '{source}' is unknown; the bundled text is builtin:tiny_text")
     elif not Path(source).expanduser().is_file():
         raise ConfigError(f"{key}: '{source}' is not a file (nor wikitext2 or builtin:tiny_text)")
+    else:
+        check_text_file(Path(source).expanduser(), key, min_bytes)
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def check_text_file(path: Path, key: str, min_bytes: int = 1) -> str:
+    """The text of a file a cell will read (a corpus, a calibration file), or ConfigError naming the key, the
+    file and the line: not a regular file, empty, binary (a NUL byte) or not UTF-8. ``min_bytes``: fewer bytes
+    than this cannot hold what the cell needs (a window of N tokens needs at least N bytes: a token is a byte or
+    more)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}: '{path}' is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: '{path}' cannot be read ({exc.strerror})") from None
+    if not data.strip():
+        raise ConfigError(f"{key}: '{path}' is empty")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ConfigError(f"{key}: '{path}' is a binary file, not text (a NUL byte on line {_line_of(data, nul)})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{key}: '{path}' is not UTF-8 text (line {_line_of(data, exc.start)}, byte {exc.start}: "
+                          f"{exc.reason})") from None
+    if len(data) < min_bytes:
+        raise ConfigError(f"{key}: '{path}' holds {len(data)} bytes, fewer than the {min_bytes} tokens one window needs")
+    return text

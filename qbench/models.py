@@ -13,6 +13,7 @@ Materialising on disk costs one write per file or architecture and seed, and in 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -52,14 +53,19 @@ def config_dict(model_cfg: Any) -> Dict[str, Any]:
 
 
 def _load_config_dict(model_cfg: Any) -> Dict[str, Any]:
-    """config.json of the architecture: a local dir's, a bundled one, or the Hub's (online only)."""
+    """config.json of the architecture: the builtin tiny model's, a local dir's, a bundled one, or the Hub's
+    (online only). Every source resolve() can build has a case here: a source without one fell through to the
+    Hub lookup, whose OSError preflight reads as "config not at hand" and so skipped every width check."""
+    if model_cfg.source == "builtin:tiny":
+        from qbench import tiny
+
+        return dict(tiny.TINY_LLAMA)
     local = Path(model_cfg.source).expanduser()
     if is_gguf(model_cfg.source) and local.is_file():
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        return load_gguf_checkpoint(str(local), return_tensors=False)["config"]
+        stat = local.stat()
+        return json.loads(_gguf_config_json(str(local), stat.st_mtime_ns, stat.st_size))
     if (local / "config.json").exists():
-        return json.loads((local / "config.json").read_text())
+        return read_config_json(local / "config.json")
     if model_cfg.architecture:
         return json.loads(architecture_path(model_cfg.architecture).read_text())
     from transformers import AutoConfig
@@ -68,6 +74,32 @@ def _load_config_dict(model_cfg: Any) -> Dict[str, Any]:
         model_cfg.source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
     )
     return config.to_dict()
+
+
+def read_config_json(path: Path, key: str = "model.source") -> Dict[str, Any]:
+    """A model folder's config.json as a dict, or ConfigError naming the key, the file and the line."""
+    from qbench.errors import ConfigError
+
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{key}: '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{key}: '{path}' is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: '{path}' cannot be read ({exc.strerror})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ConfigError(f"{key}: '{path}' has no model_type: not a transformers config.json")
+    return config
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config_json(path: str, _mtime_ns: int, _size: int) -> str:
+    """A GGUF's config as JSON, parsed from its header once per file version: preflight asks for it in several
+    checks of every cell, and the header (its tokenizer included) takes seconds to read."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    return json.dumps(load_gguf_checkpoint(path, return_tensors=False)["config"], default=str)
 
 
 def resolve(model_cfg: Any, cache_dir: str | Path, device: str = "cpu") -> Source:
@@ -120,7 +152,7 @@ def check_gguf(path: Path) -> str:
 
     transformers' own GGUF reader parses the header (no tensor is read), so what it accepts here it loads later.
     """
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     from qbench.errors import ConfigError
 
@@ -129,7 +161,8 @@ def check_gguf(path: Path) -> str:
     except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
         raise ConfigError(f"model.source: '{path}' is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
     try:
-        load_gguf_checkpoint(str(path), return_tensors=False)
+        stat = path.stat()
+        _gguf_config_json(str(path), stat.st_mtime_ns, stat.st_size)  # the config every later check reads
     except (ValueError, KeyError) as exc:
         raise ConfigError(
             f"model.source: '{path}' holds a GGUF of architecture '{arch}', which transformers cannot load "

@@ -15,12 +15,19 @@
   model's shapes: a method module that defines ``check_widths(method_cfg, widths)`` is handed the input widths
   of the model's quantizable linear layers, built on the meta device from the model's config.json (no weights,
   no memory), and raises ConfigError naming the key when it cannot quantize them; one that defines
-  ``check_device(method_cfg, device, capability)`` is told where the cell will run (when this host knows).
+  ``check_device(method_cfg, device, capability)`` is told where the cell will run (when this host knows);
+- every file the cell will read, before a model loads: a model folder's config.json and safetensors headers
+  (tensor shapes against config.json's architecture), offline data rows (each task's own reader), corpora and
+  calibration files (qbench.config.check_text_file, qbench.calibration.check_file);
+- sizes against the model's limits: every sequence against its context length, and the cell's largest moment
+  (weights + KV cache + activations, a lower bound) against the memory its device has.
+docs/preflight.md lists them all.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import difflib
 import functools
@@ -140,7 +147,7 @@ def base_model_config(m: Any) -> Tuple[Optional[Dict[str, Any]], bool]:
         return None, False
     local = Path(m.source).expanduser() / "config.json"
     if local.exists():
-        return json.loads(local.read_text()), False
+        return models.read_config_json(local), False
     if m.architecture:
         return json.loads(models.architecture_path(m.architecture).read_text()), False
     return None, False
@@ -245,6 +252,96 @@ def check_model(cfg: Any) -> None:
     check_tokenizer(m, config)
 
 
+# ----------------------------------------------------------------------------------------------- model files
+def check_model_files(m: Any) -> None:
+    """A local model folder's files, from their headers only (no weights loaded): config.json parses, every
+    safetensors file (and the shard index) is readable, and every tensor has the shape config.json's architecture
+    gives it, with none of the architecture's tensors missing (transformers would fill it with random values).
+    A folder that holds no safetensors (pytorch_model.bin) or an already quantized checkpoint is not compared."""
+    from qbench import models
+
+    folder = Path(m.source).expanduser()
+    if m.random_init or m.source.startswith("builtin:") or models.is_gguf(m.source) or not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.source: '{folder}' holds no config.json: not a transformers model folder")
+    config = models.read_config_json(folder / "config.json")
+    found = safetensors_shapes(folder)
+    if found is None or "quantization_config" in config:
+        return
+    expected = dict(_state_shapes(json.dumps(config, sort_keys=True, default=str)))
+    _compare_shapes(folder, found, expected, config)
+
+
+def safetensors_shapes(folder: Path) -> Optional[Dict[str, Tuple[Tuple[int, ...], str]]]:
+    """{tensor name: (shape, file)} from the headers of the folder's safetensors files (the index's shards
+    where there is an index); None when the folder has none. ConfigError names a broken file."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"model.source: '{index}' is not a safetensors index ({type(exc).__name__}: {exc})") from None
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        return None
+    out: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise ConfigError(f"model.source: '{path}' is missing (named by {index.name})")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    out[key] = (tuple(f.get_slice(key).get_shape()), str(path))
+        except Exception as exc:  # safetensors' own errors: header too short, not JSON, offsets past the end
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"model.source: '{path}' has a broken safetensors header ({first})") from None
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _state_shapes(config_json: str) -> tuple:
+    """(name, shape) of every tensor of the architecture's state dict, built on the meta device, plus its
+    base_model_prefix and tied names: what a checkpoint of this config.json must hold."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = json.loads(config_json)
+    config = AutoConfig.for_model(config_dict.pop("model_type"),
+                                  **{k: v for k, v in config_dict.items() if k != "transformers_version"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes["\0prefix"] = model.base_model_prefix
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    # a tied output embedding is saved once, under the input embedding's name
+    shapes["\0tied"] = tuple(f"{name}.weight" for name, mod in model.named_modules() if tied and mod is head)
+    return tuple(shapes.items())
+
+
+def _compare_shapes(folder: Path, found: Dict[str, Tuple[Tuple[int, ...], str]], expected: Dict[str, Any],
+                    config: Dict[str, Any]) -> None:
+    prefix, tied = expected.pop("\0prefix"), set(expected.pop("\0tied"))
+    names = {k: k if k in expected else f"{prefix}.{k}" for k in found}  # checkpoints saved without the prefix
+    for key, (shape, path) in found.items():
+        want = expected.get(names[key])
+        if want is not None and tuple(want) != shape:
+            raise ConfigError(
+                f"model.source: tensor '{key}' in '{path}' has shape {list(shape)} but '{folder / 'config.json'}' "
+                f"(model_type {config.get('model_type')}) gives it {list(want)}: the weights and config.json differ")
+    missing = [k for k in expected if k not in set(names.values()) and k not in tied]
+    if missing:
+        raise ConfigError(
+            f"model.source: '{folder}' lacks {len(missing)} tensor(s) of the architecture '{folder / 'config.json'}' "
+            f"describes (first: '{missing[0]}'); transformers would fill them with random values")
+
+
 # ----------------------------------------------------------------------------------------------- dirs
 def check_dirs(cfg: Any) -> None:
     from qbench.measure.gpu_state import lock_dir
@@ -261,8 +358,10 @@ def check_cell(cfg: Any) -> None:
     check_schema_keys(cfg)
     check_eval(cfg)
     check_model(cfg)
+    check_model_files(cfg.model)
     check_method_widths(cfg)
     check_method_device(cfg)
+    check_resources(cfg)
 
 
 def register_configs() -> None:
@@ -290,10 +389,66 @@ def check_method(cfg: Any) -> None:
 
 # ----------------------------------------------------------------------------------------------- eval
 def check_eval(cfg: Any) -> None:
-    """The cell's tasks against the task table, and offline, against the files under eval.data_dir."""
+    """The cell's tasks against the task table, and offline, against the files under eval.data_dir: present, and
+    every row of every file parses as the task's reader will parse it."""
+    from qbench.config import eval_offline
     from qbench.evaluate import tasks
 
     tasks.check(cfg.eval)
+    e = cfg.eval
+    if e.enabled and eval_offline(e) and e.data_dir is not None:
+        for path in offline_data_files(list(e.tasks), e.data_dir, list(e.mmlu_subjects)):
+            stat = path.stat()
+            _check_data_rows(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def offline_data_files(names: List[str], data_dir: str, subjects: List[str]) -> List[Path]:
+    """Every file the offline tasks will read under ``data_dir`` (qbench/tasks/*/utils.py: load_*)."""
+    from qbench.evaluate import tasks as table
+
+    root = table.data_root(data_dir)
+    out: List[Path] = []
+    for name in names:
+        t = table.TASKS.get(name)
+        if t is None or t.offline_task is None:
+            continue
+        for pattern in t.data_files:
+            if table.SUBJECT not in pattern:
+                out.append(root / pattern)
+                continue
+            # a subject task's dev split has a validation split beside it, which its loader reads where present
+            for pat in (pattern, pattern.replace("dev", "val")) if "/dev/" in pattern else (pattern,):
+                found = [root / pat.replace(table.SUBJECT, s) for s in subjects] if subjects else \
+                    sorted(root.glob(pat.replace(table.SUBJECT, "*")))
+                out += [p for p in found if p.exists()]
+    return list(dict.fromkeys(out))
+
+
+@functools.lru_cache(maxsize=512)
+def _check_data_rows(path: str, _mtime_ns: int, _size: int) -> None:
+    """Parse one offline data file with the task's own reader; ConfigError naming eval.data_dir, the file and
+    the line. Cached by (path, mtime, size): a sweep's cells read the same files."""
+    from qbench.tasks.gsm8k.utils import read_jsonl
+    from qbench.tasks.mmlu.utils import read_mmlu_csv
+
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"eval.data_dir: '{path}' is not UTF-8 text (line {line}: {exc.reason})") from None
+    try:
+        if path.endswith(".csv"):
+            read_mmlu_csv(path, Path(path).stem.rsplit("_", 1)[0])
+            return
+        for line_no, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+            try:
+                line.strip() and json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not JSON ({exc.msg})") from None
+        read_jsonl(path)
+    except (ValueError, csv.Error) as exc:  # the readers say "<file>:<line>: what is wrong"
+        raise ConfigError(f"eval.data_dir: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------- method x model
@@ -370,3 +525,152 @@ def _widths(config_json: str) -> tuple:
         if isinstance(module, torch.nn.Linear) and module is not head:
             out.setdefault(int(module.in_features), []).append(name)
     return tuple(sorted(out.items()))
+
+
+# ----------------------------------------------------------------------------------------------- resources
+GIB = 2**30
+
+
+def context_tokens(config: Dict[str, Any]) -> Optional[int]:
+    """The model's context length (max_position_embeddings; multimodal configs nest it in text_config)."""
+    for d in (config.get("text_config") or {}, config):
+        if isinstance(d, dict) and isinstance(d.get("max_position_embeddings"), int):
+            return d["max_position_embeddings"]
+    return None
+
+
+def lengths_asked(cfg: Any) -> List[Tuple[str, int]]:
+    """(key, tokens) of every sequence the cell will feed the model at once."""
+    b, e = cfg.bench, cfg.eval
+    out: List[Tuple[str, int]] = []
+    if b.enabled:
+        out += [("bench.prompt_tokens", int(p)) for p in b.prompt_tokens]
+        out.append(("bench.decode_prompt_tokens + bench.new_tokens", int(b.decode_prompt_tokens) + int(b.new_tokens)))
+    if e.quality.enabled:
+        out.append(("eval.quality.ctx_tokens", int(e.quality.ctx_tokens)))
+    if e.perplexity.enabled:
+        out.append(("eval.perplexity.seq_len_tokens", int(e.perplexity.seq_len_tokens)))
+    if e.enabled and e.max_length_tokens is not None:
+        out.append(("eval.max_length_tokens", int(e.max_length_tokens)))
+    calibration = getattr(cfg.method, "calibration", None)
+    if calibration is not None and getattr(calibration, "seq_len_tokens", None):
+        out.append(("method.calibration.seq_len_tokens", int(calibration.seq_len_tokens)))
+    return out
+
+
+def check_context(cfg: Any, config: Dict[str, Any]) -> None:
+    """Every sequence the cell feeds the model fits its context: past it, positions the model never learnt
+    (or a RoPE table that runs out) give figures that are measured but mean nothing."""
+    limit = context_tokens(config)
+    if limit is None:
+        return
+    for key, tokens in lengths_asked(cfg):
+        if tokens > limit:
+            raise ConfigError(f"{key}: {tokens} tokens exceed the context of model '{cfg.model.name}' "
+                              f"({limit} tokens, max_position_embeddings)")
+
+
+def device_memory(cfg: Any) -> Optional[Tuple[int, str]]:
+    """(bytes the cell's model may occupy, a sentence template for that figure in GiB), or None when this host
+    cannot tell.
+    GPU: the total memory of the cell's model.num_gpus smallest cards, from NVML (no CUDA context is created);
+    CPU: the memory available now (psutil), what the process can grow into."""
+    device, _capability = cell_device(cfg)
+    if device == "cpu" and cfg.bench.device == "cuda":
+        return None  # a GPU cell on a host without one: not this check's to say (the cell and its method are)
+    if device == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().available), "the host has {:.2f} GiB available (psutil)"
+    if device != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            totals = sorted(int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total)
+                            for i in range(pynvml.nvmlDeviceGetCount()))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML here: the cell meets the limit itself
+        return None
+    n = int(cfg.model.num_gpus)
+    if len(totals) < n:
+        return None
+    return sum(totals[:n]), f"model.num_gpus={n} GPU(s) hold {{:.2f}} GiB in total (NVML)"
+
+
+def weight_bytes(cfg: Any, config: Dict[str, Any]) -> int:
+    """The weights as the method stores them (qbench.measure.memory.analytic_weights: parameter counts and the
+    method's bits per weight, on the meta device): what the cell holds at least, whatever it loads through."""
+    from qbench import methods
+    from qbench.measure import memory
+
+    return int(memory.analytic_weights(config, methods.get(cfg.method.kind), cfg.method,
+                                       bool(cfg.model.trust_remote_code))["weight_bytes_analytic"])
+
+
+def memory_needs(cfg: Any, config: Dict[str, Any]) -> List[Tuple[str, str, int, int, int]]:
+    """(key, what, KV-cache bytes, activation bytes, batch) of each phase's largest moment, beside the weights.
+    Lower bounds: a full-attention KV cache at the compute dtype, the residual stream and the MLP's two
+    intermediate outputs of one layer (prefill), fp32 log-probabilities over the vocabulary (quality)."""
+    from qbench.measure import memory
+
+    text = config.get("text_config") or config
+    hidden, inter = int(text.get("hidden_size") or 0), int(text.get("intermediate_size") or 0)
+    vocab = vocab_size(config) or 0
+    nbytes = memory.dtype_bytes(cfg.method.dtype)
+    per_token_act = (hidden + 2 * inter) * nbytes
+    out = []
+    b = cfg.bench
+    if b.enabled:
+        decode = int(b.decode_prompt_tokens) + int(b.new_tokens)
+        # (tokens cached, tokens through the layers at once, what): a decode's widest step is its prompt's prefill
+        phases = [(int(p), int(p), f"prefill of {int(p)} tokens") for p in b.prompt_tokens]
+        phases.append((decode, int(b.decode_prompt_tokens), f"decode to {decode} tokens"))
+        for batch in b.batch_sizes:
+            for cached, wide, what in phases:
+                kv = memory.kv_cache_bytes(config, int(batch), cached, nbytes)
+                out.append(("bench.batch_sizes", f"batch {int(batch)}, {what}", kv,
+                            int(batch) * wide * per_token_act, int(batch)))
+    q = cfg.eval.quality
+    if q.enabled:
+        n, ctx = int(q.batch_size), int(q.ctx_tokens)
+        kv = memory.kv_cache_bytes(config, n, ctx, nbytes)
+        act = n * ctx * per_token_act + n * (ctx // 2) * vocab * (nbytes + 4)  # logits, then fp32 log-softmax
+        out.append(("eval.quality.batch_size", f"{n} windows of {ctx} tokens", kv, act, n))
+    return out
+
+
+def check_memory(cfg: Any, config: Dict[str, Any]) -> None:
+    """The cell's largest moment against the memory its device has: past it the cell grows until the allocator
+    fails (or the kernel's OOM killer ends it), minutes in, with nothing measured."""
+    have = device_memory(cfg)
+    needs = memory_needs(cfg, config)
+    if have is None or not needs:
+        return
+    capacity, where = have
+    weights = weight_bytes(cfg, config)
+    key, what, kv, act, _batch = max(needs, key=lambda n: n[2] + n[3])
+    need = weights + kv + act
+    if need > capacity:
+        lower = {"bench.batch_sizes": "bench.batch_sizes, bench.prompt_tokens or bench.new_tokens",
+                 "eval.quality.batch_size": "eval.quality.batch_size or eval.quality.ctx_tokens"}[key]
+        raise ConfigError(
+            f"{key}: {what} needs at least {need / GIB:.2f} GiB (weights {weights / GIB:.2f} GiB + KV cache "
+            f"{kv / GIB:.2f} GiB + activations {act / GIB:.2f} GiB) but {where.format(capacity / GIB)}; "
+            f"lower {lower}")
+
+
+def check_resources(cfg: Any) -> None:
+    """Sizes against the model's limits: context length, and memory against what the cell's device has. Needs
+    the model's config.json; a Hub model not at hand is checked by the cell itself."""
+    from qbench import models
+
+    try:
+        config = models.config_dict(cfg.model)
+    except (OSError, ValueError):
+        return
+    check_context(cfg, config)
+    check_memory(cfg, config)

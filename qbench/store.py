@@ -3,7 +3,9 @@
 - Written atomically: a unique temp file in the same directory, fsync, then ``os.replace``. A cell killed
   mid-write leaves no result.json, so the next run of the sweep redoes exactly that cell.
 - Skip-if-done: a cell whose result says ``ok`` is skipped unless forced; ``error`` cells are skipped unless
-  ``rerun_failed`` (or forced).
+  ``rerun_failed`` (or forced). Only a result of the same identity (every setting that changes a figure,
+  :func:`identity`) counts as done: one measured with other settings is measured again, and the stored one is
+  kept as ``result.prev.json``.
 - Environment metadata (host, GPU, driver, CUDA, library versions, git commit) goes into every result.
 - Secrets never reach a result: environment variables are not recorded wholesale, and any string that
   contains the value of a token-like variable is redacted.
@@ -75,6 +77,7 @@ def error_row(cfg_dict: Dict[str, Any], error_class: str, message: str, phase: s
         "method": cfg_dict["method"]["name"],
         "method_kind": cfg_dict["method"]["kind"],
         "config": cfg_dict,
+        "identity": identity(cfg_dict),
         "finished_at": now_iso(),
         "scheduler": scheduler,
         "metrics": {},
@@ -130,17 +133,135 @@ def error_message(exc: BaseException) -> str:
     return cause or type(exc).__name__
 
 
-def should_skip(cell_dir: Path, force: bool, rerun_failed: bool) -> Optional[str]:
-    """The status of a finished cell that this run leaves alone, or None if the cell must run."""
+# ----------------------------------------------------------------------------------------------- identity
+# A cell's identity: every setting that changes its figures. model.*, method.*, bench.* and eval.* (quality and
+# perplexity included) are in it but for the names and the description (they label a cell, the cell id already
+# holds the names); run.* is bookkeeping (where results go, whether to rerun, time limits), except the two keys
+# that change what a cell does: the baseline its quality is compared with, and injected failures.
+# Library versions are not in it: they are recorded in every result (environment.versions) and an upgrade of
+# torch does not make a stored figure wrong for the settings it was measured with; run.force=true remeasures.
+IDENTITY_SECTIONS = ("model", "method", "bench", "eval")
+IDENTITY_LABELS = ("model.name", "method.name", "method.description")
+PREVIOUS_RESULT_FILE = "result.prev.json"
+
+
+def _free_dict_keys() -> frozenset:
+    """Keys of the typed schema whose value is a dict of free keys (config_overrides, num_fewshot, ...): one
+    setting each, compared whole, so a key added to such a dict counts as a change."""
+    import dataclasses
+    import typing
+
+    from qbench import config
+
+    out = set()
+
+    def walk(schema: type, prefix: str) -> None:
+        for f in dataclasses.fields(schema):
+            hint = typing.get_type_hints(schema)[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+            elif typing.get_origin(hint) is dict:
+                out.add(f"{prefix}{f.name}")
+
+    for section, schema in (("model", config.ModelConfig), ("bench", config.BenchConfig), ("eval", config.EvalConfig)):
+        walk(schema, f"{section}.")
+    return frozenset(out)
+
+
+def _flatten(node: Any, prefix: str, out: Dict[str, Any], free: frozenset) -> None:
+    for key, value in node.items():
+        path = f"{prefix}.{key}"
+        if isinstance(value, dict) and value and path not in free:
+            _flatten(value, path, out, free)
+        else:
+            out[path] = value
+
+
+def identity(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """{"hash": 16 hex digits, "settings": {dotted key: value}} of a cell's plain config dict (result["config"])."""
+    free = _free_dict_keys()
+    settings: Dict[str, Any] = {}
+    for section in IDENTITY_SECTIONS:
+        _flatten(cfg_dict.get(section) or {}, section, settings, free)
+    for key in IDENTITY_LABELS:
+        settings.pop(key, None)
+    run = cfg_dict.get("run") or {}
+    settings["run.inject_failure"] = run.get("inject_failure")
+    if settings.get("eval.quality.enabled"):
+        settings["run.baseline_method"] = run.get("baseline_method")
+    # as result.json will hold it: tuples are lists, a secret's value redacted (the stored side is, too)
+    settings = redact(json.loads(json.dumps(settings, default=str)))
+    return {"hash": content_hash(settings), "settings": settings}
+
+
+def changed_settings(result: Dict[str, Any], current: Dict[str, Any]) -> Optional[Dict[str, tuple]]:
+    """{key: (stored value, current value)} for each setting of ``current`` (an identity) that differs from the
+    stored result's; None when the result records no settings at all.
+
+    A result written before results carried an identity is compared through its ``config``. A key on one side
+    only is a setting that qbench added or dropped since the result was written, not a change made by the user:
+    it is left out, so an upgrade of qbench does not remeasure every stored cell."""
+    stored = (result.get("identity") or {}).get("settings")
+    if stored is None:
+        if not isinstance(result.get("config"), dict):
+            return None
+        stored = identity(result["config"])["settings"]
+    now = current["settings"]
+    return {k: (stored[k], now[k]) for k in sorted(now.keys() & stored.keys()) if stored[k] != now[k]}
+
+
+def describe_changes(changes: Dict[str, tuple], most: int = 3, width: int = 60) -> str:
+    """"bench.batch_sizes [1] -> [1, 4], ..." for a log line: the first ``most`` keys, each value cut to ``width``."""
+    def short(v: Any) -> str:
+        text = json.dumps(v, default=str)
+        return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+    parts = [f"{k} {short(old)} -> {short(new)}" for k, (old, new) in list(changes.items())[:most]]
+    more = len(changes) - most
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
+
+
+def should_skip(cell_dir: Path, force: bool, rerun_failed: bool,
+                current: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """The status of a finished cell that this run leaves alone, or None if the cell must run.
+    ``current``: the identity of the cell as configured now; a stored result measured with other settings is
+    not this cell's result, whatever its status, and the cell runs again."""
     if force:
         return None
     result = read_result(cell_dir)
     if result is None:
         return None
+    if current is not None and changed_settings(result, current):
+        return None
     status = result.get("status")
     if status == "ok" or (status == "error" and not rerun_failed):
         return status
     return None
+
+
+def skip_hint(cell_dir: Path, status: str) -> str:
+    """Why a cell is skipped and the one setting that would run it, for the sweep's log line: true for each case."""
+    result = read_result(cell_dir) or {}
+    if result.get("identity") is None and not isinstance(result.get("config"), dict):
+        return (f"skipped, already {status}; its result.json (an older qbench's) records no settings to compare "
+                "with: run.force=true measures it again")
+    if status == "ok":
+        return "skipped, already ok with these settings (run.force=true measures it again)"
+    err = result.get("error") or {}
+    return (f"skipped, already error ({err.get('class')}) with these settings "
+            "(run.rerun_failed=true or run.force=true runs it again)")
+
+
+def set_aside_previous(cell_dir: Path) -> Optional[Path]:
+    """Move the cell's stored result to result.prev.json before the cell is measured again, so a rerun (changed
+    settings, run.force, run.rerun_failed) never loses the previous figures, even when the new attempt fails.
+    One generation is kept. Returns the new path, or None when there was no result."""
+    src = Path(cell_dir) / RESULT_FILE
+    if not src.exists():
+        return None
+    dst = Path(cell_dir) / PREVIOUS_RESULT_FILE
+    os.replace(src, dst)
+    return dst
 
 
 def _secret_values() -> list[str]:
