@@ -113,7 +113,7 @@ def test_reference_of_other_tokens_is_refused_with_a_warning(peaked_pair):
     out = quality.run(cand, tok, QCFG, text=text, cell_dir=tmp / "r1", baseline_file=tmp / "r0" / quality.LOGPROBS_FILE,
                       meta={"source": "test", "model_config_hash": "B"})
     assert out["comparison"] is None
-    assert "other tokens or another model config" in out["warnings"][0]
+    assert "model_config_hash A \u2192 B" in out["warnings"][0]
     assert quality.compare_later(tmp / "r1", tmp / "r0") is None
 
 
