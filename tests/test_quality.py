@@ -153,8 +153,8 @@ def test_report_time_path_reads_as_close_to_exact_as_the_live_path(peaked_pair):
     base, cand, tok, text, tmp = peaked_pair
     cfg = OmegaConf.create({**QCFG, "max_kept": None})
     meta = {"source": "test", "model_config_hash": "early"}
-    early = quality.run(cand, tok, cfg, text=text, cell_dir=tmp / "e1", baseline_file=tmp / "e0" / quality.LOGPROBS_FILE,
-                        meta=meta)
+    early = quality.run(cand, tok, cfg, text=text, cell_dir=tmp / "e1",
+                        baseline_file=tmp / "e0" / quality.LOGPROBS_FILE, meta=meta)
     assert early["comparison"] is None and early["settings"]["coverage"] == pytest.approx(0.99999)
     quality.run(base, tok, cfg, text=text, cell_dir=tmp / "e0", baseline_file=None, meta=meta)
     live = quality.run(cand, tok, cfg, text=text, cell_dir=tmp / "e2", baseline_file=tmp / "e0" / quality.LOGPROBS_FILE,

@@ -122,7 +122,8 @@ def test_a_cell_whose_figures_are_not_finite_stays_in_every_table_with_the_reaso
     root, why = broken_sweep
     results = T.load_results(root)
     rows = {r["cell"]: r for r in T.summary_rows(results)}
-    assert rows["small__nf4"]["quality_nonfinite"] == f"quality: ppl not finite: {why}; quality: kl not finite: {why} in this cell"
+    assert rows["small__nf4"]["quality_nonfinite"] == (f"quality: ppl not finite: {why}; "
+                                                       f"quality: kl not finite: {why} in this cell")
     assert rows["small__hqq"]["quality_nonfinite"] == ("quality: ppl not finite (stored as null; the result records no "
                                                        "reason); quality: kl not finite (stored as null; the result "
                                                        "records no reason)")
