@@ -118,10 +118,12 @@ class QualityConfig:
     source: str = "builtin:tiny_text"
     ctx_tokens: int = 512  # window length (tokens); the second half of every window is scored
     max_windows: Optional[int] = None  # windows scored at most (count); null = the whole corpus
-    batch_size: int = 4  # windows per forward pass (count)
+    # windows per forward pass (count); 1: LLM.int8 and bf16 kernels give other logits in a bigger batch
+    batch_size: int = 1
     # per scored token, each cell stores its most likely tokens until they cover this much probability ...
     coverage: float = 0.999
-    max_kept: int = 4096  # ... but at most this many (count); the rest is one bucket (see quality.py)
+    # ... at most this many (count); null = no cap, so P(rest) <= 1 - coverage always holds (see quality.py)
+    max_kept: Optional[int] = None
 
 
 @dataclass
@@ -348,7 +350,8 @@ def validate_eval(e: Any) -> None:
     if q.enabled:
         _check_windows("eval.quality", q.source, "ctx_tokens", q.ctx_tokens, 4, q.max_windows, offline)
         _positive_ints([q.batch_size], "eval.quality.batch_size")
-        _positive_ints([q.max_kept], "eval.quality.max_kept")
+        if q.max_kept is not None:
+            _positive_ints([q.max_kept], "eval.quality.max_kept")
         if not 0 < q.coverage <= 1:
             raise ConfigError(f"eval.quality.coverage: {q.coverage} must be in (0, 1]")
 

@@ -92,3 +92,63 @@ def test_no_quality_section_without_quality(tmp_path):
     shutil.copytree(FIXTURE.parent.parent, tmp_path / "demo")
     page = H.render_sweep(T.load_results(tmp_path / "demo"), "demo", plotlyjs=FAKE_PLOTLYJS)
     assert 'id="quality"' not in page
+
+
+def _q(role: str, ppl, kl=None, **extra) -> dict:
+    comparison = None if kl is False else {"kl_divergence": {"mean": kl, "p50": kl, "p99": kl, "max": kl},
+                                           "top1_agreement_pct": {"mean": None}, "ppl_ratio": {"mean": None}}
+    return {"role": role, "ppl": ppl, "kept_mass_min": 0.9991, "comparison": comparison,
+            "comparison_source": None if comparison is None else "live",
+            "settings": {"coverage": 0.999, "batch_size": 1, "ctx_tokens": 64, "source": "builtin:tiny_text"}, **extra}
+
+
+@pytest.fixture
+def broken_sweep(tmp_path):
+    """A baseline, a cell whose figures the store wrote as null (with the reason the cell recorded), one written
+    before reasons were recorded, and one whose max_kept cut before coverage."""
+    root = tmp_path / "b"
+    why = "NaN or infinite logits at 3 of 124 scored positions (first in window 1)"
+    cells = {"fp32": _q("baseline", 20.0, kl=False),
+             "nf4": _q("compared", None, kl=None, nonfinite={"ppl": why, "kl": f"{why} in this cell"}),
+             "hqq": _q("compared", None, kl=None),
+             "int8": {**_q("compared", 21.0, kl=0.02), "kept_mass_min": 0.953}}
+    for method, q in cells.items():
+        (root / f"small__{method}").mkdir(parents=True)
+        (root / f"small__{method}" / "result.json").write_text(json.dumps(_result(method, q, "b")))
+    return root, why
+
+
+def test_a_cell_whose_figures_are_not_finite_stays_in_every_table_with_the_reason(broken_sweep, tmp_path):
+    root, why = broken_sweep
+    results = T.load_results(root)
+    rows = {r["cell"]: r for r in T.summary_rows(results)}
+    assert rows["small__nf4"]["quality_nonfinite"] == (f"quality: ppl not finite: {why}; "
+                                                       f"quality: kl not finite: {why} in this cell")
+    assert rows["small__hqq"]["quality_nonfinite"] == ("quality: ppl not finite (stored as null; the result records no "
+                                                       "reason); quality: kl not finite (stored as null; the result "
+                                                       "records no reason)")
+    assert f"quality: ppl not finite: {why}" in rows["small__nf4"]["warnings"]
+    page = H.render_sweep(results, "b", plotlyjs=FAKE_PLOTLYJS)
+    section = page[page.index('id="quality"'):page.index('id="summary"')]
+    for cell in ("small__nf4", "small__hqq"):
+        row = section[section.index(f'data-cell="{cell}"'):]
+        assert "not finite" in row[:row.index("</tr>")]
+    assert why in section
+    paths = T.write_tables(results, tmp_path / "out")
+    summary = T.pd.read_csv(paths["summary_csv"]).set_index("method")
+    assert summary.loc["nf4", "quality_nonfinite"].startswith("quality: ppl not finite: NaN")
+    assert "small__nf4" in set(T.pd.read_csv(paths["tidy_csv"]).cell)
+
+
+def test_kept_mass_below_coverage_is_shown_and_warned(broken_sweep, tmp_path):
+    root, _ = broken_sweep
+    results = T.load_results(root)
+    rows = {r["cell"]: r for r in T.summary_rows(results)}
+    assert rows["small__int8"]["kept_mass_min"] == 0.953 and rows["small__int8"]["kept_mass_low"]
+    assert not rows["small__fp32"]["kept_mass_low"]
+    assert any("keep mass down to 0.9530 < coverage 0.999" in w for w in rows["small__int8"]["warnings"])
+    tidy = T.pd.read_csv(T.write_tables(results, tmp_path / "out")["tidy_csv"])
+    kept = tidy[(tidy.metric == "kept_mass_min") & (tidy.cell == "small__int8")]
+    assert kept.value.tolist() == [0.953] and kept.unit.tolist() == ["fraction of probability"]
+    view = {q["row"]["cell"]: q for q in H.quality_view(T.summary_rows(results), results)["rows"]}
+    assert view["small__int8"]["kept_mass"] == "0.9530 < coverage"

@@ -11,20 +11,38 @@ Dutta et al. 2024, "Accuracy is Not All You Need" (KL divergence and flips besid
 
 One process per cell: the baseline cell cannot hold the other methods' models, and they cannot hold it. So
 every cell writes its own next-token distributions compactly (``quality_logprobs.npz`` beside its result): per
-scored position, the most likely tokens until they cover ``coverage`` of the probability (at most
-``max_kept``), with exact fp32 log-probabilities, plus the correct token's log-probability and the argmax. A cell
-that finds its baseline's file compares its *live* full-vocabulary distribution against it; a cell measured
-before its baseline gets its comparison when the report is built, from the two files.
+scored position, the most likely tokens until they cover ``coverage`` of the probability (no cap by default;
+``max_kept`` caps the count where storage matters more), with exact fp32 log-probabilities, plus the correct
+token's log-probability and the argmax. A cell that finds its baseline's file compares its *live*
+full-vocabulary distribution against it; a cell measured before its baseline gets its comparison when the report
+is built, from the two files, and so keeps a tail a hundred times thinner (``report_coverage``) to make that
+comparison as exact as the live one.
+
+Windows are scored one per forward pass by default (``batch_size: 1``): they are all ``ctx_tokens`` long, so no
+padding enters, but some kernels still depend on the batch: LLM.int8 (bnb_int8) picks its fp16 outlier columns
+over every row of the batch, and bf16/fp16 GEMMs pick other reductions for other shapes. A cell's figures then
+depend on its neighbours in the batch; at batch 1 they do not. The batch size is part of the baseline match
+(``_identity``): a baseline scored at another batch size is refused with a warning, never compared silently.
 
 Approximations, each tested against the exact full-vocabulary KL (tests/test_quality.py):
 
 1. The baseline's unkept tokens form one bucket: KL is computed between the distributions coarsened to
    {kept tokens} ∪ {rest}. By the data-processing inequality this is a lower bound of the full KL; it misses at
-   most P(rest) × KL between the two tails, and P(rest) ≤ 1 − coverage unless ``max_kept`` binds (recorded).
+   most P(rest) × KL between the two tails, and P(rest) ≤ 1 − coverage at every position unless a ``max_kept``
+   set by the user binds (then ``kept_mass_min`` < coverage, the cell warns and the report flags it).
    llama.cpp makes the same kind of cut: it skips base tokens with log p < −16.
 2. Only in the report-time comparison: the tokens both files kept are compared one by one, everything else
-   is one bucket whose two masses both files give exactly. Again a lower bound, with no value guessed.
+   is one bucket whose two masses both files give exactly. Again a lower bound, with no value guessed. The
+   cell that waits for the report kept tokens to ``report_coverage`` (a tail 100 times smaller), so the baseline's
+   kept tokens are nearly all among its own and this path reads as close to the exact KL as the live one.
 3. Perplexity, Δp and top-1 agreement are exact in both paths (the correct token and the argmax are stored).
+
+Measured on SmolLM2-135M (tiny_text, 4 windows of 256, vs fp32; docs/results.md#quality): the live path reads
+0.17-0.24 % below the exact full-vocabulary KL, the report-time path 0.17-0.24 % (0.23-0.72 % before, with
+``max_kept`` 4096 and one coverage for every cell).
+
+A figure that is not finite (NaN logits, a probability of 0 where the baseline has mass) is recorded with why,
+in ``nonfinite``: result.json stores NaN as null, and a null alone would not say whether the method broke.
 
 Uncertainty: tokens of one window are correlated, so every 95 % CI is a t-interval over per-window means
 (W windows, W − 1 degrees of freedom), wider and more honest than llama.cpp's token-level ± (also recorded
@@ -46,6 +64,11 @@ LOG = logging.getLogger(__name__)
 
 LOGPROBS_FILE = "quality_logprobs.npz"
 FORMAT_VERSION = 1
+# A cell measured before its baseline keeps REPORT_TAIL_FACTOR times less unkept probability than ``coverage``
+# leaves: the report-time comparison only sees tokens both files kept (approximation 2 of the docstring).
+REPORT_TAIL_FACTOR = 100
+# Kept mass is summed in float64 from fp32 log-probabilities: below coverage by more than this, the cap cut it.
+KEPT_MASS_TOLERANCE = 1e-6
 KL_PERCENTILES = (50, 90, 99, 99.9)
 DP_PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 
@@ -88,11 +111,18 @@ def window_logprobs(model: Any, windows: np.ndarray, batch_size: int) -> Iterato
 
 
 # ------------------------------------------------------------------------------------------------ compact form
-def compact(logp: Any, coverage: float, max_kept: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(n_kept [P], ids [sum], logp [sum]) of one window's [P, V] log-probs, most likely first."""
+def report_coverage(coverage: float) -> float:
+    """The coverage a cell keeps when its comparison waits for the report (see REPORT_TAIL_FACTOR)."""
+    return 1.0 - (1.0 - float(coverage)) / REPORT_TAIL_FACTOR
+
+
+def compact(logp: Any, coverage: float, max_kept: Optional[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n_kept [P], ids [sum], logp [sum]) of one window's [P, V] log-probs, most likely first.
+
+    ``max_kept`` None: no cap, every position keeps tokens until ``coverage`` (the stated bound always holds)."""
     import torch
 
-    k = min(int(max_kept), logp.shape[-1])
+    k = logp.shape[-1] if max_kept is None else min(int(max_kept), logp.shape[-1])
     top_lp, top_ids = torch.topk(logp, k, dim=-1)
     cum = torch.cumsum(top_lp.double().exp(), dim=-1)
     # tokens until the cumulative probability reaches coverage (the one that crosses it included)
@@ -104,7 +134,7 @@ def compact(logp: Any, coverage: float, max_kept: int) -> Tuple[np.ndarray, np.n
 class Recorder:
     """Collects one cell's compact distributions window by window, then writes them as one .npz."""
 
-    def __init__(self, windows: np.ndarray, coverage: float, max_kept: int):
+    def __init__(self, windows: np.ndarray, coverage: float, max_kept: Optional[int]):
         self.windows, self.coverage, self.max_kept = windows, coverage, max_kept
         self.parts: Dict[str, List[np.ndarray]] = {k: [] for k in ("n_kept", "ids", "logp", "logp_target",
                                                                    "argmax", "window")}
@@ -237,8 +267,19 @@ def summarize(per_token: Dict[str, np.ndarray], window: np.ndarray) -> Dict[str,
 
 
 # ------------------------------------------------------------------------------------------------ one cell
+# What must match between a baseline's file and a cell for their distributions to be compared: the exact token
+# windows, the model, and the batch size (LLM.int8 and bf16 kernels give other logits at another batch size).
+IDENTITY_KEYS = ("tokens_sha256", "model_config_hash", "ctx_tokens", "batch_size")
+
+
 def _identity(meta: Dict[str, Any]) -> Tuple[Any, ...]:
-    return meta.get("tokens_sha256"), meta.get("model_config_hash"), meta.get("ctx_tokens")
+    # a file written before the batch size was recorded holds None there: it matches no new file
+    return tuple(meta.get(k) for k in IDENTITY_KEYS)
+
+
+def identity_mismatch(ref_meta: Dict[str, Any], meta: Dict[str, Any]) -> List[str]:
+    """The identity keys whose values differ, each as ``key baseline → cell``."""
+    return [f"{k} {a} \u2192 {b}" for k, a, b in zip(IDENTITY_KEYS, _identity(ref_meta), _identity(meta)) if a != b]
 
 
 def usable_reference(path: Path, meta: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
@@ -248,25 +289,69 @@ def usable_reference(path: Path, meta: Dict[str, Any]) -> Tuple[Optional[Dict[st
     ref = load(path)
     if ref is None:
         return None, f"quality: the baseline's {path} is unreadable"
-    if _identity(ref["meta"]) != _identity(meta):
-        return None, (f"quality: the baseline's {path} was made on other tokens or another model config; "
-                      "rerun the baseline cell (run.force=true) to compare against it")
+    differ = identity_mismatch(ref["meta"], meta)
+    if differ:
+        return None, (f"quality: the baseline's {path} was made on other tokens, another model config or another "
+                      f"batch size ({', '.join(differ)}); rerun the baseline cell (run.force=true) with the same "
+                      "eval.quality settings to compare against it")
     return ref, None
 
 
-def own_summary(arrays: Dict[str, np.ndarray]) -> Dict[str, Any]:
+def own_summary(arrays: Dict[str, np.ndarray], coverage: float) -> Dict[str, Any]:
     """The cell's own perplexity (with its CI) and how much probability its stored tokens cover."""
     nll = window_mean_ci(-arrays["logp_target"].astype(np.float64), arrays["window"])
     offsets = np.concatenate([[0], np.cumsum(arrays["n_kept"], dtype=np.int64)])
     kept_mass = np.add.reduceat(np.exp(arrays["logp"].astype(np.float64)), offsets[:-1])
+    finite = kept_mass[np.isfinite(kept_mass)]
     return {
-        "ppl": math.exp(nll["mean"]),
+        "ppl": math.exp(nll["mean"]) if math.isfinite(nll["mean"]) else float("nan"),
         "ppl_ci95_low": None if nll["ci95_low"] is None else math.exp(nll["ci95_low"]),
         "ppl_ci95_high": None if nll["ci95_high"] is None else math.exp(nll["ci95_high"]),
         "nll_mean": nll["mean"], "n_tokens": nll["n_tokens"], "n_windows": nll["n_windows"],
         "kept_tokens_mean": float(arrays["n_kept"].mean()),
-        "kept_mass_mean": float(kept_mass.mean()), "kept_mass_min": float(kept_mass.min()),
+        "kept_mass_mean": float(finite.mean()) if len(finite) else None,
+        "kept_mass_min": float(finite.min()) if len(finite) else None,
+        # positions where max_kept cut before coverage: there the bucket bound P(rest) <= 1 - coverage fails
+        "kept_below_coverage": int(np.sum(finite < coverage - KEPT_MASS_TOLERANCE)),
     }
+
+
+def _where(bad: np.ndarray, window: np.ndarray) -> str:
+    return f"{int(bad.sum())} of {len(bad)} scored positions (first in window {int(window[np.argmax(bad)])})"
+
+
+def nonfinite_reasons(arrays: Dict[str, np.ndarray], per_token: Optional[Dict[str, np.ndarray]]) -> Dict[str, str]:
+    """Why a figure is not finite, per figure (``ppl``, ``kl``), in one line each; {} when all are finite.
+
+    NaN logits (or +inf, which log-softmax turns into NaN) make every log-probability of the position NaN; a
+    probability of exactly 0 for the correct token makes its NLL infinite; a cell probability of 0 where the
+    baseline has mass makes KL infinite."""
+    window, out = arrays["window"], {}
+    lp = arrays["logp_target"]
+    nan_pos = np.isnan(lp)
+    zero_pos = np.isneginf(lp)
+    if nan_pos.any():
+        out["ppl"] = f"NaN or infinite logits at {_where(nan_pos, window)}"
+    elif zero_pos.any():
+        out["ppl"] = f"probability 0 for the correct token at {_where(zero_pos, window)}"
+    if per_token is not None:
+        kl = per_token["kl"]
+        cand_nan = np.isnan(per_token["logq_target"])
+        if cand_nan.any():
+            out["kl"] = f"NaN or infinite logits in this cell at {_where(cand_nan, window)}"
+        elif np.isnan(kl).any():
+            out["kl"] = f"NaN or infinite logits in the baseline at {_where(np.isnan(kl), window)}"
+        elif np.isinf(kl).any():
+            out["kl"] = (f"probability 0 for tokens the baseline gives mass to at {_where(np.isinf(kl), window)}")
+    return out
+
+
+def _cap_warning(own: Dict[str, Any], coverage: float, max_kept: Optional[int]) -> Optional[str]:
+    if not own["kept_below_coverage"]:
+        return None
+    return (f"quality: eval.quality.max_kept={max_kept} stopped {own['kept_below_coverage']} of {own['n_tokens']} "
+            f"positions before coverage {coverage:g} (kept mass down to {own['kept_mass_min']:.4f}): KL there is a "
+            "looser lower bound than the stated one; unset max_kept (null) to keep every position to coverage")
 
 
 def run(model: Any, tokenizer: Any, q_cfg: Any, *, text: str, cell_dir: Path, baseline_file: Optional[Path],
@@ -277,11 +362,15 @@ def run(model: Any, tokenizer: Any, q_cfg: Any, *, text: str, cell_dir: Path, ba
     """
     t0 = time.perf_counter()
     windows = corpus_windows(tokenizer, text, int(q_cfg.ctx_tokens), q_cfg.max_windows)
+    max_kept = None if q_cfg.get("max_kept") is None else int(q_cfg.max_kept)
     meta = {**meta, "format": FORMAT_VERSION, "ctx_tokens": int(q_cfg.ctx_tokens), "n_windows": len(windows),
-            "tokens_sha256": tokens_hash(windows), "coverage": float(q_cfg.coverage), "max_kept": int(q_cfg.max_kept),
-            "vocab_size": None}
+            "tokens_sha256": tokens_hash(windows), "batch_size": int(q_cfg.batch_size), "max_kept": max_kept,
+            "coverage": float(q_cfg.coverage), "vocab_size": None}
     ref, warning = usable_reference(baseline_file, meta) if baseline_file is not None else (None, None)
-    recorder = Recorder(windows, float(q_cfg.coverage), int(q_cfg.max_kept))
+    # a compared cell without a usable baseline is compared at report time: it keeps a thinner tail for that
+    if baseline_file is not None and ref is None:
+        meta["coverage"] = report_coverage(q_cfg.coverage)
+    recorder = Recorder(windows, meta["coverage"], max_kept)
     live: List[Dict[str, np.ndarray]] = []
     _, count = scored_positions(windows.shape[1])
     for w, logp in window_logprobs(model, windows, int(q_cfg.batch_size)):
@@ -292,29 +381,41 @@ def run(model: Any, tokenizer: Any, q_cfg: Any, *, text: str, cell_dir: Path, ba
     cell_dir.mkdir(parents=True, exist_ok=True)
     recorder.write(cell_dir / LOGPROBS_FILE, meta)
     arrays = recorder.arrays()
-    comparison = None
+    comparison, per_token = None, None
     if live:
         per_token = {k: np.concatenate([x[k] for x in live]) for k in live[0]}
         comparison = summarize(per_token, arrays["window"])
+    own = own_summary(arrays, meta["coverage"])
+    warnings = [w for w in (warning, _cap_warning(own, meta["coverage"], max_kept)) if w]
+    nonfinite = nonfinite_reasons(arrays, per_token)
+    if comparison is not None and "kl" in nonfinite:
+        comparison["nonfinite"] = nonfinite["kl"]  # where the report-time path puts it too
+    warnings += [f"quality: {k} not finite: {why}" for k, why in nonfinite.items()]
     return {
         "role": "baseline" if baseline_file is None else "compared",
         "baseline_file": None if baseline_file is None else str(baseline_file),
-        **own_summary(arrays),
+        **own,
         "comparison": comparison,
         "comparison_source": "live" if comparison else None,
+        "nonfinite": nonfinite,
         "settings": {k: meta[k] for k in ("source", "ctx_tokens", "n_windows", "tokens_sha256", "coverage",
-                                          "max_kept", "vocab_size") if k in meta}
-                    | {"scored": "second half of each window (llama.cpp)", "batch_size": int(q_cfg.batch_size)},
-        "warnings": [warning] if warning else [],
+                                          "max_kept", "vocab_size", "batch_size") if k in meta}
+                    | {"scored": "second half of each window (llama.cpp)"},
+        "warnings": warnings,
         "eval_time_s": time.perf_counter() - t0,
     }
 
 
 def compare_later(cell_dir: Path, baseline_dir: Path) -> Optional[Dict[str, Any]]:
-    """The comparison of a cell measured before its baseline, from the two files; None if either is missing."""
+    """The comparison of a cell measured before its baseline, from the two files; None if either is missing or
+    they were not made on the same tokens, model config and batch size."""
     cand = load(cell_dir / LOGPROBS_FILE)
     ref = load(baseline_dir / LOGPROBS_FILE)
-    if cand is None or ref is None or _identity(cand["meta"]) != _identity(ref["meta"]):
+    if cand is None or ref is None or identity_mismatch(ref["meta"], cand["meta"]):
         return None
     per_token = compare_files(ref, cand)
-    return summarize(per_token, ref["window"])
+    comparison = summarize(per_token, ref["window"])
+    reasons = nonfinite_reasons(cand, per_token)
+    if "kl" in reasons:
+        comparison["nonfinite"] = reasons["kl"]
+    return comparison

@@ -227,8 +227,8 @@ def quality_view(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> D
     out, origins, settings = [], {}, None
     for r in rows:
         res = by_cell.get(r["cell"], {})
-        if T.num(r.get("ppl")) is None and T.num(r.get("kl_mean")) is None:
-            continue
+        if T.num(r.get("ppl")) is None and T.num(r.get("kl_mean")) is None and not r.get("quality_nonfinite"):
+            continue  # no quality measured; a cell whose figures are not finite stays, with the reason
         origins.setdefault(r["model"], _weights_origin(res))
         settings = settings or T.get(res, "metrics", "quality", "settings")
         task_cells = []
@@ -243,7 +243,9 @@ def quality_view(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> D
             "weights": fmt_num(r.get("weights_gb"), 3),
             "ppl": _with_ci(r.get("ppl"), r.get("ppl_ci_low"), r.get("ppl_ci_high"), 3),
             "ppl_ratio": _with_ci(r.get("ppl_ratio"), r.get("ppl_ratio_ci_low"), r.get("ppl_ratio_ci_high"), 4),
-            "kl": _with_ci(r.get("kl_mean"), r.get("kl_ci_low"), r.get("kl_ci_high"), 3, sig=True),
+            "kl": _with_ci(r.get("kl_mean"), r.get("kl_ci_low"), r.get("kl_ci_high"), 3, sig=True)
+                  if T.num(r.get("kl_mean")) is not None or not r.get("quality_nonfinite") else r["quality_nonfinite"],
+            "kept_mass": fmt_num(r.get("kept_mass_min"), 4) + (" < coverage" if r.get("kept_mass_low") else ""),
             "kl_tail": "\u2014" if T.num(r.get("kl_median")) is None else
                        f"{r['kl_median']:.3g} / {r['kl_p99']:.3g} / {r['kl_max']:.3g}",
             "top1": _with_ci(r.get("top1_pct"), r.get("top1_ci_low"), r.get("top1_ci_high"), 2),

@@ -549,6 +549,8 @@ def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         for task in tasks:
             row.update(_task_columns(r, task, b, paired))
         row.update(quality_columns(r))
+        q = get(r, "metrics", "quality")
+        row["warnings"] += quality_warnings(q if isinstance(q, dict) else {}, row["warnings"])
         rows.append(row)
     return rows
 
@@ -574,7 +576,52 @@ def quality_columns(r: Dict[str, Any]) -> Dict[str, Any]:
         "quality_source": q.get("comparison_source"),
         "quality_role": q.get("role"),
         "perplexity_eval": num(get(ppl_eval, "value")) if isinstance(ppl_eval, dict) else None,
+        **kept_mass_columns(q),
+        "quality_batch_size": num(get(q, "settings", "batch_size")),
+        "quality_nonfinite": "; ".join(quality_nonfinite(q)) or None,
     }
+
+
+def kept_mass_columns(q: Dict[str, Any]) -> Dict[str, Any]:
+    """How much probability the cell's stored distributions keep exactly: the minimum over positions, the coverage
+    it was meant to reach, and whether a cap cut below it (then the KL bound of docs/results.md#quality fails)."""
+    kept_min, coverage = num(q.get("kept_mass_min")), num(get(q, "settings", "coverage"))
+    low = kept_min is not None and coverage is not None and kept_min < coverage - KEPT_MASS_TOLERANCE
+    return {"kept_mass_min": kept_min, "kept_coverage": coverage, "kept_mass_low": low}
+
+
+# float64 sums of fp32 probabilities: below coverage by more than this, a cap cut (qbench/evaluate/quality.py)
+KEPT_MASS_TOLERANCE = 1e-6
+
+
+def quality_nonfinite(q: Dict[str, Any]) -> List[str]:
+    """Why the cell's quality figures are not finite, one line each (``quality: <figure> not finite: <why>``).
+
+    The store writes NaN as null, so a null perplexity or KL of a cell that measured quality is a non-finite
+    figure: the cell's own reason where it recorded one (``nonfinite``), else a line saying none was recorded."""
+    if not q or q.get("role") not in ("baseline", "compared"):
+        return []
+    recorded = q.get("nonfinite") if isinstance(q.get("nonfinite"), dict) else {}
+    c = q.get("comparison") if isinstance(q.get("comparison"), dict) else None
+    if c is not None and isinstance(c.get("nonfinite"), str):
+        recorded = {**recorded, "kl": c["nonfinite"]}
+    out = [f"quality: {k} not finite: {why}" for k, why in recorded.items() if isinstance(why, str)]
+    if "ppl" not in recorded and num(q.get("ppl")) is None:
+        out.append("quality: ppl not finite (stored as null; the result records no reason)")
+    if c is not None and "kl" not in recorded and num(get(c, "kl_divergence", "mean")) is None:
+        out.append("quality: kl not finite (stored as null; the result records no reason)")
+    return out
+
+
+def quality_warnings(q: Dict[str, Any], have: List[str]) -> List[str]:
+    """The quality lines a cell's warnings should hold and do not yet (results written before the cell wrote
+    them, or figures computed at report time): non-finite figures and a kept mass below its coverage."""
+    lines = quality_nonfinite(q)
+    kept = kept_mass_columns(q)
+    if kept["kept_mass_low"] and not any("max_kept" in w for w in have):
+        lines.append(f"quality: stored distributions keep mass down to {kept['kept_mass_min']:.4f} < coverage "
+                     f"{kept['kept_coverage']:g} (eval.quality.max_kept cut them): KL is a looser lower bound there")
+    return [w for w in lines if w not in have]
 
 
 def summary_table(results: List[Dict[str, Any]]) -> pd.DataFrame:
@@ -711,7 +758,7 @@ QUALITY_TIDY = (
     ("kl_mean", "nats/token"), ("kl_ci_low", "nats/token"), ("kl_ci_high", "nats/token"),
     ("kl_median", "nats/token"), ("kl_p99", "nats/token"), ("kl_max", "nats/token"),
     ("top1_pct", "% of tokens"), ("top1_ci_low", "% of tokens"), ("top1_ci_high", "% of tokens"),
-    ("dp_rms_pct", "pp of probability"),
+    ("dp_rms_pct", "pp of probability"), ("kept_mass_min", "fraction of probability"),
 )
 
 
