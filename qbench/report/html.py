@@ -23,6 +23,7 @@ from plotly.offline import get_plotlyjs
 from qbench.evaluate import tasks as task_table
 from qbench.report import charts as C
 from qbench.report import tables as T
+from qbench.report import time_budget
 
 TEMPLATE = "template.html.j2"
 DAGGER, DOUBLE_DAGGER, WARN, STAR = "\u2020", "\u2021", "\u26a0", "\u2605"
@@ -433,7 +434,7 @@ def sweep_context(results: List[Dict[str, Any]], sweep: str, downloads: Optional
                   plotlyjs: Optional[str] = None) -> Dict[str, Any]:
     """Everything the page template shows. ``plotlyjs`` overrides the embedded library (tests only)."""
     rows = T.summary_rows(results)
-    charts = C.build_charts(rows, results)
+    charts = C.build_charts(rows, results) + time_budget.charts(results)  # "Where the time went", if budgeted
     base = T.baseline_method(results)
     configured = T.configured_baseline(results)
     models_without_base = [m for m in dict.fromkeys(r["model"] for r in results)
