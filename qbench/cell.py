@@ -158,7 +158,9 @@ def _import_libraries(cfg: Any) -> None:
 
     from qbench import methods
 
-    names = ["torch", "transformers"] + (["lm_eval", "lm_eval.evaluator"] if cfg.eval.enabled else [])
+    names = ["torch", "transformers"]
+    if cfg.eval.enabled:
+        names += ["lm_eval.evaluator", "lm_eval.models.huggingface"]
     with contextlib.suppress(Exception):
         names += list(methods.libraries(methods.get(cfg.method.kind)))
     for name in names:
