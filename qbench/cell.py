@@ -22,6 +22,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+# The cell process's first line (unix, perf_counter), after the standard library's few milliseconds: the
+# process's start-up ends here (timings.budget.process_start_s)
+FIRST_LINE = (time.time(), time.perf_counter())
+
 log = logging.getLogger("qbench.cell")
 CELL_LOG = "cell.log"  # the cell process's log, beside result.json
 
@@ -156,9 +160,13 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
     from qbench import methods
+    from qbench.measure.budget import CellClock
     from qbench.measure.cpu_affinity import apply_cpu_affinity
     from qbench.store import error_message, now_iso
 
+    # every second of the cell, from the parent's spawn when it says when (timings.budget)
+    clock = CellClock(spec.get("spawned_at_unix"), FIRST_LINE if spec.get("spawned_at_unix") else None)
+    clock.lap("startup_s")  # first line → here: logging, the spec, the device registry (main)
     cfg = OmegaConf.create(spec["config"])
     # First, before torch is imported (environment() imports it): threads inherit the affinity of their parent
     affinity, affinity_warning = apply_cpu_affinity(cfg.bench.get("cpu_affinity"), int(cfg.model.num_gpus))
@@ -167,21 +175,30 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     # step instead of compiling it again (H200, 8B: 34 s at batch 1, 41 s for the batch-dynamic graph; warm 9 + 10 s)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.run.cache_dir).expanduser().resolve() / "torch_compile"))
     pin_allocator_config()
-    t_start = time.perf_counter()
+    clock.lap("setup_s")
+    _import_libraries(cfg)
+    clock.lap("imports_s")
     result = _new_result(cfg, spec, affinity, affinity_warning)
     where = {"phase": "setup"}
     try:
         method = methods.get(cfg.method.kind)
         device = resolve_device(cfg.bench.device)
+        clock.lap("setup_s")
+        _cuda_context(device)
+        clock.lap("cuda_context_s")
         source = _resolve(cfg, device, result, where)
+        clock.lap("resolve_s")
         model, tokenizer, phases = _load(cfg, method, source, device, result, where)
+        clock.lap("load_s")
+        clock.split("load_s", _load_parts(result["timings"]))
         if cfg.run.inject_failure:
             _inject(cfg.run.inject_failure, cfg.method.name)
         footprint = _memory(model, method, cfg, result, where)
+        clock.lap("memory_s")
         if cfg.bench.enabled:
-            _latency(model, tokenizer, method, cfg, device, phases, footprint, result, where)
+            _latency(model, tokenizer, method, cfg, device, phases, footprint, result, where, clock)
         if cfg.eval.enabled:
-            _accuracy(model, tokenizer, cfg, device, phases, result, where)
+            _accuracy(model, tokenizer, cfg, device, phases, result, where, clock)
         if cfg.eval.enabled and cfg.eval.quality.enabled:
             where["phase"] = "quality"
             t0 = time.perf_counter()
@@ -189,11 +206,13 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
                 result["metrics"]["quality"] = _quality(model, tokenizer, cfg, spec)
             result["warnings"].extend(result["metrics"]["quality"].pop("warnings"))
             result["timings"]["quality_s"] = time.perf_counter() - t0
+            clock.lap("quality_s")
         result["metrics"]["memory"].update(phases.summary())
         result["status"] = "ok"
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # failures are data
+        clock.lap(f"{where['phase']}_s")  # the seconds of the step that failed, under its name
         result["error"] = {
             "class": classify(exc),
             "type": type(exc).__name__,
@@ -202,9 +221,58 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
             "phase": where["phase"],
         }
         log.error("cell failed in %s: %s: %s", where["phase"], type(exc).__name__, result["error"]["message"])
+    clock.lap("finish_s")
     result["finished_at"] = now_iso()
-    result["wall_time_s"] = time.perf_counter() - t_start
+    result["wall_time_s"] = clock.wall_s()
+    _close_budget(result, clock)
     return result
+
+
+def _import_libraries(cfg: Any) -> None:
+    """The libraries every cell of this kind imports, imported here so that their seconds are timings.budget's
+    imports_s rather than hidden in the first step that needs them. After the CPU affinity and the allocator
+    setting (qbench/cell.py's run), before any CUDA use. A method library that is missing fails where the method
+    loads, with its own message."""
+    import importlib
+
+    from qbench import methods
+
+    names = ["torch", "transformers"]
+    if cfg.eval.enabled:
+        names += ["lm_eval.evaluator", "lm_eval.models.huggingface"]
+    with contextlib.suppress(Exception):
+        names += list(methods.libraries(methods.get(cfg.method.kind)))
+    for name in names:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
+def _cuda_context(device: str) -> None:
+    """Create the CUDA context of every visible GPU now (timings.budget.cuda_context_s) rather than inside the
+    load. A synchronize creates the context without the caching allocator, so no phase's allocator peak moves,
+    and the context exists at the load's end either way (its NVML figure does not move)."""
+    if device != "cuda":
+        return
+    import torch
+
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(i)
+
+
+def _load_parts(timings: Dict[str, Any]) -> Dict[str, Any]:
+    """What the load spent on quantizing now (not on a quantized-checkpoint cache hit, whose quantize_s is the
+    original cost) and on building kernels, as the method reported them."""
+    spent_now = timings.get("quantize_s") if not timings.get("quantize_cache_hit") else None
+    return {"quantize_s": spent_now, "kernel_compile_s": timings.get("kernel_compile_s")}
+
+
+def _close_budget(result: Dict[str, Any], clock: Any) -> None:
+    """timings.budget (its parts add up to wall_time_s) and overhead_s (wall less the measuring parts)."""
+    from qbench.measure.budget import overhead_s
+
+    budget = clock.budget(result["wall_time_s"])
+    result["timings"]["budget"] = budget
+    result["timings"]["overhead_s"] = overhead_s(budget, result["wall_time_s"])
 
 
 def _new_result(cfg: Any, spec: Dict[str, Any], affinity: Any, affinity_warning: Any) -> Dict[str, Any]:
@@ -318,33 +386,46 @@ def _memory(model: Any, method: Any, cfg: Any, result: Dict[str, Any], where: Di
 
 
 def _latency(model: Any, tokenizer: Any, method: Any, cfg: Any, device: str, phases: Any, footprint: Dict[str, Any],
-             result: Dict[str, Any], where: Dict[str, str]) -> None:
-    from qbench.measure import latency
+             result: Dict[str, Any], where: Dict[str, str], clock: Any) -> None:
+    from qbench.measure import latency, timing
 
     where["phase"] = "latency"
     t0 = time.perf_counter()
-    lat = latency.measure(
-        model, tokenizer, cfg.bench, device, phases,
-        footprint["weight_bytes_read_per_token"],  # the untied input embedding is read a row at a time
-        model.config,
-        compute_dtype=getattr(method, "COMPUTE_DTYPE", None),
-    )
+    with timing.collect() as spent:
+        lat = latency.measure(
+            model, tokenizer, cfg.bench, device, phases,
+            footprint["weight_bytes_read_per_token"],  # the untied input embedding is read a row at a time
+            model.config,
+            compute_dtype=getattr(method, "COMPUTE_DTYPE", None),
+        )
     result["timings"]["latency_s"] = time.perf_counter() - t0
+    clock.lap("latency_s")
+    # the compiles (torch.compile's first calls, graph recording), the discarded warm-ups, the timed runs; the
+    # rest is the phase's own work (prompts, the copy-bandwidth check, the KV-cache figures)
+    clock.split("latency_s", {"latency_compile_s": spent.bounded_s, "latency_warmup_s": spent.warmup_s,
+                              "latency_timed_s": spent.timed_s}, rest="latency_other_s")
     result["warnings"].extend(lat.pop("warnings", []))
     result["metrics"]["memory"]["kv_cache_bytes_analytic"] = lat.pop("kv_cache_bytes_analytic", None)
     result["metrics"]["latency"] = lat
 
 
 def _accuracy(model: Any, tokenizer: Any, cfg: Any, device: str, phases: Any, result: Dict[str, Any],
-              where: Dict[str, str]) -> None:
+              where: Dict[str, str], clock: Any) -> None:
     from qbench.evaluate import accuracy
 
     where["phase"] = "eval"
     t0 = time.perf_counter()
     with phases.phase("eval"):
-        result["metrics"]["accuracy"] = accuracy.run(model, tokenizer, cfg.eval, device, result["random_weights"])
+        result["metrics"]["accuracy"] = accuracy.run(model, tokenizer, cfg.eval, device, result["random_weights"],
+                                                     cache_dir=cfg.run.cache_dir)
     result["warnings"].extend((result["metrics"]["accuracy"] or {}).get("warnings", []))
     result["timings"]["eval_s"] = time.perf_counter() - t0
+    clock.lap("eval_s")
+    spent = (result["metrics"]["accuracy"] or {}).pop("time_budget", {})
+    result["timings"]["eval_request_cache"] = spent.get("request_cache")
+    clock.split("eval_s", {"eval_tasks_s": spent.get("tasks_s"), "eval_requests_s": spent.get("requests_s"),
+                           "eval_model_calls_s": spent.get("model_calls_s"),
+                           "eval_perplexity_s": spent.get("perplexity_s")}, rest="eval_other_s")
 
 
 def _quality(model: Any, tokenizer: Any, cfg: Any, spec: Dict[str, Any]) -> Dict[str, Any]:

@@ -523,6 +523,7 @@ def _run_cell(cfg: Any) -> str:
                 "overrides": _task_overrides(),
                 "command": os.environ.get("QBENCH_COMMAND", ""),
                 "device_keys": gpu_state.device_keys(gpus),  # the cell registers as measuring on these (DeviceWatch)
+                "spawned_at_unix": time.time(),  # the cell's time budget starts here (timings.budget.process_start_s)
             }
             spec_path = cell_dir / ".attempt" / "spec.json"
             write_json_atomic(spec_path, spec)

@@ -144,6 +144,8 @@ class EvalConfig:
     offline: str = "auto"  # auto (offline if HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set) | true | false
     mmlu_subjects: List[str] = field(default_factory=list)  # restrict MMLU to these subjects; [] = all 57
     log_samples: bool = True  # store per-item correctness for paired statistics
+    # keep offline tasks' built requests (few-shot prompts) in <run.cache_dir>/lm_eval_requests for the next cells
+    cache_requests: bool = True
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
 

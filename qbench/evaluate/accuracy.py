@@ -83,12 +83,18 @@ class _Plan:
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def run(model: Any, tokenizer: Any, eval_cfg: Any, device: str, random_weights: bool) -> Optional[Dict[str, Any]]:
+def run(model: Any, tokenizer: Any, eval_cfg: Any, device: str, random_weights: bool,
+        cache_dir: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Evaluate the loaded ``model`` on ``eval_cfg.tasks`` (and perplexity); the ``accuracy`` section.
 
     ``device`` is where the model sits ("cuda" or "cpu"); handed to lm-eval explicitly (HFLM defaults to cuda).
+    ``cache_dir`` (run.cache_dir): where offline tasks' built requests are kept for the sweep's next cells
+    (qbench/evaluate/request_cache.py); None builds them every time. The section's ``time_budget`` says where
+    the evaluation's seconds went (task building, request building, the model's calls).
     Returns None when ``eval_cfg.enabled`` is false.
     """
+    from qbench.evaluate.request_cache import eval_clock
+
     if not eval_cfg.enabled:
         return None
     offline = eval_offline(eval_cfg)
@@ -101,8 +107,10 @@ def run(model: Any, tokenizer: Any, eval_cfg: Any, device: str, random_weights: 
     out: Dict[str, Any] = {"tasks": {}, "items": {}, "settings": {}, "perplexity": None,
                            "chance": bool(random_weights), "warnings": warnings}
     lm = _make_lm(model, tokenizer, eval_cfg, device) if plans else None
+    cache = _request_cache_dir(cache_dir, eval_cfg, offline, data_dir_resolved)
     if plans:
-        with _task_manager(plans, offline, eval_cfg, data_dir_resolved) as tm, _quiet_lm_eval():
+        with _task_manager(plans, offline, eval_cfg, data_dir_resolved) as tm, _quiet_lm_eval(), \
+                eval_clock(tm, lm, cache, out, int(eval_cfg.seed), data_dir_resolved):
             for i, plan in enumerate(plans, start=1):
                 LOG.info("eval %d/%d: %s (lm-eval task %s, %s-shot, limit %s, batch size %d, %s data)",
                          i, len(plans), plan.public, plan.lm_task,
@@ -117,14 +125,25 @@ def run(model: Any, tokenizer: Any, eval_cfg: Any, device: str, random_weights: 
                 warnings.extend(_local_copy_warning(plan, entry, offline))
 
     if eval_cfg.perplexity.enabled:
+        t0 = time.perf_counter()
         LOG.info("perplexity: %s, windows of %d tokens", eval_cfg.perplexity.source, eval_cfg.perplexity.seq_len_tokens)
         out["perplexity"] = perplexity(model, tokenizer, eval_cfg.perplexity, offline=offline)
         LOG.info("perplexity: %.3f over %d windows", out["perplexity"]["value"], out["perplexity"]["n_windows"])
+        out.setdefault("time_budget", {})["perplexity_s"] = time.perf_counter() - t0
 
     if random_weights:
         warnings.append("random weights: every accuracy figure sits at chance and means nothing")
     out["settings"] = _settings(eval_cfg, plans, offline, data_dir_resolved, lm, device)
     return out
+
+
+def _request_cache_dir(cache_dir: Optional[str], eval_cfg: Any, offline: bool,
+                       data_dir: Optional[str]) -> Optional[Path]:
+    """Where built requests are kept: offline only, where every input is a local file qbench can fingerprint
+    (online, the Hub's copy of a dataset may change under an unchanged name); off with eval.cache_requests."""
+    if cache_dir is None or not offline or data_dir is None or not getattr(eval_cfg, "cache_requests", True):
+        return None
+    return Path(cache_dir).expanduser() / "lm_eval_requests"
 
 
 def _log_entry(plan: _Plan, entry: Dict[str, Any]) -> None:

@@ -11,6 +11,47 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 
+class Spent:
+    """Seconds the loops below spent, summed over every figure while :func:`collect` is active: for a cell's time
+    budget (where the time went), not for any figure. ``warmup_s`` and ``timed_s`` exclude what ran inside a
+    :func:`deadline` block (latency's torch.compile calls), which is ``bounded_s``; the static path compiles in its
+    first warm-up, and that compile would otherwise be counted twice."""
+
+    def __init__(self) -> None:
+        self.warmup_s = 0.0
+        self.timed_s = 0.0
+        self.bounded_s = 0.0
+        self.figures = 0
+
+    def as_dict(self) -> Dict[str, float]:
+        return {"warmup_s": self.warmup_s, "timed_s": self.timed_s, "bounded_s": self.bounded_s,
+                "figures": self.figures}
+
+
+_COLLECTORS: List[Spent] = []
+
+
+@contextlib.contextmanager
+def collect():
+    """Sum the seconds of every :func:`repeat` and :func:`deadline` in the block into the yielded :class:`Spent`.
+    A hook only: it changes no loop, so the figures are the same with and without it."""
+    spent = Spent()
+    _COLLECTORS.append(spent)
+    try:
+        yield spent
+    finally:
+        _COLLECTORS.remove(spent)
+
+
+def _add(field_name: str, seconds: float) -> None:
+    for spent in _COLLECTORS:
+        setattr(spent, field_name, getattr(spent, field_name) + seconds)
+
+
+def _bounded_total() -> float:
+    return _COLLECTORS[-1].bounded_s if _COLLECTORS else 0.0
+
+
 def is_cuda(device: Any) -> bool:
     return str(device).startswith("cuda")
 
@@ -118,9 +159,12 @@ def repeat(
     """
     if min_repeats < 1 or max_repeats < min_repeats:
         raise ValueError(f"repeat: need 1 <= min_repeats ({min_repeats}) <= max_repeats ({max_repeats})")
+    bounded0 = _bounded_total()
     with gc_paused():
         warmup_s = warm_up(run_once, min_runs=warmup_runs, max_runs=max(warmup_runs, max_warmup_runs or 0),
                            steady_pct=steady_pct, max_time_s=max_time_s, clock=clock)
+        bounded1 = _bounded_total()
+        _add("warmup_s", sum(warmup_s) - (bounded1 - bounded0))
         if after_warmup is not None:
             after_warmup(warmup_s)
         results: List[Any] = []
@@ -148,6 +192,8 @@ def repeat(
             if max_time_s is not None and timed_s >= max_time_s:
                 stopped_by = "time_cap"
                 break
+    _add("timed_s", timed_s - (_bounded_total() - bounded1))
+    _add("figures", 1)
     if half is None:
         with contextlib.suppress(TypeError, ValueError):  # results that are no figure (a test's None) have no CI
             half = _ci_half_width_pct(values or [float(value_of(r)) for r in results])
@@ -167,7 +213,19 @@ def deadline(seconds: Optional[float], message: str):
     raised while they compile, and a wrapped one still ends the block). SIGALRM interrupts Python between
     bytecodes and wakes a thread waiting on a lock or a future, so it stops a compile in Python or one waiting on
     its worker processes. Only the main thread receives signals: elsewhere the block runs without a limit. An
-    alarm that was already set (a test timeout) is put back, less the time this block took."""
+    alarm that was already set (a test timeout) is put back, less the time this block took. Its seconds go to
+    the active :func:`collect` as ``bounded_s``."""
+    t_block = time.perf_counter()
+    try:
+        with _deadline(seconds, message):
+            yield
+    finally:
+        _add("bounded_s", time.perf_counter() - t_block)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: Optional[float], message: str):
+    """:func:`deadline` without the bookkeeping."""
     import signal
     import threading
 

@@ -25,6 +25,7 @@ from qbench.evaluate import tasks as task_table
 from qbench.report import charts as C
 from qbench.report import decision as D
 from qbench.report import tables as T
+from qbench.report import time_budget
 
 TEMPLATE = "template.html.j2"
 DECISION_JS = Path(__file__).with_name("decision.js")  # the decision panel's script, inlined into every page
@@ -459,7 +460,7 @@ def sweep_context(results: List[Dict[str, Any]], sweep: str, downloads: Optional
     """Everything the page template shows. ``plotlyjs`` overrides the embedded library (tests only);
     ``plotly_src`` loads it from that relative path instead of embedding it (a site's shared asset)."""
     rows = T.summary_rows(results)
-    charts = C.build_charts(rows, results)
+    charts = C.build_charts(rows, results) + time_budget.charts(results)  # "Where the time went", if budgeted
     base = T.baseline_method(results)
     configured = T.configured_baseline(results)
     models_without_base = [m for m in dict.fromkeys(r["model"] for r in results)

@@ -1,0 +1,158 @@
+"""Where lm-eval's seconds go in a cell, and lm-eval's built requests kept from one cell to the next.
+
+:func:`eval_clock` splits an evaluation into building the task objects (``TaskManager.load``: reading the data,
+57 task objects for MMLU), building the requests (``Task.build_all_requests``: every item's few-shot prompt) and
+the model's calls (``loglikelihood`` / ``generate_until`` / ``loglikelihood_rolling``). On a CPU here, eval=quick
+(57 × 20 MMLU items + 100 GSM8K, 5-shot) built its tasks in 3.8 s and its requests in 15.4 s per cell
+(docs/time_budget.md): on a GPU, where a 135M model answers those items in seconds, that is most of the eval.
+
+The requests depend only on the task files, the data, the few-shot count and seed, the limit and the generation
+settings, never on the model: every cell of a sweep builds the very same ones. So they are kept, pickled with dill
+(what lm-eval's own ``cache_requests`` uses), under ``<run.cache_dir>/lm_eval_requests/<key>.pkl``. lm-eval's own
+request cache is not used: its key holds the task name and few-shot count only (not the data, the seed, the limit
+or the generation settings), and with a limit it builds every item of the task first (all 14,042 MMLU prompts
+for a 1,140-item run). Here the key is a hash of all of those; a changed data file or task YAML, another
+lm-eval version, another seed makes another key, and a cache file that cannot be read is rebuilt. Offline only
+(see accuracy._request_cache_dir). Same prompts either way, so the figures do not move: tests/test_task_cache.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+LOG = logging.getLogger(__name__)
+MODEL_CALLS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+class EvalClock:
+    """Seconds and cache counts of one evaluation, filled by :func:`eval_clock`'s wrappers."""
+
+    def __init__(self, cache: Optional[Path], seed: Any, data_dir: Optional[str]) -> None:
+        self.cache = cache
+        self.seed = seed  # lm-eval's few-shot seed (qbench passes eval.seed)
+        self.data_dir = data_dir  # the offline data the tasks read
+        self.seconds = {"tasks_s": 0.0, "requests_s": 0.0, "model_calls_s": 0.0}
+        self.hits = 0
+        self.misses = 0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {**self.seconds, "request_cache": {"dir": str(self.cache) if self.cache else None,
+                                                  "hits": self.hits, "misses": self.misses}}
+
+
+def _timed(clock: EvalClock, key: str, fn: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock.seconds[key] += time.perf_counter() - t0
+    return wrapper
+
+
+@contextlib.contextmanager
+def eval_clock(task_manager: Any, lm: Any, cache: Optional[Path], out: Dict[str, Any], seed: Any = None,
+               data_dir: Optional[str] = None) -> Iterator[EvalClock]:
+    """Time lm-eval's task building, request building and model calls for the block (instance wrappers on
+    ``task_manager`` and ``lm``; ``Task.build_all_requests`` wrapped on the class, put back on exit), and serve
+    requests from ``cache`` when given. ``out["time_budget"]`` gets the seconds on exit."""
+    from lm_eval.api.task import Task
+
+    clock = EvalClock(cache, seed, data_dir)
+    original_build = Task.build_all_requests
+    task_manager.load = _timed(clock, "tasks_s", task_manager.load)
+    for name in MODEL_CALLS:
+        if lm is not None and hasattr(lm, name):
+            setattr(lm, name, _timed(clock, "model_calls_s", getattr(lm, name)))
+
+    def build(task: Any, **kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            _build_or_load(clock, original_build, task, kwargs)
+        finally:
+            clock.seconds["requests_s"] += time.perf_counter() - t0
+
+    Task.build_all_requests = build
+    try:
+        yield clock
+    finally:
+        Task.build_all_requests = original_build
+        out.setdefault("time_budget", {}).update(clock.as_dict())
+
+
+def _build_or_load(clock: EvalClock, original_build: Any, task: Any, kwargs: Dict[str, Any]) -> None:
+    import dill
+
+    if clock.cache is None:
+        original_build(task, **kwargs)
+        return
+    path = clock.cache / f"{request_key(task, kwargs, clock)}.pkl"
+    if path.is_file():
+        try:
+            task._instances = dill.loads(path.read_bytes())
+            clock.hits += 1
+            return
+        except Exception as exc:  # a torn or foreign file: build again and overwrite it
+            LOG.warning("request cache %s unreadable (%s: %s): building the requests again", path,
+                        type(exc).__name__, exc)
+    original_build(task, **kwargs)
+    clock.misses += 1
+    _write_atomic(path, dill.dumps(task._instances))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Whole or not at all: two cells of a parallel sweep may write the same key at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".pkl")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def request_key(task: Any, kwargs: Dict[str, Any], clock: EvalClock) -> str:
+    """Everything the built requests of one task depend on, hashed: the task's name, few-shot count and
+    generation settings as lm-eval will use them, the build's own arguments (limit, chat template, ...), the
+    few-shot seed, qbench's task files, the data files' contents and the lm-eval / datasets versions."""
+    import datasets
+    import lm_eval
+
+    from qbench.tasks import TASKS_DIR
+
+    config = task.config
+    plain = {k: v for k, v in kwargs.items() if k != "chat_template"}  # a callable; its use is apply_chat_template
+    parts = {
+        "task": config.task,
+        "num_fewshot": config.num_fewshot,
+        "generation_kwargs": config.generation_kwargs,
+        "build": plain,
+        "fewshot_seed": clock.seed,
+        "tasks_dir": folder_digest(str(TASKS_DIR)),
+        "data": folder_digest(str(clock.data_dir)) if clock.data_dir else None,
+        "versions": [lm_eval.__version__, datasets.__version__],
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return f"{config.task}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+@lru_cache(maxsize=None)
+def folder_digest(folder: str) -> str:
+    """sha256 over every file's relative path and contents (once per process: MMLU + GSM8K are ~13 MB)."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()

@@ -1,0 +1,151 @@
+"""Every second of a cell accounted for: timings.budget (qbench/measure/budget.py, qbench/cell.py), the
+collection hooks of qbench/measure/timing.py, and the report's "Where the time went" (qbench/report/time_budget.py)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qbench.measure import timing
+from qbench.measure.budget import MEASURING, CellClock, overhead_s
+from qbench.report import time_budget as TB
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_laps_add_up_to_the_wall_time_and_process_start_comes_from_the_spawn():
+    fake = FakeClock()
+    clock = CellClock(spawned_unix=1000.0, first_line=(1002.5, 100.0), clock=fake)  # 2.5 s to the first line
+    fake.t = 101.0
+    clock.lap("startup_s")
+    fake.t = 111.0
+    clock.lap("load_s")
+    clock.split("load_s", {"quantize_s": 6.0, "kernel_compile_s": 3.0})
+    fake.t = 120.0
+    clock.lap("latency_s")
+    clock.split("latency_s", {"latency_compile_s": 0.0, "latency_warmup_s": 2.0, "latency_timed_s": 5.0},
+                rest="latency_other_s")
+    wall = clock.wall_s()
+    budget = clock.budget(wall)
+    assert wall == pytest.approx(22.5)
+    assert budget == pytest.approx({"process_start_s": 2.5, "startup_s": 1.0, "quantize_s": 6.0,
+                                    "kernel_compile_s": 3.0, "load_s": 1.0, "latency_warmup_s": 2.0, "latency_timed_s": 5.0,
+                                    "latency_other_s": 2.0, "unaccounted_s": 0.0})
+    assert sum(budget.values()) == pytest.approx(wall)
+    assert overhead_s(budget, wall) == pytest.approx(22.5 - 7.0)
+
+
+def test_parts_that_claim_more_than_their_step_are_scaled_to_it():
+    """A library's clock around more than the step (a quantize_s that includes a subprocess's own start) must not
+    make the budget add up to more than the wall time."""
+    fake = FakeClock()
+    clock = CellClock(clock=fake)
+    fake.t = 104.0
+    clock.lap("load_s")
+    clock.split("load_s", {"quantize_s": 6.0, "kernel_compile_s": 2.0})
+    budget = clock.budget(clock.wall_s())
+    assert budget["quantize_s"] == pytest.approx(3.0) and budget["kernel_compile_s"] == pytest.approx(1.0)
+    assert budget["load_s"] == pytest.approx(0.0) and budget["unaccounted_s"] == pytest.approx(0.0)
+
+
+def test_collect_sums_warmups_timed_runs_and_compiles_without_counting_twice():
+    """The static path compiles inside its first warm-up (a deadline block): those seconds are compile, not
+    warm-up. Fake durations through repeat's clock."""
+    t = [0.0]
+
+    def clock():
+        return t[0]
+
+    calls = [0]
+
+    def run_once():
+        calls[0] += 1
+        if calls[0] == 1:
+            with timing.deadline(None, "compile"):
+                t[0] += 10.0  # the compile, in the first call
+        t[0] += 1.0
+        return 1.0
+
+    real = timing.time.perf_counter
+    timing.time.perf_counter = clock  # deadline's own clock
+    try:
+        with timing.collect() as spent:
+            res = timing.repeat(run_once, warmup_runs=2, min_repeats=3, max_repeats=3, min_duration_s=0, clock=clock)
+    finally:
+        timing.time.perf_counter = real
+    assert res["warmup_s"] == [11.0, 1.0] and res["timed_s"] == 3.0
+    assert spent.as_dict() == {"warmup_s": 2.0, "timed_s": 3.0, "bounded_s": 10.0, "figures": 1}
+    with timing.collect() as idle:
+        pass
+    assert idle.as_dict()["figures"] == 0  # nothing collected outside its block
+
+
+def _result(cell, status="ok", **budget):
+    return {"cell": cell, "model": "m", "method": cell.split("__")[1], "status": status,
+            "timings": {"budget": budget}}
+
+
+def test_report_frame_groups_and_sweep_total():
+    results = [_result("m__bf16", imports_s=5.0, load_s=2.0, latency_timed_s=10.0, eval_requests_s=3.0,
+                       unaccounted_s=0.1),
+               _result("m__gptq", "error", imports_s=5.0, kernel_compile_s=120.0, quantize_s=80.0),
+               {"cell": "m__old", "model": "m", "method": "old", "status": "ok", "timings": {"load_s": 3.0}}]
+    frame = TB.budget_frame(results)
+    assert list(frame.columns) == TB.COLUMNS and set(frame["cell"]) == {"m__bf16", "m__gptq"}  # no budget, no bar
+    table = TB.by_group(frame)
+    assert table.loc["m__gptq", "kernel builds and compile"] == 120.0
+    assert table.loc["m__bf16", "other"] == pytest.approx(0.1)
+    totals = TB.sweep_totals(frame)
+    assert totals.loc["start-up and imports", "seconds"] == 10.0
+    assert totals["share_pct"].sum() == pytest.approx(100.0)
+    (chart,) = TB.charts(results)
+    assert chart["key"] == "time_budget" and "2 cells, 3.8 min" in chart["caption"]
+    bars = [t for t in chart["figure"].data if t.name == "quantize"]
+    assert list(bars[0].y) == ["m__bf16", "m__gptq"] and bars[1].x[0] == pytest.approx(80 / 60)
+    assert TB.charts(results[2:]) == []  # results from before the budget: no chart, no empty frame
+
+
+def test_measuring_parts_are_budget_keys_the_cell_writes():
+    cell = (REPO / "qbench" / "cell.py").read_text()
+    for part in MEASURING:
+        assert f'"{part}"' in cell, part
+    grouped = {p for _, parts in TB.GROUPS.values() for p in parts}
+    assert set(MEASURING) - {"memory_s"} <= grouped
+
+
+@pytest.mark.slow
+def test_a_real_cell_accounts_for_every_second(tmp_path):
+    """Through the qbench command: the budget is in result.json, starts at the spawn, adds up to wall_time_s."""
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "QBENCH_CACHE": str(cache),
+           "PYTHONPATH": str(REPO)}
+    args = ["model=tiny", "method=fp32", "bench=quick", "bench.batch_sizes=[1]", "bench.new_tokens=4",
+            "bench.min_repeats=2", "bench.max_repeats=2", "bench.warmup_runs=1", "bench.prompt_tokens=[8]",
+            "bench.decode_prompt_tokens=8", "bench.device=cpu", "eval=demo", "eval.quality.enabled=false",
+            "run.sweep=s", f"run.runs_dir={runs}"]
+    subprocess.run([sys.executable, "-m", "qbench.cli", *args], cwd=REPO, env=env, check=True, capture_output=True,
+                   timeout=900)
+    r = json.loads((runs / "s" / "tiny__fp32" / "result.json").read_text())
+    t = r["timings"]
+    budget = t["budget"]
+    assert r["status"] == "ok"
+    assert sum(budget.values()) == pytest.approx(r["wall_time_s"], abs=1.0)
+    assert abs(budget["unaccounted_s"]) < 1.0
+    assert budget["process_start_s"] > 0 and budget["imports_s"] > 0 and budget["cuda_context_s"] < 0.01  # CPU: no context to create
+    for part in ("latency_warmup_s", "latency_timed_s", "eval_tasks_s", "eval_requests_s", "eval_model_calls_s"):
+        assert budget[part] > 0, part
+    assert budget["latency_warmup_s"] + budget["latency_timed_s"] + budget["latency_other_s"] == pytest.approx(
+        t["latency_s"], abs=0.05)
+    assert t["overhead_s"] == pytest.approx(r["wall_time_s"] - sum(budget.get(k, 0) for k in MEASURING))
+    assert t["eval_request_cache"]["misses"] > 0 and "time_budget" not in r["metrics"]["accuracy"]
