@@ -150,15 +150,23 @@ def auto_backend(cfg: Any, kind: str, device_type: str) -> Tuple[str, str]:
 # environment
 
 
+# Where GPT-QModel's kernel builds go: its own torch.ops JIT extensions (Marlin, ExLlamaV2, AWQ GEMM, CPU
+# packing), torch.utils.cpp_extension builds, and Triton kernels (its Triton backends; inductor's too).
+KERNEL_CACHE_ENV = ("GPTQMODEL_TORCH_EXTENSIONS_DIR", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR")
+
+
 def setup_env(cache_root: Path) -> Dict[str, str]:
-    """Persistent JIT caches under the qbench cache (unless the user set them) and GPT-QModel's CPU workers."""
-    ext = Path(cache_root).expanduser().resolve() / "torch_extensions"
+    """Persistent kernel caches under ``<run.cache_dir>`` (unless the user set them), so that a second cell and
+    the next sweep load the builds instead of compiling again; and GPT-QModel's CPU workers."""
+    root = Path(cache_root).expanduser().resolve()
+    ext = root / "torch_extensions"
     os.environ.setdefault("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(ext / "gptqmodel"))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ext / "torch"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))  # default ~/.triton: lost with the machine
     # GPT-QModel's default is (cpus+1)//2 workers: 1 on a 2-core machine, where quantization stalls.
     if "GPTQMODEL_CPU_WORKERS" not in os.environ and (os.cpu_count() or 1) <= 3:
         os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
-    return {k: os.environ[k] for k in ("GPTQMODEL_TORCH_EXTENSIONS_DIR", "TORCH_EXTENSIONS_DIR")}
+    return {k: os.environ[k] for k in KERNEL_CACHE_ENV}
 
 
 def device_type_of(device_map: Any) -> str:
@@ -263,6 +271,7 @@ def load_common(source: Any, cfg: Any, device_map: Any, kind: str):
             quantized_at=meta.get("quantized_at"),
             quantize_versions=meta.get("versions"),
             calibration=meta.get("calibration"),
+            quantize_speedups=meta.get("quantize_speedups"),
             quant_log=_quant_log_summary(path),
         )
 
@@ -323,17 +332,31 @@ def _quant_log_summary(path: Path) -> Optional[Dict[str, Any]]:
     return {"file": str(f), "modules_with_loss": len(losses), "loss_mean": sum(losses) / len(losses) if losses else None}
 
 
-def prebuild_kernel(backend_value: str, dtype: Any) -> Tuple[Optional[str], Optional[float]]:
-    """Build (or load from the JIT cache) the extension behind a kernel, timed; raise a clear error if it fails."""
+def kernel_cached(ext: str) -> Optional[bool]:
+    """Whether GPT-QModel's JIT cache already holds a built binary of extension ``ext`` for this torch / CUDA /
+    source fingerprint (what its loader would take instead of compiling); None when that cannot be told."""
+    try:
+        from gptqmodel import extension
+
+        jit = extension._extension_for_name(ext)  # gptqmodel 7.6's loader: the paths it tries before building
+        return any(p.is_file() for p in jit._candidate_binary_paths(jit.build_root()))
+    except Exception:
+        return None
+
+
+def prebuild_kernel(backend_value: str, dtype: Any) -> Tuple[Optional[str], Optional[float], Optional[bool]]:
+    """Build (or load from the JIT cache) the extension behind a kernel, timed; raise a clear error if it fails.
+    Returns (extension, seconds, whether the build was cached before)."""
     import torch
 
     ext = _EXTENSIONS.get(backend_value)
     if ext is None:
-        return None, None
+        return None, None, None
     if ext == "marlin":
         ext = "marlin_bf16" if dtype == torch.bfloat16 else "marlin_fp16"
     from gptqmodel import extension
 
+    cached = kernel_cached(ext)
     t0 = time.perf_counter()
     try:
         ok = extension.load(ext).get(ext, False)
@@ -343,7 +366,7 @@ def prebuild_kernel(backend_value: str, dtype: Any) -> Tuple[Optional[str], Opti
         raise RuntimeError(
             f"method.backend: kernel '{backend_value}' will not build (extension '{ext}'): {extension.error(ext)}"
         )
-    return ext, time.perf_counter() - t0
+    return ext, time.perf_counter() - t0, cached
 
 
 def count_kernels(model: Any) -> Dict[str, int]:
@@ -370,7 +393,7 @@ def load_quantized(checkpoint: str, cfg: Any, device_map: Any, kind: str, device
     local_qcfg = _local_quant_config(checkpoint)
     if local_qcfg is not None:  # fail before loading anything
         _check_checkpoint_matches(local_qcfg, cfg, kind, checkpoint)
-    extension_name, compile_s = prebuild_kernel(backend, dtype)
+    extension_name, compile_s, compile_cached = prebuild_kernel(backend, dtype)
 
     t0 = time.perf_counter()
     qm = GPTQModel.load(checkpoint, backend=backend, device_map=device_map, dtype=dtype,
@@ -390,6 +413,7 @@ def load_quantized(checkpoint: str, cfg: Any, device_map: Any, kind: str, device
         "kernels": kernels,
         "kernel_extension": extension_name,
         "kernel_compile_s": compile_s,
+        "kernel_cache_hit": compile_cached,  # true: loaded from <run.cache_dir>/torch_extensions, not compiled
         "load_s_excluding_quantize": load_s,
         "first_forward_s": warm[0],
         "warmup_forwards_s": warm,
@@ -531,9 +555,10 @@ def _quantize_config(cfg: Any, kind: str, device_type: str, offload_dir: Path):
     return method(kind).quantize_config(cfg, common)
 
 
-def _build_cpu_packer() -> float:
+def _build_cpu_packer() -> Tuple[float, Optional[bool]]:
     """GPT-QModel's CPU packing extension is JIT-built on first use (about a minute on 2 cores): build it
-    before the timed quantization; seconds spent."""
+    before the timed quantization; (seconds spent, whether it was cached)."""
+    cached = kernel_cached("pack_block_cpu")
     t0 = time.perf_counter()
     try:
         from gptqmodel import extension
@@ -541,7 +566,7 @@ def _build_cpu_packer() -> float:
         extension.load("pack_block_cpu")
     except Exception:  # GPT-QModel falls back to its Python packer
         pass
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cached
 
 
 def _cuda_peaks() -> List[int]:
@@ -570,7 +595,10 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     from gptqmodel import GPTQModel
     from gptqmodel.utils.backend import BACKEND
 
-    timings: Dict[str, Any] = {"kernel_compile_s": _build_cpu_packer()}
+    compile_s, compile_cached = _build_cpu_packer()
+    timings: Dict[str, Any] = {"kernel_compile_s": compile_s, "kernel_cache_hit": compile_cached}
+    # a method's own speed-ups of GPT-QModel's loop (AWQ: its clip search as a batched matmul); recorded
+    speedups = getattr(method(kind), "before_quantize", lambda: {})()
 
     if device_type == "cuda":
         for i in range(torch.cuda.device_count()):
@@ -623,6 +651,7 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
         "generation_config": generation_config,
         "method_settings": weight_settings(cfg, kind),
         "calibration": cal_info,
+        "quantize_speedups": speedups,
         "versions": versions(),
     }
 
