@@ -55,6 +55,7 @@ def _cfg(kind: str, **over):
         ("awq", {"backend": "exllama"}, "method.backend: 'exllama'"),
         ("gptq", {"calibration.num_samples": 0}, "method.calibration.num_samples: 0"),
         ("gptq", {"calibration.seq_len_tokens": -1}, "method.calibration.seq_len_tokens: -1"),
+        ("awq", {"calibration.batch_size": 0}, "method.calibration.batch_size: 0 must be positive"),
         ("gptq", {"calibration.source": "/nonexistent/cal.jsonl"}, "method.calibration.source: file"),
         ("gptq", {"calibration.source": "builtin:nope"}, "method.calibration.source: unknown builtin"),
         ("gptq", {"checkpoint": "/nonexistent/ckpt"}, "method.checkpoint: local directory"),
@@ -192,6 +193,23 @@ def test_cache_builds_once_under_parallel_demand(tmp_path):
     assert (tmp_path / "quantized" / ".k2.failed.log").read_text() == "boom"
 
 
+def test_kernel_caches_live_in_the_cache_dir(tmp_path, monkeypatch):
+    """GPT-QModel's JIT extensions, torch cpp extensions and Triton kernels are built into <run.cache_dir>, so
+    the next cell and the next sweep load them (Triton's default, ~/.triton, goes with a lent machine); a
+    user's own setting wins. The probe that records kernel_cache_hit sees an empty cache as such."""
+    for key in gm.KERNEL_CACHE_ENV:
+        monkeypatch.delenv(key, raising=False)  # and restored after the test
+    root = tmp_path.resolve()
+    assert gm.setup_env(tmp_path) == {
+        "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(root / "torch_extensions" / "gptqmodel"),
+        "TORCH_EXTENSIONS_DIR": str(root / "torch_extensions" / "torch"),
+        "TRITON_CACHE_DIR": str(root / "triton"),
+    }
+    assert gm.kernel_cached("pack_block_cpu") is False
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere/triton")
+    assert gm.setup_env(tmp_path)["TRITON_CACHE_DIR"] == "/elsewhere/triton"
+
+
 def test_awq_clip_search_gives_gptqmodels_clip_at_matmul_speed(monkeypatch):
     """GPT-QModel's AWQ clip search forms [out, tokens, groups, group_size] products per shrink ratio: 85 % of
     a SmolLM2 AWQ run on a CPU (about a minute per layer). In the quantizing child it runs as a batched
@@ -286,6 +304,11 @@ def _end_to_end(kind, tiny_source, monkeypatch):
     assert json.loads((ckpt / "generation_config.json").read_text()) == json.loads(
         (Path(tiny_source.path) / "generation_config.json").read_text())
     assert info["versions"]["gptqmodel"] == "7.6.0"
+    # the CPU packer was built (or loaded) before the timed quantization, and is in the cache now
+    builds = info["quantize_timings"]["kernel_builds"]
+    assert builds["pack_block_cpu"]["built"] is True and builds["pack_block_cpu"]["cache_hit"] in (True, False)
+    assert gm.kernel_cached("pack_block_cpu") is True
+    assert info["quantize_speedups"] == ({"clip_search": "qbench-bmm-v1"} if kind == "awq" else {})
     json.dumps(info)  # goes into result.json
 
     ids = torch.randint(0, 2048, (2, 16))

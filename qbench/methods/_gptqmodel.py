@@ -2,7 +2,7 @@
 
 A method module built on it defines its Config and the few things that differ: BITS, GROUP_SIZES and BACKENDS
 (short kernel names), MARLIN_NEEDS_SYM, TRITON_BITS, ``validate_own(cfg)``, ``own_weight_settings(cfg)``,
-``quantize_config(cfg, common_kwargs)`` (the GPT-QModel QuantizeConfig) and its packed layout's bytes.
+``quantize_config(cfg, common_kwargs, device_type)`` (the GPT-QModel QuantizeConfig) and its packed layout's bytes.
 
 1. ``validate``: bits, group size, dtype, kernel name, calibration, checkpoint (+ the method's own keys).
 2. ``load``: the quantized checkpoint comes from ``method.checkpoint`` (a pre-quantized Hub id or local dir)
@@ -332,14 +332,21 @@ def _quant_log_summary(path: Path) -> Optional[Dict[str, Any]]:
     return {"file": str(f), "modules_with_loss": len(losses), "loss_mean": sum(losses) / len(losses) if losses else None}
 
 
+def jit_cached(jit: Any) -> Optional[bool]:
+    """Whether GPT-QModel's JIT cache already holds a built binary of ``jit`` (a TorchOpsJitExtension) for this
+    torch / CUDA / source fingerprint, i.e. what its loader takes instead of compiling; None: cannot tell."""
+    try:  # gptqmodel 7.6's loader: the paths it tries before building
+        return any(p.is_file() for p in jit._candidate_binary_paths(jit.build_root()))
+    except Exception:
+        return None
+
+
 def kernel_cached(ext: str) -> Optional[bool]:
-    """Whether GPT-QModel's JIT cache already holds a built binary of extension ``ext`` for this torch / CUDA /
-    source fingerprint (what its loader would take instead of compiling); None when that cannot be told."""
+    """:func:`jit_cached` for an extension named as ``gptqmodel.extension`` names them (marlin_bf16, ...)."""
     try:
         from gptqmodel import extension
 
-        jit = extension._extension_for_name(ext)  # gptqmodel 7.6's loader: the paths it tries before building
-        return any(p.is_file() for p in jit._candidate_binary_paths(jit.build_root()))
+        return jit_cached(extension._extension_for_name(ext))
     except Exception:
         return None
 
@@ -552,21 +559,41 @@ def _quantize_config(cfg: Any, kind: str, device_type: str, offload_dir: Path):
                   offload_to_disk_path=str(offload_dir))
     if device_type == "cpu":
         common["device"] = "cpu"
-    return method(kind).quantize_config(cfg, common)
+    return method(kind).quantize_config(cfg, common, device_type)
 
 
-def _build_cpu_packer() -> Tuple[float, Optional[bool]]:
-    """GPT-QModel's CPU packing extension is JIT-built on first use (about a minute on 2 cores): build it
-    before the timed quantization; (seconds spent, whether it was cached)."""
-    cached = kernel_cached("pack_block_cpu")
-    t0 = time.perf_counter()
-    try:
-        from gptqmodel import extension
+def _quantize_kernels(kind: str, device_type: str) -> Dict[str, Any]:
+    """The JIT extensions GPT-QModel's quantization loop builds on first use, as (name, loader, cache probe):
+    the CPU packer (always: packing runs on the CPU) and, for GPTQ on a GPU, the fused CUDA block update of
+    its 128-column loop (an nvcc build, otherwise paid inside the first cell's timed quantization)."""
+    from gptqmodel import extension
 
-        extension.load("pack_block_cpu")
-    except Exception:  # GPT-QModel falls back to its Python packer
-        pass
-    return time.perf_counter() - t0, cached
+    kernels: Dict[str, Any] = {"pack_block_cpu": (lambda: extension.load("pack_block_cpu"),
+                                                  lambda: kernel_cached("pack_block_cpu"))}
+    if kind == "gptq" and device_type == "cuda":
+        from gptqmodel.quantization import gptq_cuda
+
+        kernels["gptq_block_update"] = (gptq_cuda.block_update_available, lambda: jit_cached(gptq_cuda._EXTENSION))
+    return kernels
+
+
+def _build_quantize_kernels(kind: str, device_type: str) -> Dict[str, Any]:
+    """Build (or load from ``<run.cache_dir>/torch_extensions``) what the quantization loop would JIT-build,
+    before the timed quantization: about a minute on 2 cores for the CPU packer. A build that fails is left to
+    GPT-QModel's fallbacks (Python packer, eager GPTQ loop). Returns the quantize timings' kernel part."""
+    builds: Dict[str, Any] = {}
+    for name, (load, probe) in _quantize_kernels(kind, device_type).items():
+        cached = probe()
+        t0 = time.perf_counter()
+        try:
+            result = load()  # extension.load: {name: bool}; block_update_available: bool
+            ok = all(result.values()) if isinstance(result, dict) else bool(result)
+        except Exception:
+            ok = False
+        builds[name] = {"s": time.perf_counter() - t0, "cache_hit": cached, "built": ok}
+    hits = [b["cache_hit"] for b in builds.values()]
+    return {"kernel_compile_s": sum(b["s"] for b in builds.values()),
+            "kernel_cache_hit": None if None in hits else all(hits), "kernel_builds": builds}
 
 
 def _cuda_peaks() -> List[int]:
@@ -595,8 +622,7 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     from gptqmodel import GPTQModel
     from gptqmodel.utils.backend import BACKEND
 
-    compile_s, compile_cached = _build_cpu_packer()
-    timings: Dict[str, Any] = {"kernel_compile_s": compile_s, "kernel_cache_hit": compile_cached}
+    timings: Dict[str, Any] = _build_quantize_kernels(kind, device_type)
     # a method's own speed-ups of GPT-QModel's loop (AWQ: its clip search as a batched matmul); recorded
     speedups = getattr(method(kind), "before_quantize", lambda: {})()
 
@@ -620,7 +646,8 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     # Packing kernel: the portable torch one (AWQ's default, the CUDA GEMM extension, would need nvcc here).
     pack_backend = BACKEND(f"{kind}_torch")
     t0 = time.perf_counter()
-    qm.quantize(rows, batch_size=1, backend=pack_backend, calibration_sort=None)
+    qm.quantize(rows, batch_size=int(getattr(cfg.calibration, "batch_size", 8)), backend=pack_backend,
+                calibration_sort=None)
     timings["quantize_algorithm_s"] = time.perf_counter() - t0
     quantize_s = time.perf_counter() - t_start
 

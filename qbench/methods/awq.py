@@ -42,6 +42,10 @@ class Config(MethodBase):
     desc_act: bool = False  # no act-order in AWQ (must stay false)
     awq_format: str = "gemm"  # packed layout of the checkpoint: gemm (gemv / gemv_fast have CUDA-only kernels)
     backend: str = "auto"  # kernel at load: auto (cuda: marlin, cpu: torch) | one of BACKENDS
+    # GPT-QModel's scale search streams its reference outputs through host memory, chunk by chunk, for each of
+    # its 20 ratios (2 x 0.3 GB per scaled group of SmolLM2 over PCIe: most of an H200's AWQ time). false keeps
+    # them on the GPU (+ about 2 x calibration tokens x hidden x 2 bytes); true streams; null: false on a GPU
+    scale_search_chunked: Optional[bool] = None
     checkpoint: Optional[str] = None  # pre-quantized AWQ checkpoint (Hub id or local dir): skip quantizing
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -64,14 +68,19 @@ def validate_own(cfg: Any) -> None:
 
 def own_weight_settings(cfg: Any) -> Dict[str, Any]:
     """AWQ's part of the cache key's method settings (the clip search too: its fp32 sums pick a different
-    clip than GPT-QModel's 16-bit ones for ~2 % of the groups, so its checkpoints are not the library's)."""
-    return dict(format=cfg.awq_format, clip_search=CLIP_SEARCH)
+    clip than GPT-QModel's 16-bit ones for ~2 % of the groups, so its checkpoints are not the library's; and
+    the scale search's loss summation order)."""
+    return dict(format=cfg.awq_format, clip_search=CLIP_SEARCH,
+                scale_search_chunked=getattr(cfg, "scale_search_chunked", None))
 
 
-def quantize_config(cfg: Any, common: Dict[str, Any]):
+def quantize_config(cfg: Any, common: Dict[str, Any], device_type: str):
     from gptqmodel.quantization.config import AWQConfig
 
-    return AWQConfig(**common, format=cfg.awq_format)
+    chunked = getattr(cfg, "scale_search_chunked", None)
+    if chunked is None:  # streaming to host memory and back only pays where device memory is the limit
+        chunked = device_type != "cuda"
+    return AWQConfig(**common, format=cfg.awq_format, scale_search_chunked_activations=bool(chunked))
 
 
 def check_widths(method_cfg: Any, widths: Dict[int, List[str]], model_name: str) -> None:
