@@ -193,6 +193,24 @@ def test_cache_builds_once_under_parallel_demand(tmp_path):
     assert (tmp_path / "quantized" / ".k2.failed.log").read_text() == "boom"
 
 
+def test_quantize_speed_settings_reach_gptqmodel_and_the_cache_key(tmp_path):
+    """Windows per forward pass (calibration.batch_size) and where AWQ's scale search keeps its reference
+    outputs are speed settings, but they regroup float sums: they are in the cache key. AWQ streams the
+    references through host memory only off the GPU unless told."""
+    from qbench import calibration
+    from qbench.methods import awq
+
+    d8 = calibration.describe(_cfg("awq").calibration)
+    d1 = calibration.describe(_cfg("awq", **{"calibration.batch_size": 1}).calibration)
+    assert d8["batch_size"] == 8 and d1["batch_size"] == 1  # 8: the schema's default
+    assert awq.own_weight_settings(_cfg("awq", scale_search_chunked=True))["scale_search_chunked"] is True
+    common = dict(bits=4, group_size=128, sym=False, offload_to_disk_path=str(tmp_path))
+    chunked = {dev: awq.quantize_config(_cfg("awq"), common, dev).scale_search_chunked_activations
+               for dev in ("cuda", "cpu")}
+    assert chunked == {"cuda": False, "cpu": True}
+    assert awq.quantize_config(_cfg("awq", scale_search_chunked=True), common, "cuda").scale_search_chunked_activations
+
+
 def test_kernel_caches_live_in_the_cache_dir(tmp_path, monkeypatch):
     """GPT-QModel's JIT extensions, torch cpp extensions and Triton kernels are built into <run.cache_dir>, so
     the next cell and the next sweep load them (Triton's default, ~/.triton, goes with a lent machine); a

@@ -596,6 +596,17 @@ def _build_quantize_kernels(kind: str, device_type: str) -> Dict[str, Any]:
             "kernel_cache_hit": None if None in hits else all(hits), "kernel_builds": builds}
 
 
+def _region_totals(qm: Any) -> Dict[str, float]:
+    """GPT-QModel's own region timer (the table its log prints) as {region: total seconds}: the parts of
+    ``quantize_algorithm_s`` (layer forwards, the method's search, packing, disk offload...). Regions run on
+    worker threads, so they may overlap and their sum may exceed the wall time."""
+    try:
+        snap = qm.quant_region_timer.snapshot()
+    except Exception:  # another GPT-QModel version: no breakdown rather than no checkpoint
+        return {}
+    return {region: round(float(v["total"]), 3) for region, v in snap.items() if v.get("count")}
+
+
 def _cuda_peaks() -> List[int]:
     import torch
 
@@ -649,6 +660,7 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     qm.quantize(rows, batch_size=int(getattr(cfg.calibration, "batch_size", 8)), backend=pack_backend,
                 calibration_sort=None)
     timings["quantize_algorithm_s"] = time.perf_counter() - t0
+    timings["quantize_regions_s"] = _region_totals(qm)
     quantize_s = time.perf_counter() - t_start
 
     cuda_peaks = _cuda_peaks() if device_type == "cuda" else None

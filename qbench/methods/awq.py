@@ -42,9 +42,10 @@ class Config(MethodBase):
     desc_act: bool = False  # no act-order in AWQ (must stay false)
     awq_format: str = "gemm"  # packed layout of the checkpoint: gemm (gemv / gemv_fast have CUDA-only kernels)
     backend: str = "auto"  # kernel at load: auto (cuda: marlin, cpu: torch) | one of BACKENDS
-    # GPT-QModel's scale search streams its reference outputs through host memory, chunk by chunk, for each of
-    # its 20 ratios (2 x 0.3 GB per scaled group of SmolLM2 over PCIe: most of an H200's AWQ time). false keeps
-    # them on the GPU (+ about 2 x calibration tokens x hidden x 2 bytes); true streams; null: false on a GPU
+    # GPT-QModel's scale search streams its reference outputs through host memory and back, chunk by chunk, for
+    # each of its 20 ratios: 0.3 GB per scaled group and ratio for SmolLM2 at 128 x 2048 tokens, ~0.5 TB of
+    # host-to-GPU copies per run (estimated, not profiled on a GPU). false keeps them on the GPU (+ about
+    # 2 x calibration tokens x hidden x 2 bytes); true streams; null: false on a GPU, true on a CPU
     scale_search_chunked: Optional[bool] = None
     checkpoint: Optional[str] = None  # pre-quantized AWQ checkpoint (Hub id or local dir): skip quantizing
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
