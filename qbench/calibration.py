@@ -37,6 +37,9 @@ class CalibrationConfig:
     num_samples: int = 128  # calibration sequences
     seq_len_tokens: int = 512  # tokens per calibration sequence
     seed: int = 0  # seed of the window offsets
+    # windows per forward pass while quantizing (GPT-QModel's own default: 1): speed, not the data (sums regroup,
+    # so weights move at float-noise level: it is in the cache key); memory: one layer's activations x batch_size
+    batch_size: int = 8
     subset: Optional[str] = None  # Hub dataset config name (e.g. "wikitext-2-raw-v1"); null = none / shortcut's
     split: Optional[str] = None  # Hub split; null = "train" (the shortcuts pick their own)
     data_files: Optional[str] = None  # Hub data file(s) in the dataset repo; null = all (C4: one shard by default)
@@ -82,6 +85,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"method.calibration.num_samples: {_get(cfg, 'num_samples')} must be positive")
     if int(_get(cfg, "seq_len_tokens", 0)) <= 0:
         raise ConfigError(f"method.calibration.seq_len_tokens: {_get(cfg, 'seq_len_tokens')} must be positive")
+    if int(_get(cfg, "batch_size", 8)) <= 0:
+        raise ConfigError(f"method.calibration.batch_size: {_get(cfg, 'batch_size')} must be positive")
     try:
         path = local_path(source)
     except ValueError as exc:
@@ -163,6 +168,7 @@ def describe(cfg: Any) -> Dict[str, Any]:
         "num_samples": int(_get(cfg, "num_samples")),
         "seq_len_tokens": int(_get(cfg, "seq_len_tokens")),
         "seed": int(_get(cfg, "seed", 0)),
+        "batch_size": int(_get(cfg, "batch_size", 8)),
     }
     path = local_path(source)
     if path is not None:

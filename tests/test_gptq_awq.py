@@ -55,6 +55,7 @@ def _cfg(kind: str, **over):
         ("awq", {"backend": "exllama"}, "method.backend: 'exllama'"),
         ("gptq", {"calibration.num_samples": 0}, "method.calibration.num_samples: 0"),
         ("gptq", {"calibration.seq_len_tokens": -1}, "method.calibration.seq_len_tokens: -1"),
+        ("awq", {"calibration.batch_size": 0}, "method.calibration.batch_size: 0 must be positive"),
         ("gptq", {"calibration.source": "/nonexistent/cal.jsonl"}, "method.calibration.source: file"),
         ("gptq", {"calibration.source": "builtin:nope"}, "method.calibration.source: unknown builtin"),
         ("gptq", {"checkpoint": "/nonexistent/ckpt"}, "method.checkpoint: local directory"),
@@ -192,6 +193,70 @@ def test_cache_builds_once_under_parallel_demand(tmp_path):
     assert (tmp_path / "quantized" / ".k2.failed.log").read_text() == "boom"
 
 
+def test_quantize_speed_settings_reach_gptqmodel_and_the_cache_key(tmp_path):
+    """Windows per forward pass (calibration.batch_size) and where AWQ's scale search keeps its reference
+    outputs are speed settings, but they regroup float sums: they are in the cache key. AWQ streams the
+    references through host memory only off the GPU unless told."""
+    from qbench import calibration
+    from qbench.methods import awq
+
+    d8 = calibration.describe(_cfg("awq").calibration)
+    d1 = calibration.describe(_cfg("awq", **{"calibration.batch_size": 1}).calibration)
+    assert d8["batch_size"] == 8 and d1["batch_size"] == 1  # 8: the schema's default
+    assert awq.own_weight_settings(_cfg("awq", scale_search_chunked=True))["scale_search_chunked"] is True
+    common = dict(bits=4, group_size=128, sym=False, offload_to_disk_path=str(tmp_path))
+    chunked = {dev: awq.quantize_config(_cfg("awq"), common, dev).scale_search_chunked_activations
+               for dev in ("cuda", "cpu")}
+    assert chunked == {"cuda": False, "cpu": True}
+    assert awq.quantize_config(_cfg("awq", scale_search_chunked=True), common, "cuda").scale_search_chunked_activations
+
+
+def test_kernel_caches_live_in_the_cache_dir(tmp_path, monkeypatch):
+    """GPT-QModel's JIT extensions, torch cpp extensions and Triton kernels are built into <run.cache_dir>, so
+    the next cell and the next sweep load them (Triton's default, ~/.triton, goes with a lent machine); a
+    user's own setting wins. The probe that records kernel_cache_hit sees an empty cache as such."""
+    for key in gm.KERNEL_CACHE_ENV:
+        monkeypatch.delenv(key, raising=False)  # and restored after the test
+    root = tmp_path.resolve()
+    assert gm.setup_env(tmp_path) == {
+        "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(root / "torch_extensions" / "gptqmodel"),
+        "TORCH_EXTENSIONS_DIR": str(root / "torch_extensions" / "torch"),
+        "TRITON_CACHE_DIR": str(root / "triton"),
+    }
+    assert gm.kernel_cached("pack_block_cpu") is False
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere/triton")
+    assert gm.setup_env(tmp_path)["TRITON_CACHE_DIR"] == "/elsewhere/triton"
+
+
+def test_awq_clip_search_gives_gptqmodels_clip_at_matmul_speed(monkeypatch):
+    """GPT-QModel's AWQ clip search forms [out, tokens, groups, group_size] products per shrink ratio: 95 % of
+    GPT-QModel's per-layer AWQ work on SmolLM2 on a CPU (about a minute per layer). In the quantizing child it runs as a batched
+    matmul: the same clip per (channel, group) in fp32, several times faster, and recorded."""
+    import torch
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    from qbench.methods import awq
+
+    library = AWQProcessor._compute_best_clip
+    monkeypatch.setattr(AWQProcessor, "_compute_best_clip", library)  # the patch is undone after the test
+    assert awq.before_quantize() == {"clip_search": awq.CLIP_SEARCH}
+    assert awq.own_weight_settings(_cfg("awq"))["clip_search"] == awq.CLIP_SEARCH  # in the cache key
+    proc = AWQProcessor.__new__(AWQProcessor)  # the search reads qcfg only
+    proc.qcfg = SimpleNamespace(group_size=64, sym=False, bits=4)
+    torch.manual_seed(0)
+    w = torch.randn(256, 576)
+    x = torch.randn(2, 128, 576) * torch.rand(576) * 3  # uneven channel scales, as real activations
+    t0 = time.process_time()
+    expected = library(proc, w, x)
+    library_s = time.process_time() - t0
+    t0 = time.process_time()
+    got = AWQProcessor._compute_best_clip(proc, w, x)
+    qbench_s = time.process_time() - t0
+    assert got.shape == expected.shape == (256, 9, 1)
+    assert torch.equal(got, expected)
+    assert qbench_s * 3 < library_s, (qbench_s, library_s)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # end to end: quantize on the CPU, cache, reload, bytes
 
@@ -257,6 +322,11 @@ def _end_to_end(kind, tiny_source, monkeypatch):
     assert json.loads((ckpt / "generation_config.json").read_text()) == json.loads(
         (Path(tiny_source.path) / "generation_config.json").read_text())
     assert info["versions"]["gptqmodel"] == "7.6.0"
+    # the CPU packer was built (or loaded) before the timed quantization, and is in the cache now
+    builds = info["quantize_timings"]["kernel_builds"]
+    assert builds["pack_block_cpu"]["built"] is True and builds["pack_block_cpu"]["cache_hit"] in (True, False)
+    assert gm.kernel_cached("pack_block_cpu") is True
+    assert info["quantize_speedups"] == ({"clip_search": "qbench-bmm-v1"} if kind == "awq" else {})
     json.dumps(info)  # goes into result.json
 
     ids = torch.randint(0, 2048, (2, 16))

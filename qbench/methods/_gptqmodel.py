@@ -2,7 +2,7 @@
 
 A method module built on it defines its Config and the few things that differ: BITS, GROUP_SIZES and BACKENDS
 (short kernel names), MARLIN_NEEDS_SYM, TRITON_BITS, ``validate_own(cfg)``, ``own_weight_settings(cfg)``,
-``quantize_config(cfg, common_kwargs)`` (the GPT-QModel QuantizeConfig) and its packed layout's bytes.
+``quantize_config(cfg, common_kwargs, device_type)`` (the GPT-QModel QuantizeConfig) and its packed layout's bytes.
 
 1. ``validate``: bits, group size, dtype, kernel name, calibration, checkpoint (+ the method's own keys).
 2. ``load``: the quantized checkpoint comes from ``method.checkpoint`` (a pre-quantized Hub id or local dir)
@@ -150,15 +150,23 @@ def auto_backend(cfg: Any, kind: str, device_type: str) -> Tuple[str, str]:
 # environment
 
 
+# Where GPT-QModel's kernel builds go: its own torch.ops JIT extensions (Marlin, ExLlamaV2, AWQ GEMM, CPU
+# packing), torch.utils.cpp_extension builds, and Triton kernels (its Triton backends; inductor's too).
+KERNEL_CACHE_ENV = ("GPTQMODEL_TORCH_EXTENSIONS_DIR", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR")
+
+
 def setup_env(cache_root: Path) -> Dict[str, str]:
-    """Persistent JIT caches under the qbench cache (unless the user set them) and GPT-QModel's CPU workers."""
-    ext = Path(cache_root).expanduser().resolve() / "torch_extensions"
+    """Persistent kernel caches under ``<run.cache_dir>`` (unless the user set them), so that a second cell and
+    the next sweep load the builds instead of compiling again; and GPT-QModel's CPU workers."""
+    root = Path(cache_root).expanduser().resolve()
+    ext = root / "torch_extensions"
     os.environ.setdefault("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(ext / "gptqmodel"))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ext / "torch"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))  # default ~/.triton: lost with the machine
     # GPT-QModel's default is (cpus+1)//2 workers: 1 on a 2-core machine, where quantization stalls.
     if "GPTQMODEL_CPU_WORKERS" not in os.environ and (os.cpu_count() or 1) <= 3:
         os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
-    return {k: os.environ[k] for k in ("GPTQMODEL_TORCH_EXTENSIONS_DIR", "TORCH_EXTENSIONS_DIR")}
+    return {k: os.environ[k] for k in KERNEL_CACHE_ENV}
 
 
 def device_type_of(device_map: Any) -> str:
@@ -263,6 +271,7 @@ def load_common(source: Any, cfg: Any, device_map: Any, kind: str):
             quantized_at=meta.get("quantized_at"),
             quantize_versions=meta.get("versions"),
             calibration=meta.get("calibration"),
+            quantize_speedups=meta.get("quantize_speedups"),
             quant_log=_quant_log_summary(path),
         )
 
@@ -323,17 +332,38 @@ def _quant_log_summary(path: Path) -> Optional[Dict[str, Any]]:
     return {"file": str(f), "modules_with_loss": len(losses), "loss_mean": sum(losses) / len(losses) if losses else None}
 
 
-def prebuild_kernel(backend_value: str, dtype: Any) -> Tuple[Optional[str], Optional[float]]:
-    """Build (or load from the JIT cache) the extension behind a kernel, timed; raise a clear error if it fails."""
+def jit_cached(jit: Any) -> Optional[bool]:
+    """Whether GPT-QModel's JIT cache already holds a built binary of ``jit`` (a TorchOpsJitExtension) for this
+    torch / CUDA / source fingerprint, i.e. what its loader takes instead of compiling; None: cannot tell."""
+    try:  # gptqmodel 7.6's loader: the paths it tries before building
+        return any(p.is_file() for p in jit._candidate_binary_paths(jit.build_root()))
+    except Exception:
+        return None
+
+
+def kernel_cached(ext: str) -> Optional[bool]:
+    """:func:`jit_cached` for an extension named as ``gptqmodel.extension`` names them (marlin_bf16, ...)."""
+    try:
+        from gptqmodel import extension
+
+        return jit_cached(extension._extension_for_name(ext))
+    except Exception:
+        return None
+
+
+def prebuild_kernel(backend_value: str, dtype: Any) -> Tuple[Optional[str], Optional[float], Optional[bool]]:
+    """Build (or load from the JIT cache) the extension behind a kernel, timed; raise a clear error if it fails.
+    Returns (extension, seconds, whether the build was cached before)."""
     import torch
 
     ext = _EXTENSIONS.get(backend_value)
     if ext is None:
-        return None, None
+        return None, None, None
     if ext == "marlin":
         ext = "marlin_bf16" if dtype == torch.bfloat16 else "marlin_fp16"
     from gptqmodel import extension
 
+    cached = kernel_cached(ext)
     t0 = time.perf_counter()
     try:
         ok = extension.load(ext).get(ext, False)
@@ -343,7 +373,7 @@ def prebuild_kernel(backend_value: str, dtype: Any) -> Tuple[Optional[str], Opti
         raise RuntimeError(
             f"method.backend: kernel '{backend_value}' will not build (extension '{ext}'): {extension.error(ext)}"
         )
-    return ext, time.perf_counter() - t0
+    return ext, time.perf_counter() - t0, cached
 
 
 def count_kernels(model: Any) -> Dict[str, int]:
@@ -370,7 +400,7 @@ def load_quantized(checkpoint: str, cfg: Any, device_map: Any, kind: str, device
     local_qcfg = _local_quant_config(checkpoint)
     if local_qcfg is not None:  # fail before loading anything
         _check_checkpoint_matches(local_qcfg, cfg, kind, checkpoint)
-    extension_name, compile_s = prebuild_kernel(backend, dtype)
+    extension_name, compile_s, compile_cached = prebuild_kernel(backend, dtype)
 
     t0 = time.perf_counter()
     qm = GPTQModel.load(checkpoint, backend=backend, device_map=device_map, dtype=dtype,
@@ -390,6 +420,7 @@ def load_quantized(checkpoint: str, cfg: Any, device_map: Any, kind: str, device
         "kernels": kernels,
         "kernel_extension": extension_name,
         "kernel_compile_s": compile_s,
+        "kernel_cache_hit": compile_cached,  # true: loaded from <run.cache_dir>/torch_extensions, not compiled
         "load_s_excluding_quantize": load_s,
         "first_forward_s": warm[0],
         "warmup_forwards_s": warm,
@@ -528,20 +559,52 @@ def _quantize_config(cfg: Any, kind: str, device_type: str, offload_dir: Path):
                   offload_to_disk_path=str(offload_dir))
     if device_type == "cpu":
         common["device"] = "cpu"
-    return method(kind).quantize_config(cfg, common)
+    return method(kind).quantize_config(cfg, common, device_type)
 
 
-def _build_cpu_packer() -> float:
-    """GPT-QModel's CPU packing extension is JIT-built on first use (about a minute on 2 cores): build it
-    before the timed quantization; seconds spent."""
-    t0 = time.perf_counter()
+def _quantize_kernels(kind: str, device_type: str) -> Dict[str, Any]:
+    """The JIT extensions GPT-QModel's quantization loop builds on first use, as (name, loader, cache probe):
+    the CPU packer (always: packing runs on the CPU) and, for GPTQ on a GPU, the fused CUDA block update of
+    its 128-column loop (an nvcc build, otherwise paid inside the first cell's timed quantization)."""
+    from gptqmodel import extension
+
+    kernels: Dict[str, Any] = {"pack_block_cpu": (lambda: extension.load("pack_block_cpu"),
+                                                  lambda: kernel_cached("pack_block_cpu"))}
+    if kind == "gptq" and device_type == "cuda":
+        from gptqmodel.quantization import gptq_cuda
+
+        kernels["gptq_block_update"] = (gptq_cuda.block_update_available, lambda: jit_cached(gptq_cuda._EXTENSION))
+    return kernels
+
+
+def _build_quantize_kernels(kind: str, device_type: str) -> Dict[str, Any]:
+    """Build (or load from ``<run.cache_dir>/torch_extensions``) what the quantization loop would JIT-build,
+    before the timed quantization: about a minute on 2 cores for the CPU packer. A build that fails is left to
+    GPT-QModel's fallbacks (Python packer, eager GPTQ loop). Returns the quantize timings' kernel part."""
+    builds: Dict[str, Any] = {}
+    for name, (load, probe) in _quantize_kernels(kind, device_type).items():
+        cached = probe()
+        t0 = time.perf_counter()
+        try:
+            result = load()  # extension.load: {name: bool}; block_update_available: bool
+            ok = all(result.values()) if isinstance(result, dict) else bool(result)
+        except Exception:
+            ok = False
+        builds[name] = {"s": time.perf_counter() - t0, "cache_hit": cached, "built": ok}
+    hits = [b["cache_hit"] for b in builds.values()]
+    return {"kernel_compile_s": sum(b["s"] for b in builds.values()),
+            "kernel_cache_hit": None if None in hits else all(hits), "kernel_builds": builds}
+
+
+def _region_totals(qm: Any) -> Dict[str, float]:
+    """GPT-QModel's own region timer (the table its log prints) as {region: total seconds}: the parts of
+    ``quantize_algorithm_s`` (layer forwards, the method's search, packing, disk offload...). Regions run on
+    worker threads, so they may overlap and their sum may exceed the wall time."""
     try:
-        from gptqmodel import extension
-
-        extension.load("pack_block_cpu")
-    except Exception:  # GPT-QModel falls back to its Python packer
-        pass
-    return time.perf_counter() - t0
+        snap = qm.quant_region_timer.snapshot()
+    except Exception:  # another GPT-QModel version: no breakdown rather than no checkpoint
+        return {}
+    return {region: round(float(v["total"]), 3) for region, v in snap.items() if v.get("count")}
 
 
 def _cuda_peaks() -> List[int]:
@@ -570,7 +633,9 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     from gptqmodel import GPTQModel
     from gptqmodel.utils.backend import BACKEND
 
-    timings: Dict[str, Any] = {"kernel_compile_s": _build_cpu_packer()}
+    timings: Dict[str, Any] = _build_quantize_kernels(kind, device_type)
+    # a method's own speed-ups of GPT-QModel's loop (AWQ: its clip search as a batched matmul); recorded
+    speedups = getattr(method(kind), "before_quantize", lambda: {})()
 
     if device_type == "cuda":
         for i in range(torch.cuda.device_count()):
@@ -592,8 +657,10 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     # Packing kernel: the portable torch one (AWQ's default, the CUDA GEMM extension, would need nvcc here).
     pack_backend = BACKEND(f"{kind}_torch")
     t0 = time.perf_counter()
-    qm.quantize(rows, batch_size=1, backend=pack_backend, calibration_sort=None)
+    qm.quantize(rows, batch_size=int(getattr(cfg.calibration, "batch_size", 8)), backend=pack_backend,
+                calibration_sort=None)
     timings["quantize_algorithm_s"] = time.perf_counter() - t0
+    timings["quantize_regions_s"] = _region_totals(qm)
     quantize_s = time.perf_counter() - t_start
 
     cuda_peaks = _cuda_peaks() if device_type == "cuda" else None
@@ -623,6 +690,7 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
         "generation_config": generation_config,
         "method_settings": weight_settings(cfg, kind),
         "calibration": cal_info,
+        "quantize_speedups": speedups,
         "versions": versions(),
     }
 

@@ -42,6 +42,11 @@ class Config(MethodBase):
     desc_act: bool = False  # no act-order in AWQ (must stay false)
     awq_format: str = "gemm"  # packed layout of the checkpoint: gemm (gemv / gemv_fast have CUDA-only kernels)
     backend: str = "auto"  # kernel at load: auto (cuda: marlin, cpu: torch) | one of BACKENDS
+    # GPT-QModel's scale search streams its reference outputs through host memory and back, chunk by chunk, for
+    # each of its 20 ratios: 75 MB per scaled group and ratio for SmolLM2 at 128 x 512 tokens, ~140 GB of
+    # host-to-GPU copies per run (estimated from the shapes, not profiled on a GPU). false keeps them on the
+    # GPU (+ about 2 x calibration tokens x hidden x 2 bytes); true streams; null: false on a GPU, true on a CPU
+    scale_search_chunked: Optional[bool] = None
     checkpoint: Optional[str] = None  # pre-quantized AWQ checkpoint (Hub id or local dir): skip quantizing
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -63,14 +68,20 @@ def validate_own(cfg: Any) -> None:
 
 
 def own_weight_settings(cfg: Any) -> Dict[str, Any]:
-    """AWQ's part of the cache key's method settings."""
-    return dict(format=cfg.awq_format)
+    """AWQ's part of the cache key's method settings (the clip search too: its fp32 sums pick a different
+    clip than GPT-QModel's 16-bit ones for ~2 % of the groups, so its checkpoints are not the library's; and
+    the scale search's loss summation order)."""
+    return dict(format=cfg.awq_format, clip_search=CLIP_SEARCH,
+                scale_search_chunked=getattr(cfg, "scale_search_chunked", None))
 
 
-def quantize_config(cfg: Any, common: Dict[str, Any]):
+def quantize_config(cfg: Any, common: Dict[str, Any], device_type: str):
     from gptqmodel.quantization.config import AWQConfig
 
-    return AWQConfig(**common, format=cfg.awq_format)
+    chunked = getattr(cfg, "scale_search_chunked", None)
+    if chunked is None:  # streaming to host memory and back only pays where device memory is the limit
+        chunked = device_type != "cuda"
+    return AWQConfig(**common, format=cfg.awq_format, scale_search_chunked_activations=bool(chunked))
 
 
 def check_widths(method_cfg: Any, widths: Dict[int, List[str]], model_name: str) -> None:
@@ -81,6 +92,88 @@ def check_widths(method_cfg: Any, widths: Dict[int, List[str]], model_name: str)
 
 def load(source: Any, method_cfg: Any, device_map: Any):
     return gm.load_common(source, method_cfg, device_map, KIND)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# clip search at matmul speed (runs in the quantizing child)
+
+# Names the clip search below in the cache key and the metadata; bump it when its arithmetic changes.
+CLIP_SEARCH = "qbench-bmm-v1"
+# Working memory of one output-channel chunk of the clip search (reference + candidate outputs, in fp32).
+CLIP_CHUNK_BYTES = 256 * 2**20
+
+
+def best_clip(processor: Any, w: Any, input_feat: Any, n_grid: int = 20, max_shrink: float = 0.5,
+              n_sample_token: int = 512):
+    """AWQ's clip search (GPT-QModel's ``AWQProcessor._compute_best_clip``, same grid, same token sample, same
+    answer) with the per-group products as one batched matmul.
+
+    GPT-QModel forms ``input_feat * w`` as a [out, tokens, groups, group_size] tensor for each of the 10
+    shrink ratios and sums it; on a CPU that search was 95 % of GPT-QModel's per-layer AWQ work on SmolLM2
+    (py-spy; about a minute per layer on 2 cores). Here the same sums are ``bmm([groups, out, gs], [groups, gs, tokens])``: products
+    summed in fp32 inside the matmul instead of rounded to 16 bits first, and the error compared in fp32.
+    Returns the best max |w| per (output channel, group): [out, groups, 1], what ``apply_clip`` takes.
+    """
+    import torch
+
+    out_features, in_features = w.shape
+    gs = processor.qcfg.group_size if processor.qcfg.group_size > 0 else in_features
+    groups = in_features // gs
+    x = input_feat.reshape(-1, in_features)
+    x = x[:: max(1, x.shape[0] // n_sample_token)]  # GPT-QModel's token subsample
+    x = x.to(device=w.device, dtype=w.dtype).reshape(-1, groups, gs).permute(1, 2, 0)  # [groups, gs, tokens]
+    w_grouped = w.reshape(out_features, groups, gs)
+    chunk = max(1, min(out_features, CLIP_CHUNK_BYTES // (3 * 4 * groups * x.shape[-1])))
+    best_all = []
+    for start in range(0, out_features, chunk):
+        wb = w_grouped[start : start + chunk]  # [chunk, groups, gs]
+        org_max = wb.abs().amax(dim=-1, keepdim=True)  # [chunk, groups, 1]
+        org_out = torch.bmm(wb.transpose(0, 1), x).float()  # [groups, chunk, tokens]
+        best = org_max.clone()
+        min_err = torch.full(org_max.shape, float("inf"), dtype=torch.float32, device=w.device)
+        clamped, quant = torch.empty_like(wb), torch.empty_like(wb)
+        for i_s in range(int(max_shrink * n_grid)):
+            max_val = org_max * (1 - i_s / n_grid)
+            torch.clamp(wb, -max_val, max_val, out=clamped)
+            processor._pseudo_quantize_tensor_into(clamped, quant)
+            cur_out = torch.bmm(quant.transpose(0, 1), x)
+            err = (cur_out.float() - org_out).pow_(2).mean(dim=-1).transpose(0, 1).unsqueeze(-1)
+            better = err < min_err
+            min_err[better] = err[better]
+            best[better] = max_val[better]
+        best_all.append(best)
+    return torch.cat(best_all, dim=0)
+
+
+def before_quantize() -> Dict[str, str]:
+    """Called in the quantizing child before GPT-QModel's loop: what qbench changed in it (the metadata's
+    ``quantize_speedups``)."""
+    return {"clip_search": use_fast_clip_search()}
+
+
+def use_fast_clip_search() -> str:
+    """Route GPT-QModel's AWQ clip search through :func:`best_clip`, when its signature is the one this was
+    written against (gptqmodel 7.6); returns what runs, for the checkpoint's metadata."""
+    import inspect
+
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    original = AWQProcessor._compute_best_clip
+    if getattr(original, "__qbench__", False):
+        return CLIP_SEARCH
+    params = list(inspect.signature(original).parameters)
+    if params != ["self", "w", "input_feat", "n_grid", "max_shrink", "n_sample_token"]:
+        return "gptqmodel (signature changed; qbench's faster search not applied)"
+
+    def _compute_best_clip(self, w, input_feat, n_grid=20, max_shrink=0.5, n_sample_token=512):
+        import torch
+
+        with torch.inference_mode():
+            return best_clip(self, w, input_feat, n_grid, max_shrink, n_sample_token)
+
+    _compute_best_clip.__qbench__ = True
+    AWQProcessor._compute_best_clip = _compute_best_clip
+    return CLIP_SEARCH
 
 
 def linear_weight_bytes(out_features: int, in_features: int, method_cfg: Any) -> float:

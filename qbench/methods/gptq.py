@@ -64,7 +64,7 @@ def own_weight_settings(cfg: Any) -> Dict[str, Any]:
                 act_group_aware=getattr(cfg, "act_group_aware", None))
 
 
-def quantize_config(cfg: Any, common: Dict[str, Any]):
+def quantize_config(cfg: Any, common: Dict[str, Any], device_type: str):
     from gptqmodel.quantization.config import GPTQConfig
 
     kwargs = dict(desc_act=bool(cfg.desc_act), damp_percent=float(cfg.damp_percent))
