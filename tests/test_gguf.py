@@ -87,7 +87,7 @@ def test_missing_converter_is_one_line_naming_the_fix(tmp_path, monkeypatch):
 SOURCES = Path(os.environ.get("QBENCH_LLAMACPP_SRC") or weights.default_dest().parent / "llama.cpp-0.3.36")
 FAST = ["bench=quick", "bench.batch_sizes=[1,2]", "bench.new_tokens=4", "bench.min_repeats=2", "bench.max_repeats=2",
         "bench.warmup_runs=0", "bench.prompt_tokens=[16]", "bench.decode_prompt_tokens=8", "bench.device=cpu",
-        "eval=quality", "eval.quality.max_windows=2"]
+        "eval=quality", "eval.quality.max_windows=2", "run.baseline_method=fp32"]
 
 
 @pytest.fixture(scope="module")
