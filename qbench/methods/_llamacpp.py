@@ -9,6 +9,7 @@ so converter, quantizer and runtime agree on the format.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import subprocess
@@ -177,6 +178,8 @@ class LlamaCppLM:
                          logits_all=True, verbose=False)
         self.n_vocab = int(self.llm.n_vocab())
         self.config = None
+        # freed before interpreter teardown: Llama.__del__ at exit finds llama_cpp's globals gone (a TypeError)
+        atexit.register(self.llm.close)
 
     def eval(self) -> "LlamaCppLM":
         return self
