@@ -258,7 +258,11 @@ def measure_latency(model: LlamaCppLM, bench_cfg: Any, vocab: int, special_ids: 
             ttft = summarize([t * 1e3 for t in times], "ms")
             out["prefill"].append({"batch_size": 1, "prompt_tokens": int(p), "ttft_ms": ttft,
                                    "tokens_per_s": int(p) / (ttft["p50"] / 1e3), "compute_bound_fraction": None})
+            LOG.info("llama.cpp prefill bs=1 prompt=%d: %.1f ms (median of %d, %d threads)", p, ttft["p50"],
+                     len(times), model.n_threads)
         out["decode"].append(_decode_row(llm, s, rng, allowed))
+        LOG.info("llama.cpp decode bs=1: %.1f tokens/s (median of %d runs of %d tokens)",
+                 out["decode"][0]["tokens_per_s"]["p50"], out["decode"][0]["tokens_per_s"]["n"], s.new_tokens)
     finally:
         llm._logits_all = logits_all
     for b in s.batch_sizes:
