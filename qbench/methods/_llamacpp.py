@@ -105,8 +105,8 @@ def _convert_child(hf_dir: str, out_file: str) -> None:
         try:
             return original(self, tokenizer)
         except NotImplementedError:
-            pre = getattr(getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None), "__class__", None)
-            if pre is None or pre.__name__ != "ByteLevel":
+            pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+            if type(pre).__name__ != "ByteLevel":
                 raise
             print("qbench: pre-tokenizer fallback gpt-2 (plain ByteLevel, hash unknown to llama.cpp)", flush=True)
             return "gpt-2"

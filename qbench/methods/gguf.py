@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from qbench.config import MethodBase
 from qbench.methods import _llamacpp as lc
@@ -87,7 +87,8 @@ def load(source: Any, cfg: Any, device_map: Any):
     lc.check_sources(src)
     t0 = time.perf_counter()
     fingerprint = quant_cache.source_fingerprint(source)
-    f32_key = quant_cache.cache_key({"kind": "gguf_f32", "source": fingerprint, "llama_cpp_python": lc.LLAMA_CPP_PYTHON})
+    f32_key = quant_cache.cache_key({"kind": "gguf_f32", "source": fingerprint,
+                                     "llama_cpp_python": lc.LLAMA_CPP_PYTHON})
     f32_dir, f32_meta, f32_hit = quant_cache.get_or_build(
         root, f32_key, lambda tmp: lc.convert(Path(source.path), tmp / "model-f32.gguf", src, tmp / "quantize.log"))
     key = quant_cache.cache_key({"kind": KIND, "quant_type": cfg.quant_type, "f32_key": f32_key,
