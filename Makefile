@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch first, pinned: on these machines pip finds a local CPU wheel; a bare `torch` would pull a CUDA build
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[all]"
+	$(PY) -m pip install -q -e ".[all]" && QBENCH_CACHE=$(QBENCH_CACHE) $(PY) -m qbench.methods._llamacpp setup
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install qbench with every extra (CPU torch)

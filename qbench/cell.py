@@ -374,6 +374,9 @@ def _memory(model: Any, method: Any, cfg: Any, result: Dict[str, Any], where: Di
     from qbench.measure import memory
 
     where["phase"] = "memory"
+    if hasattr(method, "measure_memory"):  # a model that runs outside torch (gguf: llama.cpp) measures itself
+        result["metrics"]["memory"] = method.measure_memory(model, cfg.method)
+        return result["metrics"]["memory"]
     footprint = memory.weight_footprint(model, method)
     analytic = memory.analytic_weights(model.config, method, cfg.method)
     mem = result["metrics"]["memory"] = {**footprint, **analytic, **memory.quantized_share(model, method)}
@@ -392,7 +395,7 @@ def _latency(model: Any, tokenizer: Any, method: Any, cfg: Any, device: str, pha
     where["phase"] = "latency"
     t0 = time.perf_counter()
     with timing.collect() as spent:
-        lat = latency.measure(
+        lat = getattr(method, "measure_latency", latency.measure)(  # gguf: llama.cpp's own loop
             model, tokenizer, cfg.bench, device, phases,
             footprint["weight_bytes_read_per_token"],  # the untied input embedding is read a row at a time
             model.config,
@@ -411,9 +414,14 @@ def _latency(model: Any, tokenizer: Any, method: Any, cfg: Any, device: str, pha
 
 def _accuracy(model: Any, tokenizer: Any, cfg: Any, device: str, phases: Any, result: Dict[str, Any],
               where: Dict[str, str], clock: Any) -> None:
+    from qbench import methods
     from qbench.evaluate import accuracy
 
     where["phase"] = "eval"
+    unsupported = getattr(methods.get(cfg.method.kind), "ACCURACY_UNSUPPORTED", None)
+    if unsupported:  # no lm-eval adapter fits the method's runtime (gguf: llama.cpp): the result says why
+        result["warnings"].append(unsupported)
+        return
     t0 = time.perf_counter()
     with phases.phase("eval"):
         result["metrics"]["accuracy"] = accuracy.run(model, tokenizer, cfg.eval, device, result["random_weights"],

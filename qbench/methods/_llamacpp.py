@@ -1,0 +1,319 @@
+"""llama.cpp plumbing for the gguf method: the converter, the quantizer, a runtime that looks like a causal LM to
+qbench's quality path, and llama.cpp's own latency figures.
+
+The runtime is llama-cpp-python (pinned: LLAMA_CPP_PYTHON), which builds the llama.cpp it vendors from source.
+Two things the wheel does not ship come from the same sdist, unpacked once by ``python -m qbench.methods._llamacpp
+setup`` (``make install`` runs it) into ``<cache>/llama.cpp-<version>/``: ``convert_hf_to_gguf.py`` with its
+``conversion/`` package and the matching ``gguf-py`` (HF folder -> f32 GGUF). Same sdist, same llama.cpp commit,
+so converter, quantizer and runtime agree on the format.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+LOG = logging.getLogger(__name__)
+
+LLAMA_CPP_PYTHON = "0.3.36"  # pinned: pyproject.toml's gguf extra says the same
+SOURCES_ENV = "QBENCH_LLAMACPP_SRC"  # a llama.cpp checkout (or unpacked vendor/llama.cpp) to take the converter from
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "tools/perplexity", "LICENSE")
+# llama_ftype values of llama.h (llama_cpp.LLAMA_FTYPE_MOSTLY_*), by llama-quantize's names
+FTYPES = {"Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q3_K_M": 12}
+# The base tensor type of each ftype and its bits per weight (ggml block bytes * 8 / block weights): Q8_0 34 B per
+# 32 weights; the k-quants 256-weight super-blocks (Q6_K 210 B, Q5_K 176 B, Q4_K 144 B, Q3_K 110 B). The _M mixes
+# put some tensors (attn_v, ffn_down) one type higher: Q4_K_M averages about 4.8 bits on a 7B Llama.
+BASE_TYPE = {"Q8_0": ("Q8_0", 8.5), "Q6_K": ("Q6_K", 6.5625), "Q5_K_M": ("Q5_K", 5.5), "Q4_K_M": ("Q4_K", 4.5),
+             "Q3_K_M": ("Q3_K", 3.4375)}
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def sources_dir(cache_root: Path) -> Path:
+    """Where the converter lives: $QBENCH_LLAMACPP_SRC, else ``<cache>/llama.cpp-<pinned version>``."""
+    env = os.environ.get(SOURCES_ENV)
+    return Path(env).expanduser() if env else Path(cache_root) / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+
+
+def check_sources(src: Path) -> None:
+    from qbench.errors import ConfigError
+
+    if not (src / "convert_hf_to_gguf.py").is_file() or not (src / "gguf-py").is_dir():
+        raise ConfigError(f"method.kind gguf: llama.cpp's converter is not in {src}; run `python -m "
+                          f"qbench.methods._llamacpp setup` (make install does) or set {SOURCES_ENV}")
+
+
+def setup(cache_root: Path, sdist: Optional[Path] = None) -> Path:
+    """Unpack the converter from llama-cpp-python's sdist (downloaded by pip when ``sdist`` is None)."""
+    dest = sources_dir(cache_root)
+    if (dest / "convert_hf_to_gguf.py").is_file():
+        return dest
+    if sdist is None:
+        dl = Path(cache_root) / "downloads"
+        dl.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dl),
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], check=True)
+        sdist = dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
+            if rel and any(rel == f or rel.startswith(f + "/") for f in CONVERTER_FILES):
+                m.name = rel
+                members.append(m)
+        tar.extractall(tmp, members=members, filter="data")
+    os.replace(tmp, dest)
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------ convert
+def convert(hf_dir: Path, out_file: Path, src: Path, log_file: Path) -> Dict[str, Any]:
+    """HF folder -> f32 GGUF with llama.cpp's own converter, in a child process (it imports its own gguf-py)."""
+    env = {**os.environ, SOURCES_ENV: str(src)}
+    t0 = time.perf_counter()
+    with open(log_file, "a", encoding="utf-8") as log:
+        proc = subprocess.run([sys.executable, "-m", __name__, "convert", str(hf_dir), str(out_file)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+        raise RuntimeError(f"convert_hf_to_gguf.py failed on {hf_dir}: {tail[0] if tail else proc.returncode}")
+    text = log_file.read_text(encoding="utf-8", errors="replace")
+    return {"convert_s": time.perf_counter() - t0, "outtype": "f32",
+            "tokenizer_pre_fallback": "gpt-2" if "qbench: pre-tokenizer fallback gpt-2" in text else None}
+
+
+def _convert_child(hf_dir: str, out_file: str) -> None:
+    """Runs convert_hf_to_gguf.py. One patch: a byte-level BPE tokenizer whose pre-tokenizer hash llama.cpp does not
+    know (qbench's tiny tokenizer, trained here) is written as "gpt-2", which is what a plain ByteLevel pre-tokenizer
+    is; the converter otherwise refuses it. Any other tokenizer still fails as the converter decides."""
+    import runpy
+
+    src = Path(os.environ[SOURCES_ENV])
+    sys.path[:0] = [str(src / "gguf-py"), str(src)]
+    from conversion import base
+
+    original = base.TextModel.get_vocab_base_pre
+
+    def get_vocab_base_pre(self, tokenizer):
+        try:
+            return original(self, tokenizer)
+        except NotImplementedError:
+            pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+            if type(pre).__name__ != "ByteLevel":
+                raise
+            print("qbench: pre-tokenizer fallback gpt-2 (plain ByteLevel, hash unknown to llama.cpp)", flush=True)
+            return "gpt-2"
+
+    base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+    sys.argv = ["convert_hf_to_gguf.py", hf_dir, "--outfile", out_file, "--outtype", "f32"]
+    runpy.run_path(str(src / "convert_hf_to_gguf.py"), run_name="__main__")
+
+
+# ------------------------------------------------------------------------------------------------ quantize
+def quantize(src: Path, dst: Path, quant_type: str, n_threads: int) -> Dict[str, Any]:
+    """llama_model_quantize (what llama-quantize runs) of an f32 GGUF to ``quant_type``."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[quant_type]
+    params.nthread = int(n_threads)
+    t0 = time.perf_counter()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize to {quant_type} returned {rc}")
+    return {"quantize_s": time.perf_counter() - t0, "quantize_threads": int(n_threads)}
+
+
+def tensor_types(path: Path) -> List[Dict[str, Any]]:
+    """Every tensor of a GGUF file: name, type, elements and bytes as stored."""
+    from gguf import GGUFReader
+
+    return [{"name": t.name, "type": t.tensor_type.name, "elements": int(t.n_elements), "bytes": int(t.n_bytes)}
+            for t in GGUFReader(str(path)).tensors]
+
+
+def file_type(path: Path) -> Optional[str]:
+    """general.file_type of a GGUF (llama_ftype by name, e.g. MOSTLY_Q4_1), None when absent."""
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(str(path)).get_field("general.file_type")
+    if field is None:
+        return None
+    value = int(field.parts[field.data[0]][0])
+    try:
+        return LlamaFileType(value).name
+    except ValueError:
+        return str(value)
+
+
+def build_info() -> Dict[str, Any]:
+    """What the runtime was built as: llama-cpp-python's version and llama.cpp's system info (SIMD, BLAS, CUDA)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info()
+    return {"llama_cpp_python": llama_cpp.__version__,
+            "llama_cpp_system_info": info.decode(errors="replace").strip() if isinstance(info, bytes) else str(info),
+            "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload())}
+
+
+# ------------------------------------------------------------------------------------------------ runtime
+class LlamaCppLM:
+    """A GGUF model in llama.cpp, shaped like the causal LM that qbench.evaluate.quality reads: ``model(ids).logits``
+    ([batch, tokens, vocab] float32 torch, from llama.cpp's full-vocabulary logits) and ``parameters()`` (where those
+    logits land: the CPU). So quality runs its own code on the same windows as every torch cell."""
+
+    def __init__(self, path: Path, n_ctx: int, n_threads: int, n_batch: int):
+        from llama_cpp import Llama
+
+        self.path, self.n_threads = Path(path), int(n_threads)
+        self.llm = Llama(model_path=str(path), n_ctx=int(n_ctx), n_batch=int(n_batch), n_ubatch=int(n_batch),
+                         n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=0,
+                         logits_all=True, verbose=False)
+        self.n_vocab = int(self.llm.n_vocab())
+        self.config = None
+        # freed before interpreter teardown: Llama.__del__ at exit finds llama_cpp's globals gone (a TypeError)
+        atexit.register(self.llm.close)
+
+    def eval(self) -> "LlamaCppLM":
+        return self
+
+    def parameters(self):
+        import torch
+
+        yield torch.zeros(0)
+
+    def get_input_embeddings(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(num_embeddings=self.n_vocab)
+
+    def __call__(self, input_ids: Any):
+        """Logits of every position of every row; each row from an empty KV cache (rows are independent)."""
+        from types import SimpleNamespace
+
+        import torch
+
+        rows = []
+        for seq in input_ids.tolist():
+            self.llm.reset()
+            self.llm.eval(seq)
+            rows.append(torch.from_numpy(self.llm.scores[: len(seq)].copy()))
+        return SimpleNamespace(logits=torch.stack(rows))
+
+    def weight_bytes(self) -> int:
+        """llama.cpp's own count of the bytes its weight tensors hold (llama_model_size)."""
+        import llama_cpp
+
+        return int(llama_cpp.llama_model_size(self.llm.model))
+
+
+# ------------------------------------------------------------------------------------------------ latency
+def _timed_runs(run: Any, s: Any) -> List[float]:
+    """Seconds of each timed run after ``s.warmup_runs`` discarded ones: at least min_repeats, at most max_repeats,
+    and no new run once max_time_per_figure_s of timed runs is spent."""
+    for _ in range(int(s.warmup_runs)):
+        run()
+    times: List[float] = []
+    cap = s.max_time_per_figure_s
+    while len(times) < int(s.max_repeats):
+        if len(times) >= int(s.min_repeats) and (cap is None or sum(times) >= float(cap)):
+            break
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_latency(model: LlamaCppLM, bench_cfg: Any, vocab: int, special_ids: List[int]) -> Dict[str, Any]:
+    """The latency section for a llama.cpp model: prefill (time to first token) and decode (tokens/s) at batch 1,
+    in llama.cpp's own loop, on random prompts drawn like the torch path's (special tokens excluded).
+
+    Only the last position's logits are computed while timing (as generate() does), not every position's as the
+    quality path needs. Decode feeds one token per step (random ids: a dense model's step costs the same for any
+    token). Batch sizes above 1 are recorded as unsupported: qbench drives one llama.cpp sequence at a time."""
+    import numpy as np
+
+    from qbench.measure.latency import Settings
+    from qbench.measure.stats import cv_warning, summarize
+
+    s = Settings.from_bench(bench_cfg)
+    llm = model.llm
+    rng = np.random.default_rng(s.seed)
+    allowed = np.setdiff1d(np.arange(vocab), np.asarray(special_ids, dtype=np.int64))
+    out: Dict[str, Any] = {"device": "cpu", "timer": "time.perf_counter", "runtime": "llama.cpp",
+                           "threads": model.n_threads, "prefill": [], "decode": [], "unsupported": [],
+                           "warnings": [], "one_time": {"first_call_s": None, "compile_s": None}}
+    logits_all, llm._logits_all = llm._logits_all, False  # llama-cpp-python 0.3.36: last-position logits only
+    try:
+        for p in s.prompt_tokens:
+            ids = rng.choice(allowed, size=int(p)).tolist()
+            times = _timed_runs(lambda: (llm.reset(), llm.eval(ids)), s)
+            ttft = summarize([t * 1e3 for t in times], "ms")
+            out["prefill"].append({"batch_size": 1, "prompt_tokens": int(p), "ttft_ms": ttft,
+                                   "tokens_per_s": int(p) / (ttft["p50"] / 1e3), "compute_bound_fraction": None})
+            LOG.info("llama.cpp prefill bs=1 prompt=%d: %.1f ms (median of %d, %d threads)", p, ttft["p50"],
+                     len(times), model.n_threads)
+        out["decode"].append(_decode_row(llm, s, rng, allowed))
+        LOG.info("llama.cpp decode bs=1: %.1f tokens/s (median of %d runs of %d tokens)",
+                 out["decode"][0]["tokens_per_s"]["p50"], out["decode"][0]["tokens_per_s"]["n"], s.new_tokens)
+    finally:
+        llm._logits_all = logits_all
+    for b in s.batch_sizes:
+        if int(b) > 1:
+            out["unsupported"].append({"decode_path": "llama.cpp", "batch_size": int(b),
+                                       "reason": "qbench drives one llama.cpp sequence at a time (batch 1 only)"})
+    for row in out["prefill"] + out["decode"]:
+        dist = row.get("ttft_ms") or row.get("tokens_per_s")
+        warning = cv_warning(f"llama.cpp bs={row['batch_size']}", dist, s.cv_warn_threshold)
+        if warning:
+            out["warnings"].append(warning)
+    return out
+
+
+def _decode_row(llm: Any, s: Any, rng: Any, allowed: Any) -> Dict[str, Any]:
+    from qbench.measure.stats import summarize
+
+    prompt = rng.choice(allowed, size=int(s.decode_prompt_tokens)).tolist()
+    steps = rng.choice(allowed, size=int(s.new_tokens)).tolist()
+    per_token: List[float] = []
+
+    def run() -> None:
+        llm.reset()
+        llm.eval(prompt)
+        for tok in steps:
+            t0 = time.perf_counter()
+            llm.eval([tok])
+            per_token.append(time.perf_counter() - t0)
+
+    times = _timed_runs(run, s)
+    n_timed = len(times) * len(steps)
+    step_ms = [t * 1e3 for t in per_token[-n_timed:]]
+    runs = [step_ms[i * len(steps):(i + 1) * len(steps)] for i in range(len(times))]
+    return {"decode_path": "llama.cpp", "batch_size": 1, "prompt_tokens": int(s.decode_prompt_tokens),
+            "new_tokens": int(s.new_tokens),
+            "tokens_per_s": summarize([len(r) / (sum(r) / 1e3) for r in runs], "tokens/s"),
+            "per_token_ms": summarize([sum(r) / len(r) for r in runs], "ms"),
+            "bandwidth_bound_tokens_per_s": None, "bandwidth_bound_fraction": None, "energy_j_per_token": None}
+
+
+def main(argv: List[str]) -> int:
+    if argv[:1] == ["convert"] and len(argv) == 3:
+        _convert_child(argv[1], argv[2])
+        return 0
+    if argv[:1] == ["setup"]:
+        cache = Path(os.environ.get("QBENCH_CACHE") or ".cache/qbench").expanduser()
+        print(setup(cache, Path(argv[1]) if len(argv) > 1 else None))
+        return 0
+    print("usage: python -m qbench.methods._llamacpp setup [SDIST.tar.gz] | convert HF_DIR OUT.gguf", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

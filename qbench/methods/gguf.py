@@ -1,0 +1,194 @@
+"""GGUF quantization through llama.cpp (Q8_0 and the k-quants Q6_K, Q5_K_M, Q4_K_M, Q3_K_M), run by llama.cpp.
+
+The source folder is converted once to an f32 GGUF by llama.cpp's own converter and quantized by
+``llama_model_quantize`` (what ``llama-quantize`` runs), both cached under ``<cache>/quantized/<key>`` keyed by the
+source's fingerprint, the quant type and llama-cpp-python's version (qbench/quant_cache.py). The model then runs
+in llama.cpp, not torch, so this module measures it itself, through three hooks qbench/cell.py calls when a method
+has them: ``measure_memory`` (the weight bytes llama.cpp holds; the tensor types the file holds),
+``measure_latency`` (prefill and decode in llama.cpp's loop) and ``ACCURACY_UNSUPPORTED`` (why lm-eval is not run).
+Quality needs no hook: the loaded model answers ``model(ids).logits`` from llama.cpp's full-vocabulary logits, so
+qbench.evaluate.quality scores it on the same windows against the same baseline as every torch cell.
+
+k-quants work on super-blocks of 256 weights along a row: a tensor whose rows are not a multiple of 256 long
+(SmolLM2-135M's hidden 576, the tiny model's 128) gets llama.cpp's fallback type (Q4_K -> Q5_0, Q5_K -> Q5_1,
+Q6_K -> Q8_0, Q3_K -> Q4_0). The result counts the tensors of each type (metrics.memory.tensor_types).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from qbench.config import MethodBase
+from qbench.methods import _llamacpp as lc
+
+LOG = logging.getLogger(__name__)
+
+KIND = "gguf"
+EXTRA = "gguf"
+LIBRARIES = ("llama-cpp-python", "gguf", "sentencepiece")
+QUANT_TYPES = tuple(lc.FTYPES)
+SUPER_BLOCK = 256  # weights per k-quant super-block (QK_K)
+# llama.cpp's tensor_type_fallback (src/llama-quant.cpp): the type a row not divisible by 256 gets, and its bits
+FALLBACK = {"Q6_K": ("Q8_0", 8.5), "Q5_K": ("Q5_1", 6.0), "Q4_K": ("Q5_0", 5.5), "Q3_K": ("Q4_0", 4.5)}
+ACCURACY_UNSUPPORTED = ("accuracy (lm-eval) not run for gguf cells: lm-eval 0.4.13's gguf adapter talks to a running "
+                        "llama.cpp HTTP server, and HFLM needs a transformers model; quality (KL, top-1, perplexity "
+                        "vs the baseline) is measured")
+
+
+@dataclass
+class Config(MethodBase):
+    kind: str = KIND
+    dtype: str = "float32"  # dtype of the f32 GGUF llama.cpp quantizes from (f32: no rounding before quantizing)
+    quant_type: str = "Q4_K_M"  # Q8_0 | Q6_K | Q5_K_M | Q4_K_M | Q3_K_M (llama-quantize's names)
+    n_threads: Optional[int] = None  # llama.cpp threads (count); null: the CPUs this cell may run on
+    n_ctx_tokens: int = 1024  # llama.cpp context (tokens): at least eval.quality.ctx_tokens and the longest prompt
+    n_batch_tokens: int = 512  # tokens per llama.cpp decode call (prefill, quality windows)
+
+
+def validate(cfg: Any) -> None:
+    from qbench.config import ConfigError
+
+    if cfg.quant_type not in QUANT_TYPES:
+        raise ConfigError(f"method.quant_type: '{cfg.quant_type}' is not one of {', '.join(QUANT_TYPES)}")
+    if cfg.dtype != "float32":
+        raise ConfigError(f"method.dtype: '{cfg.dtype}': gguf quantizes from an f32 GGUF; use float32")
+    if cfg.n_threads is not None and int(cfg.n_threads) < 1:
+        raise ConfigError(f"method.n_threads: {cfg.n_threads} must be at least 1 (or null)")
+    for key in ("n_ctx_tokens", "n_batch_tokens"):
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"method.{key}: {cfg[key]} must be at least 1")
+
+
+def threads(cfg: Any) -> int:
+    """llama.cpp threads: the configured count, else every CPU this process may run on (its affinity)."""
+    return int(cfg.n_threads) if cfg.n_threads else len(os.sched_getaffinity(0))
+
+
+def linear_weight_bytes(out_features: int, in_features: int, cfg: Any) -> float:
+    """Bytes of one linear in the quant type's base tensor type, or in llama.cpp's fallback type when its rows
+    (in_features) are not a multiple of 256. The _M mixes put attn_v and ffn_down one type higher in some layers:
+    this nominal figure is below the file's; metrics.memory gives the file's own, tensor by tensor."""
+    base, bits = lc.BASE_TYPE[cfg.quant_type]
+    if base in FALLBACK and in_features % SUPER_BLOCK:
+        bits = FALLBACK[base][1]
+    return out_features * in_features * bits / 8
+
+
+def load(source: Any, cfg: Any, device_map: Any):
+    """(LlamaCppLM, info): the source converted and quantized once (cached), loaded into llama.cpp on the CPU."""
+    from qbench import quant_cache
+
+    root = quant_cache.cache_root(source)
+    src = lc.sources_dir(root)
+    lc.check_sources(src)
+    t0 = time.perf_counter()
+    fingerprint = quant_cache.source_fingerprint(source)
+    f32_key = quant_cache.cache_key({"kind": "gguf_f32", "source": fingerprint,
+                                     "llama_cpp_python": lc.LLAMA_CPP_PYTHON})
+    f32_dir, f32_meta, f32_hit = quant_cache.get_or_build(
+        root, f32_key, lambda tmp: lc.convert(Path(source.path), tmp / "model-f32.gguf", src, tmp / "quantize.log"))
+    key = quant_cache.cache_key({"kind": KIND, "quant_type": cfg.quant_type, "f32_key": f32_key,
+                                 "llama_cpp_python": lc.LLAMA_CPP_PYTHON})
+    n_threads = threads(cfg)
+    q_dir, q_meta, hit = quant_cache.get_or_build(
+        root, key, lambda tmp: lc.quantize(f32_dir / "model-f32.gguf", tmp / f"model-{cfg.quant_type}.gguf",
+                                           cfg.quant_type, n_threads))
+    gguf_file = q_dir / f"model-{cfg.quant_type}.gguf"
+    t_built = time.perf_counter()
+    model = lc.LlamaCppLM(gguf_file, int(cfg.n_ctx_tokens), n_threads, int(cfg.n_batch_tokens))
+    info: Dict[str, Any] = {
+        **lc.build_info(), "quant_type": cfg.quant_type, "gguf_file": str(gguf_file),
+        "gguf_file_bytes": gguf_file.stat().st_size, "cache_key": key, "cache_hit": hit, "f32_cache_hit": f32_hit,
+        "convert_s": f32_meta.get("convert_s"), "quantize_s": q_meta.get("quantize_s"),
+        "tokenizer_pre_fallback": f32_meta.get("tokenizer_pre_fallback"), "n_threads": n_threads,
+        "n_ctx_tokens": int(cfg.n_ctx_tokens), "n_batch_tokens": int(cfg.n_batch_tokens), "runs_on": "cpu",
+        "load_s_excluding_quantize": time.perf_counter() - t_built, "prepare_s": t_built - t0,
+        "accuracy_skipped": ACCURACY_UNSUPPORTED, **_source_note(source, cfg)}
+    if device_map != {"": "cpu"}:
+        info["gpu_note"] = ("this llama.cpp build has " + ("GPU offload, unused: layers stay on the CPU"
+                            if info["gpu_offload_supported"] else "no GPU offload (built without CUDA)")
+                            + "; the figures are the CPU's")
+        LOG.warning("gguf: %s", info["gpu_note"])
+    return model, info
+
+
+def _source_note(source: Any, cfg: Any) -> Dict[str, Any]:
+    """A source that was itself a quantized GGUF (the demo's Q4_1) was dequantized by qbench before this method
+    quantizes it again: the result says so, since the k-quant then rounds already-rounded weights."""
+    gguf_file = (source.info or {}).get("gguf_file")
+    if not gguf_file:
+        return {"requantized_from": None}
+    ftype = lc.file_type(Path(gguf_file))
+    if ftype in (None, "ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"):
+        return {"requantized_from": None, "source_gguf_file_type": ftype}
+    note = (f"the source GGUF is {ftype}, dequantized to fp32 by qbench: {cfg.quant_type} requantizes weights that "
+            "already carry its rounding (so does the fp32 baseline: comparisons between methods hold)")
+    LOG.warning("gguf: %s", note)
+    return {"requantized_from": ftype, "source_gguf_file_type": ftype, "requantize_note": note}
+
+
+def measure_memory(model: Any, cfg: Any) -> Dict[str, Any]:
+    """metrics.memory of a llama.cpp model: measured = the bytes llama.cpp's weight tensors hold
+    (llama_model_size); analytic = every tensor's elements times its ggml type's bytes per weight (block bytes /
+    block weights), from the file's tensor list; the decoder's 2-D weights are the quantized ones."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from qbench.measure import memory
+
+    tensors = lc.tensor_types(model.path)
+    analytic = 0.0
+    quantized_bytes = quantized_params = 0.0
+    types: Dict[str, int] = {}
+    for t in tensors:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[t["type"]]]
+        nbytes = t["elements"] * size / block
+        analytic += nbytes
+        if _is_decoder_linear(t["name"]):
+            quantized_bytes += nbytes
+            quantized_params += t["elements"]
+            types[t["type"]] = types.get(t["type"], 0) + 1
+    measured = model.weight_bytes()
+    names = {t["name"] for t in tensors}
+    embd = sum(t["bytes"] for t in tensors if t["name"] == "token_embd.weight")
+    tied = "output.weight" not in names  # llama.cpp reads the token embedding as the output layer then
+    base = lc.BASE_TYPE[cfg.quant_type][0]
+    return {
+        "weight_bytes_measured": measured,
+        "weight_bytes_get_memory_footprint": None,
+        "weight_bytes_read_per_token": measured - (0 if tied else embd),
+        "input_embedding_bytes": embd, "tied_embeddings": tied,
+        "weight_bytes_analytic": int(round(analytic)),
+        "weight_measured_over_analytic": measured / analytic if analytic else None,
+        "params_total": int(sum(t["elements"] for t in tensors)),
+        "params_quantized": int(quantized_params),
+        "bits_per_weight_quantized": 8 * quantized_bytes / quantized_params if quantized_params else None,
+        "bits_per_weight_nominal": lc.BASE_TYPE[cfg.quant_type][1],
+        "tensor_types": types,  # decoder linears per ggml type: the quant type's own, the _M mix's and fallbacks
+        # a k-quant's decoder linears held in a legacy type: rows not a multiple of 256 (llama.cpp's fallback)
+        "fallback_tensors": sum(n for ty, n in types.items() if not ty.endswith("_K")) if base.endswith("_K") else 0,
+        "quantized_share": None,
+        "rss_peak_bytes": memory.rss_peak_bytes(),
+    }
+
+
+def _is_decoder_linear(name: str) -> bool:
+    """blk.N.<attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down>.weight: what the k-quant quantizes."""
+    parts = name.split(".")
+    return parts[0] == "blk" and parts[-1] == "weight" and not parts[2].endswith("norm")
+
+
+def measure_latency(model: Any, tokenizer: Any, bench_cfg: Any, device: Any, phases: Any,
+                    weight_bytes_read_per_token: int, model_config: Any, compute_dtype: Any = None) -> Dict[str, Any]:
+    """The latency section from llama.cpp's own loop (qbench/methods/_llamacpp.py: batch 1, CPU)."""
+    import contextlib
+
+    out: Dict[str, Any] = {}
+    # prefill and decode run in one llama.cpp loop: its memory is recorded under "decode"
+    with phases.phase("decode") if phases is not None else contextlib.nullcontext():
+        out = lc.measure_latency(model, bench_cfg, model.n_vocab, list(getattr(tokenizer, "all_special_ids", [])))
+    out["kv_cache_bytes_analytic"] = []
+    return out
