@@ -15,7 +15,6 @@ from qbench import tiny
 from qbench.config import BenchConfig
 from qbench.measure import gpu_specs, latency, memory, timing
 
-
 # ---- the repeat loop -----------------------------------------------------------------------------------
 
 
@@ -219,7 +218,7 @@ def test_measure_on_gpu(tmp_path):
     for d in out["decode"]:
         assert d["tokens_per_s"]["p50"] > 0
         if out["gpu_spec"] is not None:
-            assert 0 < d["bandwidth_bound_fraction"]
+            assert d["bandwidth_bound_fraction"] > 0
     assert out["gpu_state"]["start"]["gpus"][0]["index"] == 0
     assert pm.summary()["peak_allocated_bytes"]["decode"] > 0
 
@@ -487,9 +486,8 @@ def _spin(seconds: float) -> None:
 
 def test_deadline_stops_a_block_that_runs_past_it():
     t0 = time.monotonic()
-    with pytest.raises(timing.DeadlineExceeded, match="too slow"):
-        with timing.deadline(0.2, "too slow"):
-            _spin(5.0)
+    with pytest.raises(timing.DeadlineExceeded, match="too slow"), timing.deadline(0.2, "too slow"):
+        _spin(5.0)
     assert time.monotonic() - t0 < 2.0
     with timing.deadline(5.0, "never"):  # a block that ends in time is left alone, and so is what follows
         _spin(0.05)
@@ -502,13 +500,12 @@ def test_deadline_raises_again_when_a_library_swallows_the_first():
     """Dynamo and Inductor catch and wrap errors raised while they compile; one that carried on would otherwise
     compile for as long as it liked."""
     swallowed = []
-    with pytest.raises(timing.DeadlineExceeded):
-        with timing.deadline(0.1, "late"):
-            try:
-                _spin(5.0)
-            except timing.DeadlineExceeded:
-                swallowed.append(True)
-            _spin(5.0)  # the library's own carrying on
+    with pytest.raises(timing.DeadlineExceeded), timing.deadline(0.1, "late"):
+        try:
+            _spin(5.0)
+        except timing.DeadlineExceeded:
+            swallowed.append(True)
+        _spin(5.0)  # the library's own carrying on
     assert swallowed == [True]
 
 

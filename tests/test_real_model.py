@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 
 from qbench import methods, models, weights
 from qbench.cli import conf_dir
-from qbench.preflight import register_configs
 from qbench.evaluate import quality
 from qbench.evaluate.perplexity import load_perplexity_text
+from qbench.preflight import register_configs
 
 register_configs()
 GGUF = weights.default_dest() / weights.file_name("smollm2")
