@@ -109,7 +109,6 @@ def test_host_cpu_load_from_cpu_times(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_state_on_gpu():
     snap = gpu_state.snapshot("cuda")
     assert snap["gpus"][0]["index"] == 0

@@ -203,7 +203,6 @@ def test_cv_warnings_are_returned(tiny_model):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_measure_on_gpu(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
