@@ -307,17 +307,20 @@ def _end_to_end(kind, tiny_source, monkeypatch):
     return info
 
 
+@pytest.mark.slow  # a real GPT-QModel quantization on CPU
 def test_gptq_end_to_end(tiny_source, monkeypatch):
     info = _end_to_end("gptq", tiny_source, monkeypatch)
     assert info["quantization_config"]["quant_method"] == "gptq" and info["quantization_config"]["sym"] is True
 
 
+@pytest.mark.slow  # a real GPT-QModel quantization on CPU
 def test_awq_end_to_end(tiny_source, monkeypatch):
     info = _end_to_end("awq", tiny_source, monkeypatch)
     assert info["quantization_config"]["quant_method"] == "awq"
     assert info["quantization_config"]["zero_point"] is True  # sym: false
 
 
+@pytest.mark.slow  # a real GPT-QModel quantization on CPU
 def test_quantization_failure_is_a_clear_exception(tiny_source, tmp_path):
     """A source GPT-QModel cannot quantize raises naming the model and the cause (the runner's error row)."""
     import shutil

@@ -426,6 +426,7 @@ def test_graph_path_replays_generates_own_compiled_step(tiny_model):
     assert int(latency._cache_of(calls).get_seq_length()) == ids.shape[1] + n - 1
 
 
+@pytest.mark.slow  # real Inductor compiles on CPU
 def test_measure_graph_path_on_cpu(tiny_model):
     model, tok = tiny_model
     cfg = _quick(batch_sizes=[1, 2], prompt_tokens=[8], decode_paths=["graph", "eager", "static"],
@@ -442,6 +443,7 @@ def test_measure_graph_path_on_cpu(tiny_model):
     assert out["copy_bandwidth"] is None  # measured on GPUs only
 
 
+@pytest.mark.slow  # real Inductor compiles on CPU
 def test_compiled_paths_run_at_compiled_batch_sizes_only(tiny_model, caplog):
     """bench.compiled_batch_sizes=[1]: static and graph at batch 1 only (one compile), eager at every batch size;
     the skipped figures are named in the log and are not recorded as unsupported."""
@@ -535,6 +537,7 @@ def test_deadline_is_a_no_op_off_the_main_thread():
     assert done == [True]
 
 
+@pytest.mark.slow  # every static call spins 3 s of fake compile, and the test makes many
 def test_a_compile_past_max_compile_s_marks_static_and_graph_unsupported(tiny_model, monkeypatch):
     """A compile that runs past bench.max_compile_s ends that path (and graph, which replays static's compiled
     step) as unsupported with the reason; eager is measured at every batch size all the same. The deadline
