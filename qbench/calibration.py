@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+
 @dataclass
 class CalibrationConfig:
     """The ``calibration`` block of a calibrating method's schema: texts are joined, tokenized with the model's

@@ -33,7 +33,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from qbench.measure.stats import percentile, summarize as distribution
+from qbench.measure.stats import percentile
+from qbench.measure.stats import summarize as distribution
 
 # (median, unit, standard error of that median or None, half-width of its stored 95 % CI or None)
 Figure = Tuple[float, str, Optional[float], Optional[float]]
@@ -75,7 +76,7 @@ def median_standard_error(values: List[float]) -> Optional[float]:
     return 1.2533 * 1.4826 * mad / math.sqrt(len(values))
 
 
-@functools.lru_cache(maxsize=None)  # one integration per run count, not one per figure
+@functools.cache  # one integration per run count, not one per figure
 def expected_range(n: int) -> float:
     """d2(n): the expected range (max - min) of n independent standard normal draws, by numerical integration of
     E[range] = integral of 1 - Phi(x)^n - (1 - Phi(x))^n dx (d2(2) = 1.128, d2(5) = 2.326, d2(10) = 3.078)."""

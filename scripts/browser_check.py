@@ -168,7 +168,7 @@ class _CDP:
             while time.time() < end:
                 try:
                     msg = json.loads(self.ws.recv())
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 if "method" in msg:
                     self._event(msg)

@@ -175,7 +175,7 @@ def summarize(runs: Path, git_prefix: Optional[str] = None) -> tuple[pd.DataFram
         try:
             result = json.loads(file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise SystemExit(f"summarize_runs: {file}: not a readable result.json ({exc})")
+            raise SystemExit(f"summarize_runs: {file}: not a readable result.json ({exc})") from exc
         where = {"path": rel, **locate(rel)}
         history = f"{git_prefix}/{rel}/result.json" if git_prefix else None
         run_rows.append({**where, **run_row(result), "added_in": added_in(file, history)})

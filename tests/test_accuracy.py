@@ -9,13 +9,13 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import OmegaConf
 
-from qbench import tiny  # noqa: E402
-from qbench.config import ConfigError, EvalConfig, PerplexityConfig, validate_eval  # noqa: E402
-from qbench.evaluate import accuracy, perplexity, tasks  # noqa: E402
-from qbench.evaluate.paired import compare_items  # noqa: E402
-from qbench.tasks import MMLU_SUBJECTS  # noqa: E402
+from qbench import tiny
+from qbench.config import ConfigError, EvalConfig, PerplexityConfig, validate_eval
+from qbench.evaluate import accuracy, perplexity, tasks
+from qbench.evaluate.paired import compare_items
+from qbench.tasks import MMLU_SUBJECTS
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SUBJECTS = ["college_mathematics", "philosophy"]  # stem, humanities

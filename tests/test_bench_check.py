@@ -173,7 +173,7 @@ def spreads(bench_check, figures, group: str, path: str, metric: str = "tokens_p
                    & (figures.batch_size == 1) & (figures.metric == metric)].sort_values("run_index")
     medians = rows.p50.tolist()
     halves = [None if h != h else h for h in ((rows.ci_high - rows.ci_low) / 2).tolist()]  # NaN: no stored CI
-    pct = lambda x: None if x is None else f"{x * 100:.1f}%"  # noqa: E731
+    pct = lambda x: None if x is None else f"{x * 100:.1f}%"
     return (len(medians), pct(bench_check.spread(medians)[0]),
             pct(bench_check.sampling_spread(medians, rows.median_se.tolist())),
             pct(bench_check.ci_spread(medians, halves)))
@@ -289,7 +289,7 @@ def test_the_recorded_rounds(recorded, method, path):
     (row,) = figures[(figures.path == f"h200_8b/rounds_8b/llama3_1_8b_instruct__{method}")
                      & (figures.decode_path == path) & (figures.metric == "tokens_per_s")].itertuples()
     medians = ", ".join(f"{float(v):.1f}" for v in row.rounds_medians.split(";"))
-    line = next(l for l in STABILITY_PAGE.splitlines() if l.startswith(f"| {method} | decode {path} |"))
+    line = next(x for x in STABILITY_PAGE.splitlines() if x.startswith(f"| {method} | decode {path} |"))
     assert medians in line and f"{row.p50:.1f} ± " in line and row.rounds_dominated_by in line
 
 

@@ -149,7 +149,7 @@ def test_calibration_windows(tmp_path):
     b, _ = calibration.build(cal, tok)
     assert a == b and len(a) == 5 and all(len(r["input_ids"]) == 32 == sum(r["attention_mask"]) for r in a)
     assert info["format"] == "jsonl" and info["texts"] == 200 and info["text_field"] == "question"
-    assert "answer" not in tok.decode(sum((r["input_ids"] for r in a), []))
+    assert "answer" not in tok.decode([t for r in a for t in r["input_ids"]])
     c, info_c = calibration.build(SimpleNamespace(**{**vars(cal), "seed": 4}), tok)
     assert c != a and info_c["token_ids_sha256"] != info["token_ids_sha256"]
     with pytest.raises(KeyError, match="text_field"):
@@ -377,17 +377,20 @@ def _end_to_end(kind, tiny_source, monkeypatch):
     return info
 
 
+@pytest.mark.slow  # a real GPT-QModel quantization on CPU
 def test_gptq_end_to_end(tiny_source, monkeypatch):
     info = _end_to_end("gptq", tiny_source, monkeypatch)
     assert info["quantization_config"]["quant_method"] == "gptq" and info["quantization_config"]["sym"] is True
 
 
+@pytest.mark.slow  # a real GPT-QModel quantization on CPU
 def test_awq_end_to_end(tiny_source, monkeypatch):
     info = _end_to_end("awq", tiny_source, monkeypatch)
     assert info["quantization_config"]["quant_method"] == "awq"
     assert info["quantization_config"]["zero_point"] is True  # sym: false
 
 
+@pytest.mark.slow  # a real GPT-QModel quantization on CPU
 def test_quantization_failure_is_a_clear_exception(tiny_source, tmp_path):
     """A source GPT-QModel cannot quantize raises naming the model and the cause (the runner's error row)."""
     import shutil

@@ -208,7 +208,6 @@ def test_phase_memory_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_phase_memory_cuda():
     pm = memory.PhaseMemory("cuda")
     with pm.phase("prefill"):

@@ -99,7 +99,7 @@ def test_method_yaml_composes_with_its_own_schema(name, monkeypatch):
     assert set(cfg.method.keys()) == {f.name for f in dataclasses.fields(module.Config)}
     text = (Path(conf_dir()) / "method" / f"{name}.yaml").read_text()
     assert text.lstrip().startswith("# run with:"), name
-    for key in cfg.method.keys():  # every key says what it is (unit / choices / default) in a comment
+    for key in cfg.method:  # every key says what it is (unit / choices / default) in a comment
         assert re.search(rf"^(\s*){key}:.*#", text, re.M) or key in ("calibration", "description"), f"{name}: {key} undocumented"
 
 

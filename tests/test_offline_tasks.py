@@ -15,15 +15,15 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-import datasets  # noqa: E402
-import lm_eval  # noqa: E402
-import yaml  # noqa: E402
-from lm_eval.api.task import ConfigurableTask  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
+import datasets
+import lm_eval
+import yaml
+from lm_eval.api.task import ConfigurableTask
+from lm_eval.tasks import TaskManager
+from lm_eval.tasks._yaml_loader import load_yaml
 
-from qbench.tasks import MMLU_SUBJECTS, TASKS_DIR, _generate  # noqa: E402
-from qbench.tasks.mmlu import utils as mmlu_utils  # noqa: E402
+from qbench.tasks import MMLU_SUBJECTS, TASKS_DIR, _generate
+from qbench.tasks.mmlu import utils as mmlu_utils
 
 STOCK = Path(lm_eval.__file__).parent / "tasks"
 FIXTURES = Path(__file__).resolve().parents[1] / "qbench" / "data" / "fixtures"
@@ -202,7 +202,8 @@ def test_hub_schema_and_answer_index():
     assert set(ds) == {"dev", "validation", "test"}
     assert ds["test"].features["answer"].names == ["A", "B", "C", "D"]
     assert [len(ds[s]) for s in ("dev", "validation", "test")] == [5, 3, 10]
-    raw = list(csv.reader(open(FIXTURES / "mmlu" / "test" / "nutrition_test.csv", newline="")))
+    with open(FIXTURES / "mmlu" / "test" / "nutrition_test.csv", newline="") as f:
+        raw = list(csv.reader(f))
     assert [row["answer"] for row in ds["test"]] == ["ABCD".index(r[5]) for r in raw]
     assert all(row["subject"] == "nutrition" for row in ds["test"])
 

@@ -43,6 +43,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.mark.slow  # whole sweeps of cell processes
 def test_sweep_with_a_failing_cell_goes_on(tmp_path, cache):
     runs = tmp_path / "runs"
     proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=s", "run.inject_failure=oom:bf16"], runs, cache,
@@ -108,6 +109,7 @@ def test_timeout_becomes_an_error_row(tmp_path, cache):
     assert row["status"] == "error" and row["error"]["class"] == "timeout"
 
 
+@pytest.mark.slow  # whole sweeps of cell processes
 def test_sigkill_mid_cell_then_resume_redoes_exactly_that_cell(tmp_path, cache):
     runs = tmp_path / "runs"
     args = ["-m", *FAST, "method=fp32,bf16,bnb_nf4", "run.sweep=k", f"run.runs_dir={runs}"]
@@ -164,6 +166,7 @@ def test_ctrl_c_stops_cleanly_and_says_what_finished(tmp_path, cache):
     assert "ran" in out and "skipped" in out
 
 
+@pytest.mark.slow  # whole sweeps of cell processes
 def test_two_sweeps_writing_the_same_directory(tmp_path, cache):
     runs = tmp_path / "runs"
     args = ["-m", *FAST, "method=fp32,bf16", "run.sweep=two", f"run.runs_dir={runs}"]
@@ -179,6 +182,7 @@ def test_two_sweeps_writing_the_same_directory(tmp_path, cache):
     assert not leftovers
 
 
+@pytest.mark.slow  # whole sweeps of cell processes
 def test_parallel_launcher_runs_cells_through_submitit_local(tmp_path, cache):
     runs = tmp_path / "runs"
     proc = qbench(["-m", *FAST, "method=fp32,bf16,bnb_int8", "run.sweep=p", "hydra/launcher=parallel"], runs, cache)
@@ -217,6 +221,7 @@ def test_cpu_affinity_pins_the_cell_process(tmp_path, cache):
     assert not any("cpu_affinity" in w for w in row["warnings"])
 
 
+@pytest.mark.slow  # imports GPT-QModel in fresh processes, once per allocator setting
 def test_gptqmodel_cannot_change_the_allocator_of_one_methods_cells():
     """GPT-QModel 7.6 sets its own PYTORCH_ALLOC_CONF on import when that one is empty: the cell pins torch's
     default first, and a user's own setting, under either name, is what stays."""

@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 
 from qbench import methods, models, weights
 from qbench.cli import conf_dir
-from qbench.preflight import register_configs
 from qbench.evaluate import quality
 from qbench.evaluate.perplexity import load_perplexity_text
+from qbench.preflight import register_configs
 
 register_configs()
 GGUF = weights.default_dest() / weights.file_name("smollm2")
@@ -74,6 +74,7 @@ def test_gguf_source_is_real_weights_converted_once(source):
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
 
 
+@pytest.mark.slow  # the runs fixture loads SmolLM2-135M four ways and runs quality on each
 def test_fp32_perplexity_is_plausible_for_a_135m_model(runs):
     out, _, _ = runs
     ppl = out["fp32"]["ppl"]
@@ -82,6 +83,7 @@ def test_fp32_perplexity_is_plausible_for_a_135m_model(runs):
     assert math.isfinite(ppl) and 2.0 < ppl < 30.0, ppl
 
 
+@pytest.mark.slow  # the runs fixture loads SmolLM2-135M four ways and runs quality on each
 def test_quality_orders_the_methods(runs):
     out, _, _ = runs
     kl = {m: out[m]["comparison"]["kl_divergence"]["mean"] for m in ("bf16", "bnb_int8", "bnb_nf4")}
@@ -96,6 +98,7 @@ def test_quality_orders_the_methods(runs):
         assert out[m]["comparison_source"] == "live"
 
 
+@pytest.mark.slow  # the runs fixture loads SmolLM2-135M four ways and runs quality on each
 def test_stored_distributions_are_within_one_percent_of_exact_kl_on_the_real_model(runs):
     out, full, tmp = runs
     p, q = full["fp32"], full["bnb_nf4"]

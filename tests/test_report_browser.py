@@ -1,7 +1,8 @@
 """The fixture reports in a real headless Chromium, offline (scripts/browser_check.py).
 
-Skipped when /usr/bin/chromium is absent (install: apt-get install -y chromium). Set QBENCH_SCREENSHOT_DIR
-to keep the screenshots; otherwise they go to pytest's tmp_path.
+Marked `browser`: tests/conftest.py skips them where /usr/bin/chromium (or $QBENCH_CHROMIUM) is absent (install:
+apt-get install -y chromium). Set QBENCH_SCREENSHOT_DIR to keep the screenshots; otherwise they go to pytest's
+tmp_path.
 """
 from __future__ import annotations
 
@@ -12,10 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = os.environ.get("QBENCH_CHROMIUM", "/usr/bin/chromium")
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"{CHROMIUM} not installed (apt-get install -y chromium)")
+pytestmark = pytest.mark.browser
 
 
 def _load(name: str, path: Path):

@@ -28,7 +28,7 @@ def _hold(slot_dir, seconds):
     import os
 
     os.environ["CUDA_VISIBLE_DEVICES"] = "5"
-    locks, _ = acquire_slot(1, True, slot_dir)
+    _locks, _ = acquire_slot(1, True, slot_dir)
     time.sleep(seconds)
 
 
@@ -67,7 +67,7 @@ def _hold_from(cwd, seconds, ready):
     os.chdir(cwd)  # another sweep, started from another directory, with its own cache
     os.environ["CUDA_VISIBLE_DEVICES"] = "7"
     os.environ["QBENCH_CACHE"] = str(cwd)
-    locks, _ = acquire_slot(1, True)
+    _locks, _ = acquire_slot(1, True)
     ready.set()
     time.sleep(seconds)
 

@@ -170,7 +170,7 @@ def test_demo_sweep_runs_every_cell_as_a_slurm_job_like_a_local_run(demo_sweeps,
         differ = {k for k in _keys(r) ^ _keys(mine) if not k.startswith("scheduler.") and k != "source.materialise_s"}
         assert not differ, (cell, differ)
         assert r["metrics"]["memory"]["weight_bytes_measured"] == mine["metrics"]["memory"]["weight_bytes_measured"]
-        strip = lambda c: {**c, "run": {k: v for k, v in c["run"].items() if k != "sweep"}}  # noqa: E731
+        strip = lambda c: {**c, "run": {k: v for k, v in c["run"].items() if k != "sweep"}}
         assert strip(r["config"]) == strip(mine["config"])
     print(f"\nslurm tier: demo sweep of 4 cells through SLURM in {demo_sweeps['slurm_s']:.0f} s")
 

@@ -134,7 +134,7 @@ class QbenchSlurmLauncher(SlurmLauncher):
 
         executor = self._executor()
         params = []
-        for n, i in enumerate(idxs):
+        for i in idxs:
             log.info("\t#%d : %s", first_idx + i, " ".join(filter_overrides(cells[i]["overrides"])))
             params.append((cells[i]["overrides"], "hydra.sweep.dir", first_idx + i, f"job_id_for_{first_idx + i}",
                            Singleton.get_state()))

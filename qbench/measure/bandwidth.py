@@ -10,6 +10,7 @@ with its 95 % CI (order statistics).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Optional
 
 from qbench.measure import stats, timing
@@ -35,7 +36,7 @@ def copy_bandwidth(device: Any, buffer_bytes: int = DEFAULT_BUFFER_BYTES, repeat
     try:
         for _ in range(3):  # first touches, clocks up
             dst.copy_(src)
-        seconds = [timing.time_call(lambda: dst.copy_(src), device)[0] for _ in range(repeats)]
+        seconds = [timing.time_call(functools.partial(dst.copy_, src), device)[0] for _ in range(repeats)]
     finally:
         del src, dst
         torch.cuda.empty_cache()

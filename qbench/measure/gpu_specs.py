@@ -101,7 +101,7 @@ def lookup(device_name: Optional[str], overrides: Optional[Mapping[str, Any]] = 
             if unknown:
                 raise ValueError(f"bench.gpu_spec_overrides.{key}: unknown field(s) {sorted(unknown)}; known: {list(FIELDS)}")
             if row is None:
-                row = {"name": key, "device_name": device_name, **{f: None for f in FIELDS}}
+                row = {"name": key, "device_name": device_name, **dict.fromkeys(FIELDS)}
             row.update(extra)
             row["source"] = "override" if row.get("source") != "datasheet" else "datasheet+override"
     return row

@@ -339,7 +339,7 @@ class DeviceWatch:
                 continue
         return live
 
-    def __enter__(self) -> "DeviceWatch":
+    def __enter__(self) -> DeviceWatch:
         import fcntl
 
         try:
@@ -354,9 +354,8 @@ class DeviceWatch:
                 self.own.append(fh)
                 for other in self._live_others(d):
                     self.others.add(other)
-                    with contextlib.suppress(OSError):
-                        with open(d / f"{other}.seen", "a") as note:
-                            note.write(self.name + "\n")
+                    with contextlib.suppress(OSError), open(d / f"{other}.seen", "a") as note:
+                        note.write(self.name + "\n")
         except OSError as exc:  # a registry this process cannot write: the cell still runs, and says so
             self.error = f"{type(exc).__name__}: {exc}"
         return self

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -354,7 +355,7 @@ class Settings:
     measure_copy_bandwidth: bool
 
     @classmethod
-    def from_bench(cls, bench_cfg: Any) -> "Settings":
+    def from_bench(cls, bench_cfg: Any) -> Settings:
         def get(key):
             return getattr(bench_cfg, key)
 
@@ -621,7 +622,7 @@ def decode_row(t: Target, s: Settings, path: str, batch: int, compile_spent: Opt
     breaks1 = _graph_breaks()
     steps = res["results"]
     tps = stats.summarize([_tokens_per_s(batch)(x) for x in steps], "tokens/s")
-    per_token = stats.summarize([(b - a) * 1e3 for x in steps for a, b in zip(x[:-1], x[1:])], "ms")
+    per_token = stats.summarize([(b - a) * 1e3 for x in steps for a, b in itertools.pairwise(x)], "ms")
     kv_seq = memory.kv_cache_bytes(t.model_config, 1, 1, t.kv_dtype_bytes) * mean_decode_context(s.decode_prompt_tokens, s.new_tokens)
     bound = bandwidth_bound_tokens_per_s(t.datasheet_bandwidth, t.weight_bytes_read_per_token, kv_seq, batch)
     measured_bound = bandwidth_bound_tokens_per_s(t.measured_bandwidth, t.weight_bytes_read_per_token, kv_seq, batch)

@@ -10,6 +10,7 @@ import csv
 import os
 
 from qbench.tasks import FIXTURES_DIR, resolve_data_dir  # noqa: F401  (lm-eval loads this file by path)
+
 LETTERS = ("A", "B", "C", "D")
 # hendrycks file split name -> Hub split name
 SPLITS = {"dev": "dev", "val": "validation", "test": "test"}
