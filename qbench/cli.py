@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from qbench.cell import EXIT_UNWRITTEN, STOP_SIGNALS, Stopped, install_stop_handlers, signal_exit_status
+from qbench.cell import EXIT_UNWRITTEN, STOP_SIGNALS, install_stop_handlers, signal_exit_status
 from qbench.errors import ConfigError
 from qbench.config import validate
 from qbench.store import cell_dir as cell_dir_of

@@ -158,7 +158,7 @@ def _free_dict_keys() -> frozenset:
     def walk(schema: type, prefix: str) -> None:
         for f in dataclasses.fields(schema):
             hint = typing.get_type_hints(schema)[f.name]
-            if dataclasses.is_dataclass(hint):
+            if isinstance(hint, type) and dataclasses.is_dataclass(hint):
                 walk(hint, f"{prefix}{f.name}.")
             elif typing.get_origin(hint) is dict:
                 out.add(f"{prefix}{f.name}")

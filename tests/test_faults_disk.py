@@ -101,6 +101,7 @@ def test_filesystem_faults_have_a_class_of_their_own():
 # ----------------------------------------------------------------------------------------------- the sweep
 def _cfg(tmp_path: Path):
     from hydra import compose, initialize_config_dir
+
     from qbench import preflight as pf
 
     pf.register_configs()

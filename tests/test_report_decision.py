@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qbench.report import cli
+from qbench.report import cli, site
 from qbench.report import decision as D
 from qbench.report import html as H
-from qbench.report import site
 from qbench.report import tables as T
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "reports" / "examples" / "runs"
@@ -117,7 +116,7 @@ def test_page_carries_the_panel_and_its_data():
     assert expected["memory"] == ["bnb_int8"]
     data = json.loads(re.search(r'<script type="application/json" id="decision-data">(.*?)</script>', page,
                                 re.S).group(1))
-    assert data["budget"] == D.DEFAULT_BUDGET and [c["method"] for c in data["models"][0]["cells"]][0] == "fp32"
+    assert data["budget"] == D.DEFAULT_BUDGET and data["models"][0]["cells"][0]["method"] == "fp32"
     claims = page.split('class="claims"')[1].split("</table>")[0]
     assert '<tr data-cell="smollm2_135m__bnb_nf4">' in claims and "58.5" in claims and "75.0" in claims
 

@@ -9,7 +9,6 @@ import pytest
 
 from qbench import cli
 from qbench import preflight as pf
-from qbench.errors import ConfigError
 from tests.test_preflight import assert_one_line_error, run
 from tests.test_preflight_inputs import preflight_error
 

@@ -8,11 +8,11 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import OmegaConf
 
-from qbench import tiny  # noqa: E402
-from qbench.config import EvalConfig, validate_eval  # noqa: E402
-from qbench.evaluate import accuracy, request_cache  # noqa: E402
+from qbench import tiny
+from qbench.config import EvalConfig, validate_eval
+from qbench.evaluate import accuracy, request_cache
 
 FIXTURES = Path(__file__).resolve().parents[1] / "qbench" / "data" / "fixtures"
 

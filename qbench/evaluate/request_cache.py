@@ -24,7 +24,7 @@ import logging
 import os
 import tempfile
 import time
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -147,7 +147,7 @@ def request_key(task: Any, kwargs: Dict[str, Any], clock: EvalClock) -> str:
     return f"{config.task}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def folder_digest(folder: str) -> str:
     """sha256 over every file's relative path and contents (once per process: MMLU + GSM8K are ~13 MB)."""
     h = hashlib.sha256()

@@ -635,7 +635,7 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
 
     timings: Dict[str, Any] = _build_quantize_kernels(kind, device_type)
     # a method's own speed-ups of GPT-QModel's loop (AWQ: its clip search as a batched matmul); recorded
-    speedups = getattr(method(kind), "before_quantize", lambda: {})()
+    speedups = getattr(method(kind), "before_quantize", dict)()
 
     if device_type == "cuda":
         for i in range(torch.cuda.device_count()):

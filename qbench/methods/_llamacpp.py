@@ -181,7 +181,7 @@ class LlamaCppLM:
         # freed before interpreter teardown: Llama.__del__ at exit finds llama_cpp's globals gone (a TypeError)
         atexit.register(self.llm.close)
 
-    def eval(self) -> "LlamaCppLM":
+    def eval(self) -> LlamaCppLM:
         return self
 
     def parameters(self):
@@ -254,7 +254,7 @@ def measure_latency(model: LlamaCppLM, bench_cfg: Any, vocab: int, special_ids: 
     try:
         for p in s.prompt_tokens:
             ids = rng.choice(allowed, size=int(p)).tolist()
-            times = _timed_runs(lambda: (llm.reset(), llm.eval(ids)), s)
+            times = _timed_runs(lambda ids=ids: (llm.reset(), llm.eval(ids)), s)
             ttft = summarize([t * 1e3 for t in times], "ms")
             out["prefill"].append({"batch_size": 1, "prompt_tokens": int(p), "ttft_ms": ttft,
                                    "tokens_per_s": int(p) / (ttft["p50"] / 1e3), "compute_bound_fraction": None})

@@ -58,7 +58,7 @@ def build_site(sweep_dirs: List[Path], out_root: Path, shared: bool = True, plot
     for sweep in sweep_dirs:
         try:
             pages.append(build_sweep(sweep, out_root, shared, plotlyjs))
-        except Exception as e:  # noqa: BLE001 - reported through on_error, counted, and the site goes on
+        except Exception as e:
             failed += 1
             if on_error:
                 on_error(sweep, e)
