@@ -644,9 +644,35 @@ def register_help() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- entry
+OWN_PLUGINS = ("hydra_plugins.qbench_launcher.sweeper", "hydra_plugins.qbench_launcher.slurm_launcher")
+
+
+def register_own_plugins() -> None:
+    """Put qbench's own Hydra plugins into Hydra's registry by name. Hydra finds plugins by listing the
+    ``hydra_plugins`` namespace, and an editable install (pip install -e) maps that namespace through an import
+    hook that imports but cannot list: run as the ``qbench`` console script, Hydra then misses the sweeper that
+    conf/config.yaml names and refuses it as "Unknown plugin class"."""
+    import importlib
+    import inspect
+
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.plugin import Plugin
+
+    registry = Plugins.instance().class_name_to_class
+    for name in OWN_PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # the SLURM launcher needs hydra-submitit-launcher (the slurm extra)
+            continue
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Plugin) and cls.__module__ == name:
+                registry.setdefault(f"{name}.{cls.__name__}", cls)
+
+
 def _hydra_app() -> None:
     import hydra
 
+    register_own_plugins()
     @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
     def app(cfg: Any) -> str:
         return run_cell(cfg)
