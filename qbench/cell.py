@@ -551,6 +551,12 @@ def mark_contaminated(result: Dict[str, Any]) -> None:
     if not shared.get("shared"):
         return
     others = ", ".join(shared.get("other_measuring_processes") or []) or "unknown"
+    if not str(result.get("device") or "").startswith("cuda"):
+        # CPU cells side by side are the parallel and SLURM launchers' documented choice (CPU cells share one
+        # slot): their timings are shared, and the warning says so; their memory and quality are their own
+        result["warnings"].append(f"another measuring process used this host's CPUs meanwhile ({others}): its "
+                                  "timings are not this method's alone")
+        return
     message = (f"another measuring process used this cell's device meanwhile ({others}): its timings and peaks "
                "are not this method's alone; rerun with run.rerun_failed=true")
     if result.get("status") == "ok":

@@ -139,8 +139,8 @@ def test_cell_process_stopped_on_its_own_is_a_cancelled_row():
     assert cli._child_fault(cell.EXIT_UNWRITTEN)[0] == "filesystem"
 
 
-def _result(shared):
-    return {"status": "ok", "error": None, "warnings": [],
+def _result(shared, device="cuda"):
+    return {"status": "ok", "error": None, "warnings": [], "device": device,
             "device_shared": {"shared": shared, "other_measuring_processes": ["host-123-456"] if shared else []}}
 
 
@@ -159,3 +159,11 @@ def test_a_result_on_an_unshared_or_unknown_device_stays_ok(shared):
     r = _result(shared)
     cell.mark_contaminated(r)
     assert r["status"] == "ok" and r["error"] is None
+
+
+def test_cpu_cells_side_by_side_stay_ok_with_a_warning():
+    """CPU cells that share a host (the parallel and SLURM launchers' CPU slot) keep their result, warned."""
+    r = _result(True, device="cpu")
+    cell.mark_contaminated(r)
+    assert r["status"] == "ok" and r["error"] is None
+    assert any("host-123-456" in w and "CPUs" in w for w in r["warnings"])

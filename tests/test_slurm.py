@@ -153,7 +153,8 @@ def demo_sweeps(tmp_path_factory, partition, cache):
 @pytest.mark.slurm
 def test_demo_sweep_runs_every_cell_as_a_slurm_job_like_a_local_run(demo_sweeps, cache):
     remote, local = results(demo_sweeps["runs"] / "demo_slurm"), results(demo_sweeps["runs"] / "demo_local")
-    assert set(remote) == set(local) == {"tiny__fp32", "tiny__bf16", "tiny__bnb_int8", "tiny__bnb_nf4"}
+    assert set(remote) == set(local) == {"tiny__fp32", "tiny__bf16", "tiny__bnb_int8", "tiny__bnb_nf4", "tiny__gguf_q8_0",
+                                          "tiny__gguf_q4_k_m"}
     assert all(r["status"] == "ok" for r in remote.values()), {k: r.get("error") for k, r in remote.items()}
     assert "ran 4, skipped 0, failed 0" in demo_sweeps["out"]
     jobs = {r["scheduler"]["job_id"] for r in remote.values()}

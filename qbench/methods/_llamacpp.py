@@ -37,7 +37,15 @@ BASE_TYPE = {"Q8_0": ("Q8_0", 8.5), "Q6_K": ("Q6_K", 6.5625), "Q5_K_M": ("Q5_K",
 def sources_dir(cache_root: Path) -> Path:
     """Where the converter lives: $QBENCH_LLAMACPP_SRC, else ``<cache>/llama.cpp-<pinned version>``."""
     env = os.environ.get(SOURCES_ENV)
-    return Path(env).expanduser() if env else Path(cache_root) / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    if env:
+        return Path(env).expanduser()
+    name = f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    # make install unpacks it into the default cache; a sweep with its own run.cache_dir finds it there too
+    checkout_cache = Path(__file__).resolve().parents[2] / ".cache" / "qbench"  # make's default QBENCH_CACHE
+    for root in (Path(cache_root), Path(os.environ.get("QBENCH_CACHE", ".cache/qbench")), checkout_cache):
+        if (root / name / "convert_hf_to_gguf.py").is_file():
+            return root / name
+    return Path(cache_root) / name
 
 
 def check_sources(src: Path) -> None:
