@@ -156,7 +156,7 @@ def test_demo_sweep_runs_every_cell_as_a_slurm_job_like_a_local_run(demo_sweeps,
     assert set(remote) == set(local) == {"tiny__fp32", "tiny__bf16", "tiny__bnb_int8", "tiny__bnb_nf4", "tiny__gguf_q8_0",
                                           "tiny__gguf_q4_k_m"}
     assert all(r["status"] == "ok" for r in remote.values()), {k: r.get("error") for k, r in remote.items()}
-    assert "ran 4, skipped 0, failed 0" in demo_sweeps["out"]
+    assert "ran 6, skipped 0, failed 0" in demo_sweeps["out"]
     jobs = {r["scheduler"]["job_id"] for r in remote.values()}
     assert len(jobs) == 4 and len({r["pid"] for r in remote.values()}) == 4, "one job, one process per cell"
     assert {r["scheduler"]["array_task_id"] for r in remote.values()} == {0, 1, 2, 3}
