@@ -210,10 +210,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"model.dtype: '{m.dtype}' is not one of {', '.join(DTYPES)}")
     if m.num_gpus < 1:
         raise ConfigError(f"model.num_gpus: {m.num_gpus} must be at least 1")
-    if not m.source.startswith("builtin:"):
+    # A .gguf source (its file, the packaged wheel it comes from, its architecture) and model.architecture are
+    # checked by qbench.preflight.check_model_source, right after this: both need qbench.models, above this module
+    if not m.source.startswith("builtin:") and not m.source.lower().endswith(".gguf"):
         path = Path(m.source).expanduser()
-        if m.source.lower().endswith(".gguf"):
-            _check_gguf_source(path)
         if m.source.startswith(("/", ".", "~")) and not path.exists():
             raise ConfigError(f"model.source: local path '{m.source}' does not exist")
         if not path.exists() and hub_offline() and not (m.random_init and m.architecture):
@@ -221,11 +221,6 @@ def validate(cfg: Any) -> None:
                 f"model.source: '{m.source}' is not a local directory and HF_HUB_OFFLINE is set; "
                 "give a local directory, or random_init with a bundled architecture"
             )
-    if m.architecture is not None:
-        from qbench.models import architecture_path
-
-        if not architecture_path(m.architecture).exists():
-            raise ConfigError(f"model.architecture: no bundled config.json named '{m.architecture}'")
 
     # the method's own checks run in qbench.preflight.check_method (the registry sits above this module)
     if cfg.method.dtype not in DTYPES:
@@ -247,17 +242,6 @@ def validate(cfg: Any) -> None:
     for key, value in (("run.sweep", r.sweep), ("model.name", m.name), ("method.name", cfg.method.name)):
         if not value or "/" in value or "\\" in value or value.startswith("."):
             raise ConfigError(f"{key}: '{value}' must be a plain name (no '/' or leading '.')")
-
-
-def _check_gguf_source(path: Path) -> None:
-    """A .gguf source exists (saying how to fetch a packaged one) and holds an architecture transformers reads."""
-    from qbench import models, weights
-
-    if not path.is_file():
-        name = weights.find_packaged(path)
-        hint = f"; fetch it with `make weights` (python -m qbench.weights {name} --dest {path.parent})" if name else ""
-        raise ConfigError(f"model.source: GGUF file '{path}' does not exist{hint}")
-    models.check_gguf(path)
 
 
 def _check_limit(value: Any, key: str) -> None:

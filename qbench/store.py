@@ -136,8 +136,8 @@ def error_message(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------- identity
 # A cell's identity: every setting that changes its figures. model.*, method.*, bench.* and eval.* (quality and
 # perplexity included) are in it but for the names and the description (they label a cell, the cell id already
-# holds the names); run.* is bookkeeping (where results go, whether to rerun, time limits), except the two keys
-# that change what a cell does: the baseline its quality is compared with, and injected failures.
+# holds the names); run.* is bookkeeping (where results go, whether to rerun, time limits), except the baseline a
+# quality cell is compared with. run.inject_failure is not in it: a cell it fails is an error row, rerun anyway.
 # Library versions are not in it: they are recorded in every result (environment.versions) and an upgrade of
 # torch does not make a stored figure wrong for the settings it was measured with; run.force=true remeasures.
 IDENTITY_SECTIONS = ("model", "method", "bench", "eval")
@@ -186,7 +186,6 @@ def identity(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
     for key in IDENTITY_LABELS:
         settings.pop(key, None)
     run = cfg_dict.get("run") or {}
-    settings["run.inject_failure"] = run.get("inject_failure")
     if settings.get("eval.quality.enabled"):
         settings["run.baseline_method"] = run.get("baseline_method")
     # as result.json will hold it: tuples are lists, a secret's value redacted (the stored side is, too)

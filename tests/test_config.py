@@ -83,10 +83,10 @@ def test_command_line_overrides_the_experiments_sweep(hydra_ctx):
     assert methods == ["method=bf16", "method=fp32"]
 
 
-def test_demo_sweeps_four_methods(hydra_ctx):
+def test_demo_sweeps_six_methods(hydra_ctx):
     cells = sweep_overrides(["experiment=demo"], multirun=True)
     assert sorted(c for cell in cells for c in cell if c.startswith("method=")) == [
-        "method=bf16", "method=bnb_int8", "method=bnb_nf4", "method=fp32"
+        "method=bf16", "method=bnb_int8", "method=bnb_nf4", "method=fp32", "method=gguf_q4_k_m", "method=gguf_q8_0"
     ]
 
 

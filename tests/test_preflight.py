@@ -127,7 +127,7 @@ def test_read_only_cache_fails_preflight(tmp_path):
 def test_cfg_with_multirun_prints_every_cell(tmp_path):
     proc = run(["-m", "experiment=demo", "--cfg", "job"], tmp_path)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stdout.count("# cell:") == 4 and "method=bnb_nf4" in proc.stdout
+    assert proc.stdout.count("# cell:") == 6 and "method=gguf_q4_k_m" in proc.stdout
     assert not (tmp_path / "runs").exists()
 
 

@@ -127,7 +127,7 @@ def test_decision_panel_follows_the_budget(site_reports, tmp_path):
         assert got == {"memory": want["memory"], "decode": {str(k): v for k, v in want["decode"].items()}}
         answers.append(got["memory"])
     assert answers == [["bnb_nf4"], ["bf16", "fp16"], ["bnb_nf4"]]
-    assert "Left out: bnb_int8 (KL 0.01532 > 0.015)" in facts["decision_budgets"][1]["models"][0]["excluded"]
+    assert "bnb_int8 (KL 0.01532 > 0.015)" in facts["decision_budgets"][1]["models"][0]["excluded"]
     # the share link holds the form's budget; typed budgets add up (the PPL ratio of the first stays)
     assert facts["decision_budgets"][1]["link"] == "#budget&kl_max=0.015&ppl_ratio_max=1.3&acc_drop_pp=2&strict=1"
 

@@ -32,11 +32,11 @@ def claim(m, method):
 
 
 def test_the_budget_decides_least_memory():
-    m = panel("gpu_smollm2")  # fp32 baseline; bnb_int8 KL 0.0147, gptq 0.184, bnb_nf4 0.231 nats/token
+    m = panel("gpu_smollm2")  # fp32 baseline; bnb_int8 KL 0.0147, awq 0.120, gptq 0.184, bnb_nf4 0.231 nats/token
     assert m["measured"] == {"kl": True, "ppl_ratio": True, "acc": ["mmlu", "gsm8k"]}
     default = D.decide(m, D.DEFAULT_BUDGET)
     assert default["memory"] == ["bnb_int8"]
-    assert default["excluded"] == {"bnb_nf4": "KL 0.2313 > 0.05", "gptq": "KL 0.1839 > 0.05"}
+    assert default["excluded"] == {"awq": "KL 0.12 > 0.05", "bnb_nf4": "KL 0.2313 > 0.05", "gptq": "KL 0.1839 > 0.05"}
     assert D.decide(m, LOOSE)["memory"] == ["bnb_nf4"]  # 0.1117 GB against gptq's 0.1147: 2.6 % apart, no tie
     # a budget nothing but the 16-bit cells meet: the two have the same bytes, a tie said as one
     assert D.decide(m, {"kl_max": 0.01, "ppl_ratio_max": None, "acc_drop_pp": None})["memory"] == ["bf16", "fp16"]
@@ -142,7 +142,7 @@ def test_all_shares_one_plotly_and_indexes_every_sweep(tmp_path, monkeypatch):
         assert '<script src="../assets/plotly.min.js"></script>' in page and FAKE_PLOTLYJS not in page
     index = (out / "index.html").read_text()
     row = index.split('href="gpu_smollm2/index.html"')[1].split("</tr>")[0]
-    assert "2026-12-01" in row and "6 ok" in row and re.search(r">\s*bnb_int8\s*</td>", row)
+    assert "2026-12-01" in row and "7 ok" in row and re.search(r">\s*bnb_int8\s*</td>", row)
     assert all(f'href="{s}/index.html"' in index for s in sweeps)
 
 

@@ -53,7 +53,6 @@ def stored(tmp_path, cfg, status="ok", with_identity=True):
     ("eval.num_fewshot", {"mmlu": 0}),
     ("eval.quality.batch_size", 1),
     ("bench.gpu_spec_overrides", {"H200": {"mem_bandwidth_gb_s": 4000}}),
-    ("run.inject_failure", "oom"),
 ])
 @pytest.mark.parametrize("with_identity", [True, False], ids=["identity", "older-qbench-config-only"])
 def test_a_setting_that_changes_figures_makes_the_cell_run_again(tmp_path, key, value, with_identity):
@@ -68,6 +67,7 @@ def test_a_setting_that_changes_figures_makes_the_cell_run_again(tmp_path, key, 
     ("run.force", True), ("run.rerun_failed", True), ("run.timeout_min", 5), ("run.runs_dir", "elsewhere"),
     ("run.sweep", "t"), ("run.rounds", 3), ("method.description", "other words"), ("model.name", "tiny2"),
     ("run.baseline_method", "fp32"),  # only a quality cell compares with the baseline
+    ("run.inject_failure", "oom:bf16"),  # a test hook: the cell it fails is an error row, rerun by rerun_failed
 ])
 def test_bookkeeping_and_labels_do_not_count(tmp_path, key, value):
     stored(tmp_path, cfg_dict())
