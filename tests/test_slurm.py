@@ -136,7 +136,7 @@ def test_slurm_launcher_without_sbatch_is_one_line_of_bad_input(tmp_path, cache)
 # ------------------------------------------------------------------------------------------ a real cluster
 @pytest.fixture(scope="module")
 def demo_sweeps(tmp_path_factory, partition, cache):
-    """The demo's sweep (its four methods on the tiny model, cheap bench, no eval) once through SLURM, two
+    """The demo's sweep (its six methods on the tiny model, cheap bench, no eval) once through SLURM, two
     cells at a time, and once locally, from a shell that holds secrets."""
     base = tmp_path_factory.mktemp("demo")
     data = base / "data"
@@ -158,8 +158,8 @@ def test_demo_sweep_runs_every_cell_as_a_slurm_job_like_a_local_run(demo_sweeps,
     assert all(r["status"] == "ok" for r in remote.values()), {k: r.get("error") for k, r in remote.items()}
     assert "ran 6, skipped 0, failed 0" in demo_sweeps["out"]
     jobs = {r["scheduler"]["job_id"] for r in remote.values()}
-    assert len(jobs) == 4 and len({r["pid"] for r in remote.values()}) == 4, "one job, one process per cell"
-    assert {r["scheduler"]["array_task_id"] for r in remote.values()} == {0, 1, 2, 3}
+    assert len(jobs) == 6 and len({r["pid"] for r in remote.values()}) == 6, "one job, one process per cell"
+    assert {r["scheduler"]["array_task_id"] for r in remote.values()} == set(range(6))
     assert len({r["scheduler"]["array_job_id"] for r in remote.values()}) == 1
     for r in remote.values():
         assert r["scheduler"]["node"] and r["scheduler"]["partition"]
@@ -173,7 +173,7 @@ def test_demo_sweep_runs_every_cell_as_a_slurm_job_like_a_local_run(demo_sweeps,
         assert r["metrics"]["memory"]["weight_bytes_measured"] == mine["metrics"]["memory"]["weight_bytes_measured"]
         strip = lambda c: {**c, "run": {k: v for k, v in c["run"].items() if k != "sweep"}}
         assert strip(r["config"]) == strip(mine["config"])
-    print(f"\nslurm tier: demo sweep of 4 cells through SLURM in {demo_sweeps['slurm_s']:.0f} s")
+    print(f"\nslurm tier: demo sweep of 6 cells through SLURM in {demo_sweeps['slurm_s']:.0f} s")
 
 
 @pytest.mark.slurm
