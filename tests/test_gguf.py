@@ -76,9 +76,23 @@ def test_missing_converter_is_one_line_naming_the_fix(tmp_path, monkeypatch):
     from qbench.methods import _llamacpp as lc
 
     monkeypatch.delenv(lc.SOURCES_ENV, raising=False)
+    monkeypatch.setenv("QBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(lc, "CHECKOUT_CACHE", tmp_path / "checkout-cache")
     with pytest.raises(ConfigError) as e:
         lc.check_sources(lc.sources_dir(tmp_path))
     assert "python -m qbench.methods._llamacpp setup" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_converter_in_the_default_cache_serves_a_sweep_with_its_own_cache_dir(tmp_path, monkeypatch):
+    """make install unpacks the converter into the default cache; run.cache_dir=elsewhere still finds it."""
+    from qbench.methods import _llamacpp as lc
+
+    monkeypatch.delenv(lc.SOURCES_ENV, raising=False)
+    default = tmp_path / "default"
+    (default / f"llama.cpp-{lc.LLAMA_CPP_PYTHON}").mkdir(parents=True)
+    (default / f"llama.cpp-{lc.LLAMA_CPP_PYTHON}" / "convert_hf_to_gguf.py").write_text("")
+    monkeypatch.setenv("QBENCH_CACHE", str(default))
+    assert lc.sources_dir(tmp_path / "own") == default / f"llama.cpp-{lc.LLAMA_CPP_PYTHON}"
 
 
 # ---------------------------------------------------------------------------------------------------------

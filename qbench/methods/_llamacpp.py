@@ -34,6 +34,9 @@ BASE_TYPE = {"Q8_0": ("Q8_0", 8.5), "Q6_K": ("Q6_K", 6.5625), "Q5_K_M": ("Q5_K",
 
 
 # ------------------------------------------------------------------------------------------------ sources
+CHECKOUT_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "qbench"  # make's default QBENCH_CACHE
+
+
 def sources_dir(cache_root: Path) -> Path:
     """Where the converter lives: $QBENCH_LLAMACPP_SRC, else ``<cache>/llama.cpp-<pinned version>``."""
     env = os.environ.get(SOURCES_ENV)
@@ -41,8 +44,7 @@ def sources_dir(cache_root: Path) -> Path:
         return Path(env).expanduser()
     name = f"llama.cpp-{LLAMA_CPP_PYTHON}"
     # make install unpacks it into the default cache; a sweep with its own run.cache_dir finds it there too
-    checkout_cache = Path(__file__).resolve().parents[2] / ".cache" / "qbench"  # make's default QBENCH_CACHE
-    for root in (Path(cache_root), Path(os.environ.get("QBENCH_CACHE", ".cache/qbench")), checkout_cache):
+    for root in (Path(cache_root), Path(os.environ.get("QBENCH_CACHE", ".cache/qbench")), CHECKOUT_CACHE):
         if (root / name / "convert_hf_to_gguf.py").is_file():
             return root / name
     return Path(cache_root) / name
