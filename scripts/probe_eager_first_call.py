@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qbench import models
+from qbench.load import models
 from qbench.measure.latency import generate_timed
 
 NEW_TOKENS = 64

@@ -11,11 +11,11 @@ pytest.importorskip("lm_eval")
 
 from omegaconf import OmegaConf
 
-from qbench import tiny
 from qbench.config import ConfigError, EvalConfig, PerplexityConfig, validate_eval
 from qbench.evaluate import accuracy, perplexity, tasks
+from qbench.evaluate.lm_eval_tasks import MMLU_SUBJECTS
 from qbench.evaluate.paired import compare_items
-from qbench.tasks import MMLU_SUBJECTS
+from qbench.load import tiny
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SUBJECTS = ["college_mathematics", "philosophy"]  # stem, humanities

@@ -100,7 +100,7 @@ def test_first_index_adds_runs_to_earlier_ones(bench_check, tmp_path, monkeypatc
     write_run(tmp_path, 5, 500.0)  # numbered above the new runs: not one of "the earlier runs"
     calls = []
 
-    def fake_run(cmd, env=None):  # stands in for the fresh `python -m qbench.cli` process of one run
+    def fake_run(cmd, env=None):  # stands in for the fresh `python -m qbench` process of one run
         calls.append(cmd)
         sweep = next(a for a in cmd if a.startswith("run.sweep=")).split("=", 1)[1]
         write_run(tmp_path, int(sweep.rsplit("-", 1)[1]), 110.0)

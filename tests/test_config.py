@@ -7,9 +7,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from qbench.cli import conf_dir, preflight, sweep_overrides
 from qbench.config import ConfigError, validate
-from qbench.preflight import check_method, register_configs
+from qbench.run.cli import conf_dir, preflight, sweep_overrides
+from qbench.run.preflight import check_method, register_configs
 
 CONF = Path(conf_dir())
 register_configs()
@@ -137,7 +137,7 @@ def test_malformed_yaml_names_the_file(tmp_path, monkeypatch):
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
     (conf / "method" / "broken.yaml").write_text("# run with: nothing\nname: broken\nkind: [dtype\n")
-    monkeypatch.setattr("qbench.cli.conf_dir", lambda: str(conf))
+    monkeypatch.setattr("qbench.run.cli.conf_dir", lambda: str(conf))
     with pytest.raises(ConfigError) as info:
         preflight(["method=broken", f"run.runs_dir={tmp_path / 'runs'}"])
     assert "broken" in str(info.value)

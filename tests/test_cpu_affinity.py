@@ -89,7 +89,7 @@ def _no_sched_setaffinity(monkeypatch):
 
 
 @pytest.mark.parametrize("requested,env,setup,reason", [
-    ("gpu_local", "", None, "no GPU"),                        # a CPU cell: qbench.cli masks every GPU
+    ("gpu_local", "", None, "no GPU"),                        # a CPU cell: qbench.run.cli masks every GPU
     ("gpu_local", "0", _no_nvml, "NVML"),                      # no driver
     ("gpu_local", "1", None, "none of those this process may use"),  # GPU 1's CPUs 8-11 are not allowed
     ("6-9", "0", None, "8-9 are not among"),                   # partly outside the allowed CPUs

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qbench import cell, cli, store
+from qbench import store
+from qbench.run import cell, cli
 
 REPO = Path(__file__).resolve().parent.parent
-QBENCH = [sys.executable, "-m", "qbench.cli"]
+QBENCH = [sys.executable, "-m", "qbench"]
 FAST = ["model=tiny", "bench=quick", "bench.batch_sizes=[1]", "bench.device=cpu"]
 
 
@@ -102,7 +103,7 @@ def test_filesystem_faults_have_a_class_of_their_own():
 def _cfg(tmp_path: Path):
     from hydra import compose, initialize_config_dir
 
-    from qbench import preflight as pf
+    from qbench.run import preflight as pf
 
     pf.register_configs()
     with initialize_config_dir(config_dir=cli.conf_dir(), version_base="1.3"):
@@ -159,7 +160,7 @@ def test_a_file_where_the_sweep_folder_should_be_ends_with_one_line_and_the_summ
 
 
 def test_rounds_combine_on_a_full_disk_leaves_no_half_quality_file(tmp_path, monkeypatch):
-    from qbench import rounds
+    from qbench.run import rounds
 
     cell_dir = tmp_path / "tiny__bf16"
     for k in (1, 2):

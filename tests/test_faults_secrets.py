@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-QBENCH = [sys.executable, "-m", "qbench.cli"]
+QBENCH = [sys.executable, "-m", "qbench"]
 FAST = ["model=tiny", "bench=quick", "bench.batch_sizes=[1]", "bench.new_tokens=4", "bench.min_repeats=1",
         "bench.max_repeats=1", "bench.warmup_runs=0", "bench.prompt_tokens=[8]", "bench.decode_prompt_tokens=8",
         "bench.device=cpu"]
@@ -76,8 +76,8 @@ def test_hydra_folders_inside_runs_still_run(tmp_path):
     """A subdir of the user's own under runs/ is fine: the check refuses only what leaves run.runs_dir."""
     from hydra import compose, initialize_config_dir
 
-    from qbench import cli
-    from qbench import preflight as pf
+    from qbench.run import cli
+    from qbench.run import preflight as pf
 
     pf.register_configs()
     with initialize_config_dir(config_dir=cli.conf_dir(), version_base="1.3"):

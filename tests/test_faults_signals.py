@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from qbench import cell, cli
+from qbench.run import cell, cli
 from qbench.store import should_skip, write_result
 
 REPO = Path(__file__).resolve().parent.parent
-QBENCH = [sys.executable, "-m", "qbench.cli"]
+QBENCH = [sys.executable, "-m", "qbench"]
 # The tiny model with a latency run long enough to be caught measuring (each decode run generates 64 tokens)
 SLOW = ["model=tiny", "bench=quick", "bench.batch_sizes=[1]", "bench.new_tokens=64", "bench.min_repeats=40",
         "bench.max_repeats=40", "bench.max_time_per_figure_s=600", "bench.max_time_per_eager_figure_s=null",
@@ -99,7 +99,7 @@ def test_cell_process_stops_when_its_parent_is_killed(tmp_path):
     marker = tmp_path / "stopped"
     child_code = textwrap.dedent(f"""
         import os, sys, time
-        from qbench import cell
+        from qbench.run import cell
         cell.install_stop_handlers()
         cell.die_with_parent(int(sys.argv[1]))
         try:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from qbench import weights
 from qbench.config import ConfigError
+from qbench.load import weights
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf" / "method"
@@ -115,7 +115,7 @@ def llama_cpp():
 def _sweep(args, tmp_path, cache):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "QBENCH_CACHE": str(cache),
            "PYTHONPATH": str(REPO), "QBENCH_LLAMACPP_SRC": str(SOURCES)}
-    proc = subprocess.run([sys.executable, "-m", "qbench.cli", "-m", *args, f"run.runs_dir={tmp_path / 'runs'}",
+    proc = subprocess.run([sys.executable, "-m", "qbench", "-m", *args, f"run.runs_dir={tmp_path / 'runs'}",
                            "run.sweep=g"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs" / "g").glob("*/result.json")}

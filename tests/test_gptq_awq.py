@@ -138,7 +138,7 @@ def test_linear_weight_bytes_formula():
 
 
 def test_calibration_windows(tmp_path):
-    from qbench import calibration, tiny
+    from qbench.load import calibration, tiny
 
     tok = tiny.build_tokenizer()
     rows = [{"question": f"Question {i}: how many apples are left after {i} are eaten?", "answer": "x"} for i in range(200)]
@@ -161,7 +161,7 @@ def test_calibration_windows(tmp_path):
 
 
 def test_cache_builds_once_under_parallel_demand(tmp_path):
-    from qbench import quant_cache
+    from qbench.load import quant_cache
 
     calls = []
 
@@ -197,7 +197,7 @@ def test_quantize_speed_settings_reach_gptqmodel_and_the_cache_key(tmp_path):
     """Windows per forward pass (calibration.batch_size) and where AWQ's scale search keeps its reference
     outputs are speed settings, but they regroup float sums: they are in the cache key. AWQ streams the
     references through host memory only off the GPU unless told."""
-    from qbench import calibration
+    from qbench.load import calibration
     from qbench.methods import awq
 
     d8 = calibration.describe(_cfg("awq").calibration)
@@ -275,7 +275,7 @@ def env():
 
 @pytest.fixture(scope="module")
 def tiny_source(env, tmp_path_factory):
-    from qbench import models
+    from qbench.load import models
 
     cache = tmp_path_factory.mktemp("qbench_cache")
     src = models.resolve(SimpleNamespace(source="builtin:tiny", seed=0, name="tiny"), cache)
@@ -395,7 +395,7 @@ def test_quantization_failure_is_a_clear_exception(tiny_source, tmp_path):
     """A source GPT-QModel cannot quantize raises naming the model and the cause (the runner's error row)."""
     import shutil
 
-    from qbench import models
+    from qbench.load import models
     from qbench.methods import gptq
 
     broken = tmp_path / "broken"

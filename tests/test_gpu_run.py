@@ -50,7 +50,7 @@ def test_every_step_composes(gpu_run, tmp_path):
             if overrides is None:
                 assert Path(cmd[1]).is_file(), f"{name}: {cmd[1]} does not exist"
                 continue
-            proc = subprocess.run([sys.executable, "-m", "qbench.cli", "-m", *overrides, "--cfg", "job"], cwd=ROOT,
+            proc = subprocess.run([sys.executable, "-m", "qbench", "-m", *overrides, "--cfg", "job"], cwd=ROOT,
                                   capture_output=True, text=True, timeout=120,
                                   env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)))
             assert proc.returncode == 0, f"{name}: {overrides}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"

@@ -100,7 +100,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
 def test_the_walk_sees_lazy_and_top_level_imports():
     graph = import_graph()
     assert "qbench.errors" in graph["qbench.config"]  # top of the module
-    assert "qbench.evaluate.accuracy" in graph["qbench.cell"]  # inside run()
+    assert "qbench.evaluate.accuracy" in graph["qbench.run.cell"]  # inside run()
     assert "qbench.measure.gpu_state" in graph["qbench.measure.cpu_affinity"]  # "from package import module"
 
 
@@ -116,3 +116,37 @@ def test_no_import_circle():
 
 def test_errors_is_a_leaf():
     assert import_graph()["qbench.errors"] == set()
+
+
+# The rooms of DESIGN.md, top to bottom: a module may import from its own room or from a room below it.
+# report/ sits beside run/ at the top: it reads runs/ afterwards and never imports the run stage.
+ROOM_RANK = {"__main__": -1, "run": 0, "report": 0, "methods": 1, "load": 2, "measure": 2, "evaluate": 2,
+             "store": 3, "config": 4, "errors": 5, "data": 6}  # data/: bundled files and the script that cut them
+SIDEWAYS_OK = {("methods", "load"), ("methods", "measure")}  # a method loads weights and measures its own runtime
+UPWARD_KNOWN: Set[tuple] = {("qbench.config", "qbench.measure.cpu_affinity")}  # config.validate checks a CPU list
+
+
+def room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "qbench"
+
+
+def test_every_module_lives_in_a_room():
+    assert {room(m) for m in import_graph()} - {"qbench"} <= set(ROOM_RANK)
+
+
+def test_arrows_point_down():
+    upward = []
+    for mod, targets in import_graph().items():
+        for t in targets:
+            a, b = room(mod), room(t)
+            if a == b or a == "qbench" or (a, b) in SIDEWAYS_OK or (mod, t) in UPWARD_KNOWN:
+                continue
+            if ROOM_RANK[b] <= ROOM_RANK[a]:
+                upward.append(f"{mod} -> {t}")
+    assert not upward, "imports that point up or sideways between rooms: " + ", ".join(sorted(upward))
+
+
+def test_the_room_check_sees_an_arrow_up():
+    assert ROOM_RANK[room("qbench.store")] > ROOM_RANK[room("qbench.run.cell")]  # run -> store is down
+    assert ROOM_RANK[room("qbench.run.cli")] < ROOM_RANK[room("qbench.measure.latency")]  # measure -> run would be up

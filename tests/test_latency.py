@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from qbench import tiny
 from qbench.config import BenchConfig
+from qbench.load import tiny
 from qbench.measure import gpu_specs, latency, memory, timing
 
 # ---- the repeat loop -----------------------------------------------------------------------------------

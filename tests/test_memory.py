@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from qbench import tiny
+from qbench.load import tiny
 from qbench.measure import memory
 
 LLAMA_3_1_8B = {

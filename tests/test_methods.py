@@ -17,11 +17,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from qbench import methods, models
-from qbench.cli import conf_dir
+from qbench import methods
 from qbench.config import ConfigError, MethodBase
+from qbench.load import models
 from qbench.measure import memory
-from qbench.preflight import check_method, register_configs
+from qbench.run.cli import conf_dir
+from qbench.run.preflight import check_method, register_configs
 
 register_configs()
 
@@ -202,7 +203,7 @@ def test_cpu_refusal_is_one_line_naming_the_key(name):
 
 
 def test_fp8_refused_on_cpu_at_preflight(tmp_path, monkeypatch):
-    from qbench.cli import preflight
+    from qbench.run.cli import preflight
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError) as e:

@@ -1,7 +1,7 @@
-"""The offline tasks (qbench/tasks) are lm-eval's stock mmlu / gsm8k with only the data source swapped.
+"""The offline tasks (qbench/evaluate/lm_eval_tasks) are lm-eval's stock mmlu / gsm8k with only the data source swapped.
 
 The strongest check: build the stock task objects from lm-eval's own YAML files and the offline ones from
-qbench/tasks, feed both the same rows in the Hub schema (no network: the stock task gets them through
+qbench/evaluate/lm_eval_tasks, feed both the same rows in the Hub schema (no network: the stock task gets them through
 ``custom_dataset``), and compare every rendered request (few-shot context + continuation / generation
 arguments) byte for byte.
 """
@@ -22,8 +22,8 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from qbench.tasks import MMLU_SUBJECTS, TASKS_DIR, _generate
-from qbench.tasks.mmlu import utils as mmlu_utils
+from qbench.evaluate.lm_eval_tasks import MMLU_SUBJECTS, TASKS_DIR, _generate
+from qbench.evaluate.lm_eval_tasks.mmlu import utils as mmlu_utils
 
 STOCK = Path(lm_eval.__file__).parent / "tasks"
 FIXTURES = Path(__file__).resolve().parents[1] / "qbench" / "data" / "fixtures"
@@ -32,7 +32,7 @@ SEED = 1234
 
 # ---------------------------------------------------------------------------------------------- the YAML files
 def test_generated_task_files_are_up_to_date():
-    assert _generate.main(["--check"]) == 0, "run: python -m qbench.tasks._generate"
+    assert _generate.main(["--check"]) == 0, "run: python -m qbench.evaluate.lm_eval_tasks._generate"
 
 
 def test_subject_categories_match_stock_tags():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-QBENCH = [sys.executable, "-m", "qbench.cli"]
+QBENCH = [sys.executable, "-m", "qbench"]
 # Small and fast: the tiny model, no accuracy, a minimal latency run.
 FAST = ["model=tiny", "bench=quick", "bench.batch_sizes=[1]", "bench.new_tokens=4", "bench.min_repeats=1",
         "bench.max_repeats=1", "bench.warmup_runs=0", "bench.prompt_tokens=[8]", "bench.decode_prompt_tokens=8",
@@ -78,7 +78,7 @@ def test_sweep_with_a_failing_cell_goes_on(tmp_path, cache):
     assert ok["metrics"]["latency"]["decode"], "decode measured"
     # the cell process's own log beside its result, figure by figure
     cell_log = (runs / "s" / "tiny__fp32" / "cell.log").read_text()
-    assert cell_log.count("[qbench.cell][INFO] attempt ") == 1
+    assert cell_log.count("[qbench.run.cell][INFO] attempt ") == 1
     assert re.search(r"\[qbench.latency\]\[INFO\] prefill bs=1 prompt=8: [\d.e+]+ ms ± 0.00 % \(0 % CI\) \(1 runs", cell_log), cell_log
     assert re.search(r"decode eager bs=1: [\d.e+]+ tokens/s ± 0.00 % \(0 % CI\) \(1 runs, [\d.]+ s timed, stopped by min_repeats\)",
                      cell_log), cell_log

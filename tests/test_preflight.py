@@ -99,8 +99,8 @@ def test_vocab_override_smaller_than_the_tokenizer_fails(tmp_path):
 
 
 def test_tokenizer_that_fits_passes_preflight(tmp_path, monkeypatch):
-    from qbench.cli import preflight
-    from qbench.preflight import register_configs
+    from qbench.run.cli import preflight
+    from qbench.run.preflight import register_configs
 
     register_configs()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from qbench import cli
 from qbench.errors import ConfigError
+from qbench.run import cli
 
 
 def preflight_error(tmp_path, *overrides: str) -> str:
@@ -31,7 +31,7 @@ def test_builtin_tiny_widths_are_checked(tmp_path, method, group, needle):
 def test_builtin_tiny_config_is_its_real_one():
     from omegaconf import OmegaConf
 
-    from qbench import models, tiny
+    from qbench.load import models, tiny
 
     cfg = OmegaConf.create({"source": "builtin:tiny", "config_overrides": {}, "architecture": None})
     assert models.config_dict(cfg) == tiny.TINY_LLAMA
@@ -84,7 +84,7 @@ def test_a_binary_calibration_text_fails_preflight(tmp_path):
 def data_dir(tmp_path):
     import shutil
 
-    from qbench.tasks import FIXTURES_DIR
+    from qbench.evaluate.lm_eval_tasks import FIXTURES_DIR
 
     root = tmp_path / "data"
     shutil.copytree(FIXTURES_DIR, root)
@@ -121,7 +121,7 @@ def test_a_malformed_data_row_fails_preflight_naming_file_and_line(tmp_path, dat
 # ----------------------------------------------------------------------------------------------- model folders
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from qbench import tiny
+    from qbench.load import tiny
 
     return tiny.build(tmp_path_factory.mktemp("tiny") / "model")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qbench import tiny
 from qbench.evaluate import quality
+from qbench.load import tiny
 
 QCFG = OmegaConf.create({"ctx_tokens": 64, "max_windows": 6, "batch_size": 3, "coverage": 0.999, "max_kept": 4096})
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qbench import tiny
 from qbench.config import QualityConfig
 from qbench.evaluate import quality
+from qbench.load import tiny
 
 META = {"source": "test", "model_config_hash": "m"}
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qbench import methods, models
+from qbench import methods
+from qbench.load import models
 from qbench.measure import memory
 from tests.test_methods import method_cfg
 

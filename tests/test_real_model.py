@@ -12,11 +12,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from qbench import methods, models, weights
-from qbench.cli import conf_dir
+from qbench import methods
 from qbench.evaluate import quality
 from qbench.evaluate.perplexity import load_perplexity_text
-from qbench.preflight import register_configs
+from qbench.load import models, weights
+from qbench.run.cli import conf_dir
+from qbench.run.preflight import register_configs
 
 register_configs()
 GGUF = weights.default_dest() / weights.file_name("smollm2")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qbench import tiny
 from qbench.evaluate import quality
+from qbench.load import tiny
 from qbench.report import html as H
 from qbench.report import tables as T
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from qbench import cli
-from qbench import preflight as pf
+from qbench.run import cli
+from qbench.run import preflight as pf
 from tests.test_preflight import assert_one_line_error, run
 from tests.test_preflight_inputs import preflight_error
 
@@ -87,7 +87,7 @@ def test_the_context_of_a_gguf_model_is_read_from_its_header(tmp_path):
 def test_memory_needs_are_lower_bounds_from_the_config():
     from omegaconf import OmegaConf
 
-    from qbench import tiny
+    from qbench.load import tiny
 
     cfg = OmegaConf.create({
         "method": {"dtype": "float32"},

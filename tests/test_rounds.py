@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from qbench import cli, rounds
 from qbench.measure import stats
+from qbench.run import cli, rounds
 from qbench.store import read_result, write_result
 
 

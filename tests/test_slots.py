@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from qbench.cli import acquire_slot
 from qbench.config import ConfigError
+from qbench.run.cli import acquire_slot
 
 
 def test_cells_take_disjoint_gpu_groups(tmp_path, monkeypatch):

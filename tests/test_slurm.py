@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from qbench import slurm
+from qbench.run import slurm
 
 REPO = Path(__file__).resolve().parent.parent
-QBENCH = [sys.executable, "-m", "qbench.cli"]
+QBENCH = [sys.executable, "-m", "qbench"]
 FAST = ["model=tiny", "eval=none", "bench=quick", "bench.batch_sizes=[1]", "bench.new_tokens=4",
         "bench.min_repeats=1", "bench.max_repeats=1", "bench.warmup_runs=0", "bench.prompt_tokens=[8]",
         "bench.decode_prompt_tokens=8", "bench.device=cpu"]
@@ -315,7 +315,7 @@ def test_report_shows_each_cells_node_and_flags_a_sweep_spread_over_nodes(demo_s
 def test_cells_split_an_salloc_by_lock_but_own_a_launcher_job_whole(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from qbench.cli import _take_devices
+    from qbench.run.cli import _take_devices
 
     cfg = OmegaConf.create({"model": {"num_gpus": 1}, "run": {"cache_dir": str(tmp_path)}})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")

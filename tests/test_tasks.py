@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from qbench.config import EvalConfig
 from qbench.errors import ConfigError
 from qbench.evaluate import tasks
-from qbench.tasks import TASKS_DIR
+from qbench.evaluate.lm_eval_tasks import TASKS_DIR
 from tests.test_preflight import assert_one_line_error, run
 
 

@@ -1,4 +1,4 @@
-"""Every second of a cell accounted for: timings.budget (qbench/measure/budget.py, qbench/cell.py), the
+"""Every second of a cell accounted for: timings.budget (qbench/measure/budget.py, qbench/run/cell.py), the
 collection hooks of qbench/measure/timing.py, and the report's "Where the time went" (qbench/report/time_budget.py)."""
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def test_a_real_cell_accounts_for_every_second(tmp_path):
             "bench.min_repeats=2", "bench.max_repeats=2", "bench.warmup_runs=1", "bench.prompt_tokens=[8]",
             "bench.decode_prompt_tokens=8", "bench.device=cpu", "eval=demo", "eval.quality.enabled=false",
             "run.sweep=s", f"run.runs_dir={runs}"]
-    subprocess.run([sys.executable, "-m", "qbench.cli", *args], cwd=REPO, env=env, check=True, capture_output=True,
+    subprocess.run([sys.executable, "-m", "qbench", *args], cwd=REPO, env=env, check=True, capture_output=True,
                    timeout=900)
     r = json.loads((runs / "s" / "tiny__fp32" / "result.json").read_text())
     t = r["timings"]

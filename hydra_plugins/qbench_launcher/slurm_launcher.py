@@ -31,7 +31,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQue
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf, open_dict, read_write
 
-from qbench import slurm
+from qbench.run import slurm
 from qbench.store import cell_id
 
 log = logging.getLogger("qbench")
@@ -69,7 +69,7 @@ class QbenchSlurmLauncher(SlurmLauncher):
         # or else by raising inside whatever runs. A cell is not resumable: it runs on until SLURM stops it,
         # and the row then says timeout.
         signal.signal(signal.SIGUSR2, _ignore_usr2)
-        os.environ[slurm.OWN_ALLOCATION] = "1"  # this job's CPUs and GPUs are the cell's slot (qbench/cli.py)
+        os.environ[slurm.OWN_ALLOCATION] = "1"  # this job's CPUs and GPUs are the cell's slot (qbench/run/cli.py)
         return super().__call__(*args, **kwargs)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:

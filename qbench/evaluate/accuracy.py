@@ -6,7 +6,7 @@ exactly the weights whose memory and latency the cell measured. Each task runs i
 size and fixed seeds. What each task is (lm-eval names online and offline, default few-shot count, headline
 metric, chance level, offline data) comes from the task table, qbench/evaluate/tasks.py. MMLU and GSM8K run
 lm-eval's stock task definitions: online the stock ``mmlu`` / ``gsm8k`` tasks read the Hub, offline the identical
-``qbench_mmlu`` / ``qbench_gsm8k`` tasks (qbench/tasks) read the original files under ``eval.data_dir``. Results
+``qbench_mmlu`` / ``qbench_gsm8k`` tasks (qbench/evaluate/lm_eval_tasks) read the original files under ``eval.data_dir``. Results
 come back under the table's names (``mmlu``, ``gsm8k``, ``arc_challenge``, ...); a task the table does not know
 runs online under its lm-eval name, headed by the first metric lm-eval reports.
 
@@ -60,9 +60,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from qbench.errors import eval_offline
+from qbench.evaluate.lm_eval_tasks import MMLU_CATEGORIES, MMLU_CATEGORY_ALIASES, MMLU_SUBJECTS, TASKS_DIR
 from qbench.evaluate.perplexity import perplexity
 from qbench.evaluate.tasks import SUBJECT, Task, lookup
-from qbench.tasks import MMLU_CATEGORIES, MMLU_CATEGORY_ALIASES, MMLU_SUBJECTS, TASKS_DIR
 
 LOG = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _local_copy_warning(plan: _Plan, entry: Dict[str, Any], offline: bool) -> Li
 
 # ------------------------------------------------------------------------------------------------ planning
 def _resolve_data_dir(data_dir: Optional[str]) -> Path:
-    from qbench.tasks.mmlu.utils import resolve_data_dir
+    from qbench.evaluate.lm_eval_tasks.mmlu.utils import resolve_data_dir
 
     return resolve_data_dir(data_dir).resolve()
 

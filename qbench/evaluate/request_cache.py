@@ -129,7 +129,7 @@ def request_key(task: Any, kwargs: Dict[str, Any], clock: EvalClock) -> str:
     import datasets
     import lm_eval
 
-    from qbench.tasks import TASKS_DIR
+    from qbench.evaluate.lm_eval_tasks import TASKS_DIR
 
     config = task.config
     plain = {k: v for k, v in kwargs.items() if k != "chat_template"}  # a callable; its use is apply_chat_template

@@ -34,7 +34,7 @@ class Task:
     lm_eval_num_fewshot: int = 0  # what lm-eval 0.4.13 uses when given none (recorded in settings)
     lm_eval_task: str = ""  # stock lm-eval task or group read online ("" = name)
     stock_dir: Optional[str] = None  # folder under lm_eval/tasks with its YAML: lm-eval indexes only that
-    offline_task: Optional[str] = None  # qbench/tasks task or group reading eval.data_dir; None = online only
+    offline_task: Optional[str] = None  # qbench/evaluate/lm_eval_tasks task or group reading eval.data_dir; None = online only
     data_files: Tuple[str, ...] = ()  # what offline_task reads under eval.data_dir ({subject}: one per subject)
     online_data: str = ""  # the dataset read online (recorded in accuracy.settings.data)
     offline_data: str = ""  # the files read offline, under eval.data_dir
@@ -103,7 +103,9 @@ def _metric_key(m: str) -> Tuple[str, str]:
 
 # ------------------------------------------------------------------------------------------------ checks
 def fixtures_dir() -> Path:
-    from qbench.tasks import FIXTURES_DIR  # a path; importing qbench.tasks pulls in nothing heavy
+    from qbench.evaluate.lm_eval_tasks import (
+        FIXTURES_DIR,  # a path; importing qbench.evaluate.lm_eval_tasks pulls in nothing heavy
+    )
 
     return FIXTURES_DIR
 
@@ -130,7 +132,7 @@ def missing_files(task: Task, root: Path, subjects: Sequence[str]) -> List[Path]
 
 def check(e: Any) -> None:
     """``eval.tasks`` against the table and the data at hand; ConfigError (one line) naming the culprit."""
-    from qbench.tasks import MMLU_SUBJECTS
+    from qbench.evaluate.lm_eval_tasks import MMLU_SUBJECTS
 
     for subject in e.mmlu_subjects:
         if subject not in MMLU_SUBJECTS:

@@ -1,6 +1,6 @@
 """Where a cell's seconds went: a flat budget of named seconds that adds up to the cell's wall time.
 
-The cell (qbench/cell.py) calls :meth:`CellClock.lap` at the end of each of its steps, in order, so that every
+The cell (qbench/run/cell.py) calls :meth:`CellClock.lap` at the end of each of its steps, in order, so that every
 second from the parent's spawn (or, without one, from the start of ``cell.run``) to the end of the cell lands
 in exactly one step; a step that reports its own parts (a load that quantized, a latency phase with its
 warm-ups, timed runs and compiles, an evaluation with its task building and model calls) is then divided with

@@ -89,7 +89,7 @@ def nvml_handle(cuda_index: int):
 def nvml_handle_from_mask(cuda_index: int):
     """NVML handle of the CUDA device ``cuda_index`` read from CUDA_VISIBLE_DEVICES alone, without torch (so
     usable before CUDA initialises); None where NVML has none. A numeric mask means NVML's numbering only
-    under CUDA_DEVICE_ORDER=PCI_BUS_ID, which qbench.cli sets for every cell."""
+    under CUDA_DEVICE_ORDER=PCI_BUS_ID, which qbench.run.cli sets for every cell."""
     pynvml = nvml()
     if pynvml is None:
         return None

@@ -12,7 +12,7 @@ A method module owns everything about its method (no base class, no shared behav
     LIBRARIES              the distributions whose versions every result of this method records
     validate(cfg)          raise qbench.config.ConfigError naming the key for values the method cannot take
     load(source, cfg, device_map) -> (model, info)
-                           the model from ``source`` (a qbench.models.Source) with the method applied; ``info``
+                           the model from ``source`` (a qbench.load.models.Source) with the method applied; ``info``
                            is what the method did (library versions, quantize time, cache hit, kernels, ...),
                            stored in result.json under "method_info"
     linear_weight_bytes(out_features, in_features, cfg) -> float

@@ -6,7 +6,7 @@ A method module built on it defines its Config and the few things that differ: B
 
 1. ``validate``: bits, group size, dtype, kernel name, calibration, checkpoint (+ the method's own keys).
 2. ``load``: the quantized checkpoint comes from ``method.checkpoint`` (a pre-quantized Hub id or local dir)
-   or from the qbench cache (qbench/quant_cache.py), where a cache miss quantizes in a *child process*:
+   or from the qbench cache (qbench/load/quant_cache.py), where a cache miss quantizes in a *child process*:
    ``GPTQModel.load(src, GPTQConfig | AWQConfig).quantize(calibration).save(tmp)``. The child keeps the
    quantization's memory and time out of the cell (its CUDA peak, RSS peak and wall time are recorded in the
    checkpoint's metadata instead), and a crash there becomes a clean exception here.
@@ -76,8 +76,8 @@ def bits_of(cfg: Any) -> int:
 
 
 def validate_common(cfg: Any, kind: str) -> None:
-    from qbench import calibration
     from qbench.config import ConfigError, hub_offline
+    from qbench.load import calibration
 
     own = method(kind)
     bits = bits_of(cfg)
@@ -222,7 +222,7 @@ def weight_settings(cfg: Any, kind: str) -> Dict[str, Any]:
 
 
 def load_common(source: Any, cfg: Any, device_map: Any, kind: str):
-    from qbench import calibration, quant_cache
+    from qbench.load import calibration, quant_cache
 
     validate_common(cfg, kind)
     root = quant_cache.cache_root(source)
@@ -619,8 +619,8 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
 
     import torch
 
-    from qbench import calibration
-    from qbench.models import Source, load_tokenizer
+    from qbench.load import calibration
+    from qbench.load.models import Source, load_tokenizer
     from qbench.store import now_iso
 
     setup_env(Path(spec["cache_root"]))

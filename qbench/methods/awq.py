@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from qbench.calibration import CalibrationConfig
 from qbench.config import MethodBase
+from qbench.load.calibration import CalibrationConfig
 from qbench.methods import _gptqmodel as gm
 from qbench.methods._groups import check_group_divides
 

@@ -52,7 +52,7 @@ def load(source: Any, method_cfg: Any, device_map: Any):
     import torch
     from transformers import BitsAndBytesConfig
 
-    from qbench.models import from_pretrained
+    from qbench.load.models import from_pretrained
 
     quant = BitsAndBytesConfig(
         load_in_4bit=True,

@@ -43,7 +43,7 @@ def load(source: Any, method_cfg: Any, device_map: Any):
     import torch
     from transformers import BitsAndBytesConfig
 
-    from qbench.models import from_pretrained
+    from qbench.load.models import from_pretrained
 
     quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(method_cfg.llm_int8_threshold))
     model = from_pretrained(

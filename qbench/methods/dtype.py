@@ -27,7 +27,7 @@ def validate(method_cfg: Any) -> None:
 def load(source: Any, method_cfg: Any, device_map: Any):
     import torch
 
-    from qbench.models import from_pretrained
+    from qbench.load.models import from_pretrained
 
     model = from_pretrained(source, device_map=device_map, dtype=getattr(torch, method_cfg.dtype))
     return model, {"dtype": method_cfg.dtype}

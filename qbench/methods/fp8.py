@@ -69,7 +69,7 @@ def load(source: Any, method_cfg: Any, device_map: Any):
     import torch
     from transformers import TorchAoConfig
 
-    from qbench.models import from_pretrained
+    from qbench.load.models import from_pretrained
 
     values = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
     on_gpu = values != ["cpu"] and torch.cuda.is_available()

@@ -2,8 +2,8 @@
 
 The source folder is converted once to an f32 GGUF by llama.cpp's own converter and quantized by
 ``llama_model_quantize`` (what ``llama-quantize`` runs), both cached under ``<cache>/quantized/<key>`` keyed by the
-source's fingerprint, the quant type and llama-cpp-python's version (qbench/quant_cache.py). The model then runs
-in llama.cpp, not torch, so this module measures it itself, through three hooks qbench/cell.py calls when a method
+source's fingerprint, the quant type and llama-cpp-python's version (qbench/load/quant_cache.py). The model then runs
+in llama.cpp, not torch, so this module measures it itself, through three hooks qbench/run/cell.py calls when a method
 has them: ``measure_memory`` (the weight bytes llama.cpp holds; the tensor types the file holds),
 ``measure_latency`` (prefill and decode in llama.cpp's loop) and ``ACCURACY_UNSUPPORTED`` (why lm-eval is not run).
 Quality needs no hook: the loaded model answers ``model(ids).logits`` from llama.cpp's full-vocabulary logits, so
@@ -80,7 +80,7 @@ def linear_weight_bytes(out_features: int, in_features: int, cfg: Any) -> float:
 
 def load(source: Any, cfg: Any, device_map: Any):
     """(LlamaCppLM, info): the source converted and quantized once (cached), loaded into llama.cpp on the CPU."""
-    from qbench import quant_cache
+    from qbench.load import quant_cache
 
     root = quant_cache.cache_root(source)
     src = lc.sources_dir(root)

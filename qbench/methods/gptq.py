@@ -9,8 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from qbench.calibration import CalibrationConfig
 from qbench.config import MethodBase
+from qbench.load.calibration import CalibrationConfig
 from qbench.methods import _gptqmodel as gm
 
 KIND = "gptq"

@@ -63,7 +63,7 @@ def load(source: Any, method_cfg: Any, device_map: Any):
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from qbench.models import from_pretrained
+    from qbench.load.models import from_pretrained
 
     dtype = getattr(torch, method_cfg.dtype)
     model = from_pretrained(source, device_map=device_map, dtype=dtype)

@@ -45,7 +45,7 @@ def load(source: Any, method_cfg: Any, device_map: Any):
     from torchao.quantization import Int8WeightOnlyConfig, PerRow
     from transformers import TorchAoConfig
 
-    from qbench.models import from_pretrained
+    from qbench.load.models import from_pretrained
 
     quant = TorchAoConfig(Int8WeightOnlyConfig(granularity=PerRow(), **_torchao.CONFIG_KWARGS))
     model = from_pretrained(source, device_map=device_map, dtype=getattr(torch, method_cfg.dtype),

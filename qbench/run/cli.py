@@ -1,0 +1,781 @@
+"""The ``qbench`` command: compose the config with Hydra, check it, and run cells.
+
+    qbench model=tiny method=bf16            one cell
+    qbench -m experiment=demo                a sweep (each cell a Hydra job)
+
+Before Hydra starts, :func:`preflight` composes every cell of the sweep and validates it, so bad input (an
+unknown method, a mistyped key, a negative batch size, a missing model path) stops the whole sweep with one
+line naming the culprit, before any model is loaded and before anything is written under runs/.
+
+A Hydra job does not measure in its own process: it starts a fresh child process (qbench/run/cell.py) per cell,
+waits for it under the cell's time limit, and writes an error row if the child dies without one. This keeps
+GPU memory and allocator state from leaking between cells whatever the launcher, and turns crashes, OOM kills
+and timeouts into data.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+from qbench.run.cell import EXIT_UNWRITTEN, STOP_SIGNALS, install_stop_handlers, signal_exit_status
+from qbench.errors import ConfigError
+from qbench.config import validate
+from qbench.store import cell_dir as cell_dir_of
+from qbench.store import cell_id, sweep_dir_of
+from qbench.measure import gpu_state
+
+log = logging.getLogger("qbench")
+
+_REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def conf_dir() -> str:
+    """conf/ of a source checkout, else the copy packaged as qbench.conf in a wheel."""
+    if _REPO_CONF.is_dir():
+        return str(_REPO_CONF)
+    return str(Path(__file__).resolve().parents[1] / "conf")
+
+
+# ----------------------------------------------------------------------------------------------- preflight
+def _compose(overrides: List[str], config_name: str = "config"):
+    from hydra import compose
+
+    return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra and OmegaConf errors span lines and chain causes: keep the outer line and the innermost cause's,
+    which names the key (e.g. "Key 'batchsizes' not in 'BenchConfig'")."""
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or [type(exc).__name__]
+    first = lines[0]
+    if "Available options in" in text:  # an unknown group option: list the known ones (without 'schema')
+        listed = text.split("Available options in", 1)[1].split("Config search path", 1)[0]
+        opts = [o for o in listed.split()[1:] if o != "schema"]
+        first = f"{first} (known: {', '.join(opts)})"
+    inner = exc
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ or inner.__context__
+    mark = getattr(inner, "problem_mark", None) or getattr(inner, "context_mark", None)
+    if mark is not None:  # malformed YAML: file, line and what the parser choked on
+        return f"malformed YAML: {mark.name}, line {mark.line + 1}: {getattr(inner, 'problem', None) or inner}"
+    if inner is not exc:
+        inner_lines = [ln.strip() for ln in str(inner).splitlines() if ln.strip()]
+        full_key = next((ln.split(":", 1)[1].strip() for ln in inner_lines if ln.startswith("full_key:")), "")
+        if inner_lines and inner_lines[0] not in first:
+            first = f"{first.rstrip('.')}: {inner_lines[0]}" + (f" (key {full_key})" if full_key else "")
+    elif "full_key:" in text:
+        first += " (key " + text.split("full_key:", 1)[1].splitlines()[0].strip() + ")"
+    return first
+
+
+def sweep_overrides(argv_overrides: List[str], multirun: bool, config_name: str = "config") -> List[List[str]]:
+    """Expand the command line and the experiment's ``hydra.sweeper.params`` into one override list per cell,
+    in the same way Hydra's basic sweeper does (cartesian product; the command line wins over the config)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    if not multirun:
+        return [argv_overrides]
+    base = [o for o in argv_overrides if not parser.parse_override(o).is_sweep_override()]
+    try:
+        cfg = _compose(base, config_name)
+    except Exception:
+        # a method.* key the default method lacks (each method has its own schema) says nothing about the sweep's
+        # axes: read them without it; each cell is composed with it later, and one without the key says so
+        cfg = _compose([o for o in base if not o.lstrip("+~").startswith("method.")], config_name)
+    params: Dict[str, Any] = {}
+    sweeper_params = cfg.hydra.sweeper.get("params") or {}
+    for key, value in sweeper_params.items():
+        params[key] = parser.parse_override(f"{key}={value}")
+    for text in argv_overrides:
+        ov = parser.parse_override(text)
+        params[ov.get_key_element()] = ov
+    axes = []
+    for key, ov in params.items():
+        if ov.is_sweep_override():
+            axes.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
+        else:
+            axes.append([f"{key}={ov.get_value_element_as_str()}"])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+class CellDirs(list):
+    """The cells' result directories, and the rounds the sweep asks for (run.rounds; run.round inside a pass)."""
+
+    rounds: int = 1
+    in_round: bool = False
+
+
+def preflight(argv: List[str]) -> CellDirs:
+    """Compose and check every cell the command would run; returns each cell's result directory.
+
+    The command line is read by Hydra's own parser and composed on the search path the app will use, so
+    every Hydra spelling (``--config-dir=DIR``, ``--config-dir DIR``, ``-cd DIR``, ``-cn NAME``) gets the
+    same checks."""
+    from qbench.run import preflight as pf
+
+    pf.register_configs()  # idempotent: callers other than main() (tests, scripts) get the method schemas too
+    args = pf.parse_args(argv)
+    try:
+        with pf.hydra_context(args, conf_dir(), __file__):
+            cells = sweep_overrides(list(args.overrides), bool(args.multirun), args.config_name or "config")
+            seen: Dict[str, List[str]] = {}
+            dirs = CellDirs()
+            rounds = set()
+            for cell_overrides in cells:
+                try:
+                    cfg = _compose(cell_overrides, args.config_name or "config")
+                except Exception as exc:
+                    line = _one_line(exc)
+                    raise ConfigError(line + _foreign_key_hint(line, cell_overrides)) from exc
+                validate(cfg)
+                pf.check_cell(cfg)
+                _check_hydra_dirs(cfg, bool(args.multirun))
+                _check_name_lengths(cfg)
+                cid = cell_id(cfg)
+                if cid in seen:
+                    raise ConfigError(
+                        f"two cells of this sweep share the id '{cid}' ({' '.join(seen[cid])} / {' '.join(cell_overrides)}): "
+                        "give them different model.name or method.name"
+                    )
+                seen[cid] = cell_overrides
+                dirs.append(cell_dir_of(cfg))
+                rounds.add(int(cfg.run.rounds))
+            if len(rounds) > 1:
+                raise ConfigError(f"run.rounds: cells of one sweep ask for different counts ({sorted(rounds)}); give one")
+            dirs.rounds = rounds.pop()
+            dirs.in_round = cfg.run.round is not None  # run.round comes from the command line: the same for all
+            pf.check_dirs(cfg)
+            _check_launcher(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra / OmegaConf / YAML errors: one line naming the culprit
+        raise ConfigError(_one_line(exc)) from exc
+    return dirs
+
+
+def _hydra_path(cfg: Any, key: str) -> str:
+    """The value of a hydra.* path key, resolved where it can be at compose time; an interpolation that only a
+    running job can resolve (${hydra.job.num}) reads as one plain folder name, which is what it becomes."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    try:
+        return str(OmegaConf.select(cfg, key, throw_on_missing=True))
+    except Exception:
+        section, _, leaf = key.rpartition(".")
+        raw = OmegaConf.to_container(OmegaConf.select(cfg, section), resolve=False).get(leaf, "")
+        return re.sub(r"\$\{[^}]*\}", "x", str(raw))
+
+
+def _check_hydra_dirs(cfg: Any, multirun: bool) -> None:
+    """Hydra's output folder of a job (where .hydra/ and cli.log go) must lie under run.runs_dir: a
+    hydra.sweep.subdir of ../../x, or a hydra.run.dir / hydra.sweep.dir elsewhere, would write outside it."""
+    runs = Path(str(cfg.run.runs_dir)).expanduser().resolve()
+    if multirun:
+        keys = ("hydra.sweep.dir", "hydra.sweep.subdir")
+        where = Path(_hydra_path(cfg, keys[0])).expanduser() / _hydra_path(cfg, keys[1])
+    else:
+        keys = ("hydra.run.dir",)
+        where = Path(_hydra_path(cfg, keys[0])).expanduser()
+    resolved = where.resolve()
+    if resolved != runs and runs not in resolved.parents:
+        raise ConfigError(f"{' / '.join(keys)}: '{where}' is outside run.runs_dir '{runs}'; Hydra would write "
+                          f".hydra/ and cli.log there (keep these keys under run.runs_dir)")
+
+
+def _check_name_lengths(cfg: Any) -> None:
+    """A folder name longer than the filesystem takes (NAME_MAX, 255 bytes on most) would fail only when the
+    cell's folder is made, after preflight: refuse it here, naming the key."""
+    runs = Path(str(cfg.run.runs_dir)).expanduser()
+    probe = runs
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        name_max = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for key, name in (("run.sweep", str(cfg.run.sweep)), ("model.name / method.name", cell_id(cfg))):
+        if len(name.encode()) > name_max:
+            raise ConfigError(f"{key}: the folder name '{name[:40]}…' is {len(name.encode())} bytes; the filesystem "
+                              f"of '{runs}' takes at most {name_max}")
+
+
+def _foreign_key_hint(line: str, cell_overrides: List[str]) -> str:
+    """Each method's schema holds only its own keys, so a key set for a whole sweep (method.group_size=64 over
+    fp32,awq) fails at the methods that lack it: say which cell, and how to set a key for one method only.
+    ``line``: the error's one line, whose outer part names the key and whose innermost cause says "not in"."""
+    if "not in" not in line or "method." not in line:
+        return ""
+    method = next((o.split("=", 1)[1] for o in cell_overrides if o.startswith("method=")), "?")
+    return (f": method '{method}' has no such key (each method takes only its own keys); set it for one method "
+            "in conf/method_tuning/<experiment>__<method>.yaml, or sweep that method alone")
+
+
+def _check_launcher(cfg: Any) -> None:
+    """A SLURM sweep started where there is no SLURM would fail only after submitting: say so up front."""
+    import shutil
+
+    target = str(cfg.hydra.launcher.get("_target_", ""))
+    if target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
+        raise ConfigError("hydra/launcher=slurm: sbatch is not on PATH (start the sweep on a SLURM login node)")
+
+
+# ----------------------------------------------------------------------------------------------- GPU slots
+def _try_lock(path: Path):
+    import fcntl
+
+    f = gpu_state.open_lock_file(path)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        f.close()
+        return None
+
+
+def acquire_slot(num_gpus: int, want_gpu: bool, slot_dir: Optional[Path] = None, poll_s: float = 1.0):
+    """Block until ``num_gpus`` GPUs of this host are free, lock them, and return (lock files, gpu ids).
+
+    Locks are per host and physical GPU (its UUID), in one folder per host whatever the working directory
+    or cache (gpu_state.lock_dir), and flock is released by the kernel when the holder dies: cells of any
+    sweep on this host take GPUs in turn and never share one. Without GPUs, cells take one CPU slot in turn,
+    which keeps CPU timings undisturbed. ``slot_dir`` replaces the folder (tests).
+    """
+    slot_dir = Path(slot_dir) if slot_dir is not None else gpu_state.lock_dir()
+    gpus = gpu_state.visible_gpus() if want_gpu else []
+    if want_gpu and len(gpus) < num_gpus:
+        raise ConfigError(f"model.num_gpus: {num_gpus} GPUs asked for, {len(gpus)} visible ({','.join(gpus) or 'none'})")
+    groups = [gpus[i : i + num_gpus] for i in range(0, len(gpus) - num_gpus + 1, num_gpus)] if gpus else [[]]
+    waited = False
+    while True:
+        for group in groups:
+            names = gpu_state.device_keys(group)
+            held = []
+            for name in names:
+                f = _try_lock(slot_dir / f"{name}.lock")
+                if f is None:
+                    break
+                held.append(f)
+            if len(held) == len(names):
+                return held, group
+            for f in held:
+                f.close()
+        if not waited:
+            log.info("waiting for a free %s slot (locks in %s)", "GPU" if gpus else "CPU", slot_dir)
+            waited = True
+        time.sleep(poll_s)
+
+
+# ----------------------------------------------------------------------------------------------- one cell
+@contextlib.contextmanager
+def cell_lock(cell_dir: Path) -> Iterator[Any]:
+    """Hold the cell while it is measured. Another process measuring the same cell (a second sweep over the
+    same runs/, or a SLURM job an earlier, killed submission left running) makes this one wait, and the
+    caller then finds the cell done instead of measuring it twice. flock: freed by the kernel when the last
+    process holding it dies, even by SIGKILL. Yields the lock file, which the cell process inherits."""
+    path = cell_dir / ".attempt" / "lock"
+    f = _try_lock(path)
+    if f is None:
+        import fcntl
+
+        log.info("%s: another process is measuring this cell; waiting for it", cell_dir.name)
+        f = open(path, "a")
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def _take_devices(cfg: Any, want_gpu: bool) -> tuple:
+    """(locks, gpu ids) the cell may use. Under SLURM the job's allocation is the slot: SLURM has given this
+    job its own CPUs and GPUs, and per-host lock files would make cells of one node wait for each other (and,
+    where SLURM renumbers each job's GPUs from 0, for GPUs they do not share)."""
+    from qbench.run import slurm
+
+    num_gpus = int(cfg.model.num_gpus)
+    if not slurm.owns_allocation():
+        return acquire_slot(num_gpus, want_gpu)
+    gpus = gpu_state.visible_gpus() if want_gpu else []
+    if want_gpu and len(gpus) < num_gpus:
+        raise ConfigError(f"model.num_gpus: {num_gpus} GPUs asked for, the SLURM job was given {len(gpus)} "
+                          "(set hydra.launcher.gpus_per_task)")
+    return [], gpus[:num_gpus] if want_gpu else []
+
+
+def _stopped_by_scheduler(rc: int) -> Optional[tuple]:
+    """Inside a SLURM job, a cell killed by a signal was most likely stopped by SLURM itself: ask it why, so the
+    row says cancelled / timeout / preempted rather than crash. ("requeued", None) when SLURM will run the job
+    again: then no row is written and the requeued job measures the cell."""
+    from qbench.run import slurm
+
+    if not slurm.in_job() or rc not in (-signal.SIGTERM, -signal.SIGKILL):
+        return None
+    job = slurm.job_id_from_env() or ""
+    why = slurm.why_stopped(job)
+    if why is None:
+        return None
+    cls, state, node = why
+    if state.startswith("REQUEUE"):
+        return ("requeued", None)
+    return (cls, slurm.error_message(cls, job, state, node))
+
+
+STOP_GRACE_S = 30.0  # how long a stopped cell may take to unwind (kill its own subprocesses) before SIGKILL
+
+
+def _stop_child(proc: subprocess.Popen, signum: int) -> None:
+    """Pass the sweep's stop signal on to the cell process and wait until it is gone: the sweep never exits
+    while its cell measures on. Further stop signals meanwhile are ignored (the wait is bounded)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signum)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_child(proc: subprocess.Popen, timeout_min: float) -> Optional[tuple]:
+    """Wait for the cell process under its time limit; (error class, message) if it did not end cleanly."""
+    try:
+        rc = proc.wait(timeout=float(timeout_min) * 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return ("timeout", f"cell ran past run.timeout_min={timeout_min} min and was stopped")
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (cell.Stopped): the cell stops with the sweep
+        _stop_child(proc, getattr(exc, "signum", signal.SIGINT))
+        raise
+    if rc == 0:
+        return None
+    stopped = _stopped_by_scheduler(rc)
+    if stopped is not None:
+        return stopped
+    return _child_fault(rc)
+
+
+def _child_fault(rc: int) -> tuple:
+    """(error class, message) of a cell process that ended with ``rc`` without writing its result."""
+    if rc == -signal.SIGKILL:
+        return ("killed", "cell process killed by SIGKILL (often the kernel's OOM killer)")
+    if rc in [-s for s in STOP_SIGNALS]:  # someone stopped the cell process itself, not the sweep
+        return ("cancelled", f"cell process stopped by {signal.Signals(-rc).name}")
+    if rc < 0:
+        return ("crash", f"cell process died of {signal.Signals(-rc).name}")
+    if rc == EXIT_UNWRITTEN:
+        return ("filesystem", "the cell finished but its result.json could not be written (the cause is in cell.log)")
+    return ("crash", f"cell process exited with code {rc}")
+
+
+def _child_env(want_gpu: bool, device: str, gpus: List[str]) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # indices mean the same to NVML, nvidia-smi and torch
+    if want_gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    elif device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU cell must not initialise CUDA on a GPU host
+    return env
+
+
+def _cfg_dict(cfg: Any) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    # hydra.* is not resolved: its help template calls a resolver only the qbench command registers
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if hasattr(cfg[k], "keys") else cfg[k]
+            for k in cfg.keys() if k != "hydra"}
+
+
+def _task_overrides() -> List[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+HYDRA_SUBDIR = ".hydra"
+
+
+def _write_hydra_files(cfg: Any) -> None:
+    """Hydra's record of the job, <cell>/.hydra/{config,hydra,overrides}.yaml, as Hydra writes it but with every
+    secret value redacted: conf/config.yaml sets hydra.output_subdir to null so that Hydra itself writes none
+    (an override such as method.description=$HF_TOKEN would be kept there in clear)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from qbench.store import redact, write_text_atomic
+
+    hydra_cfg = HydraConfig.instance().cfg
+    output_dir = OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir", default=None) if hydra_cfg else None
+    if not output_dir:  # run_cell called outside a Hydra job (tests, scripts): there is no job to record
+        return
+    out = Path(str(output_dir)) / HYDRA_SUBDIR
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg), ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        plain = redact(OmegaConf.to_container(node, resolve=False))
+        write_text_atomic(out / name, OmegaConf.to_yaml(OmegaConf.create(plain)))
+
+
+def _set_aside_previous(cid: str, cell_dir: Path, ident: Dict[str, Any]) -> None:
+    """A stored result about to be measured over moves to result.prev.json; the log line says why."""
+    from qbench import store
+
+    previous = store.read_result(cell_dir)
+    if previous is None:
+        return
+    changes = store.changed_settings(previous, ident)
+    why = f"its settings changed ({store.describe_changes(changes)})" if changes else \
+        f"rerunning a stored {previous.get('status')} result"
+    store.set_aside_previous(cell_dir)
+    log.warning("%s: %s: measuring again; the stored result is kept as %s", cid, why, store.PREVIOUS_RESULT_FILE)
+
+
+def run_cell(cfg: Any) -> str:
+    """Run one cell in a fresh child process. Returns "ok", "error" or "skipped:<status>".
+
+    A fault of the sweep's own process after preflight (the disk fills up, runs/<sweep> turns out to be a file,
+    a name the filesystem refuses) ends this cell, not the sweep: one line on the console, the traceback in the
+    log file, and an error row wherever the disk still takes one."""
+    try:
+        return _run_cell(cfg)
+    except Exception as exc:
+        from qbench.run.cell import classify
+        from qbench.store import error_message
+
+        cid = cell_id(cfg)
+        cls = classify(exc)
+        message = f"{type(exc).__name__}: {error_message(exc)}"
+        log.error("%s: error (%s) %s", cid, cls, message)
+        _traceback_to_log_files(cid)
+        _write_error_row(cell_dir_of(cfg), _cfg_dict(cfg), (cls, message), None)
+        return "error"
+
+
+def _traceback_to_log_files(cid: str) -> None:
+    """The traceback of the exception being handled into the log files (cli.log), not onto the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, f"{cid}: traceback", None, sys.exc_info())
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _write_error_row(cell_dir: Path, cfg_dict: Dict[str, Any], error: tuple, t0: Optional[float]) -> Optional[dict]:
+    """The error row of a cell that wrote none itself; None, and one line, where the disk refuses it too."""
+    from qbench.run import slurm
+    from qbench.store import error_row, write_result
+
+    row = error_row(cfg_dict, error[0], error[1], "cell", scheduler=slurm.job_info())
+    row["wall_time_s"] = time.perf_counter() - t0 if t0 is not None else None
+    row["overrides"] = _task_overrides()
+    try:
+        write_result(cell_dir, row)
+    except OSError as exc:
+        log.error("%s: the error row could not be written either: %s", cell_dir.name, exc)
+        return None
+    return row
+
+
+def _run_cell(cfg: Any) -> str:
+    from qbench import store
+    from qbench.store import read_result, should_skip, write_json_atomic
+
+    cid = cell_id(cfg)
+    cell_dir = cell_dir_of(cfg)
+    cfg_dict = _cfg_dict(cfg)
+    ident = store.identity(cfg_dict)
+    skipped = should_skip(cell_dir, cfg.run.force, cfg.run.rerun_failed, ident)
+    if skipped:
+        log.info("%s: %s", cid, store.skip_hint(cell_dir, skipped))
+        return f"skipped:{skipped}"
+    _set_aside_previous(cid, cell_dir, ident)
+    _write_hydra_files(cfg)
+    device = cfg.bench.device
+    want_gpu = device == "cuda" or (device == "auto" and bool(gpu_state.visible_gpus()))
+    before = read_result(cell_dir)
+    t0 = time.perf_counter()
+    with cell_lock(cell_dir) as cell_lock_file:
+        locks, gpus = _take_devices(cfg, want_gpu)
+        try:
+            # Again, holding the cell: another process may have finished it while this one waited
+            if read_result(cell_dir) != before and should_skip(cell_dir, False, False, ident):
+                log.info("%s: skipped, finished by another process while this one waited", cid)
+                return f"skipped:{read_result(cell_dir)['status']}"
+            spec = {
+                "attempt_id": uuid.uuid4().hex,  # ties the child's result to this attempt
+                "parent_pid": os.getpid(),  # the cell process stops when this one dies (cell.die_with_parent)
+                "config": cfg_dict,
+                "overrides": _task_overrides(),
+                "command": os.environ.get("QBENCH_COMMAND", ""),
+                "device_keys": gpu_state.device_keys(gpus),  # the cell registers as measuring on these (DeviceWatch)
+                "spawned_at_unix": time.time(),  # the cell's time budget starts here (timings.budget.process_start_s)
+            }
+            spec_path = cell_dir / ".attempt" / "spec.json"
+            write_json_atomic(spec_path, spec)
+            log.info("%s: measuring in a fresh process%s", cid, f" on GPU {','.join(gpus)}" if gpus else " on CPU")
+            t0 = time.perf_counter()
+            # The cell process inherits the slot and cell locks (flock belongs to the open file, shared by
+            # both): they stay held until it is gone, whatever becomes of this process meanwhile
+            proc = subprocess.Popen([sys.executable, "-m", "qbench.run.cell", str(spec_path)],
+                                    env=_child_env(want_gpu, device, gpus), start_new_session=False,
+                                    pass_fds=[f.fileno() for f in [cell_lock_file, *locks]])
+            error = _wait_child(proc, cfg.run.timeout_min)
+        finally:
+            for f in locks:
+                f.close()
+        if error is not None and error[0] == "requeued":
+            log.warning("%s: SLURM requeued this job; the cell runs again when it restarts", cid)
+            return "requeued"
+
+        result = read_result(cell_dir)
+        fresh = result is not None and result.get("attempt_id") == spec["attempt_id"]
+        if error is not None and not fresh:
+            result = _write_error_row(cell_dir, cfg_dict, error, t0) or {"error": {"class": error[0],
+                                                                                     "message": error[1]}}
+    status = (result or {}).get("status", "error")
+    if status == "ok":
+        log.info("%s: ok in %.1f s", cid, time.perf_counter() - t0)
+    else:
+        err = (result or {}).get("error") or {}
+        log.error("%s: error (%s) %s", cid, err.get("class"), err.get("message"))
+    return status
+
+
+# ----------------------------------------------------------------------------------------------- summary
+def summary_counts(cell_dirs: List[Path], since: float) -> Dict[str, int]:
+    """Counts over this command's cells only (other cells of the same sweep folder are not its business):
+    ran = a result written since ``since``; failed = ran and not ok; error = ends with an error result."""
+    from qbench.store import RESULT_FILE, read_result
+
+    counts = {"cells": len(cell_dirs), "ran": 0, "skipped": 0, "failed": 0, "ok": 0, "error": 0, "missing": 0}
+    for cell_dir in cell_dirs:
+        path = Path(cell_dir) / RESULT_FILE
+        result = read_result(cell_dir)
+        if result is None:
+            counts["missing"] += 1
+            continue
+        ok = result.get("status") == "ok"
+        counts["ok"] += ok
+        counts["error"] += not ok
+        if path.stat().st_mtime >= since:
+            counts["ran"] += 1
+            counts["failed"] += not ok
+        else:
+            counts["skipped"] += 1
+    return counts
+
+
+def summary_line(cell_dirs: List[Path], since: float) -> str:
+    c = summary_counts(cell_dirs, since)
+    where = ", ".join(dict.fromkeys(str(sweep_dir_of(d)) for d in cell_dirs))
+    extra = f", {c['missing']} without a result" if c["missing"] else ""
+    return (
+        f"qbench: {where}: {c['cells']} cells: ran {c['ran']}, skipped {c['skipped']}, failed {c['failed']}"
+        f"{extra} ({c['ok']} ok, {c['error']} error)"
+    )
+
+
+def exit_status(cell_dirs: List[Path], since: float) -> int:
+    """1 when any cell of this command ends without an ok result (failed now, or skipped as failed)."""
+    c = summary_counts(cell_dirs, since)
+    return 1 if c["error"] or c["missing"] else 0
+
+
+# ----------------------------------------------------------------------------------------------- rounds
+def run_rounds(argv: List[str], cell_dirs: CellDirs, started: float) -> int:
+    """run.rounds=N: the whole sweep N times in a row (A B C, A B C, ...), each pass a qbench command of its own
+    with run.round=k (every cell in a fresh process, skip-if-done per round), then each cell's rounds combined
+    into its result.json (qbench/run/rounds.py). Accuracy and quality run in round 1 only."""
+    from qbench.run import rounds
+
+    os.environ[ROUNDS_PARENT_ENV] = str(os.getpid())  # each round's process stops when this one dies
+    try:
+        for k in range(1, cell_dirs.rounds + 1):
+            extra = [f"run.round={k}"] + ([] if k == 1 else ["eval.enabled=false"])
+            print(f"qbench: round {k} of {cell_dirs.rounds}", flush=True)
+            # A stop signal here kills the round's process (subprocess.call does); its cell process then gets
+            # SIGTERM from the kernel (cell.die_with_parent) and stops as under the round's own sweep
+            rc = subprocess.call([sys.executable, "-m", "qbench", *argv, *extra])
+            if rc in [signal_exit_status(s) for s in STOP_SIGNALS]:
+                print("qbench: interrupted; finished rounds are kept, the next start goes on", file=sys.stderr)
+                return rc
+    finally:
+        os.environ.pop(ROUNDS_PARENT_ENV, None)
+    for cell_dir in cell_dirs:
+        rounds.combine(cell_dir, cell_dirs.rounds)
+    print(summary_line(cell_dirs, started), flush=True)
+    return exit_status(cell_dirs, started)
+
+
+# ----------------------------------------------------------------------------------------------- help
+def help_groups(conf: Optional[str] = None) -> str:
+    """The config groups of conf/ and their options, one group a line: what ``qbench --help`` lists. Read
+    from the folder, so a new YAML shows up by itself; the typed schemas registered as ``schema`` in every
+    group are plumbing, not options."""
+    root = Path(conf or conf_dir())
+    lines = []
+    for group in sorted(p for p in root.rglob("*") if p.is_dir() and any(p.glob("*.yaml"))):
+        options = sorted(f.stem for f in group.glob("*.yaml") if f.stem != "schema")
+        name = group.relative_to(root).as_posix()
+        lines.append(f"  {name + ':':<18}{', '.join(options)}")
+    return "\n".join(lines)
+
+
+def register_help() -> None:
+    """The resolver conf/config.yaml's hydra.help.template calls to list the groups."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("qbench_help_groups", lambda: help_groups(), replace=True)
+
+
+# ----------------------------------------------------------------------------------------------- entry
+OWN_PLUGINS = ("hydra_plugins.qbench_launcher.sweeper", "hydra_plugins.qbench_launcher.slurm_launcher")
+
+
+def register_own_plugins() -> None:
+    """Put qbench's own Hydra plugins into Hydra's registry by name. Hydra finds plugins by listing the
+    ``hydra_plugins`` namespace, and an editable install (pip install -e) maps that namespace through an import
+    hook that imports but cannot list: run as the ``qbench`` console script, Hydra then misses the sweeper that
+    conf/config.yaml names and refuses it as "Unknown plugin class"."""
+    import importlib
+    import inspect
+
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.plugin import Plugin
+
+    registry = Plugins.instance().class_name_to_class
+    for name in OWN_PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # the SLURM launcher needs hydra-submitit-launcher (the slurm extra)
+            continue
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Plugin) and cls.__module__ == name:
+                registry.setdefault(f"{name}.{cls.__name__}", cls)
+
+
+def _hydra_app() -> None:
+    import hydra
+
+    register_own_plugins()
+    @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
+    def app(cfg: Any) -> str:
+        return run_cell(cfg)
+
+    app()
+
+
+def _print_cfg(argv: List[str]) -> int:
+    """``--cfg`` with ``-m``: Hydra shows one job's config only; print every cell's config instead."""
+    from omegaconf import OmegaConf
+
+    from qbench.run import preflight as pf
+
+    args = pf.parse_args(argv)
+    name = args.config_name or "config"
+    with pf.hydra_context(args, conf_dir(), __file__):
+        for cell_overrides in sweep_overrides(list(args.overrides), True, name):
+            cfg = _compose(cell_overrides, name)
+            part = cfg.hydra if args.cfg == "hydra" else cfg
+            if args.cfg == "job":
+                part = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+            if args.package:
+                part = OmegaConf.select(part, args.package)
+            print(f"# cell: {' '.join(cell_overrides)}")
+            print(OmegaConf.to_yaml(part, resolve=bool(args.resolve)) if hasattr(part, "keys") else part)
+    return 0
+
+
+def _info_only(args: Any) -> bool:
+    return bool(args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
+                or getattr(args, "version", False))
+
+
+ROUNDS_PARENT_ENV = "QBENCH_ROUNDS_PARENT"  # set by run_rounds: the pid of the command that runs the rounds
+
+
+def _stopped_exit(exc: KeyboardInterrupt, cell_dirs: List[Path], started: float, what: str) -> None:
+    """A stop signal ended the sweep: one line, the summary line, and the shell's status for that signal."""
+    signum = getattr(exc, "signum", signal.SIGINT)
+    print(f"\nqbench: interrupted by {signal.Signals(signum).name}; {what}", file=sys.stderr)
+    print(summary_line(cell_dirs, started), file=sys.stderr)
+    sys.exit(signal_exit_status(signum))
+
+
+def _fault_exit(exc: Exception, cell_dirs: List[Path], started: float) -> None:
+    """A fault of Hydra's own after preflight (its job folder or log file on a full disk, a path of the wrong
+    type): one line and the summary line, exit 1; the traceback goes to the log file where there is one."""
+    from qbench.store import error_message
+
+    _traceback_to_log_files("sweep")
+    print(f"qbench: error: {type(exc).__name__}: {error_message(exc)}", file=sys.stderr)
+    print(summary_line(cell_dirs, started), file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    from qbench.run import preflight as pf
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pf.register_configs()
+    register_help()
+    os.environ.setdefault("QBENCH_COMMAND", "qbench " + " ".join(shlex.quote(a) for a in argv))
+    started = time.time()
+    try:
+        args = pf.parse_args(argv)
+        if args.multirun and (args.info or args.shell_completion):
+            raise ConfigError("--info and --shell-completion take no -m: drop -m")
+        if args.multirun and args.cfg:
+            sys.exit(_print_cfg(argv))
+        cell_dirs = [] if _info_only(args) else preflight(argv)
+    except ConfigError as exc:
+        print(f"qbench: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # Hydra / OmegaConf while printing configs: one line
+        print(f"qbench: error: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    if _info_only(args):
+        sys.argv = [sys.argv[0]] + argv
+        _hydra_app()
+        return
+    print(f"qbench: {len(cell_dirs)} cell(s) checked", flush=True)
+    install_stop_handlers()  # SIGTERM and SIGHUP stop the sweep as Ctrl-C does, and reach the cell process
+    logging.raiseExceptions = False  # a log line the disk refuses is dropped, not printed as a traceback
+    if os.environ.get(ROUNDS_PARENT_ENV, "").isdigit():
+        from qbench.run.cell import die_with_parent
+
+        die_with_parent(int(os.environ[ROUNDS_PARENT_ENV]))
+    if cell_dirs.rounds > 1 and not cell_dirs.in_round:
+        try:
+            sys.exit(run_rounds(argv, cell_dirs, started))
+        except KeyboardInterrupt as exc:
+            _stopped_exit(exc, cell_dirs, started, "finished rounds are kept, the next start goes on")
+    sys.argv = [sys.argv[0]] + argv
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # a fault escaping Hydra reaches _fault_exit instead of Hydra's traceback
+    try:
+        _hydra_app()
+    except KeyboardInterrupt as exc:
+        _stopped_exit(exc, cell_dirs, started, "cells with a result.json finished, the rest run on the next start")
+    except Exception as exc:
+        _fault_exit(exc, cell_dirs, started)
+    print(summary_line(cell_dirs, started), flush=True)
+    sys.exit(exit_status(cell_dirs, started))
+
+
+if __name__ == "__main__":
+    main()
