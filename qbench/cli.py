@@ -126,6 +126,7 @@ def preflight(argv: List[str]) -> CellDirs:
     from qbench import preflight as pf
 
     pf.register_configs()  # idempotent: callers other than main() (tests, scripts) get the method schemas too
+    register_own_plugins()  # the launcher configs they store (qbench_parallel, qbench_slurm), before composing
     args = pf.parse_args(argv)
     try:
         with pf.hydra_context(args, conf_dir(), __file__):
@@ -644,14 +645,16 @@ def register_help() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- entry
-OWN_PLUGINS = ("hydra_plugins.qbench_launcher.sweeper", "hydra_plugins.qbench_launcher.slurm_launcher")
+OWN_PLUGINS = ("hydra_plugins.qbench_launcher.sweeper", "hydra_plugins.qbench_launcher.slurm_launcher",
+               "hydra_plugins.qbench_launcher.parallel_launcher")
 
 
 def register_own_plugins() -> None:
     """Put qbench's own Hydra plugins into Hydra's registry by name. Hydra finds plugins by listing the
     ``hydra_plugins`` namespace, and an editable install (pip install -e) maps that namespace through an import
     hook that imports but cannot list: run as the ``qbench`` console script, Hydra then misses the sweeper that
-    conf/config.yaml names and refuses it as "Unknown plugin class"."""
+    conf/config.yaml names and refuses it as "Unknown plugin class", and the launcher configs these modules store
+    (conf/hydra/launcher/parallel.yaml's and slurm.yaml's defaults) as "Could not load". Idempotent."""
     import importlib
     import inspect
 
@@ -662,7 +665,7 @@ def register_own_plugins() -> None:
     for name in OWN_PLUGINS:
         try:
             module = importlib.import_module(name)
-        except ImportError:  # the SLURM launcher needs hydra-submitit-launcher (the slurm extra)
+        except ImportError:  # the SLURM and parallel launchers need hydra-submitit-launcher (the slurm extra)
             continue
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if issubclass(cls, Plugin) and cls.__module__ == name:
@@ -733,6 +736,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pf.register_configs()
+    register_own_plugins()  # before any compose: --cfg, --help and preflight read the launcher configs too
     register_help()
     os.environ.setdefault("QBENCH_COMMAND", "qbench " + " ".join(shlex.quote(a) for a in argv))
     started = time.time()
