@@ -440,10 +440,10 @@ def _quality(model: Any, tokenizer: Any, cfg: Any, spec: Dict[str, Any]) -> Dict
     """Quality against the sweep's baseline cell of this model (qbench/evaluate/quality.py)."""
     from omegaconf import OmegaConf
 
-    from qbench.store import cell_dir as cell_dir_of
     from qbench.config import eval_offline
     from qbench.evaluate import quality
     from qbench.evaluate.perplexity import load_perplexity_text
+    from qbench.store import cell_dir as cell_dir_of
     from qbench.store import content_hash
 
     q = cfg.eval.quality
@@ -509,7 +509,7 @@ class OncePerCell(logging.Filter):
         return [f"{lib}: {text} (logged {n} times, shown once)" for n, lib, text in self.seen.values() if n > 1]
 
     @classmethod
-    def install(cls) -> "OncePerCell":
+    def install(cls) -> OncePerCell:
         """On every handler of the root logger, where library loggers' records end up."""
         f = cls()
         for handler in logging.getLogger().handlers:

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from qbench.cell import EXIT_UNWRITTEN, STOP_SIGNALS, install_stop_handlers, signal_exit_status
-from qbench.errors import ConfigError
 from qbench.config import validate
+from qbench.errors import ConfigError
+from qbench.measure import gpu_state
 from qbench.store import cell_dir as cell_dir_of
 from qbench.store import cell_id, sweep_dir_of
-from qbench.measure import gpu_state
 
 log = logging.getLogger("qbench")
 
@@ -293,7 +293,7 @@ def cell_lock(cell_dir: Path) -> Iterator[Any]:
         import fcntl
 
         log.info("%s: another process is measuring this cell; waiting for it", cell_dir.name)
-        f = open(path, "a")
+        f = open(path, "a")  # noqa: SIM115 - held across the yield below and closed in its finally
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
     try:
         yield f
@@ -399,7 +399,7 @@ def _cfg_dict(cfg: Any) -> Dict[str, Any]:
 
     # hydra.* is not resolved: its help template calls a resolver only the qbench command registers
     return {k: OmegaConf.to_container(cfg[k], resolve=True) if hasattr(cfg[k], "keys") else cfg[k]
-            for k in cfg.keys() if k != "hydra"}
+            for k in cfg if k != "hydra"}
 
 
 def _task_overrides() -> List[str]:
@@ -696,7 +696,7 @@ def _print_cfg(argv: List[str]) -> int:
             cfg = _compose(cell_overrides, name)
             part = cfg.hydra if args.cfg == "hydra" else cfg
             if args.cfg == "job":
-                part = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+                part = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
             if args.package:
                 part = OmegaConf.select(part, args.package)
             print(f"# cell: {' '.join(cell_overrides)}")

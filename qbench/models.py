@@ -158,7 +158,7 @@ def check_gguf(path: Path) -> str:
 
     try:
         arch = gguf_architecture(path)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
+    except Exception as exc:  # any parse failure means the same thing to the user
         raise ConfigError(f"model.source: '{path}' is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
     try:
         stat = path.stat()
