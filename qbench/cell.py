@@ -172,7 +172,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     affinity, affinity_warning = apply_cpu_affinity(cfg.bench.get("cpu_affinity"), int(cfg.model.num_gpus))
     # torch.compile's on-disk caches (Inductor's FX graph and autotune caches) in qbench's cache, not in /tmp: a
     # later cell with the same shapes and dtype (another round, a rerun, bench-check) loads the compiled decode
-    # step instead of compiling it again (H200, 8B: 34 s at batch 1, 41 s for the batch-dynamic graph; warm 9 + 10 s)
+    # step instead of compiling it again, a fraction of the cold cost (docs/latency.md#what-the-defaults-cost)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.run.cache_dir).expanduser().resolve() / "torch_compile"))
     pin_allocator_config()
     clock.lap("setup_s")
