@@ -26,8 +26,6 @@ from qbench.store import content_hash
 
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 
-TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-
 
 @dataclass
 class Source:
