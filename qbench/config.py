@@ -65,7 +65,7 @@ class BenchConfig:
     decode_paths: List[str] = field(default_factory=lambda: ["eager"])
     # batch sizes at which the compiled paths (static, graph) run (null: all of batch_sizes). Each compile is a
     # one-time cost: batch 1 has a graph of its own (Dynamo specializes a size of 1), batch sizes past 1 share one
-    # batch-dynamic graph (H200, 8B bf16, cold cache: 36 + 44 s); [1] saves the second
+    # batch-dynamic graph (each compile's cost: docs/latency.md#what-the-defaults-cost); [1] saves the second
     compiled_batch_sizes: Optional[List[int]] = None
     warmup_runs: int = 1  # runs discarded before timing (first-call effects, compile), at least
     # then more while each run is faster than the last by more than warmup_steady_pct %, up to this many: a
@@ -77,11 +77,12 @@ class BenchConfig:
     target_ci_pct: Optional[float] = 1.0  # %
     max_time_per_figure_s: Optional[float] = 10.0  # s
     # eager decode's figures: its own cap (null: max_time_per_figure_s; 0: min_repeats runs, no more). Eager's
-    # step time is the host's Python: between fresh processes its median moves up to 3.4 times what one process's
-    # CI says (H200 bench-check), so runs past the minimum narrow a CI that is not its real uncertainty (run.rounds)
+    # step time is the host's Python, whose median moves between fresh processes by more than one process's CI
+    # says (docs/stability.md), so runs past the minimum narrow a CI that is not its real uncertainty (run.rounds)
     max_time_per_eager_figure_s: Optional[float] = 0.0  # s
     # a compiled path's first call at a batch size (torch.compile's trace and codegen) may take this long, then the
-    # path is recorded unsupported with that reason (null: no limit; H200, 8B bf16: 37-61 s)
+    # path is recorded unsupported with that reason (null: no limit). The default leaves room for a plain compile
+    # of a 7-8B model and stops a kernel-tuning one (docs/latency.md#what-the-defaults-cost)
     max_compile_s: Optional[float] = 300.0  # s
     min_repeats: int = 6  # timed runs at least (6: the fewest whose order statistics give a 95 % CI of the median)
     max_repeats: int = 100  # timed runs at most

@@ -3,6 +3,7 @@ its own locks while it lives, and never goes on measuring as an orphan; a result
 measuring process is not ``ok``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -93,6 +94,97 @@ def test_stop_signal_to_the_sweep_stops_the_cell_and_says_so(tmp_path, signum):
     assert "interrupted: no result written" in (cell_dir / "cell.log").read_text()
 
 
+PARALLEL = ["hydra/launcher=parallel", "method=bf16,fp32", "run.sweep=p"]  # one cell measures, one waits for the slot
+
+
+def _session(sid: int) -> list:
+    """(pid, command) of every live process in session ``sid`` (the sweep's own, started with start_new_session):
+    whatever the sweep started, however deep and wherever reparented, is there unless it left the session."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            fields = (d / "stat").read_text().rsplit(") ", 1)[1].split()
+            if d.name.isdigit() and int(fields[3]) == sid and fields[0] != "Z":
+                out.append((int(d.name), (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _kill_session(sid: int) -> None:
+    for pid, _ in _session(sid):  # this test's own processes only: they must not outlive it, whatever went wrong
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _start_parallel_sweep(tmp_path: Path, runs: Path, log: Path) -> subprocess.Popen:
+    """A parallel-launcher sweep of two slow cells, in a session of its own; returns once a cell measures."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(QBENCH + ["-m", *SLOW, *PARALLEL, f"run.runs_dir={runs}"], cwd=REPO,
+                                env=_env(tmp_path), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while not any("weights from" in (p.read_text() if p.exists() else "")
+                  for p in (runs / "p" / c / "cell.log" for c in ("tiny__bf16", "tiny__fp32"))):
+        if time.time() > deadline or proc.poll() is not None:
+            _kill_session(proc.pid)
+            pytest.fail(f"no cell started measuring\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    started = [cmd for _, cmd in _session(proc.pid)]
+    assert sum("submitit.core._submit" in c for c in started) == 2 and any("qbench.run.cell" in c for c in started), started
+    return proc
+
+
+@pytest.mark.slow  # two submitit jobs, each a cell's Hydra job and its cell process
+def test_stop_signal_to_a_parallel_sweep_stops_every_job(tmp_path):
+    """hydra/launcher=parallel: submitit's job processes ignore SIGTERM and outlive the sweep by design; the
+    signal must still reach every job and its cell process, and the sweep must wait for them."""
+    runs, log = tmp_path / "runs", tmp_path / "sweep.log"
+    proc = _start_parallel_sweep(tmp_path, runs, log)
+    try:
+        os.kill(proc.pid, signal.SIGTERM)  # the sweep's process only, as systemd, SLURM or `timeout` would
+        proc.wait(timeout=120)
+        left = _session(proc.pid)  # at once: the sweep exits only once every process it started is gone
+    finally:
+        _kill_session(proc.pid)
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert not left, f"processes outlived the sweep: {left}"
+    assert proc.returncode == 143, out[-3000:]
+    assert "qbench: interrupted by SIGTERM" in out
+    assert "qbench: " + str(runs / "p") + ": 2 cells: ran 0" in out, "the summary line"
+    assert "Traceback" not in out
+    assert not list((runs / "p").glob("*/result.json")), "a stopped cell writes nothing: the next start redoes it"
+    cell_logs = [p.read_text() for p in (runs / "p").glob("*/cell.log")]
+    assert any("interrupted: no result written" in text for text in cell_logs), "the measuring cell unwound"
+    # the next start measures both cells: no lock, slot or job of the stopped sweep is left in the way
+    fast = [a for a in SLOW if "repeats" not in a and "new_tokens" not in a] + ["bench.min_repeats=1",
+                                                                               "bench.max_repeats=1", "bench.new_tokens=4"]
+    again = subprocess.run(QBENCH + ["-m", *fast, *PARALLEL, f"run.runs_dir={runs}"], cwd=REPO, env=_env(tmp_path),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "2 cells: ran 2, skipped 0, failed 0" in again.stdout
+
+
+@pytest.mark.slow  # two submitit jobs, each a cell's Hydra job and its cell process
+def test_a_parallel_sweep_killed_leaves_no_job_running(tmp_path):
+    """SIGKILL of the sweep (no handler runs): every job's task notices its death and stops its cell, and the
+    job's controller ends with it."""
+    runs, log = tmp_path / "runs", tmp_path / "sweep.log"
+    proc = _start_parallel_sweep(tmp_path, runs, log)
+    try:
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 60  # the cells' grace (cli.STOP_GRACE_S) and the tasks' exit
+        while _session(proc.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        left = _session(proc.pid)
+    finally:
+        _kill_session(proc.pid)
+    assert not left, f"processes outlived the killed sweep: {left}"
+    assert not list((runs / "p").glob("*/result.json")), "no cell went on to write a result"
+
+
 def test_cell_process_stops_when_its_parent_is_killed(tmp_path):
     """SIGKILL of the sweep (no handler runs) still stops the cell process: it asked the kernel for SIGTERM on
     its parent's death (cell.die_with_parent)."""
@@ -126,7 +218,7 @@ def test_cell_process_stops_when_its_parent_is_killed(tmp_path):
 
 
 def test_cell_process_of_a_parent_already_gone_stops_at_once(tmp_path):
-    code = "from qbench import cell\ncell.install_stop_handlers()\ncell.die_with_parent(1)\nimport time; time.sleep(60)"
+    code = "from qbench.run import cell\ncell.install_stop_handlers()\ncell.die_with_parent(1)\nimport time; time.sleep(60)"
     proc = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, timeout=30)
     assert proc.returncode != 0 and b"Stopped" in proc.stderr
 

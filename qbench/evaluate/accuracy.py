@@ -231,7 +231,8 @@ def _subset_groups(subjects: Sequence[str], offline: bool) -> Dict[str, str]:
 
 @contextlib.contextmanager
 def _task_manager(plans: Sequence[_Plan], offline: bool, eval_cfg: Any, data_dir: Optional[str]) -> Iterator[Any]:
-    """lm-eval's TaskManager indexing only what the plans need (indexing every stock task takes ~20 s)."""
+    """lm-eval's TaskManager indexing only what the plans need: indexing every stock task parses thousands of
+    YAML files, and each cell process would pay that again."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 

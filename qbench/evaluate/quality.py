@@ -211,7 +211,7 @@ def compare_files(ref: Dict[str, Any], cand: Dict[str, Any]) -> Dict[str, np.nda
     for n in range(n_pos):
         a, b = ref["offsets"][n], ref["offsets"][n + 1]
         c, d = cand["offsets"][n], cand["offsets"][n + 1]
-        both, i_ref, i_cand = np.intersect1d(ref["ids"][a:b], cand["ids"][c:d], return_indices=True)
+        _, i_ref, i_cand = np.intersect1d(ref["ids"][a:b], cand["ids"][c:d], return_indices=True)
         kl[n] = _kl_coarsened(ref["logp"][a:b][i_ref], cand["logp"][c:d][i_cand])
     return {"kl": kl, "same_top": cand["argmax"] == ref["argmax"],
             "logq_target": cand["logp_target"], "logp_target": ref["logp_target"]}

@@ -26,8 +26,6 @@ from qbench.store import content_hash
 
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 
-TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-
 
 @dataclass
 class Source:
@@ -158,7 +156,7 @@ def check_gguf(path: Path) -> str:
 
     try:
         arch = gguf_architecture(path)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
+    except Exception as exc:  # any parse failure means the same thing to the user
         raise ConfigError(f"model.source: '{path}' is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
     try:
         stat = path.stat()

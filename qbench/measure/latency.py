@@ -19,8 +19,8 @@ time cap ``bench.max_time_per_figure_s`` is spent (then ``precision.stopped_by``
 qbench.measure.timing.repeat. The first calls of the compiled paths at each batch size (where torch.compile
 traces and code-generates the step) may take ``bench.max_compile_s`` together: the one that runs past what is left
 is stopped and its path recorded as unsupported from that batch size, with that reason, not left to hold the GPU
-for many minutes (the H200, 8B shape: bf16 compiles in 37-61 s; torchao int8 weight-only, with its Inductor
-tuning on, had not finished after ~140 s, float8 after ~8 min). The
+for many minutes (a compile with Inductor's kernel tuning on can take many times a plain one:
+docs/latency.md#what-the-defaults-cost). The
 loop is batch-major (every path at batch 1, then at batch 8, ...) so that ``graph`` reuses what ``static`` just
 compiled and warmed up at the same shapes.
 """
@@ -392,8 +392,8 @@ class Settings:
         """timing.repeat's keywords for one figure of decode ``path`` (None: prefill). Prefill and the compiled
         paths have a transient after their first call (GPU clocks ramp up over the first prefill calls; a compiled
         path keeps speeding up for a few calls after its compile), so they warm up until steady, up to
-        max_warmup_runs. Eager decode has none: on the H200 its extra warm-ups ran as fast as its timed runs, and
-        on a noisy host "still faster" is a coin toss that cost it 7-10 s a figure; it warms up warmup_runs only."""
+        max_warmup_runs. Eager decode has none (its later warm-ups run as fast as its timed runs), and on a noisy
+        host "still faster" is a coin toss that only costs time; it warms up warmup_runs only."""
         return dict(warmup_runs=self.warmup_runs,
                     max_warmup_runs=self.warmup_runs if path == "eager" else self.max_warmup_runs,
                     steady_pct=self.warmup_steady_pct, min_repeats=self.min_repeats, max_repeats=self.max_repeats,
@@ -465,8 +465,8 @@ SLOW_FIGURE_S = 30.0  # a figure whose timed runs alone will take this long says
 def _say_if_slow(label: str, s: Settings, path: Optional[str] = None):
     """timing.repeat's after_warmup: one log line before the timed runs when bench.min_repeats runs at the pace
     of the last warm-up will take SLOW_FIGURE_S or more. The time cap cannot shorten them (fewer runs give no
-    95 % CI of the median), so a cell that goes quiet for minutes (torchao int8 weight-only's compiled decode at
-    batch 32 on the H200) says why in its cell.log, even if it is stopped before it writes a result."""
+    95 % CI of the median), so a cell that goes quiet for minutes (a slow compiled kernel at a large batch) says
+    why in its cell.log, even if it is stopped before it writes a result."""
     def after_warmup(warmup_s: List[float]) -> None:
         if not warmup_s:
             return

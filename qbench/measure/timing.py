@@ -110,9 +110,8 @@ def warm_up(run_once: Callable[[], Any], *, min_runs: int, max_runs: int, steady
     the first have taken less than ``max_time_s`` (the figure's time cap; the first holds the compile, which has
     a limit of its own). A run that is not faster ends the warm-up: on a noisy host (generate's Python)
     run-to-run scatter is not a transient, and waiting for two runs to agree would only burn time. Without the
-    time bound a slow figure could warm up for minutes: torchao int8 weight-only's compiled decode on the H200
-    took 4.9 s a run at batch 8, and at batch 32 it ran over 2 minutes without a figure. Returns each warm-up's
-    host seconds (the first holds the one-time costs)."""
+    time bound a slow figure (seconds a run, a compiled kernel slow at a large batch) could warm up for minutes
+    before its first timed run. Returns each warm-up's host seconds (the first holds the one-time costs)."""
     seconds: List[float] = []
     while len(seconds) < max(min_runs, 0) or (
         len(seconds) < max_runs and (len(seconds) < 2 or seconds[-1] < seconds[-2] * (1 - steady_pct / 100))

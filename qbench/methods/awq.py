@@ -43,9 +43,9 @@ class Config(MethodBase):
     awq_format: str = "gemm"  # packed layout of the checkpoint: gemm (gemv / gemv_fast have CUDA-only kernels)
     backend: str = "auto"  # kernel at load: auto (cuda: marlin, cpu: torch) | one of BACKENDS
     # GPT-QModel's scale search streams its reference outputs through host memory and back, chunk by chunk, for
-    # each of its 20 ratios: 75 MB per scaled group and ratio for SmolLM2 at 128 x 512 tokens, ~140 GB of
-    # host-to-GPU copies per run (estimated from the shapes, not profiled on a GPU). false keeps them on the
-    # GPU (+ about 2 x calibration tokens x hidden x 2 bytes); true streams; null: false on a GPU, true on a CPU
+    # each of its 20 ratios: calibration tokens x hidden x 2 bytes per scaled group and ratio, copied to the host
+    # and back every time (the volume for SmolLM2: docs/gptq_awq.md). false keeps them on the GPU (+ about
+    # 2 x calibration tokens x hidden x 2 bytes); true streams; null: false on a GPU, true on a CPU
     scale_search_chunked: Optional[bool] = None
     checkpoint: Optional[str] = None  # pre-quantized AWQ checkpoint (Hub id or local dir): skip quantizing
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -109,8 +109,8 @@ def best_clip(processor: Any, w: Any, input_feat: Any, n_grid: int = 20, max_shr
     answer) with the per-group products as one batched matmul.
 
     GPT-QModel forms ``input_feat * w`` as a [out, tokens, groups, group_size] tensor for each of the 10
-    shrink ratios and sums it; on a CPU that search was 95 % of GPT-QModel's per-layer AWQ work on SmolLM2
-    (py-spy; about a minute per layer on 2 cores). Here the same sums are ``bmm([groups, out, gs], [groups, gs, tokens])``: products
+    shrink ratios and sums it: the largest temporary of AWQ and, on a CPU, most of its time (profile:
+    docs/gptq_awq.md). Here the same sums are ``bmm([groups, out, gs], [groups, gs, tokens])``: products
     summed in fp32 inside the matmul instead of rounded to 16 bits first, and the error compared in fp32.
     Returns the best max |w| per (output channel, group): [out, groups, 1], what ``apply_clip`` takes.
     """

@@ -172,7 +172,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     affinity, affinity_warning = apply_cpu_affinity(cfg.bench.get("cpu_affinity"), int(cfg.model.num_gpus))
     # torch.compile's on-disk caches (Inductor's FX graph and autotune caches) in qbench's cache, not in /tmp: a
     # later cell with the same shapes and dtype (another round, a rerun, bench-check) loads the compiled decode
-    # step instead of compiling it again (H200, 8B: 34 s at batch 1, 41 s for the batch-dynamic graph; warm 9 + 10 s)
+    # step instead of compiling it again, a fraction of the cold cost (docs/latency.md#what-the-defaults-cost)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.run.cache_dir).expanduser().resolve() / "torch_compile"))
     pin_allocator_config()
     clock.lap("setup_s")
@@ -339,8 +339,8 @@ def _resolve(cfg: Any, device: str, result: Dict[str, Any], where: Dict[str, str
 
 def _load(cfg: Any, method: Any, source: Any, device: str, result: Dict[str, Any], where: Dict[str, str]) -> tuple:
     """(model, tokenizer, phase memory) with the method applied; its one-time costs go into timings."""
-    from qbench.load import models
     from qbench.errors import ConfigError
+    from qbench.load import models
     from qbench.measure import memory
     from qbench.run.preflight import tokenizer_fit_problem
 
@@ -441,10 +441,10 @@ def _quality(model: Any, tokenizer: Any, cfg: Any, spec: Dict[str, Any]) -> Dict
     """Quality against the sweep's baseline cell of this model (qbench/evaluate/quality.py)."""
     from omegaconf import OmegaConf
 
-    from qbench.store import cell_dir as cell_dir_of
     from qbench.config import eval_offline
     from qbench.evaluate import quality
     from qbench.evaluate.perplexity import load_perplexity_text
+    from qbench.store import cell_dir as cell_dir_of
     from qbench.store import content_hash
 
     q = cfg.eval.quality
@@ -510,7 +510,7 @@ class OncePerCell(logging.Filter):
         return [f"{lib}: {text} (logged {n} times, shown once)" for n, lib, text in self.seen.values() if n > 1]
 
     @classmethod
-    def install(cls) -> "OncePerCell":
+    def install(cls) -> OncePerCell:
         """On every handler of the root logger, where library loggers' records end up."""
         f = cls()
         for handler in logging.getLogger().handlers:

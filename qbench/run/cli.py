@@ -27,23 +27,23 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from qbench.run.cell import EXIT_UNWRITTEN, STOP_SIGNALS, install_stop_handlers, signal_exit_status
-from qbench.errors import ConfigError
 from qbench.config import validate
+from qbench.errors import ConfigError
+from qbench.measure import gpu_state
+from qbench.run.cell import EXIT_UNWRITTEN, STOP_SIGNALS, install_stop_handlers, signal_exit_status
 from qbench.store import cell_dir as cell_dir_of
 from qbench.store import cell_id, sweep_dir_of
-from qbench.measure import gpu_state
 
 log = logging.getLogger("qbench")
 
-_REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+_REPO_CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def conf_dir() -> str:
     """conf/ of a source checkout, else the copy packaged as qbench.conf in a wheel."""
     if _REPO_CONF.is_dir():
         return str(_REPO_CONF)
-    return str(Path(__file__).resolve().parents[1] / "conf")
+    return str(Path(__file__).resolve().parent / "conf")
 
 
 # ----------------------------------------------------------------------------------------------- preflight
@@ -126,6 +126,7 @@ def preflight(argv: List[str]) -> CellDirs:
     from qbench.run import preflight as pf
 
     pf.register_configs()  # idempotent: callers other than main() (tests, scripts) get the method schemas too
+    register_own_plugins()  # the launcher configs they store (qbench_parallel, qbench_slurm), before composing
     args = pf.parse_args(argv)
     try:
         with pf.hydra_context(args, conf_dir(), __file__):
@@ -292,7 +293,7 @@ def cell_lock(cell_dir: Path) -> Iterator[Any]:
         import fcntl
 
         log.info("%s: another process is measuring this cell; waiting for it", cell_dir.name)
-        f = open(path, "a")
+        f = open(path, "a")  # noqa: SIM115 - held across the yield below and closed in its finally
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
     try:
         yield f
@@ -398,7 +399,7 @@ def _cfg_dict(cfg: Any) -> Dict[str, Any]:
 
     # hydra.* is not resolved: its help template calls a resolver only the qbench command registers
     return {k: OmegaConf.to_container(cfg[k], resolve=True) if hasattr(cfg[k], "keys") else cfg[k]
-            for k in cfg.keys() if k != "hydra"}
+            for k in cfg if k != "hydra"}
 
 
 def _task_overrides() -> List[str]:
@@ -644,14 +645,16 @@ def register_help() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- entry
-OWN_PLUGINS = ("hydra_plugins.qbench_launcher.sweeper", "hydra_plugins.qbench_launcher.slurm_launcher")
+OWN_PLUGINS = ("hydra_plugins.qbench_launcher.sweeper", "hydra_plugins.qbench_launcher.slurm_launcher",
+               "hydra_plugins.qbench_launcher.parallel_launcher")
 
 
 def register_own_plugins() -> None:
     """Put qbench's own Hydra plugins into Hydra's registry by name. Hydra finds plugins by listing the
     ``hydra_plugins`` namespace, and an editable install (pip install -e) maps that namespace through an import
     hook that imports but cannot list: run as the ``qbench`` console script, Hydra then misses the sweeper that
-    conf/config.yaml names and refuses it as "Unknown plugin class"."""
+    conf/config.yaml names and refuses it as "Unknown plugin class", and the launcher configs these modules store
+    (conf/hydra/launcher/parallel.yaml's and slurm.yaml's defaults) as "Could not load". Idempotent."""
     import importlib
     import inspect
 
@@ -662,7 +665,7 @@ def register_own_plugins() -> None:
     for name in OWN_PLUGINS:
         try:
             module = importlib.import_module(name)
-        except ImportError:  # the SLURM launcher needs hydra-submitit-launcher (the slurm extra)
+        except ImportError:  # the SLURM and parallel launchers need hydra-submitit-launcher (the slurm extra)
             continue
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if issubclass(cls, Plugin) and cls.__module__ == name:
@@ -693,7 +696,7 @@ def _print_cfg(argv: List[str]) -> int:
             cfg = _compose(cell_overrides, name)
             part = cfg.hydra if args.cfg == "hydra" else cfg
             if args.cfg == "job":
-                part = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+                part = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
             if args.package:
                 part = OmegaConf.select(part, args.package)
             print(f"# cell: {' '.join(cell_overrides)}")
@@ -733,6 +736,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pf.register_configs()
+    register_own_plugins()  # before any compose: --cfg, --help and preflight read the launcher configs too
     register_help()
     os.environ.setdefault("QBENCH_COMMAND", "qbench " + " ".join(shlex.quote(a) for a in argv))
     started = time.time()

@@ -92,7 +92,7 @@ def unknown_keys(node: Any, schema: type, prefix: str = "") -> List[Tuple[str, L
     hints = typing.get_type_hints(schema)
     known = [f.name for f in dataclasses.fields(schema)]
     out = []
-    for key in node.keys():
+    for key in node:
         key = str(key)
         if key not in known:
             out.append((f"{prefix}{key}", known))
@@ -119,7 +119,7 @@ def _suggest(word: str, known: List[str]) -> str:
 def check_schema_keys(cfg: Any) -> None:
     from qbench.config import QBenchConfig
 
-    bad = unknown_keys({k: cfg[k] for k in cfg.keys() if k != "hydra"}, QBenchConfig)
+    bad = unknown_keys({k: cfg[k] for k in cfg if k != "hydra"}, QBenchConfig)
     if bad:
         key, known = bad[0]
         raise ConfigError(f"{key}: unknown key (a '+' override or a YAML adds a key the schema does not have)"
@@ -196,7 +196,6 @@ def tokenizer_size(m: Any) -> Tuple[Optional[int], str]:
     """(tokens the cell's tokenizer can emit, where that tokenizer comes from), as qbench.load.models picks it.
     None for a Hub tokenizer not on disk yet: preflight does not download; the cell checks it after loading."""
     from qbench.load import tiny
-
     from qbench.load.models import is_gguf
 
     if m.tokenizer:
@@ -296,7 +295,7 @@ def safetensors_shapes(folder: Path) -> Optional[Dict[str, Tuple[Tuple[int, ...]
             raise ConfigError(f"model.source: '{path}' is missing (named by {index.name})")
         try:
             with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - a safetensors file handle, not a dict: it has no __iter__
                     out[key] = (tuple(f.get_slice(key).get_shape()), str(path))
         except Exception as exc:  # safetensors' own errors: header too short, not JSON, offsets past the end
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -1,9 +1,9 @@
 """SLURM as qbench sees it: which job this process runs in, and what became of a job.
 
 Two readers: a cell process records :func:`job_info` in its result (job id, node, array index), and the SLURM
-launcher (qbench/slurm_launcher.py) asks :func:`job_states` what became of the jobs it submitted, to turn a
-job that died without writing a result (cancelled, past its time limit, pre-empted, node failure) into an error
-row of its own class. States come from ``sacct``; clusters without accounting (slurmdbd) answer through
+launcher (hydra_plugins/qbench_launcher/slurm_launcher.py) asks :func:`job_states` what became of the jobs it
+submitted, to turn a job that died without writing a result (cancelled, past its time limit, pre-empted, node
+failure) into an error row of its own class. States come from ``sacct``; clusters without accounting (slurmdbd) answer through
 ``scontrol show job``, which knows finished jobs for MinJobAge seconds (scripts/slurm_local.sh sets an hour).
 """
 from __future__ import annotations
