@@ -34,9 +34,11 @@ Optional:
                   why the path cannot run on this model and device at all (then it is recorded unsupported and
                   never tried)
 
-Adding a decode path: write qbench/measure/decode_paths/<name>.py. Validation (qbench.run.preflight), the latency
-loop and the report iterate over this registry; nothing else names a path, except the report's table of where
-decode time goes, which compares the three paths of one compiled step (graph, static, eager) by their meaning.
+Adding a decode path: write qbench/measure/decode_paths/<name>.py (tests/test_decode_paths.py registers one from a
+temporary folder and follows it through latency into the report). Validation (qbench.run.preflight), the latency
+loop, the report's tidy table, charts and decode-gap columns iterate over this registry. Paths are named elsewhere
+only where the report compares them by their meaning: the summary leads with static where measured, else eager
+(report.tables.DECODE_PATH_PREFERENCE), and the decode-gap table measures generate's share as static against graph.
 """
 from __future__ import annotations
 
