@@ -14,6 +14,9 @@ import torch
 from qbench.config import BenchConfig
 from qbench.load import tiny
 from qbench.measure import gpu_specs, latency, memory, timing
+from qbench.measure.decode_paths import _generate, graph
+from qbench.measure.latency import common, decode, prefill
+from qbench.measure.latency.settings import Settings
 
 # ---- the repeat loop -----------------------------------------------------------------------------------
 
@@ -84,31 +87,31 @@ def test_bandwidth_bound():
     # Llama-3.1-8B bf16: 16,060,522,496 weight bytes of which a step reads all but the 1,050,673,152-byte
     # embedding table; KV 131,072 bytes per token, mean context 128 + 128/2 = 192 tokens
     weights = 16_060_522_496 - 1_050_673_152
-    kv_seq = 131_072 * latency.mean_decode_context(128, 128)
-    assert latency.mean_decode_context(128, 128) == 192
-    b1 = latency.bandwidth_bound_tokens_per_s(h100, weights, kv_seq, 1)
+    kv_seq = 131_072 * decode.mean_decode_context(128, 128)
+    assert decode.mean_decode_context(128, 128) == 192
+    b1 = decode.bandwidth_bound_tokens_per_s(h100, weights, kv_seq, 1)
     assert b1 == pytest.approx(3.35e12 / (weights + 25_165_824))  # ~223 tokens/s
     assert b1 == pytest.approx(222.82, abs=0.01)
     # batch 32 shares one weight read: 32 x bandwidth / (weights + 32 x kv)
-    b32 = latency.bandwidth_bound_tokens_per_s(h100, weights, kv_seq, 32)
+    b32 = decode.bandwidth_bound_tokens_per_s(h100, weights, kv_seq, 32)
     assert b32 == pytest.approx(32 * 3.35e12 / (weights + 32 * 25_165_824))
     assert 28 * b1 < b32 < 32 * b1
-    assert latency.bandwidth_bound_tokens_per_s(None, weights, kv_seq, 1) is None
+    assert decode.bandwidth_bound_tokens_per_s(None, weights, kv_seq, 1) is None
 
 
 def test_prefill_compute_bound():
     params = {"body": 6_979_321_856, "head": 525_336_576}
-    flops = latency.prefill_flops(params, batch=8, prompt_tokens=512)
+    flops = prefill.prefill_flops(params, batch=8, prompt_tokens=512)
     assert flops == 2 * 6_979_321_856 * 8 * 512 + 2 * 525_336_576 * 8
     peak = gpu_specs.peak_flops(gpu_specs.lookup("NVIDIA H100 80GB HBM3"), torch.bfloat16)
-    assert latency.compute_bound_s(flops, peak) == pytest.approx(flops / 989.5e12)  # ~58 ms
-    assert latency.compute_bound_s(flops, None) is None
+    assert prefill.compute_bound_s(flops, peak) == pytest.approx(flops / 989.5e12)  # ~58 ms
+    assert prefill.compute_bound_s(flops, None) is None
 
 
 def test_random_prompt_fixed_seed_no_specials():
-    a, mask = latency.random_prompt(4, 64, 50, [0, 1, 2], seed=0, device="cpu")
-    b, _ = latency.random_prompt(4, 64, 50, [0, 1, 2], seed=0, device="cpu")
-    c, _ = latency.random_prompt(4, 64, 50, [0, 1, 2], seed=1, device="cpu")
+    a, mask = common.random_prompt(4, 64, 50, [0, 1, 2], seed=0, device="cpu")
+    b, _ = common.random_prompt(4, 64, 50, [0, 1, 2], seed=0, device="cpu")
+    c, _ = common.random_prompt(4, 64, 50, [0, 1, 2], seed=1, device="cpu")
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (4, 64) and mask.sum() == 4 * 64
     assert not torch.isin(a, torch.tensor([0, 1, 2])).any() and a.max() < 50
@@ -129,7 +132,7 @@ def tiny_model(tmp_path_factory):
 def test_forced_generation_length_even_when_eos_is_emitted(tiny_model):
     model, _ = tiny_model
     n = 8
-    ids, mask = latency.random_prompt(1, 8, 2048, [0, 1, 2], seed=0, device="cpu")
+    ids, mask = common.random_prompt(1, 8, 2048, [0, 1, 2], seed=0, device="cpu")
     saved = copy.deepcopy(model.generation_config)
     try:
         free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -138,7 +141,7 @@ def test_forced_generation_length_even_when_eos_is_emitted(tiny_model):
         stopped = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
         assert stopped.shape[1] - ids.shape[1] <= 3  # a plain generate stops at that EOS
         for path in ("eager", "static"):  # static runs uncompiled on CPU: same forcing, other cache
-            r = latency.generate_timed(model, ids, mask, n, path, "cpu", pad_token_id=0)
+            r = _generate.generate_timed(model, ids, mask, n, path, "cpu", pad_token_id=0)
             assert r["output_ids"].shape[1] - ids.shape[1] == n
             assert len(r["steps_s"]) == n and r["steps_s"][0] == 0.0
             assert all(b >= a for a, b in zip(r["steps_s"], r["steps_s"][1:]))
@@ -156,7 +159,7 @@ def _quick(**kw):
 def test_measure_on_cpu(tiny_model, monkeypatch):
     model, tok = tiny_model
     # Pretend the CPU is an H100 for the bounds, so that their arithmetic runs end to end here.
-    monkeypatch.setattr(latency.gpu_specs, "for_device",
+    monkeypatch.setattr(gpu_specs, "for_device",
                         lambda *a, **k: gpu_specs.lookup("NVIDIA H100 80GB HBM3"))
     fp = memory.weight_footprint(model)
     pm = memory.PhaseMemory("cpu")
@@ -228,15 +231,15 @@ def test_every_figure_warms_up_until_steady(tiny_model, monkeypatch):
     while runs still get faster by more than warmup_steady_pct; eager decode, which has no such transient, warms
     up bench.warmup_runs; never fewer than bench.warmup_runs. Both are recorded."""
     model, tok = tiny_model
-    monkeypatch.setattr(latency, "static_unsupported_reason", lambda *a, **k: None)  # run it uncompiled on CPU
+    monkeypatch.setattr(_generate, "static_unsupported_reason", lambda *a, **k: None)  # run it uncompiled on CPU
     seen = []
-    real_repeat = latency.timing.repeat
+    real_repeat = timing.repeat
 
     def spy(run_once, **loop):
         seen.append((loop["warmup_runs"], loop["max_warmup_runs"]))
         return real_repeat(run_once, **loop)
 
-    monkeypatch.setattr(latency.timing, "repeat", spy)
+    monkeypatch.setattr(timing, "repeat", spy)
     cfg = _quick(batch_sizes=[1], prompt_tokens=[8], warmup_runs=1, max_warmup_runs=3)
     out = latency.measure(model, tok, cfg, "cpu", None, 1, model.config)
     # one prefill loop, then eager and static decode at batch 1: eager has no transient after its first call
@@ -282,7 +285,7 @@ def test_repeat_flags_a_figure_that_hits_its_time_cap():
                       target_ci_pct=1.0, max_time_s=5.0, value_of=lambda i: 100.0 + 20 * (i % 2), clock=clock)
     assert r["stopped_by"] == "time_cap" and r["n"] == 10 and r["timed_s"] == pytest.approx(5.0)
     assert r["ci_half_width_pct"] > 1.0
-    warning = latency._precision_warning("decode eager bs=1", r, latency.Settings.from_bench(
+    warning = common._precision_warning("decode eager bs=1", r, Settings.from_bench(
         _quick(target_ci_pct=1.0, max_time_per_figure_s=5.0)))
     assert "target ±1 % not reached" in warning and "after 10 runs" in warning
 
@@ -301,29 +304,29 @@ def test_a_cap_of_zero_runs_the_minimums_only_and_is_no_cap_hit():
                                  min_duration_s=4.0, target_ci_pct=1.0, max_time_s=0.0,
                                  value_of=lambda i: 100.0 + 20 * (i % 2), clock=clock)
     assert long_minimum["n"] == 8  # min_duration_s still holds
-    s = latency.Settings.from_bench(_quick(target_ci_pct=1.0))
-    assert latency._precision_warning("decode eager bs=1", noisy, s, "eager") is None
+    s = Settings.from_bench(_quick(target_ci_pct=1.0))
+    assert common._precision_warning("decode eager bs=1", noisy, s, "eager") is None
 
 
 def test_eager_decode_has_its_own_time_cap():
     """bench.max_time_per_eager_figure_s caps eager decode's figures (default 0: the minimum runs); prefill and
     the compiled paths keep bench.max_time_per_figure_s; null gives eager that cap too. Warnings and the slow-
     figure line name the key that applied."""
-    s = latency.Settings.from_bench(_quick(max_time_per_figure_s=10.0))
+    s = Settings.from_bench(_quick(max_time_per_figure_s=10.0))
     assert BenchConfig().max_time_per_eager_figure_s == 0.0
     assert s.loop("eager")["max_time_s"] == 0.0 and s.loop("eager")["max_warmup_runs"] == s.warmup_runs
     for path in (None, "static", "graph"):
         assert s.loop(path)["max_time_s"] == 10.0 and s.loop(path)["max_warmup_runs"] == s.max_warmup_runs
-    same = latency.Settings.from_bench(_quick(max_time_per_figure_s=10.0, max_time_per_eager_figure_s=None))
+    same = Settings.from_bench(_quick(max_time_per_figure_s=10.0, max_time_per_eager_figure_s=None))
     assert same.loop("eager")["max_time_s"] == 10.0
-    five = latency.Settings.from_bench(_quick(target_ci_pct=1.0, max_time_per_eager_figure_s=5.0))
+    five = Settings.from_bench(_quick(target_ci_pct=1.0, max_time_per_eager_figure_s=5.0))
     clock = FakeClock()
     r = timing.repeat(workload(clock, 0.5, []), value_of=lambda i: 100.0 + 20 * (i % 2), clock=clock,
                       **{**five.loop("eager"), "min_repeats": 6, "max_repeats": 100})
     assert r["stopped_by"] == "time_cap" and r["timed_s"] == pytest.approx(5.0)
-    assert latency._precision_warning("decode eager bs=1", r, five, "eager").endswith(
+    assert common._precision_warning("decode eager bs=1", r, five, "eager").endswith(
         "within bench.max_time_per_eager_figure_s=5")
-    assert "bench.max_time_per_figure_s=10" in latency._precision_warning("decode static bs=1", r, five, "static")
+    assert "bench.max_time_per_figure_s=10" in common._precision_warning("decode static bs=1", r, five, "static")
 
 
 def test_a_negative_eager_cap_is_refused_by_name():
@@ -387,8 +390,8 @@ def test_warm_up_past_its_minimum_stays_within_the_time_cap():
 def test_a_figure_whose_minimum_runs_are_slow_says_so_before_it_runs_them(caplog):
     """The time cap cannot cut a figure below bench.min_repeats: when those runs will take SLOW_FIGURE_S or more
     at the last warm-up's pace, the cell's log says so before they start (a cell stopped then still explains)."""
-    s = latency.Settings.from_bench(_quick(min_repeats=6, max_time_per_figure_s=3.0))
-    say = latency._say_if_slow("decode static bs=32", s)
+    s = Settings.from_bench(_quick(min_repeats=6, max_time_per_figure_s=3.0))
+    say = common._say_if_slow("decode static bs=32", s)
     with caplog.at_level(logging.INFO, logger="qbench.latency"):
         say([12.0, 4.0])  # 6 x 4 s = 24 s: no line
         assert not caplog.records
@@ -414,16 +417,16 @@ def test_graph_path_replays_generates_own_compiled_step(tiny_model):
     tokens it produces are the ones generate produced, and the cache ends where generate left it."""
     model, _ = tiny_model
     cc = _compile_on_cpu()
-    ids, mask = latency.random_prompt(2, 8, 2048, [0, 1, 2], seed=0, device="cpu")
+    ids, mask = common.random_prompt(2, 8, 2048, [0, 1, 2], seed=0, device="cpu")
     n = 6
-    ref = latency.generate_timed(model, ids, mask, n, "static", "cpu", 0, cc)["output_ids"][:, ids.shape[1]:]
-    calls = latency.record_decode_steps(model, ids, mask, n, "cpu", 0, cc)
+    ref = _generate.generate_timed(model, ids, mask, n, "static", "cpu", 0, cc)["output_ids"][:, ids.shape[1]:]
+    calls = graph.record_decode_steps(model, ids, mask, n, "cpu", 0, cc)
     assert len(calls) == n - 1
     for _ in range(2):  # replays repeat: the cache is rewound each time
-        r = latency.graph_decode_timed(model, calls, "cpu")
+        r = graph.graph_decode_timed(model, calls, "cpu")
         assert len(r["steps_s"]) == n and r["steps_s"][0] == 0.0
         assert torch.equal(torch.cat(r["tokens"], dim=1), ref[:, 1:])
-    assert int(latency._cache_of(calls).get_seq_length()) == ids.shape[1] + n - 1
+    assert int(graph._cache_of(calls).get_seq_length()) == ids.shape[1] + n - 1
 
 
 @pytest.mark.slow  # real Inductor compiles on CPU
@@ -456,7 +459,7 @@ def test_compiled_paths_run_at_compiled_batch_sizes_only(tiny_model, caplog):
         ("eager", 1), ("static", 1), ("graph", 1), ("eager", 2)]
     assert out["unsupported"] == [] and out["settings"]["compiled_batch_sizes"] == [1]
     assert "decode static bs=2: not run (bench.compiled_batch_sizes=[1])" in caplog.text
-    assert latency.Settings.from_bench(_quick(batch_sizes=[1, 2])).compiled_batch_sizes == [1, 2]  # null: all
+    assert Settings.from_bench(_quick(batch_sizes=[1, 2])).compiled_batch_sizes == [1, 2]  # null: all
 
 
 def test_compiled_batch_sizes_are_checked_by_name():
@@ -472,8 +475,8 @@ def test_compiled_batch_sizes_are_checked_by_name():
 
 
 def test_decode_paths_are_checked():
-    with pytest.raises(ValueError, match="unknown"):
-        latency.Settings.from_bench(_quick(decode_paths=["eagre"]))
+    with pytest.raises(ValueError, match="bench.decode_paths: 'eagre' is not one of eager, static, graph"):
+        Settings.from_bench(_quick(decode_paths=["eagre"]))
 
 
 # ---- the compile deadline ------------------------------------------------------------------------------
@@ -543,15 +546,15 @@ def test_a_compile_past_max_compile_s_marks_static_and_graph_unsupported(tiny_mo
     step) as unsupported with the reason; eager is measured at every batch size all the same. The deadline
     covers only the first call at a batch size: later calls may take their time."""
     model, tok = tiny_model
-    monkeypatch.setattr(latency, "static_unsupported_reason", lambda *a, **k: None)
-    real = latency.generate_timed
+    monkeypatch.setattr(_generate, "static_unsupported_reason", lambda *a, **k: None)
+    real = _generate.generate_timed
 
     def slow_first_compile(model, ids, mask, new_tokens, path, *a, **k):
         if path == "static":
             _spin(3.0)  # the 'compile'
         return real(model, ids, mask, new_tokens, path, *a, **k)
 
-    monkeypatch.setattr(latency, "generate_timed", slow_first_compile)
+    monkeypatch.setattr(_generate, "generate_timed", slow_first_compile)
     cfg = _quick(batch_sizes=[1, 2], prompt_tokens=[8], decode_paths=["eager", "static", "graph"], max_compile_s=0.5)
     out = latency.measure(model, tok, cfg, "cpu", None, 1, model.config)
     assert [(d["decode_path"], d["batch_size"]) for d in out["decode"]] == [("eager", 1), ("eager", 2)]
@@ -575,8 +578,8 @@ def test_max_compile_s_bounds_the_cells_compiles_together(tiny_model, monkeypatc
     batch 1 is measured, the second compile (batch 2) is stopped by what is left, and the reason says how much the
     earlier compiles spent. A per-call limit would have let every batch size compile for the whole limit."""
     model, tok = tiny_model
-    monkeypatch.setattr(latency, "static_unsupported_reason", lambda *a, **k: None)
-    real = latency.generate_timed
+    monkeypatch.setattr(_generate, "static_unsupported_reason", lambda *a, **k: None)
+    real = _generate.generate_timed
     compiled_at = set()
 
     def slow_compile_per_batch(model, ids, mask, new_tokens, path, *a, **k):
@@ -585,7 +588,7 @@ def test_max_compile_s_bounds_the_cells_compiles_together(tiny_model, monkeypatc
             _spin(1.5)  # the batch size's 'compile'
         return real(model, ids, mask, new_tokens, path, *a, **k)
 
-    monkeypatch.setattr(latency, "generate_timed", slow_compile_per_batch)
+    monkeypatch.setattr(_generate, "generate_timed", slow_compile_per_batch)
     cfg = _quick(batch_sizes=[1, 2], prompt_tokens=[8], decode_paths=["eager", "static"], max_compile_s=2.5)
     caplog.set_level(logging.INFO, logger="qbench.latency")
     out = latency.measure(model, tok, cfg, "cpu", None, 1, model.config)
@@ -614,7 +617,7 @@ def test_a_long_first_call_logs_a_heartbeat_and_its_time(caplog):
     the alarm cannot reach would show in the cell's log); its duration is added to what the compiles spent."""
     caplog.set_level(logging.INFO, logger="qbench.latency")
     spent = [1.0]
-    with latency._timed_block(contextlib.nullcontext(), spent, "decode static bs=8", every_s=0.2):
+    with decode._timed_block(contextlib.nullcontext(), spent, "decode static bs=8", every_s=0.2):
         _spin(0.7)
     time.sleep(0.3)  # nothing more once the block has ended
     beats = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
@@ -630,9 +633,9 @@ def test_a_deadline_wrapped_by_the_compiler_is_named_as_itself():
         except timing.DeadlineExceeded as exc:
             raise RuntimeError("BackendCompilerFailed: backend='inductor' raised: ...") from exc
     except RuntimeError as wrapped:
-        assert latency._reason_of(wrapped) == \
+        assert decode._reason_of(wrapped) == \
             "DeadlineExceeded: torch.compile of the static decode step at batch 8 ran past x"
-    assert latency._reason_of(ValueError("boom\nmore")) == "ValueError: boom"
+    assert decode._reason_of(ValueError("boom\nmore")) == "ValueError: boom"
 
 
 def test_a_real_inductor_compile_past_max_compile_s_is_stopped(tiny_model, tmp_path, monkeypatch):

@@ -250,7 +250,7 @@ def measure_latency(model: LlamaCppLM, bench_cfg: Any, vocab: int, special_ids: 
     token). Batch sizes above 1 are recorded as unsupported: qbench drives one llama.cpp sequence at a time."""
     import numpy as np
 
-    from qbench.measure.latency import Settings
+    from qbench.measure.latency.settings import Settings
     from qbench.measure.stats import cv_warning, summarize
 
     s = Settings.from_bench(bench_cfg)

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from qbench.evaluate import tasks as task_table
+from qbench.measure import decode_paths
 from qbench.report import tables as T
 
 # Okabe & Ito (2008), colour-blind safe; yellow last because it is faint on white paper.
@@ -283,7 +284,7 @@ def throughput_chart(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) 
                 fig.add_trace(go.Scatter(
                     x=[p["batch_size"] for p in pts], y=[p["p50"] for p in pts], mode="lines+markers",
                     name=label, legendgroup=label, showlegend=label not in shown,
-                    line=dict(color=col[row["method"]], dash="solid" if path == "eager" else "dot", width=2),
+                    line=dict(color=col[row["method"]], dash="dot" if decode_paths.compiled(path) else "solid", width=2),
                     marker=dict(size=8),
                     error_y=dict(type="data", symmetric=False, array=[p["hi"] - p["p50"] for p in pts],
                                  arrayminus=[p["p50"] - p["lo"] for p in pts], thickness=1.2, width=4),

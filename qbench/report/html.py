@@ -22,6 +22,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from qbench.evaluate import tasks as task_table
+from qbench.measure import decode_paths
 from qbench.report import charts as C
 from qbench.report import decision as D
 from qbench.report import tables as T
@@ -350,7 +351,7 @@ def _compiled_not_run(r: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     batches, compiled = settings.get("batch_sizes") or [], settings.get("compiled_batch_sizes")
     never = {u.get("decode_path") for u in T.get(r, "metrics", "latency", "unsupported", default=[]) or []
              if isinstance(u, dict) and u.get("batch_size") is None}
-    paths = [p for p in settings.get("decode_paths") or [] if p in ("static", "graph") and p not in never]
+    paths = [p for p in settings.get("decode_paths") or [] if decode_paths.compiled(p) and p not in never]
     skipped = [b for b in batches if compiled is not None and b not in compiled]
     if not paths or not skipped:
         return None
@@ -426,11 +427,11 @@ def _ran(results: List[Dict[str, Any]]) -> Optional[str]:
 
 
 def decode_gap_view(results: List[Dict[str, Any]]) -> List[Dict[str, str]]:
-    """The decode gap table's rows, formatted: 'tokens/s ± CI (x % of bound)' per path."""
+    """The decode gap table's rows, formatted: 'tokens/s ± CI (x % of bound)' per path (``paths``, by name)."""
     out = []
     for g in T.decode_gap_rows(results):
         cells = {}
-        for path in ("eager", "static", "graph"):
+        for path in decode_paths.names():
             v = g[f"{path}_tps"]
             text = fmt_num(v, 1)
             if v is not None and g[f"{path}_ci_pct"] is not None:
@@ -439,7 +440,7 @@ def decode_gap_view(results: List[Dict[str, Any]]) -> List[Dict[str, str]]:
                 text += f" ({fmt_num(g[f'{path}_pct_of_bound'], 0)} %)"
             cells[path] = text
         out.append({"cell": g["cell"], "batch_size": g["batch_size"], "bound": fmt_num(g["bound_tps"], 0),
-                    "bound_source": g["bound_source"], **cells,
+                    "bound_source": g["bound_source"], "paths": cells,
                     "generate_keeps": fmt_num(g["generate_keeps_pct"], 0)})
     return out
 
@@ -478,6 +479,9 @@ def sweep_context(results: List[Dict[str, Any]], sweep: str, downloads: Optional
         "summary": summary_view(rows), "quality": quality_view(rows, results), "errors": errors,
         "decision": decision_view(rows, results), "decision_js": DECISION_JS.read_text(encoding="utf-8"),
         "decode_gap": decode_gap_view(results),
+        # the gap table's path columns: nearest the bound first (the compiled step alone, then what wraps it)
+        "decode_gap_paths": [{"name": p, "label": decode_paths.label(p), "description": decode_paths.get(p).DESCRIPTION}
+                             for p in reversed(decode_paths.names())],
         "measured": measured,
         "charts": [{**c, "json": figure_json(c["figure"]) if c["figure"] is not None else None} for c in charts],
         "honesty": honesty_view(results, rows), "env": environment_view(results),

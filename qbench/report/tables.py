@@ -18,6 +18,7 @@ import pandas as pd
 
 from qbench.evaluate import tasks as task_table  # stdlib only, like store: the report builds without torch
 from qbench.config import RunConfig  # schemas only: no torch
+from qbench.measure import decode_paths  # the registry imports nothing heavy: no torch
 from qbench.store import cause_line  # stdlib only: the report still builds on a laptop without torch
 
 GB = 1e9
@@ -813,7 +814,7 @@ def decode_gap_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             bound = measured if measured is not None else num(graph.get("bandwidth_bound_tokens_per_s"))
             row = {"cell": r["cell"], "model": r["model"], "method": r["method"], "batch_size": batch,
                    "bound_tps": bound, "bound_source": "measured copy bandwidth" if measured is not None else "datasheet"}
-            for path in ("eager", "static", "graph"):
+            for path in decode_paths.names():
                 st = dist_stats(get(paths.get(path), "tokens_per_s"))
                 row[f"{path}_tps"], row[f"{path}_ci_pct"] = st.get("p50"), st.get("ci_half_width_pct")
                 row[f"{path}_pct_of_bound"] = 100 * st["p50"] / bound if bound and st.get("p50") else None

@@ -371,6 +371,7 @@ def check_cell(cfg: Any) -> None:
     """Raise ConfigError (one line) when the cell cannot run as configured."""
     check_model_source(cfg.model)
     check_method(cfg)
+    check_decode_paths(cfg)
     check_schema_keys(cfg)
     check_eval(cfg)
     check_model(cfg)
@@ -401,6 +402,14 @@ def check_method(cfg: Any) -> None:
         raise ConfigError(f"method.kind: '{cfg.method.kind}' does not match the schema the method YAML names "
                           f"({getattr(schema, '__module__', schema)}); its defaults list needs schema/{cfg.method.kind}")
     method.validate(cfg.method)
+
+
+def check_decode_paths(cfg: Any) -> None:
+    """Every name of bench.decode_paths is a module of the decode-path registry (qbench.measure.decode_paths)."""
+    from qbench.measure import decode_paths
+
+    for path in cfg.bench.decode_paths:
+        decode_paths.get(str(path), key="bench.decode_paths")
 
 
 # ----------------------------------------------------------------------------------------------- eval
