@@ -36,14 +36,14 @@ from qbench.store import cell_id, sweep_dir_of
 
 log = logging.getLogger("qbench")
 
-_REPO_CONF = Path(__file__).resolve().parent.parent / "conf"
+_REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def conf_dir() -> str:
     """conf/ of a source checkout, else the copy packaged as qbench.conf in a wheel."""
     if _REPO_CONF.is_dir():
         return str(_REPO_CONF)
-    return str(Path(__file__).resolve().parent / "conf")
+    return str(Path(__file__).resolve().parents[1] / "conf")
 
 
 # ----------------------------------------------------------------------------------------------- preflight
