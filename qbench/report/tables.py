@@ -18,7 +18,8 @@ import pandas as pd
 
 from qbench.evaluate import tasks as task_table  # stdlib only, like store: the report builds without torch
 from qbench.config import RunConfig  # schemas only: no torch
-from qbench.store import cause_line  # stdlib only: the report still builds on a laptop without torch
+from qbench.store import layout  # stdlib only, like rows: the report still builds on a laptop without torch
+from qbench.store.rows import cause_line
 
 GB = 1e9
 _DEFAULT_BASELINE = RunConfig.baseline_method  # the schema's default (conf/config.yaml may set another)
@@ -105,7 +106,7 @@ def load_results(sweep_dir: Path) -> List[Dict[str, Any]]:
     """
     sweep_dir = Path(sweep_dir)
     results = []
-    for path in sorted(sweep_dir.glob("*/result.json")):
+    for path in layout.result_files(sweep_dir):
         try:
             r = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(r, dict):
@@ -117,7 +118,7 @@ def load_results(sweep_dir: Path) -> List[Dict[str, Any]]:
             r = unreadable(path, f"{type(e).__name__}: {e}")
         cell = str(r.get("cell") or path.parent.name)
         r["cell"] = cell
-        model, _, method = cell.partition("__")
+        model, method = layout.parse_cell_id(cell)
         r["model"] = str(r.get("model") or model)
         r["method"] = str(r.get("method") or method or "?")
         r.setdefault("sweep", sweep_dir.name)
@@ -139,7 +140,7 @@ def fill_late_quality(results: List[Dict[str, Any]], sweep_dir: Path) -> None:
         q = get(r, "metrics", "quality")
         if r["status"] != "ok" or not isinstance(q, dict) or q.get("comparison") or q.get("role") != "compared":
             continue
-        base_dir = sweep_dir / f"{r['model']}__{q.get('baseline_method')}"
+        base_dir = sweep_dir / layout.cell_name(r["model"], str(q.get("baseline_method")))
         comparison = quality.compare_later(sweep_dir / r["cell"], base_dir)
         if comparison is not None:
             q["comparison"], q["comparison_source"] = comparison, "report"
