@@ -18,6 +18,10 @@ import pandas as pd
 
 from qbench.evaluate import tasks as task_table  # stdlib only, like store: the report builds without torch
 from qbench.config import RunConfig  # schemas only: no torch
+# The owners, both stdlib only: the MMLU categories in the order the heatmap shows them (other keys found in
+# results are appended; charts reads them here) and a dtype's bytes
+from qbench.evaluate.lm_eval_tasks import MMLU_CATEGORIES  # noqa: F401
+from qbench.measure.memory import DTYPE_BYTES
 from qbench.store import layout  # stdlib only, like rows: the report still builds on a laptop without torch
 from qbench.store.rows import cause_line
 
@@ -26,9 +30,6 @@ _DEFAULT_BASELINE = RunConfig.baseline_method  # the schema's default (conf/conf
 # When the configured baseline did not run in the sweep: a method that quantized nothing, in this dtype order
 BASELINE_FALLBACK_DTYPES = ("bfloat16", "float16", "float32")
 CV_WARN_DEFAULT = 0.05
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # bench.cv_warn_threshold's default (qbench/config.py)
-# MMLU categories in the order the heatmap shows them; other keys found in results are appended.
-MMLU_CATEGORIES = ("stem", "humanities", "social_sciences", "other")
 
 TIDY_COLUMNS = [
     "sweep", "cell", "model", "method", "method_kind", "status", "error_class", "random_weights", "device",
