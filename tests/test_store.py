@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +123,18 @@ def test_error_message_is_the_cause_in_one_line():
     assert error_message(ValueError("plain")) == "plain"
     assert "\n" not in error_message(ValueError("first line\nsecond line"))
     assert len(error_message(ValueError("x" * 10000))) <= 500
+
+
+def test_the_cell_id_has_one_owner_and_reads_back():
+    from omegaconf import OmegaConf
+
+    from qbench.store import layout
+
+    cfg = {"model": {"name": "smollm2_135m"}, "method": {"name": "gptq_4bit"}}
+    assert layout.cell_id(cfg) == "smollm2_135m__gptq_4bit"
+    assert layout.parse_cell_id(layout.cell_id(cfg)) == ("smollm2_135m", "gptq_4bit")
+    assert layout.parse_cell_id("stray_folder") == ("stray_folder", "")
+    # conf/config.yaml names Hydra's folder through the same function, not a copy of the format
+    node = OmegaConf.create({**cfg, "dir": "runs/${qbench.cell_id:}"})
+    assert node.dir == "runs/smollm2_135m__gptq_4bit"
+    assert "${qbench.cell_id:}" in (Path(__file__).resolve().parents[1] / "conf" / "config.yaml").read_text()
