@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qbench import store
 from qbench.run import cell, cli
+from qbench.store import jsonio, layout
 
 REPO = Path(__file__).resolve().parent.parent
 QBENCH = [sys.executable, "-m", "qbench"]
@@ -30,10 +30,10 @@ def _enospc(*args, **kwargs):
 # ----------------------------------------------------------------------------------------------- writers
 def test_a_full_disk_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
     path = tmp_path / "result.json"
-    store.write_json_atomic(path, {"status": "ok"})
+    jsonio.write_json_atomic(path, {"status": "ok"})
     monkeypatch.setattr(os, "fsync", _enospc)  # the data did not reach the disk
-    for write in (lambda: store.write_json_atomic(path, {"status": "error"}),
-                  lambda: store.write_text_atomic(tmp_path / "config.yaml", "a: 1\n")):
+    for write in (lambda: jsonio.write_json_atomic(path, {"status": "error"}),
+                  lambda: jsonio.write_text_atomic(tmp_path / "config.yaml", "a: 1\n")):
         with pytest.raises(OSError) as info:
             write()
         assert info.value.errno == errno.ENOSPC
@@ -53,7 +53,7 @@ def _spec(tmp_path: Path) -> Path:
 def test_cell_whose_result_cannot_be_written_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     spec = _spec(tmp_path)
     monkeypatch.setattr(cell, "run", lambda s: {"status": "ok", "warnings": [], "error": None})
-    monkeypatch.setattr(store, "write_result", _enospc)
+    monkeypatch.setattr(jsonio, "write_result", _enospc)
     monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)  # pytest's capture stands in for the console
     root = logging.getLogger()
     handlers = list(root.handlers)
@@ -122,11 +122,11 @@ def test_a_full_disk_before_the_cell_starts_is_an_error_of_that_cell(tmp_path, m
             _enospc()
         return real(path, data)
 
-    real = store.write_json_atomic
-    monkeypatch.setattr(store, "write_json_atomic", spec_fails)
+    real = jsonio.write_json_atomic
+    monkeypatch.setattr(jsonio, "write_json_atomic", spec_fails)
     with caplog.at_level(logging.ERROR, logger="qbench"):
         assert cli.run_cell(cfg) == "error"
-    row = store.read_result(store.cell_dir(cfg))
+    row = jsonio.read_result(layout.cell_dir(cfg))
     assert row["status"] == "error" and row["error"]["class"] == "filesystem"
     assert "No space left on device" in row["error"]["message"]
     lines = [r.getMessage() for r in caplog.records if r.name == "qbench"]
@@ -136,10 +136,10 @@ def test_a_full_disk_before_the_cell_starts_is_an_error_of_that_cell(tmp_path, m
 def test_a_full_disk_that_refuses_the_error_row_too_is_one_line(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("QBENCH_LOCK_DIR", str(tmp_path / "locks"))
     cfg = _cfg(tmp_path)
-    monkeypatch.setattr(store, "write_json_atomic", _enospc)
+    monkeypatch.setattr(jsonio, "write_json_atomic", _enospc)
     with caplog.at_level(logging.ERROR, logger="qbench"):
         assert cli.run_cell(cfg) == "error"
-    assert store.read_result(store.cell_dir(cfg)) is None
+    assert jsonio.read_result(layout.cell_dir(cfg)) is None
     assert any("error row could not be written" in r.getMessage() for r in caplog.records)
 
 
@@ -164,8 +164,8 @@ def test_rounds_combine_on_a_full_disk_leaves_no_half_quality_file(tmp_path, mon
 
     cell_dir = tmp_path / "tiny__bf16"
     for k in (1, 2):
-        store.write_result(store.round_dir(cell_dir, k), {"status": "ok", "metrics": {}, "warnings": []})
-    (store.round_dir(cell_dir, 1) / "quality_logprobs.npz").write_bytes(b"x" * 4096)
+        jsonio.write_result(layout.round_dir(cell_dir, k), {"status": "ok", "metrics": {}, "warnings": []})
+    (layout.round_dir(cell_dir, 1) / "quality_logprobs.npz").write_bytes(b"x" * 4096)
 
     def half_copy(src, dest, *a, **kw):  # the disk fills up halfway through
         Path(dest).write_bytes(Path(src).read_bytes()[:100])

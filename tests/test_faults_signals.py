@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from qbench.run import cell, cli
-from qbench.store import should_skip, write_result
+from qbench.store.jsonio import write_result
+from qbench.store.rerun import should_skip
 
 REPO = Path(__file__).resolve().parent.parent
 QBENCH = [sys.executable, "-m", "qbench"]

@@ -7,7 +7,7 @@ import pytest
 
 from qbench.measure import stats
 from qbench.run import cli, rounds
-from qbench.store import read_result, write_result
+from qbench.store.jsonio import read_result, write_result
 
 
 def _result(tps_values, ttft_values, status="ok", bound=1000.0):
@@ -80,7 +80,7 @@ def test_rounds_run_as_interleaved_passes(tmp_path, monkeypatch):
 
 
 def test_round_results_live_below_the_cell(tmp_path):
-    from qbench.store import cell_dir
+    from qbench.store.layout import cell_dir
 
     cfg = {"model": {"name": "m"}, "method": {"name": "bf16"}, "run": {"runs_dir": str(tmp_path), "sweep": "s", "round": 2}}
     assert cell_dir(cfg) == tmp_path / "s" / "m__bf16" / "rounds" / "2"

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from qbench import store
+from qbench.store import identity, jsonio, layout, rerun
 from tests.test_pipeline import FAST, qbench
 
 
@@ -36,8 +36,8 @@ def cfg_dict(**changes):
 def stored(tmp_path, cfg, status="ok", with_identity=True):
     result = {"status": status, "config": cfg, "error": None if status == "ok" else {"class": "exception"}}
     if with_identity:
-        result["identity"] = store.identity(cfg)
-    store.write_result(tmp_path, result)
+        result["identity"] = identity.identity(cfg)
+    jsonio.write_result(tmp_path, result)
     return result
 
 
@@ -57,9 +57,9 @@ def stored(tmp_path, cfg, status="ok", with_identity=True):
 @pytest.mark.parametrize("with_identity", [True, False], ids=["identity", "older-qbench-config-only"])
 def test_a_setting_that_changes_figures_makes_the_cell_run_again(tmp_path, key, value, with_identity):
     stored(tmp_path, cfg_dict(), with_identity=with_identity)
-    now = store.identity(cfg_dict(**{key: value}))
-    assert store.should_skip(tmp_path, False, False, now) is None
-    changes = store.changed_settings(store.read_result(tmp_path), now)
+    now = identity.identity(cfg_dict(**{key: value}))
+    assert rerun.should_skip(tmp_path, False, False, now) is None
+    changes = identity.changed_settings(jsonio.read_result(tmp_path), now)
     assert any(k == key or k.startswith(key + ".") for k in changes), changes
 
 
@@ -71,20 +71,20 @@ def test_a_setting_that_changes_figures_makes_the_cell_run_again(tmp_path, key, 
 ])
 def test_bookkeeping_and_labels_do_not_count(tmp_path, key, value):
     stored(tmp_path, cfg_dict())
-    assert store.should_skip(tmp_path, False, False, store.identity(cfg_dict(**{key: value}))) == "ok"
+    assert rerun.should_skip(tmp_path, False, False, identity.identity(cfg_dict(**{key: value}))) == "ok"
 
 
 def test_baseline_method_counts_for_a_quality_cell(tmp_path):
     stored(tmp_path, cfg_dict(**{"eval.quality.enabled": True}))
-    now = store.identity(cfg_dict(**{"eval.quality.enabled": True, "run.baseline_method": "fp32"}))
-    assert list(store.changed_settings(store.read_result(tmp_path), now)) == ["run.baseline_method"]
+    now = identity.identity(cfg_dict(**{"eval.quality.enabled": True, "run.baseline_method": "fp32"}))
+    assert list(identity.changed_settings(jsonio.read_result(tmp_path), now)) == ["run.baseline_method"]
 
 
 def test_a_setting_qbench_added_since_is_not_a_change(tmp_path):
     old = cfg_dict()
     now = cfg_dict(**{"bench.max_compile_s": 300.0})  # a key the older result's config does not have
     stored(tmp_path, old, with_identity=False)
-    assert store.should_skip(tmp_path, False, False, store.identity(now)) == "ok"
+    assert rerun.should_skip(tmp_path, False, False, identity.identity(now)) == "ok"
 
 
 def test_a_secret_in_a_setting_does_not_make_every_rerun_stale(tmp_path, monkeypatch):
@@ -92,26 +92,26 @@ def test_a_secret_in_a_setting_does_not_make_every_rerun_stale(tmp_path, monkeyp
     cfg = cfg_dict(**{"model.revision": "x-hf_abcdefghijkl"})
     stored(tmp_path, cfg)  # written redacted
     assert "hf_abcdefghijkl" not in (tmp_path / "result.json").read_text()
-    assert store.should_skip(tmp_path, False, False, store.identity(copy.deepcopy(cfg))) == "ok"
+    assert rerun.should_skip(tmp_path, False, False, identity.identity(copy.deepcopy(cfg))) == "ok"
 
 
 def test_skip_hints_name_a_setting_that_really_reruns(tmp_path):
     stored(tmp_path, cfg_dict())
-    assert "run.force=true" in store.skip_hint(tmp_path, "ok")
-    assert "rerun_failed" not in store.skip_hint(tmp_path, "ok")  # it does not rerun an ok cell
+    assert "run.force=true" in rerun.skip_hint(tmp_path, "ok")
+    assert "rerun_failed" not in rerun.skip_hint(tmp_path, "ok")  # it does not rerun an ok cell
     stored(tmp_path, cfg_dict(), status="error")
-    assert "run.rerun_failed=true" in store.skip_hint(tmp_path, "error")
-    store.write_result(tmp_path, {"status": "ok"})  # a result from before results held their config
-    assert store.should_skip(tmp_path, False, False, store.identity(cfg_dict())) == "ok"
-    assert "records no settings" in store.skip_hint(tmp_path, "ok")
+    assert "run.rerun_failed=true" in rerun.skip_hint(tmp_path, "error")
+    jsonio.write_result(tmp_path, {"status": "ok"})  # a result from before results held their config
+    assert rerun.should_skip(tmp_path, False, False, identity.identity(cfg_dict())) == "ok"
+    assert "records no settings" in rerun.skip_hint(tmp_path, "ok")
 
 
 def test_set_aside_keeps_the_previous_result(tmp_path):
     stored(tmp_path, cfg_dict())
-    assert store.set_aside_previous(tmp_path) == tmp_path / store.PREVIOUS_RESULT_FILE
-    assert not (tmp_path / store.RESULT_FILE).exists()
+    assert rerun.set_aside_previous(tmp_path) == tmp_path / layout.PREVIOUS_RESULT_FILE
+    assert not (tmp_path / layout.RESULT_FILE).exists()
     assert json.loads((tmp_path / "result.prev.json").read_text())["status"] == "ok"
-    assert store.set_aside_previous(tmp_path) is None
+    assert rerun.set_aside_previous(tmp_path) is None
 
 
 def test_rerun_with_other_batch_sizes_measures_again(tmp_path):

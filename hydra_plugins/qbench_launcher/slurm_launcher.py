@@ -32,14 +32,13 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from omegaconf import OmegaConf, open_dict, read_write
 
 from qbench.run import slurm
-from qbench.store import cell_id
+from qbench.store.layout import JOB_RECORD, attempt_file, cell_id
 
 log = logging.getLogger("qbench")
 
 # Exported by the job script (names and values; never a secret): what a cell needs to find its code and data
 JOB_ENV = ("PYTHONPATH", "QBENCH_COMMAND", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
            "GPTQMODEL_OFFLINE", "HF_HOME", "QBENCH_DATA", "QBENCH_CACHE")
-JOB_RECORD = "slurm.json"  # <cell>/.attempt/slurm.json: the job that holds this cell
 
 
 @dataclass
@@ -89,7 +88,7 @@ class QbenchSlurmLauncher(SlurmLauncher):
                 returns[i] = _job_return(cell["overrides"], f"skipped:{done}")
             else:
                 todo.append(i)
-        previous = {i: _read_json(cells[i]["dir"] / ".attempt" / JOB_RECORD) for i in todo}
+        previous = {i: _read_json(attempt_file(cells[i]["dir"], JOB_RECORD)) for i in todo}
         alive = slurm.job_states([p["job_id"] for p in previous.values() if p])
         waiting: Dict[int, Tuple[str, Any]] = {}
         for i in todo:
@@ -130,7 +129,7 @@ class QbenchSlurmLauncher(SlurmLauncher):
     def _submit(self, cells: List[Dict[str, Any]], idxs: List[int], first_idx: int) -> Dict[int, Tuple[str, Any]]:
         from hydra.core.singleton import Singleton
 
-        from qbench.store import now_iso, write_json_atomic
+        from qbench.store.jsonio import now_iso, write_json_atomic
 
         executor = self._executor()
         params = []
@@ -142,7 +141,7 @@ class QbenchSlurmLauncher(SlurmLauncher):
         out = {}
         for i, job in zip(idxs, jobs):
             record = {"job_id": job.job_id, "folder": str(self.params["submitit_folder"]), "submitted_at": now_iso()}
-            write_json_atomic(cells[i]["dir"] / ".attempt" / JOB_RECORD, record)
+            write_json_atomic(attempt_file(cells[i]["dir"], JOB_RECORD), record)
             out[i] = (job.job_id, job)
         log.info("submitted %d cell(s) as SLURM job array %s", len(jobs), jobs[0].job_id.split("_")[0])
         return out
@@ -170,13 +169,13 @@ class QbenchSlurmLauncher(SlurmLauncher):
 
 
 def _done(cell: Dict[str, Any]) -> Optional[str]:
-    from qbench.store import should_skip
+    from qbench.store.rerun import should_skip
 
     return should_skip(cell["dir"], cell["force"], cell["rerun_failed"])
 
 
 def _job_env_lines() -> List[str]:
-    from qbench.store import redact
+    from qbench.store.redaction import redact
 
     return [redact(f"export {k}={shlex.quote(os.environ[k])}") for k in JOB_ENV if k in os.environ]
 
@@ -188,7 +187,7 @@ def _job_handle(record: Dict[str, Any]) -> Any:
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    from qbench.store import read_json
+    from qbench.store.jsonio import read_json
 
     data = read_json(path)
     return data if isinstance(data, dict) and data.get("job_id") else None

@@ -13,7 +13,7 @@ from typing import Any
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import DictConfig, OmegaConf
 
-from qbench.store import redact
+from qbench.store.redaction import redact
 
 
 def redacted_config(config: DictConfig) -> DictConfig:

@@ -60,9 +60,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from qbench.store.layout import LOGPROBS_FILE  # the run folder's file names have one owner
+
 LOG = logging.getLogger(__name__)
 
-LOGPROBS_FILE = "quality_logprobs.npz"
 FORMAT_VERSION = 1
 # A cell measured before its baseline keeps REPORT_TAIL_FACTOR times less unkept probability than ``coverage``
 # leaves: the report-time comparison only sees tokens both files kept (approximation 2 of the docstring).

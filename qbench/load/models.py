@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from qbench.store import content_hash
+from qbench.store.identity import content_hash
 
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 
@@ -202,7 +202,7 @@ def _convert_gguf(path: Path, out: Path, dtype: str) -> None:
 
 def _materialise(out: Path, build) -> Dict[str, Any]:
     """Build into a temp dir and rename, under a lock, so parallel cells build a model once."""
-    from qbench.store import file_lock
+    from qbench.store.locks import file_lock
 
     if (out / ".complete").exists():
         return {"materialised_cached": True}

@@ -70,13 +70,13 @@ def _hub_commit(repo: str, revision: Optional[str]) -> Optional[str]:
 
 
 def cache_key(payload: Dict[str, Any]) -> str:
-    from qbench.store import content_hash
+    from qbench.store.identity import content_hash
 
     return content_hash({"v": KEY_VERSION, **payload}, length=20)
 
 
 def read_meta(checkpoint: Path) -> Optional[Dict[str, Any]]:
-    from qbench.store import read_json
+    from qbench.store.jsonio import read_json
 
     return read_json(Path(checkpoint) / META_FILE)
 
@@ -89,7 +89,8 @@ def get_or_build(
     A directory without metadata (an interrupted rename cannot leave one, but a hand-made mess can) is rebuilt.
     A failed build leaves nothing behind but its log, kept as ``.<key>.failed.log`` for a look.
     """
-    from qbench.store import file_lock, write_json_atomic
+    from qbench.store.jsonio import write_json_atomic
+    from qbench.store.locks import file_lock
 
     final = Path(root) / "quantized" / key
     meta = read_meta(final)

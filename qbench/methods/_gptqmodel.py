@@ -62,7 +62,7 @@ def is_quantized_module(module: Any) -> bool:
 
 
 def versions() -> Dict[str, Optional[str]]:
-    from qbench.store import package_versions
+    from qbench.store.environment import package_versions
 
     return package_versions(KEY_LIBRARIES)
 
@@ -292,7 +292,7 @@ def restore_generation_config(source_path: str, revision: Optional[str], checkpo
     one (or unreachable) gets the written file without its sampling keys, i.e. transformers' defaults.
     Returns where the file came from: "source" or "sampling keys removed".
     """
-    from qbench.store import read_json, write_json_atomic
+    from qbench.store.jsonio import read_json, write_json_atomic
 
     target = Path(checkpoint) / "generation_config.json"
     local = Path(str(source_path)).expanduser() / "generation_config.json"
@@ -517,7 +517,7 @@ def quantize_checkpoint(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
         )
     error_path = out_dir / "qbench_quantize_error.json"
     if proc.returncode != 0:
-        from qbench.store import cause_line
+        from qbench.store.rows import cause_line
 
         tail = _tail(log_path)
         if error_path.exists():
@@ -621,7 +621,7 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
 
     from qbench.load import calibration
     from qbench.load.models import Source, load_tokenizer
-    from qbench.store import now_iso
+    from qbench.store.jsonio import now_iso
 
     setup_env(Path(spec["cache_root"]))
     kind, device_type = spec["kind"], spec["device_type"]

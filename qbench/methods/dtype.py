@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from qbench.config import MethodBase
+from qbench.measure.memory import DTYPE_BYTES  # the one table of a dtype's bytes
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 EXTRA = None  # torch and transformers only
 LIBRARIES = ()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from qbench.report import html
+from qbench.store import layout
 
 ASSETS = "assets"
 PLOTLY_FILE = "plotly.min.js"
@@ -39,7 +40,7 @@ def is_site(out_root: Path) -> bool:
 
 def sweeps_under(runs_root: Path) -> List[Path]:
     """Every runs/<sweep>/ that holds at least one result, by name."""
-    return sorted(d for d in Path(runs_root).iterdir() if d.is_dir() and any(d.glob("*/result.json")))
+    return sorted(d for d in Path(runs_root).iterdir() if d.is_dir() and any(layout.result_files(d)))
 
 
 def build_sweep(sweep_dir: Path, out_root: Path, shared: bool, plotlyjs: Optional[str] = None) -> Path:

@@ -19,16 +19,18 @@ import pandas as pd
 from qbench.evaluate import tasks as task_table  # stdlib only, like store: the report builds without torch
 from qbench.config import RunConfig  # schemas only: no torch
 from qbench.measure import decode_paths  # the registry imports nothing heavy: no torch
-from qbench.store import cause_line  # stdlib only: the report still builds on a laptop without torch
+# The owners, both stdlib only: the MMLU categories in the order the heatmap shows them (other keys found in
+# results are appended; charts reads them here) and a dtype's bytes
+from qbench.evaluate.lm_eval_tasks import MMLU_CATEGORIES  # noqa: F401
+from qbench.measure.memory import DTYPE_BYTES
+from qbench.store import layout  # stdlib only, like rows: the report still builds on a laptop without torch
+from qbench.store.rows import cause_line
 
 GB = 1e9
 _DEFAULT_BASELINE = RunConfig.baseline_method  # the schema's default (conf/config.yaml may set another)
 # When the configured baseline did not run in the sweep: a method that quantized nothing, in this dtype order
 BASELINE_FALLBACK_DTYPES = ("bfloat16", "float16", "float32")
 CV_WARN_DEFAULT = 0.05
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # bench.cv_warn_threshold's default (qbench/config.py)
-# MMLU categories in the order the heatmap shows them; other keys found in results are appended.
-MMLU_CATEGORIES = ("stem", "humanities", "social_sciences", "other")
 
 TIDY_COLUMNS = [
     "sweep", "cell", "model", "method", "method_kind", "status", "error_class", "random_weights", "device",
@@ -106,7 +108,7 @@ def load_results(sweep_dir: Path) -> List[Dict[str, Any]]:
     """
     sweep_dir = Path(sweep_dir)
     results = []
-    for path in sorted(sweep_dir.glob("*/result.json")):
+    for path in layout.result_files(sweep_dir):
         try:
             r = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(r, dict):
@@ -118,7 +120,7 @@ def load_results(sweep_dir: Path) -> List[Dict[str, Any]]:
             r = unreadable(path, f"{type(e).__name__}: {e}")
         cell = str(r.get("cell") or path.parent.name)
         r["cell"] = cell
-        model, _, method = cell.partition("__")
+        model, method = layout.parse_cell_id(cell)
         r["model"] = str(r.get("model") or model)
         r["method"] = str(r.get("method") or method or "?")
         r.setdefault("sweep", sweep_dir.name)
@@ -140,7 +142,7 @@ def fill_late_quality(results: List[Dict[str, Any]], sweep_dir: Path) -> None:
         q = get(r, "metrics", "quality")
         if r["status"] != "ok" or not isinstance(q, dict) or q.get("comparison") or q.get("role") != "compared":
             continue
-        base_dir = sweep_dir / f"{r['model']}__{q.get('baseline_method')}"
+        base_dir = sweep_dir / layout.cell_name(r["model"], str(q.get("baseline_method")))
         comparison = quality.compare_later(sweep_dir / r["cell"], base_dir)
         if comparison is not None:
             q["comparison"], q["comparison_source"] = comparison, "report"

@@ -27,7 +27,6 @@ from typing import Any, Dict, Optional
 FIRST_LINE = (time.time(), time.perf_counter())
 
 log = logging.getLogger("qbench.run.cell")
-CELL_LOG = "cell.log"  # the cell process's log, beside result.json
 
 
 # Host allocation failures, whoever raised them: torch's CPU allocator ("DefaultCPUAllocator: can't allocate
@@ -162,7 +161,8 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     from qbench import methods
     from qbench.measure.budget import CellClock
     from qbench.measure.cpu_affinity import apply_cpu_affinity
-    from qbench.store import error_message, now_iso
+    from qbench.store.jsonio import now_iso
+    from qbench.store.rows import error_message
 
     # every second of the cell, from the parent's spawn when it says when (timings.budget)
     clock = CellClock(spec.get("spawned_at_unix"), FIRST_LINE if spec.get("spawned_at_unix") else None)
@@ -279,7 +279,11 @@ def _new_result(cfg: Any, spec: Dict[str, Any], affinity: Any, affinity_warning:
     """The result as it stands before anything is measured: what the cell is and where it runs."""
     from qbench import methods
     from qbench.run import slurm
-    from qbench.store import SCHEMA_VERSION, cell_id, environment, identity, now_iso
+    from qbench.store.environment import environment
+    from qbench.store.identity import identity
+    from qbench.store.jsonio import now_iso
+    from qbench.store.layout import cell_id
+    from qbench.store.result import SCHEMA_VERSION
 
     if affinity_warning:
         log.warning(affinity_warning)
@@ -444,8 +448,8 @@ def _quality(model: Any, tokenizer: Any, cfg: Any, spec: Dict[str, Any]) -> Dict
     from qbench.config import eval_offline
     from qbench.evaluate import quality
     from qbench.evaluate.perplexity import load_perplexity_text
-    from qbench.store import cell_dir as cell_dir_of
-    from qbench.store import content_hash
+    from qbench.store.identity import content_hash
+    from qbench.store.layout import cell_dir as cell_dir_of
 
     q = cfg.eval.quality
     base = cfg.run.baseline_method
@@ -525,6 +529,8 @@ def _log_to_file(cell_dir: Path, log_format: str) -> Optional[logging.Handler]:
     """The cell's own log beside its result, appended to by every attempt: where a cell that was stopped before
     it wrote a result (a time limit, a compile that did not end) spent its time, figure by figure. None where
     it cannot be opened (the disk is full, the path is not a folder): the cell still runs and says so."""
+    from qbench.store.layout import CELL_LOG
+
     try:
         handler = logging.FileHandler(cell_dir / CELL_LOG, encoding="utf-8")
     except OSError as exc:
@@ -569,7 +575,7 @@ def mark_contaminated(result: Dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from qbench.measure.gpu_state import DeviceWatch
-    from qbench.store import write_result
+    from qbench.store.jsonio import write_result
 
     logging.raiseExceptions = False  # a log line the disk refuses is dropped, not printed as a traceback
     argv = sys.argv[1:] if argv is None else argv

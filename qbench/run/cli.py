@@ -31,8 +31,8 @@ from qbench.config import validate
 from qbench.errors import ConfigError
 from qbench.measure import gpu_state
 from qbench.run.cell import EXIT_UNWRITTEN, STOP_SIGNALS, install_stop_handlers, signal_exit_status
-from qbench.store import cell_dir as cell_dir_of
-from qbench.store import cell_id, sweep_dir_of
+from qbench.store.layout import LOCK_FILE, SPEC_FILE, attempt_file, cell_id, sweep_dir_of
+from qbench.store.layout import cell_dir as cell_dir_of
 
 log = logging.getLogger("qbench")
 
@@ -287,7 +287,7 @@ def cell_lock(cell_dir: Path) -> Iterator[Any]:
     same runs/, or a SLURM job an earlier, killed submission left running) makes this one wait, and the
     caller then finds the cell done instead of measuring it twice. flock: freed by the kernel when the last
     process holding it dies, even by SIGKILL. Yields the lock file, which the cell process inherits."""
-    path = cell_dir / ".attempt" / "lock"
+    path = attempt_file(cell_dir, LOCK_FILE)
     f = _try_lock(path)
     if f is None:
         import fcntl
@@ -421,7 +421,8 @@ def _write_hydra_files(cfg: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from qbench.store import redact, write_text_atomic
+    from qbench.store.jsonio import write_text_atomic
+    from qbench.store.redaction import redact
 
     hydra_cfg = HydraConfig.instance().cfg
     output_dir = OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir", default=None) if hydra_cfg else None
@@ -435,16 +436,19 @@ def _write_hydra_files(cfg: Any) -> None:
 
 def _set_aside_previous(cid: str, cell_dir: Path, ident: Dict[str, Any]) -> None:
     """A stored result about to be measured over moves to result.prev.json; the log line says why."""
-    from qbench import store
+    from qbench.store.identity import changed_settings, describe_changes
+    from qbench.store.jsonio import read_result
+    from qbench.store.layout import PREVIOUS_RESULT_FILE
+    from qbench.store.rerun import set_aside_previous
 
-    previous = store.read_result(cell_dir)
+    previous = read_result(cell_dir)
     if previous is None:
         return
-    changes = store.changed_settings(previous, ident)
-    why = f"its settings changed ({store.describe_changes(changes)})" if changes else \
+    changes = changed_settings(previous, ident)
+    why = f"its settings changed ({describe_changes(changes)})" if changes else \
         f"rerunning a stored {previous.get('status')} result"
-    store.set_aside_previous(cell_dir)
-    log.warning("%s: %s: measuring again; the stored result is kept as %s", cid, why, store.PREVIOUS_RESULT_FILE)
+    set_aside_previous(cell_dir)
+    log.warning("%s: %s: measuring again; the stored result is kept as %s", cid, why, PREVIOUS_RESULT_FILE)
 
 
 def run_cell(cfg: Any) -> str:
@@ -457,7 +461,7 @@ def run_cell(cfg: Any) -> str:
         return _run_cell(cfg)
     except Exception as exc:
         from qbench.run.cell import classify
-        from qbench.store import error_message
+        from qbench.store.rows import error_message
 
         cid = cell_id(cfg)
         cls = classify(exc)
@@ -479,7 +483,8 @@ def _traceback_to_log_files(cid: str) -> None:
 def _write_error_row(cell_dir: Path, cfg_dict: Dict[str, Any], error: tuple, t0: Optional[float]) -> Optional[dict]:
     """The error row of a cell that wrote none itself; None, and one line, where the disk refuses it too."""
     from qbench.run import slurm
-    from qbench.store import error_row, write_result
+    from qbench.store.jsonio import write_result
+    from qbench.store.rows import error_row
 
     row = error_row(cfg_dict, error[0], error[1], "cell", scheduler=slurm.job_info())
     row["wall_time_s"] = time.perf_counter() - t0 if t0 is not None else None
@@ -493,16 +498,17 @@ def _write_error_row(cell_dir: Path, cfg_dict: Dict[str, Any], error: tuple, t0:
 
 
 def _run_cell(cfg: Any) -> str:
-    from qbench import store
-    from qbench.store import read_result, should_skip, write_json_atomic
+    from qbench.store.identity import identity
+    from qbench.store.jsonio import read_result, write_json_atomic
+    from qbench.store.rerun import should_skip, skip_hint
 
     cid = cell_id(cfg)
     cell_dir = cell_dir_of(cfg)
     cfg_dict = _cfg_dict(cfg)
-    ident = store.identity(cfg_dict)
+    ident = identity(cfg_dict)
     skipped = should_skip(cell_dir, cfg.run.force, cfg.run.rerun_failed, ident)
     if skipped:
-        log.info("%s: %s", cid, store.skip_hint(cell_dir, skipped))
+        log.info("%s: %s", cid, skip_hint(cell_dir, skipped))
         return f"skipped:{skipped}"
     _set_aside_previous(cid, cell_dir, ident)
     _write_hydra_files(cfg)
@@ -526,7 +532,7 @@ def _run_cell(cfg: Any) -> str:
                 "device_keys": gpu_state.device_keys(gpus),  # the cell registers as measuring on these (DeviceWatch)
                 "spawned_at_unix": time.time(),  # the cell's time budget starts here (timings.budget.process_start_s)
             }
-            spec_path = cell_dir / ".attempt" / "spec.json"
+            spec_path = attempt_file(cell_dir, SPEC_FILE)
             write_json_atomic(spec_path, spec)
             log.info("%s: measuring in a fresh process%s", cid, f" on GPU {','.join(gpus)}" if gpus else " on CPU")
             t0 = time.perf_counter()
@@ -561,7 +567,8 @@ def _run_cell(cfg: Any) -> str:
 def summary_counts(cell_dirs: List[Path], since: float) -> Dict[str, int]:
     """Counts over this command's cells only (other cells of the same sweep folder are not its business):
     ran = a result written since ``since``; failed = ran and not ok; error = ends with an error result."""
-    from qbench.store import RESULT_FILE, read_result
+    from qbench.store.jsonio import read_result
+    from qbench.store.layout import RESULT_FILE
 
     counts = {"cells": len(cell_dirs), "ran": 0, "skipped": 0, "failed": 0, "ok": 0, "error": 0, "missing": 0}
     for cell_dir in cell_dirs:
@@ -723,7 +730,7 @@ def _stopped_exit(exc: KeyboardInterrupt, cell_dirs: List[Path], started: float,
 def _fault_exit(exc: Exception, cell_dirs: List[Path], started: float) -> None:
     """A fault of Hydra's own after preflight (its job folder or log file on a full disk, a path of the wrong
     type): one line and the summary line, exit 1; the traceback goes to the log file where there is one."""
-    from qbench.store import error_message
+    from qbench.store.rows import error_message
 
     _traceback_to_log_files("sweep")
     print(f"qbench: error: {type(exc).__name__}: {error_message(exc)}", file=sys.stderr)

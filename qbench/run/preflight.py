@@ -344,7 +344,7 @@ def _compare_shapes(folder: Path, found: Dict[str, Tuple[Tuple[int, ...], str]],
 # ----------------------------------------------------------------------------------------------- dirs
 def check_dirs(cfg: Any) -> None:
     from qbench.measure.gpu_state import lock_dir
-    from qbench.store import check_writable
+    from qbench.store.jsonio import check_writable
 
     check_writable(Path(cfg.run.runs_dir), key="run.runs_dir")
     check_writable(Path(cfg.run.cache_dir).expanduser(), key="run.cache_dir")

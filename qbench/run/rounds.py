@@ -21,7 +21,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from qbench.store import read_result, round_dir, write_result
+from qbench.store.jsonio import read_result, write_result
+from qbench.store.layout import round_dir
 
 
 def _half_width_pct(dist: Dict[str, Any]) -> Optional[float]:

@@ -215,7 +215,7 @@ def _expand_array(job: str) -> List[str]:
 # The submitting side (hydra_plugins/qbench_launcher/slurm_launcher.py), once a job has ended.
 def settle(cell: Dict[str, Any], job_id: str, info: Optional[Dict[str, Any]], job: Any) -> str:
     """A job has ended: make sure its cell has the row it deserves. Returns the cell's status."""
-    from qbench.store import read_result, write_result
+    from qbench.store.jsonio import read_result, write_result
 
     _scrub_logs(job)
     result = read_result(cell["dir"]) or {}
@@ -245,7 +245,7 @@ def settle(cell: Dict[str, Any], job_id: str, info: Optional[Dict[str, Any]], jo
 def _error_row_for(cell: Dict[str, Any], cls: str, message: str, partial: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """The job's own row (what it measured before it was stopped) with the scheduler's verdict as its error,
     or a fresh error row where the job left nothing."""
-    from qbench.store import error_row
+    from qbench.store.rows import error_row
 
     row = dict(partial) if partial else error_row(cell["config"], cls, message, "scheduler", scheduler=job_info())
     row["overrides"] = row.get("overrides") or cell["overrides"]
@@ -287,7 +287,7 @@ def _job_failure(job: Any) -> Optional[str]:
 
 def _scrub_logs(job: Any) -> None:
     """Redact secret values of this environment from the job's logs (a traceback may quote one)."""
-    from qbench.store import redact
+    from qbench.store.redaction import redact
 
     for path in (job.paths.stdout, job.paths.stderr):
         try:
