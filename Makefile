@@ -34,6 +34,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install qbench with every extra (CPU torch)
 
+.PHONY: llama-tools
+llama-tools: install ## build llama.cpp's llama-perplexity, llama-imatrix, llama-quantize (CPU, cached; docs/gguf.md)
+	QBENCH_CACHE=$(QBENCH_CACHE) $(PY) -m qbench.methods._llamacpp build-tools
+
 install-gpu: ## on a GPU node: install qbench into the current Python, keeping its CUDA torch
 	python3 -m pip install -e ".[methods,eval,report,slurm]"
 

@@ -10,18 +10,25 @@ so converter, quantizer and runtime agree on the format.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 LOG = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON = "0.3.36"  # pinned: pyproject.toml's gguf extra says the same
+# The llama.cpp commit llama-cpp-python LLAMA_CPP_PYTHON vendors: the gitlink of vendor/llama.cpp in the git index
+# the v0.3.36 sdist carries (llama_cpp_python-0.3.36/.git/index; its .git/modules/vendor/llama.cpp/HEAD says the
+# same). sdist_commit() reads it again from the sdist, and build_tools() refuses an sdist that disagrees.
+LLAMA_CPP_COMMIT = ("0.3.36", "0c1e57098bba43ac29e6e3b677cdceebdd22334f")  # (llama-cpp-python version, commit)
 SOURCES_ENV = "QBENCH_LLAMACPP_SRC"  # a llama.cpp checkout (or unpacked vendor/llama.cpp) to take the converter from
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "tools/perplexity", "LICENSE")
 # llama_ftype values of llama.h (llama_cpp.LLAMA_FTYPE_MOSTLY_*), by llama-quantize's names
@@ -58,29 +65,189 @@ def check_sources(src: Path) -> None:
                           f"qbench.methods._llamacpp setup` (make install does) or set {SOURCES_ENV}")
 
 
+def fetch_sdist(cache_root: Path, sdist: Optional[Path] = None) -> Path:
+    """llama-cpp-python's sdist: ``sdist`` when given, else ``<cache>/downloads/`` (pip downloads it once)."""
+    if sdist is not None:
+        return Path(sdist)
+    dl = Path(cache_root) / "downloads"
+    sdist = dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not sdist.is_file():
+        dl.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dl),
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], check=True)
+    return sdist
+
+
+VENDOR_PREFIX = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+
+
+def _extract_vendor(sdist: Path, dest: Path, keep: Optional[Tuple[str, ...]] = None) -> None:
+    """Unpack the sdist's vendor/llama.cpp (only the paths under ``keep`` when given) into ``dest``."""
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            rel = m.name[len(VENDOR_PREFIX):] if m.name.startswith(VENDOR_PREFIX) else None
+            if rel and (keep is None or any(rel == f or rel.startswith(f + "/") for f in keep)):
+                m.name = rel
+                members.append(m)
+        tar.extractall(dest, members=members, filter="data")
+
+
+def sdist_commit(sdist: Path) -> Optional[str]:
+    """The llama.cpp commit an sdist vendors: HEAD of the submodule's git dir the sdist carries (None if absent)."""
+    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/.git/modules/vendor/llama.cpp/HEAD"
+    with tarfile.open(sdist) as tar:
+        try:
+            f = tar.extractfile(name)
+        except KeyError:
+            return None
+        return f.read().decode().strip() if f is not None else None
+
+
 def setup(cache_root: Path, sdist: Optional[Path] = None) -> Path:
     """Unpack the converter from llama-cpp-python's sdist (downloaded by pip when ``sdist`` is None)."""
     dest = sources_dir(cache_root)
     if (dest / "convert_hf_to_gguf.py").is_file():
         return dest
-    if sdist is None:
-        dl = Path(cache_root) / "downloads"
-        dl.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dl),
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], check=True)
-        sdist = dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+    sdist = fetch_sdist(cache_root, sdist)
     tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-    with tarfile.open(sdist) as tar:
-        members = []
-        for m in tar.getmembers():
-            rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
-            if rel and any(rel == f or rel.startswith(f + "/") for f in CONVERTER_FILES):
-                m.name = rel
-                members.append(m)
-        tar.extractall(tmp, members=members, filter="data")
+    _extract_vendor(sdist, tmp, CONVERTER_FILES)
     os.replace(tmp, dest)
     return dest
+
+
+# ------------------------------------------------------------------------------------------------ tools
+# llama.cpp's own command-line tools, built from the same sdist (same commit) as the runtime: llama-perplexity (the
+# KLD cross-check, scripts/gguf_kld_check.py), llama-imatrix and llama-quantize (method.imatrix).
+TOOLS = ("llama-perplexity", "llama-imatrix", "llama-quantize")
+# CPU only, Release, static (the binaries outlive the build tree they are linked in); no HTTPS client (this llama.cpp
+# deprecated LLAMA_CURL: LLAMA_OPENSSL is its switch now); nothing but the three targets is compiled.
+TOOLS_CMAKE_ARGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CUDA=OFF", "-DLLAMA_OPENSSL=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF")
+TOOLS_INFO = "build-info.json"  # beside the binaries: commit, cmake arguments, compiler, build time
+
+
+def tools_dir(cache_root: Path) -> Path:
+    """``<llama.cpp sources>/bin``: where build_tools puts llama-perplexity, llama-imatrix and llama-quantize."""
+    return sources_dir(cache_root) / "bin"
+
+
+def tools_info(cache_root: Path) -> Optional[Dict[str, Any]]:
+    """The tools' build-info.json, or None when they are not (completely) built."""
+    bin_dir = tools_dir(cache_root)
+    if not all((bin_dir / t).is_file() for t in TOOLS) or not (bin_dir / TOOLS_INFO).is_file():
+        return None
+    return {**json.loads((bin_dir / TOOLS_INFO).read_text(encoding="utf-8")), "bin_dir": str(bin_dir)}
+
+
+def build_tools(cache_root: Path, sdist: Optional[Path] = None, jobs: Optional[int] = None) -> Path:
+    """Build the three tools with cmake from the sdist's vendored llama.cpp into ``<sources>/bin`` once: under a file
+    lock, in a temporary directory renamed into place, so a second call (or a parallel one) finds them built."""
+    from qbench.store import file_lock
+
+    src = setup(cache_root, sdist)
+    bin_dir = src / "bin"
+    if tools_info(cache_root) is not None:
+        return bin_dir
+    with file_lock(src.parent / f".{src.name}-tools.lock"):
+        if tools_info(cache_root) is not None:  # built by another process while this one waited
+            return bin_dir
+        sdist = fetch_sdist(cache_root, sdist)
+        commit = sdist_commit(sdist)
+        if commit is not None and commit != LLAMA_CPP_COMMIT[1]:
+            raise RuntimeError(f"{sdist} vendors llama.cpp {commit}, not {LLAMA_CPP_COMMIT[1]} (LLAMA_CPP_COMMIT)")
+        work = Path(tempfile.mkdtemp(prefix=f".{src.name}-tools-", dir=src.parent))
+        try:
+            info = _cmake_tools(sdist, work, jobs or len(os.sched_getaffinity(0)))
+            info.update(llama_cpp_python=LLAMA_CPP_PYTHON, llama_cpp_commit=commit or LLAMA_CPP_COMMIT[1],
+                        sdist=sdist.name)
+            (work / "bin" / TOOLS_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+            if bin_dir.exists():  # binaries without build-info.json: a hand-made or half-copied folder
+                shutil.rmtree(bin_dir)
+            os.replace(work / "bin", bin_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return bin_dir
+
+
+def _cmake_tools(sdist: Path, work: Path, jobs: int) -> Dict[str, Any]:
+    """Configure and build the TOOLS targets in ``work``; the binaries land in ``work/bin``. The cmake log goes to
+    ``work/build.log``; a failure raises with its last line (and the log is copied beside the sources)."""
+    src, build, log_file = work / "src", work / "build", work / "build.log"
+    _extract_vendor(sdist, src)
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    configure = ["cmake", "-S", str(src), "-B", str(build), *generator, *TOOLS_CMAKE_ARGS]
+    compile_ = ["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs), "--target", *TOOLS]
+    t0 = time.perf_counter()
+    with open(log_file, "w", encoding="utf-8") as log:
+        for cmd in (configure, compile_):
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                kept = work.parent / f"{work.name.split('-tools-')[0]}-tools.failed.log"
+                shutil.copyfile(log_file, kept)
+                lines = log_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+                raise RuntimeError(f"building llama.cpp's tools failed ({kept}): {lines[-1] if lines else cmd}")
+    build_s = time.perf_counter() - t0
+    (work / "bin").mkdir()
+    for tool in TOOLS:
+        found = next(p for p in (build / "bin" / tool, build / "bin" / "Release" / tool) if p.is_file())
+        shutil.copy2(found, work / "bin" / tool)
+    compiler = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()
+    return {"cmake_args": list(TOOLS_CMAKE_ARGS), "tools": list(TOOLS), "build_s": round(build_s, 1), "jobs": jobs,
+            "compiler": compiler[0] if compiler else None, "load_average": list(os.getloadavg())}
+
+
+def run_tool(tool: str, args: List[str], log_file: Path, cache_root: Optional[Path] = None) -> str:
+    """Run one of the built TOOLS with ``args``; its output is appended to ``log_file`` and returned. A failure
+    raises with the tool's last output line."""
+    exe = tools_dir(cache_root or Path(os.environ.get("QBENCH_CACHE") or ".cache/qbench")) / tool
+    cmd = [str(exe), *args]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    with open(log_file, "a", encoding="utf-8") as log:
+        log.write("$ " + " ".join(cmd) + "\n" + proc.stdout)
+    if proc.returncode != 0:
+        lines = proc.stdout.strip().splitlines()
+        raise RuntimeError(f"{tool} exited {proc.returncode}: {lines[-1] if lines else ''}")
+    return proc.stdout
+
+
+def compute_imatrix(f32: Path, text_file: Path, out: Path, ctx_tokens: int, chunks: Optional[int], n_threads: int,
+                    cache_root: Path) -> Dict[str, Any]:
+    """llama-imatrix on the f32 GGUF over ``text_file`` (chunks of ``ctx_tokens``, llama.cpp's own tokenization):
+    the importance matrix as a GGUF file, its sha256 and how many tokens it saw (chunks x ctx)."""
+    import re
+
+    args = ["-m", str(f32), "-f", str(text_file), "-o", str(out), "-c", str(int(ctx_tokens)), "-b", str(int(ctx_tokens)),
+            "-t", str(int(n_threads)), "--no-ppl", "-ngl", "0"]
+    if chunks is not None:
+        args += ["--chunks", str(int(chunks))]
+    t0 = time.perf_counter()
+    text = run_tool("llama-imatrix", args, out.with_suffix(".log"), cache_root)
+    found = re.search(r"computing over (\d+) chunks, n_ctx=(\d+)", text)
+    n_chunks, n_ctx = (int(found.group(1)), int(found.group(2))) if found else (None, None)
+    return {"imatrix_s": time.perf_counter() - t0, "imatrix_sha256": sha256_file(out), "chunks": n_chunks,
+            "ctx_tokens": n_ctx, "tokens": n_chunks * n_ctx if found else None}
+
+
+def quantize_with_tool(src: Path, dst: Path, quant_type: str, n_threads: int, imatrix_file: Path,
+                       cache_root: Path) -> Dict[str, Any]:
+    """``llama-quantize --imatrix``: the python binding takes the importance matrix only as a raw pointer to
+    llama.cpp's C++ map, so a quantization with one goes through the tool (same commit as the runtime)."""
+    t0 = time.perf_counter()
+    run_tool("llama-quantize", ["--imatrix", str(imatrix_file), str(src), str(dst), quant_type, str(int(n_threads))],
+             dst.with_suffix(".log"), cache_root)
+    return {"quantize_s": time.perf_counter() - t0, "quantize_threads": int(n_threads), "quantizer": "llama-quantize"}
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ convert
@@ -164,13 +331,32 @@ def file_type(path: Path) -> Optional[str]:
 
 
 def build_info() -> Dict[str, Any]:
-    """What the runtime was built as: llama-cpp-python's version and llama.cpp's system info (SIMD, BLAS, CUDA)."""
+    """What the runtime was built as: llama-cpp-python's version, the llama.cpp commit it vendors (None when the
+    installed version is not the one LLAMA_CPP_COMMIT was read for), llama.cpp's system info as it prints it and
+    parsed into the GGML features it was compiled with (SIMD, OpenMP, BLAS, CUDA: what CMAKE_ARGS decided)."""
     import llama_cpp
 
     info = llama_cpp.llama_print_system_info()
-    return {"llama_cpp_python": llama_cpp.__version__,
-            "llama_cpp_system_info": info.decode(errors="replace").strip() if isinstance(info, bytes) else str(info),
+    text = info.decode(errors="replace").strip() if isinstance(info, bytes) else str(info)
+    version = llama_cpp.__version__
+    return {"llama_cpp_python": version,
+            "llama_cpp_commit": LLAMA_CPP_COMMIT[1] if version == LLAMA_CPP_COMMIT[0] else None,
+            "llama_cpp_system_info": text, "llama_cpp_features": parse_system_info(text),
             "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload())}
+
+
+def parse_system_info(text: str) -> Dict[str, Dict[str, str]]:
+    """``"CPU : SSE3 = 1 | AVX2 = 1 | OPENMP = 1 | "`` -> ``{"CPU": {"SSE3": "1", "AVX2": "1", "OPENMP": "1"}}``:
+    llama_print_system_info's "<backend> : <flag> = <value> | ..." per backend, values as printed."""
+    out: Dict[str, Dict[str, str]] = {}
+    backend = ""
+    for part in (p.strip() for p in text.split("|")):
+        if " : " in part:  # a new backend's first flag: "CPU : SSE3 = 1"
+            backend, part = (x.strip() for x in part.split(" : ", 1))
+        if "=" in part:
+            key, value = (x.strip() for x in part.split("=", 1))
+            out.setdefault(backend, {})[key] = value
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ runtime
@@ -321,7 +507,12 @@ def main(argv: List[str]) -> int:
         cache = Path(os.environ.get("QBENCH_CACHE") or ".cache/qbench").expanduser()
         print(setup(cache, Path(argv[1]) if len(argv) > 1 else None))
         return 0
-    print("usage: python -m qbench.methods._llamacpp setup [SDIST.tar.gz] | convert HF_DIR OUT.gguf", file=sys.stderr)
+    if argv[:1] == ["build-tools"]:
+        cache = Path(os.environ.get("QBENCH_CACHE") or ".cache/qbench").expanduser()
+        print(build_tools(cache, Path(argv[1]) if len(argv) > 1 else None))
+        return 0
+    print("usage: python -m qbench.methods._llamacpp setup [SDIST.tar.gz] | build-tools [SDIST.tar.gz] | "
+          "convert HF_DIR OUT.gguf", file=sys.stderr)
     return 2
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -40,6 +40,20 @@ ACCURACY_UNSUPPORTED = ("accuracy (lm-eval) not run for gguf cells: lm-eval 0.4.
 
 
 @dataclass
+class ImatrixConfig:
+    """method.imatrix: an importance matrix from llama-imatrix on the f32 GGUF over a calibration text, applied by
+    llama-quantize --imatrix (both built by `make llama-tools`). Off by default, as llama-quantize has it."""
+
+    enabled: bool = False
+    # calibration text: as gptq/awq's method.calibration.source (qbench/calibration.py), local sources only:
+    # builtin:tiny_text or a .txt / .jsonl file (text_field of each row)
+    source: str = "builtin:tiny_text"
+    text_field: str = "text"  # field read from .jsonl rows
+    ctx_tokens: int = 512  # llama-imatrix -c: tokens per chunk (its default)
+    chunks: Optional[int] = None  # llama-imatrix --chunks: chunks (count) to use; null = the whole text
+
+
+@dataclass
 class Config(MethodBase):
     kind: str = KIND
     dtype: str = "float32"  # dtype of the f32 GGUF llama.cpp quantizes from (f32: no rounding before quantizing)
@@ -47,6 +61,7 @@ class Config(MethodBase):
     n_threads: Optional[int] = None  # llama.cpp threads (count); null: the CPUs this cell may run on
     n_ctx_tokens: int = 1024  # llama.cpp context (tokens): at least eval.quality.ctx_tokens and the longest prompt
     n_batch_tokens: int = 512  # tokens per llama.cpp decode call (prefill, quality windows)
+    imatrix: ImatrixConfig = field(default_factory=ImatrixConfig)  # importance matrix (off by default)
 
 
 def validate(cfg: Any) -> None:
@@ -61,6 +76,7 @@ def validate(cfg: Any) -> None:
     for key in ("n_ctx_tokens", "n_batch_tokens"):
         if int(cfg[key]) < 1:
             raise ConfigError(f"method.{key}: {cfg[key]} must be at least 1")
+    validate_imatrix(cfg)
 
 
 def threads(cfg: Any) -> int:
@@ -91,12 +107,11 @@ def load(source: Any, cfg: Any, device_map: Any):
                                      "llama_cpp_python": lc.LLAMA_CPP_PYTHON})
     f32_dir, f32_meta, f32_hit = quant_cache.get_or_build(
         root, f32_key, lambda tmp: lc.convert(Path(source.path), tmp / "model-f32.gguf", src, tmp / "quantize.log"))
-    key = quant_cache.cache_key({"kind": KIND, "quant_type": cfg.quant_type, "f32_key": f32_key,
-                                 "llama_cpp_python": lc.LLAMA_CPP_PYTHON})
     n_threads = threads(cfg)
-    q_dir, q_meta, hit = quant_cache.get_or_build(
-        root, key, lambda tmp: lc.quantize(f32_dir / "model-f32.gguf", tmp / f"model-{cfg.quant_type}.gguf",
-                                           cfg.quant_type, n_threads))
+    imx = imatrix(root, cfg, f32_dir / "model-f32.gguf", f32_key, n_threads)  # None: method.imatrix off
+    key = quant_cache.cache_key({"kind": KIND, "quant_type": cfg.quant_type, "f32_key": f32_key,
+                                 "llama_cpp_python": lc.LLAMA_CPP_PYTHON, **imatrix_key(imx)})
+    q_dir, q_meta, hit = quant_cache.get_or_build(root, key, quantizer(root, cfg, f32_dir, n_threads, imx))
     gguf_file = q_dir / f"model-{cfg.quant_type}.gguf"
     t_built = time.perf_counter()
     model = lc.LlamaCppLM(gguf_file, int(cfg.n_ctx_tokens), n_threads, int(cfg.n_batch_tokens))
@@ -107,13 +122,105 @@ def load(source: Any, cfg: Any, device_map: Any):
         "tokenizer_pre_fallback": f32_meta.get("tokenizer_pre_fallback"), "n_threads": n_threads,
         "n_ctx_tokens": int(cfg.n_ctx_tokens), "n_batch_tokens": int(cfg.n_batch_tokens), "runs_on": "cpu",
         "load_s_excluding_quantize": time.perf_counter() - t_built, "prepare_s": t_built - t0,
-        "accuracy_skipped": ACCURACY_UNSUPPORTED, **_source_note(source, cfg)}
+        "accuracy_skipped": ACCURACY_UNSUPPORTED, "imatrix": imx, "quantizer": q_meta.get("quantizer"),
+        **_source_note(source, cfg)}
     if device_map != {"": "cpu"}:
         info["gpu_note"] = ("this llama.cpp build has " + ("GPU offload, unused: layers stay on the CPU"
                             if info["gpu_offload_supported"] else "no GPU offload (built without CUDA)")
                             + "; the figures are the CPU's")
         LOG.warning("gguf: %s", info["gpu_note"])
     return model, info
+
+
+# ------------------------------------------------------------------------------------------------ imatrix
+def validate_imatrix(cfg: Any) -> None:
+    """method.imatrix: its keys, its calibration file, and the tools it needs (built by `make llama-tools`)."""
+    from qbench import calibration
+    from qbench.config import ConfigError
+
+    im = cfg.get("imatrix")
+    if im is None or not im.enabled:
+        return
+    if int(im.ctx_tokens) < 8:
+        raise ConfigError(f"method.imatrix.ctx_tokens: {im.ctx_tokens} must be at least 8")
+    if im.chunks is not None and int(im.chunks) < 1:
+        raise ConfigError(f"method.imatrix.chunks: {im.chunks} must be at least 1 (or null: the whole text)")
+    try:
+        path = calibration.local_path(str(im.source))
+    except ValueError as exc:  # an unknown builtin; the calibration module names its own key
+        raise ConfigError(str(exc).replace("method.calibration.", "method.imatrix.")) from None
+    if path is None:
+        raise ConfigError(f"method.imatrix.source: '{im.source}' is not a local file; llama-imatrix reads a text "
+                          "file: use builtin:tiny_text or a .txt / .jsonl path")
+    if not path.is_file() or path.suffix not in (".txt", ".jsonl", ".json"):
+        raise ConfigError(f"method.imatrix.source: '{im.source}' is not an existing .txt or .jsonl file")
+    try:
+        calibration.check_file(path, str(im.text_field))
+    except ConfigError as exc:  # the same checks as gptq's calibration file, under this method's key
+        raise ConfigError(str(exc).replace("method.calibration.", "method.imatrix.")) from None
+    missing = [t for t in lc.TOOLS if not (lc.tools_dir(_default_cache()) / t).is_file()]
+    if missing:
+        raise ConfigError(f"method.imatrix.enabled: llama.cpp's {', '.join(missing)} not built in "
+                          f"{lc.tools_dir(_default_cache())}; run `make llama-tools`")
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("QBENCH_CACHE") or ".cache/qbench").expanduser()
+
+
+def calibration_text(im: Any) -> str:
+    """The imatrix's calibration text: the source's texts joined as qbench/calibration.py joins them for GPTQ."""
+    from qbench import calibration
+
+    texts = calibration._read_texts({"source": str(im.source), "text_field": str(im.text_field)}, 0)
+    return calibration.SEPARATOR.join(texts)
+
+
+def imatrix(root: Path, cfg: Any, f32_file: Path, f32_key: str, n_threads: int) -> Optional[Dict[str, Any]]:
+    """The importance matrix for this cell (None when method.imatrix is off): llama-imatrix on the f32 GGUF over
+    the calibration text, cached under ``<cache>/quantized/<key>`` keyed by the f32 file, the text's sha256, the
+    chunking and llama.cpp's commit. What method_info records: source, text hash and size, tokens seen, file hash."""
+    import hashlib
+
+    from qbench import quant_cache
+
+    im = cfg.get("imatrix")
+    if im is None or not im.enabled:
+        return None
+    text = calibration_text(im)
+    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    chunks = None if im.chunks is None else int(im.chunks)
+    key = quant_cache.cache_key({"kind": "gguf_imatrix", "f32_key": f32_key, "text_sha256": text_sha,
+                                 "ctx_tokens": int(im.ctx_tokens), "chunks": chunks,
+                                 "llama_cpp_commit": lc.LLAMA_CPP_COMMIT[1]})
+
+    def build(tmp: Path) -> Dict[str, Any]:
+        (tmp / "calibration.txt").write_text(text, encoding="utf-8")
+        return lc.compute_imatrix(f32_file, tmp / "calibration.txt", tmp / "imatrix.gguf", int(im.ctx_tokens),
+                                  chunks, n_threads, root)
+
+    d, meta, hit = quant_cache.get_or_build(root, key, build)
+    tools = lc.tools_info(root) or {}
+    return {"file": str(d / "imatrix.gguf"), "imatrix_sha256": meta["imatrix_sha256"], "cache_hit": hit,
+            "imatrix_s": meta["imatrix_s"], "source": str(im.source), "text_sha256": text_sha,
+            "text_chars": len(text), "tokens": meta["tokens"], "chunks": meta["chunks"],
+            "ctx_tokens": meta["ctx_tokens"], "tools_commit": tools.get("llama_cpp_commit"),
+            "tools_cmake_args": tools.get("cmake_args")}
+
+
+def imatrix_key(imx: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """What an importance matrix adds to the quantization's cache key: its file's hash (nothing when off, so the
+    keys of cells without one do not change)."""
+    return {} if imx is None else {"imatrix_sha256": imx["imatrix_sha256"]}
+
+
+def quantizer(root: Path, cfg: Any, f32_dir: Path, n_threads: int, imx: Optional[Dict[str, Any]]) -> Any:
+    """The cache's build function: llama_model_quantize through the binding, or llama-quantize --imatrix."""
+    out = f"model-{cfg.quant_type}.gguf"
+    if imx is None:
+        return lambda tmp: lc.quantize(f32_dir / "model-f32.gguf", tmp / out, cfg.quant_type, n_threads)
+    return lambda tmp: lc.quantize_with_tool(f32_dir / "model-f32.gguf", tmp / out, cfg.quant_type, n_threads,
+                                             Path(imx["file"]), root)
 
 
 def _source_note(source: Any, cfg: Any) -> Dict[str, Any]:
