@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from qbench import weights
 from qbench.config import ConfigError
+from qbench.load import weights
 from qbench.methods import _llamacpp as lc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,7 +191,7 @@ def tools():
 def _sweep(args, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "QBENCH_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(REPO), lc.SOURCES_ENV: str(SOURCES)}
-    proc = subprocess.run([sys.executable, "-m", "qbench.cli", "-m", *args, f"run.runs_dir={tmp_path / 'runs'}",
+    proc = subprocess.run([sys.executable, "-m", "qbench", "-m", *args, f"run.runs_dir={tmp_path / 'runs'}",
                            "run.sweep=g", f"run.cache_dir={tmp_path / 'cache'}"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -143,7 +143,7 @@ def tools_info(cache_root: Path) -> Optional[Dict[str, Any]]:
 def build_tools(cache_root: Path, sdist: Optional[Path] = None, jobs: Optional[int] = None) -> Path:
     """Build the three tools with cmake from the sdist's vendored llama.cpp into ``<sources>/bin`` once: under a file
     lock, in a temporary directory renamed into place, so a second call (or a parallel one) finds them built."""
-    from qbench.store import file_lock
+    from qbench.store.locks import file_lock
 
     src = setup(cache_root, sdist)
     bin_dir = src / "bin"

@@ -45,7 +45,7 @@ class ImatrixConfig:
     llama-quantize --imatrix (both built by `make llama-tools`). Off by default, as llama-quantize has it."""
 
     enabled: bool = False
-    # calibration text: as gptq/awq's method.calibration.source (qbench/calibration.py), local sources only:
+    # calibration text: as gptq/awq's method.calibration.source (qbench/load/calibration.py), local sources only:
     # builtin:tiny_text or a .txt / .jsonl file (text_field of each row)
     source: str = "builtin:tiny_text"
     text_field: str = "text"  # field read from .jsonl rows
@@ -135,8 +135,8 @@ def load(source: Any, cfg: Any, device_map: Any):
 # ------------------------------------------------------------------------------------------------ imatrix
 def validate_imatrix(cfg: Any) -> None:
     """method.imatrix: its keys, its calibration file, and the tools it needs (built by `make llama-tools`)."""
-    from qbench import calibration
     from qbench.config import ConfigError
+    from qbench.load import calibration
 
     im = cfg.get("imatrix")
     if im is None or not im.enabled:
@@ -169,8 +169,8 @@ def _default_cache() -> Path:
 
 
 def calibration_text(im: Any) -> str:
-    """The imatrix's calibration text: the source's texts joined as qbench/calibration.py joins them for GPTQ."""
-    from qbench import calibration
+    """The imatrix's calibration text: the source's texts joined as qbench/load/calibration.py joins them for GPTQ."""
+    from qbench.load import calibration
 
     texts = calibration._read_texts({"source": str(im.source), "text_field": str(im.text_field)}, 0)
     return calibration.SEPARATOR.join(texts)
@@ -182,7 +182,7 @@ def imatrix(root: Path, cfg: Any, f32_file: Path, f32_key: str, n_threads: int) 
     chunking and llama.cpp's commit. What method_info records: source, text hash and size, tokens seen, file hash."""
     import hashlib
 
-    from qbench import quant_cache
+    from qbench.load import quant_cache
 
     im = cfg.get("imatrix")
     if im is None or not im.enabled:
