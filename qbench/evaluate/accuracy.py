@@ -84,13 +84,15 @@ class _Plan:
 
 # ------------------------------------------------------------------------------------------------ entry point
 def run(model: Any, tokenizer: Any, eval_cfg: Any, device: str, random_weights: bool,
-        cache_dir: Optional[str] = None) -> Optional[Dict[str, Any]]:
+        cache_dir: Optional[str] = None, make_lm: Optional[Any] = None) -> Optional[Dict[str, Any]]:
     """Evaluate the loaded ``model`` on ``eval_cfg.tasks`` (and perplexity); the ``accuracy`` section.
 
     ``device`` is where the model sits ("cuda" or "cpu"); handed to lm-eval explicitly (HFLM defaults to cuda).
     ``cache_dir`` (run.cache_dir): where offline tasks' built requests are kept for the sweep's next cells
     (qbench/evaluate/request_cache.py); None builds them every time. The section's ``time_budget`` says where
-    the evaluation's seconds went (task building, request building, the model's calls).
+    the evaluation's seconds went (task building, request building, the model's calls). ``make_lm(model,
+    tokenizer, eval_cfg, device)`` builds lm-eval's model for a model that is not a transformers one (gguf:
+    llama.cpp); None: HFLM. Its ``qbench_warnings`` and ``qbench_settings()``, when it has them, go to the section.
     Returns None when ``eval_cfg.enabled`` is false.
     """
     from qbench.evaluate.request_cache import eval_clock
@@ -106,7 +108,7 @@ def run(model: Any, tokenizer: Any, eval_cfg: Any, device: str, random_weights: 
 
     out: Dict[str, Any] = {"tasks": {}, "items": {}, "settings": {}, "perplexity": None,
                            "chance": bool(random_weights), "warnings": warnings}
-    lm = _make_lm(model, tokenizer, eval_cfg, device) if plans else None
+    lm = (make_lm or _make_lm)(model, tokenizer, eval_cfg, device) if plans else None
     cache = _request_cache_dir(cache_dir, eval_cfg, offline, data_dir_resolved)
     if plans:
         with _task_manager(plans, offline, eval_cfg, data_dir_resolved) as tm, _quiet_lm_eval(), \
@@ -134,6 +136,9 @@ def run(model: Any, tokenizer: Any, eval_cfg: Any, device: str, random_weights: 
     if random_weights:
         warnings.append("random weights: every accuracy figure sits at chance and means nothing")
     out["settings"] = _settings(eval_cfg, plans, offline, data_dir_resolved, lm, device)
+    if hasattr(lm, "qbench_settings"):  # an adapter of qbench's own: what it ran on, what it had to cut
+        out["settings"]["lm_eval_model"] = lm.qbench_settings()
+        warnings.extend(lm.qbench_warnings)
     return out
 
 

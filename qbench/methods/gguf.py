@@ -5,7 +5,8 @@ The source folder is converted once to an f32 GGUF by llama.cpp's own converter 
 source's fingerprint, the quant type and llama-cpp-python's version (qbench/load/quant_cache.py). The model then runs
 in llama.cpp, not torch, so this module measures it itself, through three hooks qbench/run/cell.py calls when a method
 has them: ``measure_memory`` (the weight bytes llama.cpp holds; the tensor types the file holds),
-``measure_latency`` (prefill and decode in llama.cpp's loop) and ``ACCURACY_UNSUPPORTED`` (why lm-eval is not run).
+``measure_latency`` (prefill and decode in llama.cpp's loop) and ``lm_eval_model`` (lm-eval's MMLU/GSM8K through
+an in-process adapter over the same llama.cpp model: qbench/methods/_llamacpp_lm.py).
 Quality needs no hook: the loaded model answers ``model(ids).logits`` from llama.cpp's full-vocabulary logits, so
 qbench.evaluate.quality scores it on the same windows against the same baseline as every torch cell.
 
@@ -34,9 +35,6 @@ QUANT_TYPES = tuple(lc.FTYPES)
 SUPER_BLOCK = 256  # weights per k-quant super-block (QK_K)
 # llama.cpp's tensor_type_fallback (src/llama-quant.cpp): the type a row not divisible by 256 gets, and its bits
 FALLBACK = {"Q6_K": ("Q8_0", 8.5), "Q5_K": ("Q5_1", 6.0), "Q4_K": ("Q5_0", 5.5), "Q3_K": ("Q4_0", 4.5)}
-ACCURACY_UNSUPPORTED = ("accuracy (lm-eval) not run for gguf cells: lm-eval 0.4.13's gguf adapter talks to a running "
-                        "llama.cpp HTTP server, and HFLM needs a transformers model; quality (KL, top-1, perplexity "
-                        "vs the baseline) is measured")
 
 
 @dataclass
@@ -122,7 +120,7 @@ def load(source: Any, cfg: Any, device_map: Any):
         "tokenizer_pre_fallback": f32_meta.get("tokenizer_pre_fallback"), "n_threads": n_threads,
         "n_ctx_tokens": int(cfg.n_ctx_tokens), "n_batch_tokens": int(cfg.n_batch_tokens), "runs_on": "cpu",
         "load_s_excluding_quantize": time.perf_counter() - t_built, "prepare_s": t_built - t0,
-        "accuracy_skipped": ACCURACY_UNSUPPORTED, "imatrix": imx, "quantizer": q_meta.get("quantizer"),
+        "imatrix": imx, "quantizer": q_meta.get("quantizer"),
         **_source_note(source, cfg)}
     if device_map != {"": "cpu"}:
         info["gpu_note"] = ("this llama.cpp build has " + ("GPU offload, unused: layers stay on the CPU"
@@ -286,6 +284,14 @@ def _is_decoder_linear(name: str) -> bool:
     """blk.N.<attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down>.weight: what the k-quant quantizes."""
     parts = name.split(".")
     return parts[0] == "blk" and parts[-1] == "weight" and not parts[2].endswith("norm")
+
+
+def lm_eval_model(model: Any, tokenizer: Any, eval_cfg: Any, device: str) -> Any:
+    """lm-eval's model for the accuracy phase: the loaded llama.cpp model behind lm-eval's LM API (loglikelihood
+    from its full logits, greedy generate_until), tokenized by the cell's HF tokenizer so ids match the torch cells'."""
+    from qbench.methods._llamacpp_lm import LlamaCppLMEval
+
+    return LlamaCppLMEval(model, tokenizer, eval_cfg.max_length_tokens)
 
 
 def measure_latency(model: Any, tokenizer: Any, bench_cfg: Any, device: Any, phases: Any,

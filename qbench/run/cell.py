@@ -430,7 +430,9 @@ def _accuracy(model: Any, tokenizer: Any, cfg: Any, device: str, phases: Any, re
     t0 = time.perf_counter()
     with phases.phase("eval"):
         result["metrics"]["accuracy"] = accuracy.run(model, tokenizer, cfg.eval, device, result["random_weights"],
-                                                     cache_dir=cfg.run.cache_dir)
+                                                     cache_dir=cfg.run.cache_dir,  # gguf: its own lm-eval model
+                                                     make_lm=getattr(methods.get(cfg.method.kind), "lm_eval_model",
+                                                                     None))
     result["warnings"].extend((result["metrics"]["accuracy"] or {}).get("warnings", []))
     result["timings"]["eval_s"] = time.perf_counter() - t0
     clock.lap("eval_s")
