@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from qbench.errors import ConfigError, eval_offline, hub_offline  # noqa: F401  (also re-exported for callers)
+from qbench.errors import ConfigError, eval_offline, hub_offline
 from qbench.measure.cpu_affinity import GPU_LOCAL, parse_cpulist
 
 

@@ -50,7 +50,7 @@ class Config(MethodBase):
 
 
 def validate(cfg: Any) -> None:
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     if cfg.quant_type not in QUANT_TYPES:
         raise ConfigError(f"method.quant_type: '{cfg.quant_type}' is not one of {', '.join(QUANT_TYPES)}")

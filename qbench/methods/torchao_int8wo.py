@@ -28,7 +28,8 @@ class Config(MethodBase):
 
 
 def validate(method_cfg: Any) -> None:
-    from qbench.config import DTYPES, ConfigError
+    from qbench.config import DTYPES
+    from qbench.errors import ConfigError
 
     if int(method_cfg.bits) != 8:
         raise ConfigError(f"method.bits: {method_cfg.bits} is not supported by torchao_int8wo (8)")

@@ -42,7 +42,7 @@ _FS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR, errno.EISD
 
 def classify(exc: BaseException) -> str:
     """Error class stored in the result: oom | config | filesystem | exception."""
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     try:
         import torch
@@ -442,7 +442,7 @@ def _quality(model: Any, tokenizer: Any, cfg: Any, spec: Dict[str, Any]) -> Dict
     from omegaconf import OmegaConf
 
     from qbench.store import cell_dir as cell_dir_of
-    from qbench.config import eval_offline
+    from qbench.errors import eval_offline
     from qbench.evaluate import quality
     from qbench.evaluate.perplexity import load_perplexity_text
     from qbench.store import content_hash

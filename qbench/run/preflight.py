@@ -37,7 +37,7 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from qbench.config import ConfigError
+from qbench.errors import ConfigError
 
 # Files a tokenizer is built from; a folder with none of them gives transformers' empty tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
@@ -408,7 +408,7 @@ def check_method(cfg: Any) -> None:
 def check_eval(cfg: Any) -> None:
     """The cell's tasks against the task table, and offline, against the files under eval.data_dir: present, and
     every row of every file parses as the task's reader will parse it."""
-    from qbench.config import eval_offline
+    from qbench.errors import eval_offline
     from qbench.evaluate import tasks
 
     tasks.check(cfg.eval)
