@@ -17,7 +17,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from qbench.errors import ConfigError, eval_offline, hub_offline
-from qbench.measure.cpu_affinity import GPU_LOCAL, parse_cpulist
 
 
 @dataclass
@@ -293,13 +292,7 @@ def validate_bench(b: Any) -> None:
         raise ConfigError(f"bench.max_repeats: {b.max_repeats} is below bench.min_repeats ({b.min_repeats})")
     if b.min_duration_s < 0:
         raise ConfigError(f"bench.min_duration_s: {b.min_duration_s} is negative")
-    if b.cpu_affinity is not None and b.cpu_affinity != GPU_LOCAL:
-        try:
-            parse_cpulist(b.cpu_affinity)
-        except ValueError as exc:
-            raise ConfigError(
-                f"bench.cpu_affinity: '{b.cpu_affinity}' is neither null, {GPU_LOCAL} nor a CPU list like 0-3,8 ({exc})"
-            ) from None
+    # bench.cpu_affinity is parsed by its owner, qbench.measure.cpu_affinity: preflight's check_cpu_affinity
 
 
 def validate_eval(e: Any) -> None:
