@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 
 from qbench.evaluate import tasks as task_table  # stdlib only, like store: the report builds without torch
-from qbench.config import RunConfig  # schemas only: no torch
+from qbench.config import yaml_defaults  # schemas only: no torch
 from qbench.store import cause_line  # stdlib only: the report still builds on a laptop without torch
 
 GB = 1e9
-_DEFAULT_BASELINE = RunConfig.baseline_method  # the schema's default (conf/config.yaml may set another)
+_DEFAULT_BASELINE = str(yaml_defaults("run").baseline_method)  # conf/config.yaml's, for results that record none
 # When the configured baseline did not run in the sweep: a method that quantized nothing, in this dtype order
 BASELINE_FALLBACK_DTYPES = ("bfloat16", "float16", "float32")
 CV_WARN_DEFAULT = 0.05
