@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -199,14 +199,16 @@ def yaml_defaults(group: str, option: str = "default", **overrides: Any) -> Any:
     ``group="run"`` reads the run block of conf/config.yaml."""
     from omegaconf import OmegaConf
 
+    schema: type
     if group == "run":
-        path, schema = CONF_DIR / "config.yaml", RunConfig
-        values = OmegaConf.load(path).run
+        root = cast(Dict[str, Any], OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")))
+        schema, values = RunConfig, root["run"]
     elif group in _SCHEMAS:
         path, schema = CONF_DIR / group / f"{option}.yaml", _SCHEMAS[group]
         if not path.is_file():
             raise ConfigError(f"{group}: no option '{option}' ({path} does not exist)")
-        values = OmegaConf.load(path)
+        # interpolations stay strings here: the merged config resolves them on access
+        values = cast(Dict[str, Any], OmegaConf.to_container(OmegaConf.load(path)))
         values.pop("defaults", None)
     else:
         raise ConfigError(f"{group}: not a config group with a schema here ({', '.join(['run', *_SCHEMAS])})")
