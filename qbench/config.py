@@ -232,6 +232,7 @@ def validate(cfg: Any) -> None:
     Runs in the sweep's main process for every cell before anything is launched, so a bad cell stops the
     sweep before any model is loaded or anything is written under runs/.
     """
+    check_no_missing(cfg)
     m = cfg.model
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype: '{m.dtype}' is not one of {', '.join(DTYPES)}")
@@ -269,6 +270,19 @@ def validate(cfg: Any) -> None:
     for key, value in (("run.sweep", r.sweep), ("model.name", m.name), ("method.name", cfg.method.name)):
         if not value or "/" in value or "\\" in value or value.startswith("."):
             raise ConfigError(f"{key}: '{value}' must be a plain name (no '/' or leading '.')")
+
+
+def check_no_missing(cfg: Any) -> None:
+    """Every key the schemas leave MISSING got a value from its YAML: else one line naming the key and the option
+    file that should set it (OmegaConf's own error surfaces only deep inside whatever reads the key first)."""
+    from omegaconf import OmegaConf
+
+    own = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # hydra's help needs its resolvers
+    for key in sorted(OmegaConf.missing_keys(own)):
+        group = key.split(".", 1)[0]
+        choice = OmegaConf.select(cfg, f"hydra.runtime.choices.{group}", default=None)
+        where = f"conf/{group}/{choice}.yaml" if choice else ("conf/config.yaml" if group == "run" else f"conf/{group}/")
+        raise ConfigError(f"{key}: no value; {where} must set it (the schema gives none: the YAML holds the defaults)")
 
 
 def _check_limit(value: Any, key: str) -> None:

@@ -100,3 +100,12 @@ def test_yaml_defaults_composes_the_yaml_without_hydra():
     assert config.yaml_defaults("run").baseline_method == "bf16"
     with pytest.raises(ConfigError, match="bench: no option 'nope'"):
         config.yaml_defaults("bench", "nope")
+
+
+def test_a_key_no_yaml_sets_is_one_line_naming_it_and_its_file():
+    cfg = OmegaConf.create({"bench": config.yaml_defaults("bench", "quick"),
+                            "hydra": {"runtime": {"choices": {"bench": "quick"}}}})
+    config.check_no_missing(cfg)
+    cfg.bench.seed = MISSING
+    with pytest.raises(ConfigError, match=r"^bench.seed: no value; conf/bench/quick.yaml must set it"):
+        config.check_no_missing(cfg)
