@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from qbench.errors import ConfigError, eval_offline, hub_offline  # noqa: F401  (also re-exported for callers)
-from qbench.measure.cpu_affinity import GPU_LOCAL, parse_cpulist
+from qbench.errors import ConfigError, eval_offline, hub_offline
 
 
 @dataclass
@@ -26,10 +25,10 @@ class ModelConfig:
     # Hub id ("meta-llama/Llama-3.1-8B-Instruct"), a local directory, or "builtin:tiny" (built here, offline)
     source: str = MISSING
     revision: Optional[str] = None  # Hub branch, tag or commit; recorded in every result
-    dtype: str = "bfloat16"  # dtype of the unquantized weights: float32 | float16 | bfloat16
+    dtype: str = MISSING  # dtype of the unquantized weights: float32 | float16 | bfloat16
     # Random-init mode: build the architecture from its config.json, no weights downloaded. For memory and
     # latency at real sizes; accuracy then sits at chance and the report says so.
-    random_init: bool = False
+    random_init: bool = MISSING
     # A config.json bundled with qbench (qbench/load/architectures/<name>.json), used by random-init mode when
     # the source is a Hub id, so that random-init works air-gapped.
     architecture: Optional[str] = None
@@ -37,8 +36,8 @@ class ModelConfig:
     config_overrides: Dict[str, Any] = field(default_factory=dict)
     tokenizer: Optional[str] = None  # tokenizer source if not the model's own; null = the model's
     trust_remote_code: bool = False  # runs code from the model repo: off unless a model config turns it on
-    num_gpus: int = 1  # GPUs one cell uses; >1 spreads the model with device_map="auto"
-    seed: int = 0  # seed of the random-init weights
+    num_gpus: int = MISSING  # GPUs one cell uses; >1 spreads the model with device_map="auto"
+    seed: int = MISSING  # seed of the random-init weights
 
 
 @dataclass
@@ -54,48 +53,48 @@ class MethodBase:
 
 @dataclass
 class BenchConfig:
-    enabled: bool = True  # false: skip latency (memory is always measured)
-    device: str = "auto"  # auto (cuda if present, else cpu) | cuda | cpu
-    batch_sizes: List[int] = field(default_factory=lambda: [1, 8, 32])
-    prompt_tokens: List[int] = field(default_factory=lambda: [512])  # prefill lengths measured
-    decode_prompt_tokens: int = 128  # prompt length before decode
-    new_tokens: int = 128  # decode length, forced (min_new_tokens == max_new_tokens, EOS disabled)
+    enabled: bool = MISSING  # false: skip latency (memory is always measured)
+    device: str = MISSING  # auto (cuda if present, else cpu) | cuda | cpu
+    batch_sizes: List[int] = MISSING
+    prompt_tokens: List[int] = MISSING  # prefill lengths measured
+    decode_prompt_tokens: int = MISSING  # prompt length before decode
+    new_tokens: int = MISSING  # decode length, forced (min_new_tokens == max_new_tokens, EOS disabled)
     # eager (generate, dynamic cache) | static (generate, static cache compiled to CUDA graphs) | graph (static's
     # compiled decode step in a tight loop, no generate around it: the modeling code's ceiling)
-    decode_paths: List[str] = field(default_factory=lambda: ["eager"])
+    decode_paths: List[str] = MISSING
     # batch sizes at which the compiled paths (static, graph) run (null: all of batch_sizes). Each compile is a
     # one-time cost: batch 1 has a graph of its own (Dynamo specializes a size of 1), batch sizes past 1 share one
     # batch-dynamic graph (each compile's cost: docs/latency.md#what-the-defaults-cost); [1] saves the second
-    compiled_batch_sizes: Optional[List[int]] = None
-    warmup_runs: int = 1  # runs discarded before timing (first-call effects, compile), at least
+    compiled_batch_sizes: Optional[List[int]] = MISSING
+    warmup_runs: int = MISSING  # runs discarded before timing (first-call effects, compile), at least
     # then more while each run is faster than the last by more than warmup_steady_pct %, up to this many: a
     # compiled path keeps speeding up for a few calls after its compile
-    max_warmup_runs: int = 6
-    warmup_steady_pct: float = 2.0  # %
+    max_warmup_runs: int = MISSING
+    warmup_steady_pct: float = MISSING  # %
     # Each figure repeats until the 95 % CI of its median is within target_ci_pct % of the median (null: stop at
     # min_repeats), or until max_time_per_figure_s seconds of timed runs (the figure is then flagged)
-    target_ci_pct: Optional[float] = 1.0  # %
-    max_time_per_figure_s: Optional[float] = 10.0  # s
+    target_ci_pct: Optional[float] = MISSING  # %
+    max_time_per_figure_s: Optional[float] = MISSING  # s
     # eager decode's figures: its own cap (null: max_time_per_figure_s; 0: min_repeats runs, no more). Eager's
     # step time is the host's Python, whose median moves between fresh processes by more than one process's CI
     # says (docs/stability.md), so runs past the minimum narrow a CI that is not its real uncertainty (run.rounds)
-    max_time_per_eager_figure_s: Optional[float] = 0.0  # s
+    max_time_per_eager_figure_s: Optional[float] = MISSING  # s
     # a compiled path's first call at a batch size (torch.compile's trace and codegen) may take this long, then the
     # path is recorded unsupported with that reason (null: no limit). The default leaves room for a plain compile
     # of a 7-8B model and stops a kernel-tuning one (docs/latency.md#what-the-defaults-cost)
-    max_compile_s: Optional[float] = 300.0  # s
-    min_repeats: int = 6  # timed runs at least (6: the fewest whose order statistics give a 95 % CI of the median)
-    max_repeats: int = 100  # timed runs at most
-    min_duration_s: float = 1.0  # and at least this much time timed (s)
+    max_compile_s: Optional[float] = MISSING  # s
+    min_repeats: int = MISSING  # timed runs at least (6: the fewest whose order statistics give a 95 % CI of the median)
+    max_repeats: int = MISSING  # timed runs at most
+    min_duration_s: float = MISSING  # and at least this much time timed (s)
     # GPU cells measure their card's device-to-device copy bandwidth once (~1 s), the practical decode bound
-    measure_copy_bandwidth: bool = True
-    cv_warn_threshold: float = 0.05  # coefficient of variation above which the cell records a warning
-    seed: int = 0  # seed of the random prompt token ids (same prompts for every method of a sweep)
+    measure_copy_bandwidth: bool = MISSING
+    cv_warn_threshold: float = MISSING  # coefficient of variation above which the cell records a warning
+    seed: int = MISSING  # seed of the random prompt token ids (same prompts for every method of a sweep)
     # CPUs the cell's process is pinned to: null (the OS's choice) | gpu_local (NVML's CPUs near the cell's GPUs)
     # | a Linux cpulist such as "0-3,8" (an int 2 reads as "2"); see qbench/measure/cpu_affinity.py
-    cpu_affinity: Optional[str] = None
+    cpu_affinity: Optional[str] = MISSING
     # GPU spec overrides (name -> {mem_bandwidth_gb_s, ...}); see qbench/measure/gpu_specs.py
-    gpu_spec_overrides: Dict[str, Any] = field(default_factory=dict)
+    gpu_spec_overrides: Dict[str, Any] = MISSING
 
 
 @dataclass
@@ -153,20 +152,20 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    sweep: str = "default"  # results go to <runs_dir>/<sweep>/<model>__<method>/result.json
-    runs_dir: str = "runs"
-    cache_dir: str = "${oc.env:QBENCH_CACHE,.cache/qbench}"  # built models, quantized checkpoints
-    force: bool = False  # rerun every cell, also ok ones (a cell whose settings changed reruns without it)
-    rerun_failed: bool = False  # rerun cells whose result says error (ok cells are still skipped)
-    timeout_min: float = 120.0  # a cell running longer is stopped and recorded as status error, class timeout
+    sweep: str = MISSING  # results go to <runs_dir>/<sweep>/<model>__<method>/result.json
+    runs_dir: str = MISSING
+    cache_dir: str = MISSING  # built models, quantized checkpoints
+    force: bool = MISSING  # rerun every cell, also ok ones (a cell whose settings changed reruns without it)
+    rerun_failed: bool = MISSING  # rerun cells whose result says error (ok cells are still skipped)
+    timeout_min: float = MISSING  # a cell running longer is stopped and recorded as status error, class timeout
     # Fail injection for tests and dry runs: the cell raises this error class after loading the model.
     # "oom" | "exception" for every cell, or "oom:<method name>" for one method's cells only.
-    inject_failure: Optional[str] = None
-    baseline_method: str = "bf16"  # method the report compares against (paired statistics)
+    inject_failure: Optional[str] = MISSING
+    baseline_method: str = MISSING  # method the report compares against (paired statistics)
     # Measure every cell this many times, in interleaved order (A B C, A B C, ...), each time in a fresh process:
     # a node's drift falls on every method alike. A cell's figures are then the median over its rounds
     # (qbench/run/rounds.py); accuracy and quality are measured in round 1 only (they do not drift).
-    rounds: int = 1
+    rounds: int = MISSING
     round: Optional[int] = None  # set by qbench itself: the round a pass measures (results in <cell>/rounds/<k>)
 
 
@@ -189,6 +188,34 @@ def register_configs() -> None:
     cs.store(group="eval", name="schema", node=EvalConfig)
 
 
+# conf/ of a source checkout, else the copy a wheel carries as the package qbench.conf
+CONF_DIR = next((d for d in (Path(__file__).resolve().parents[1] / "conf", Path(__file__).resolve().parent / "conf")
+                 if d.is_dir()), Path(__file__).resolve().parents[1] / "conf")
+_SCHEMAS = {"model": ModelConfig, "bench": BenchConfig, "eval": EvalConfig}
+
+
+def yaml_defaults(group: str, option: str = "default", **overrides: Any) -> Any:
+    """conf/<group>/<option>.yaml typed by its schema, with ``overrides`` on top, composed without Hydra: what
+    code and tests that build a config by hand start from, so the YAML stays the one source of the defaults.
+    ``group="run"`` reads the run block of conf/config.yaml."""
+    from omegaconf import OmegaConf
+
+    schema: type
+    if group == "run":
+        root = cast(Dict[str, Any], OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")))
+        schema, values = RunConfig, root["run"]
+    elif group in _SCHEMAS:
+        path, schema = CONF_DIR / group / f"{option}.yaml", _SCHEMAS[group]
+        if not path.is_file():
+            raise ConfigError(f"{group}: no option '{option}' ({path} does not exist)")
+        # interpolations stay strings here: the merged config resolves them on access
+        values = cast(Dict[str, Any], OmegaConf.to_container(OmegaConf.load(path)))
+        values.pop("defaults", None)
+    else:
+        raise ConfigError(f"{group}: not a config group with a schema here ({', '.join(['run', *_SCHEMAS])})")
+    return OmegaConf.merge(OmegaConf.structured(schema), values, overrides)
+
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -206,6 +233,7 @@ def validate(cfg: Any) -> None:
     Runs in the sweep's main process for every cell before anything is launched, so a bad cell stops the
     sweep before any model is loaded or anything is written under runs/.
     """
+    check_no_missing(cfg)
     m = cfg.model
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype: '{m.dtype}' is not one of {', '.join(DTYPES)}")
@@ -243,6 +271,19 @@ def validate(cfg: Any) -> None:
     for key, value in (("run.sweep", r.sweep), ("model.name", m.name), ("method.name", cfg.method.name)):
         if not value or "/" in value or "\\" in value or value.startswith("."):
             raise ConfigError(f"{key}: '{value}' must be a plain name (no '/' or leading '.')")
+
+
+def check_no_missing(cfg: Any) -> None:
+    """Every key the schemas leave MISSING got a value from its YAML: else one line naming the key and the option
+    file that should set it (OmegaConf's own error surfaces only deep inside whatever reads the key first)."""
+    from omegaconf import OmegaConf
+
+    own = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # hydra's help needs its resolvers
+    for key in sorted(OmegaConf.missing_keys(own)):
+        group = key.split(".", 1)[0]
+        choice = OmegaConf.select(cfg, f"hydra.runtime.choices.{group}", default=None)
+        where = f"conf/{group}/{choice}.yaml" if choice else ("conf/config.yaml" if group == "run" else f"conf/{group}/")
+        raise ConfigError(f"{key}: no value; {where} must set it (the schema gives none: the YAML holds the defaults)")
 
 
 def _check_limit(value: Any, key: str) -> None:
@@ -292,13 +333,7 @@ def validate_bench(b: Any) -> None:
         raise ConfigError(f"bench.max_repeats: {b.max_repeats} is below bench.min_repeats ({b.min_repeats})")
     if b.min_duration_s < 0:
         raise ConfigError(f"bench.min_duration_s: {b.min_duration_s} is negative")
-    if b.cpu_affinity is not None and b.cpu_affinity != GPU_LOCAL:
-        try:
-            parse_cpulist(b.cpu_affinity)
-        except ValueError as exc:
-            raise ConfigError(
-                f"bench.cpu_affinity: '{b.cpu_affinity}' is neither null, {GPU_LOCAL} nor a CPU list like 0-3,8 ({exc})"
-            ) from None
+    # bench.cpu_affinity is parsed by its owner, qbench.measure.cpu_affinity: preflight's check_cpu_affinity
 
 
 def validate_eval(e: Any) -> None:

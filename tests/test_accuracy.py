@@ -11,7 +11,8 @@ pytest.importorskip("lm_eval")
 
 from omegaconf import OmegaConf
 
-from qbench.config import ConfigError, EvalConfig, PerplexityConfig, validate_eval
+from qbench.config import EvalConfig, PerplexityConfig, validate_eval
+from qbench.errors import ConfigError
 from qbench.evaluate import accuracy, perplexity, tasks
 from qbench.evaluate.lm_eval_tasks import MMLU_SUBJECTS
 from qbench.evaluate.paired import compare_items

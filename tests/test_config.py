@@ -7,7 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from qbench.config import ConfigError, validate
+from qbench.config import validate
+from qbench.errors import ConfigError
 from qbench.run.cli import conf_dir, preflight, sweep_overrides
 from qbench.run.preflight import check_method, register_configs
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qbench.config import BenchConfig
+from qbench.config import BenchConfig, yaml_defaults
 from qbench.errors import ConfigError
 from qbench.load import tiny
 from qbench.measure import decode_paths, latency, stats
@@ -65,12 +65,12 @@ def tiny_model(tmp_path_factory):
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
-def _bench(**kw) -> BenchConfig:
+def _bench(**kw):
     base = dict(batch_sizes=[1, 2], prompt_tokens=[8], decode_prompt_tokens=8, new_tokens=4, decode_paths=["eager"],
                 warmup_runs=1, max_warmup_runs=1, min_repeats=2, max_repeats=2, min_duration_s=0.0,
                 target_ci_pct=None, measure_copy_bandwidth=False)
     base.update(kw)
-    return BenchConfig(**base)
+    return yaml_defaults("bench", "default", **base)  # conf/bench/default.yaml's values for the rest
 
 
 def test_the_registry_is_the_folder():

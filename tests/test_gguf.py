@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from qbench.config import ConfigError
+from qbench.errors import ConfigError
 from qbench.load import weights
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from qbench.config import ConfigError
+from qbench.errors import ConfigError
 from qbench.load import weights
 from qbench.methods import _llamacpp as lc
 

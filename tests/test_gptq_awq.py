@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from qbench.config import ConfigError
+from qbench.errors import ConfigError
 from qbench.methods import _gptqmodel as gm
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from qbench.config import BenchConfig
+from qbench.config import yaml_defaults
 from qbench.load import tiny
 from qbench.measure import gpu_specs, latency, memory, timing
 from qbench.measure.decode_paths import _generate, graph
@@ -153,7 +153,7 @@ def _quick(**kw):
     base = dict(batch_sizes=[1, 2], prompt_tokens=[8, 16], decode_prompt_tokens=8, new_tokens=4,
                 decode_paths=["eager", "static"], warmup_runs=1, min_repeats=2, max_repeats=3, min_duration_s=0.0)
     base.update(kw)
-    return BenchConfig(**base)
+    return yaml_defaults("bench", "default", **base)  # conf/bench/default.yaml's values for the rest
 
 
 def test_measure_on_cpu(tiny_model, monkeypatch):
@@ -313,7 +313,7 @@ def test_eager_decode_has_its_own_time_cap():
     the compiled paths keep bench.max_time_per_figure_s; null gives eager that cap too. Warnings and the slow-
     figure line name the key that applied."""
     s = Settings.from_bench(_quick(max_time_per_figure_s=10.0))
-    assert BenchConfig().max_time_per_eager_figure_s == 0.0
+    assert yaml_defaults("bench").max_time_per_eager_figure_s == 0.0
     assert s.loop("eager")["max_time_s"] == 0.0 and s.loop("eager")["max_warmup_runs"] == s.warmup_runs
     for path in (None, "static", "graph"):
         assert s.loop(path)["max_time_s"] == 10.0 and s.loop(path)["max_warmup_runs"] == s.max_warmup_runs

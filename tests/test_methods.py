@@ -18,7 +18,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from qbench import methods
-from qbench.config import ConfigError, MethodBase
+from qbench.config import MethodBase
+from qbench.errors import ConfigError
 from qbench.load import models
 from qbench.measure import memory
 from qbench.run.cli import conf_dir

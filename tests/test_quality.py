@@ -137,7 +137,8 @@ def test_window_ci_is_a_t_interval_over_window_means():
     ("source", "/nope/corpus.txt", "eval.quality.source: '/nope/corpus.txt' is not a file"),
 ])
 def test_bad_quality_settings_are_one_line(key, value, message):
-    from qbench.config import ConfigError, EvalConfig, validate_eval
+    from qbench.config import EvalConfig, validate_eval
+    from qbench.errors import ConfigError
 
     e = OmegaConf.structured(EvalConfig)
     e.enabled, e.quality.enabled = True, True

@@ -91,7 +91,8 @@ def test_round_results_live_below_the_cell(tmp_path):
 
 
 def test_bad_round_counts_are_one_line_errors(tmp_path):
-    from qbench.config import ConfigError, register_configs
+    from qbench.config import register_configs
+    from qbench.errors import ConfigError
 
     register_configs()
     with pytest.raises(ConfigError, match="run.rounds: 0 must be at least 1"):

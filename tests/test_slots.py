@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from qbench.config import ConfigError
+from qbench.errors import ConfigError
 from qbench.run.cli import acquire_slot
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qbench.config import ConfigError
+from qbench.errors import ConfigError
 from qbench.load import models, weights
 from qbench.run import preflight
 

@@ -77,7 +77,7 @@ def local_path(source: str) -> Path | None:
 
 def validate(cfg: Any) -> None:
     """Raise ConfigError naming the key for impossible calibration settings (no file is read but a stat)."""
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     source = _get(cfg, "source")
     if not source:
@@ -99,7 +99,7 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"method.calibration.source: '{source}' is neither .txt nor .jsonl")
         check_file(path, _get(cfg, "text_field", "text"))
     else:
-        from qbench.config import hub_offline
+        from qbench.errors import hub_offline
 
         if hub_offline():
             raise ConfigError(
@@ -112,7 +112,8 @@ def check_file(path: Path, text_field: str = "text") -> None:
     """A local calibration file reads as _read_texts will read it, or ConfigError naming the key, the file and the
     line: text (not empty, binary or other than UTF-8); for .jsonl every non-empty line a JSON object whose
     ``text_field`` is a string."""
-    from qbench.config import ConfigError, check_text_file
+    from qbench.config import check_text_file
+    from qbench.errors import ConfigError
 
     text = check_text_file(path, "method.calibration.source")
     if path.suffix == ".txt":

@@ -57,7 +57,7 @@ def source_fingerprint(source: Any) -> Dict[str, Any]:
 
 def _hub_commit(repo: str, revision: Optional[str]) -> Optional[str]:
     """The commit a Hub id resolves to, when online; None offline (the key then relies on path + revision)."""
-    from qbench.config import hub_offline
+    from qbench.errors import hub_offline
 
     if hub_offline():
         return None

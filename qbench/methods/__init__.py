@@ -10,7 +10,7 @@ A method module owns everything about its method (no base class, no shared behav
                            misspelt key fails at compose time and a result records only this method's keys.
     EXTRA                  its install extra in pyproject.toml (None: needs nothing beyond qbench's own dependencies)
     LIBRARIES              the distributions whose versions every result of this method records
-    validate(cfg)          raise qbench.config.ConfigError naming the key for values the method cannot take
+    validate(cfg)          raise qbench.errors.ConfigError naming the key for values the method cannot take
     load(source, cfg, device_map) -> (model, info)
                            the model from ``source`` (a qbench.load.models.Source) with the method applied; ``info``
                            is what the method did (library versions, quantize time, cache hit, kernels, ...),
@@ -54,7 +54,7 @@ def kinds() -> List[str]:
 
 def get(kind: str, key: str = "method.kind") -> ModuleType:
     """The module implementing ``kind``; an unknown kind fails in one line naming the known ones."""
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     known = kinds()
     if kind not in known:

@@ -76,7 +76,7 @@ def bits_of(cfg: Any) -> int:
 
 
 def validate_common(cfg: Any, kind: str) -> None:
-    from qbench.config import ConfigError, hub_offline
+    from qbench.errors import ConfigError, hub_offline
     from qbench.load import calibration
 
     own = method(kind)
@@ -111,7 +111,7 @@ def validate_common(cfg: Any, kind: str) -> None:
 
 def resolve_backend_name(name: str, kind: str) -> Optional[str]:
     """The GPT-QModel BACKEND value for ``method.backend`` (None for auto), or ConfigError."""
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     name = str(name).strip().lower()
     if name in ("auto", ""):

@@ -56,7 +56,7 @@ def validate(method_cfg: Any) -> None:
 
 
 def validate_own(cfg: Any) -> None:
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     if cfg.desc_act:
         raise ConfigError("method.desc_act: act-order is a GPTQ option; AWQ has none (set false)")

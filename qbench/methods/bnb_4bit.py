@@ -36,7 +36,8 @@ NESTED_BLOCK = 256  # absmax values per fp32 scale when double quantization is o
 
 
 def validate(method_cfg: Any) -> None:
-    from qbench.config import DTYPES, ConfigError
+    from qbench.config import DTYPES
+    from qbench.errors import ConfigError
 
     if method_cfg.bits not in (None, 4):
         raise ConfigError(f"method.bits: {method_cfg.bits} is not supported by bnb_4bit (4)")

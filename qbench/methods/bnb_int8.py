@@ -31,7 +31,7 @@ def is_quantized_module(module: Any) -> bool:
 
 
 def validate(method_cfg: Any) -> None:
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     if method_cfg.bits not in (None, 8):
         raise ConfigError(f"method.bits: {method_cfg.bits} is not supported by bnb_int8 (8)")

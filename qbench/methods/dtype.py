@@ -18,7 +18,7 @@ class Config(MethodBase):
 
 
 def validate(method_cfg: Any) -> None:
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     if method_cfg.bits not in (None, 8 * DTYPE_BYTES.get(method_cfg.dtype, 0)):
         raise ConfigError(f"method.bits: {method_cfg.bits} does not match method.dtype {method_cfg.dtype}")

@@ -34,7 +34,7 @@ class Config(MethodBase):
 
 
 def validate(method_cfg: Any) -> None:
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     if int(method_cfg.bits) != 8:
         raise ConfigError(f"method.bits: {method_cfg.bits} is not supported by fp8 (8)")
@@ -45,7 +45,7 @@ def validate(method_cfg: Any) -> None:
 
 
 def check_device(method_cfg: Any, device: str, capability: Optional[Tuple[int, int]]) -> None:
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     if device != "cuda" or capability is None or tuple(capability) < MIN_CAPABILITY:
         where = "a CPU" if device != "cuda" else f"a GPU of compute capability {capability[0]}.{capability[1]}" if capability else "a GPU"

@@ -63,7 +63,7 @@ class Config(MethodBase):
 
 
 def validate(cfg: Any) -> None:
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     if cfg.quant_type not in QUANT_TYPES:
         raise ConfigError(f"method.quant_type: '{cfg.quant_type}' is not one of {', '.join(QUANT_TYPES)}")
@@ -133,7 +133,7 @@ def load(source: Any, cfg: Any, device_map: Any):
 # ------------------------------------------------------------------------------------------------ imatrix
 def validate_imatrix(cfg: Any) -> None:
     """method.imatrix: its keys, its calibration file, and the tools it needs (built by `make llama-tools`)."""
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
     from qbench.load import calibration
 
     im = cfg.get("imatrix")

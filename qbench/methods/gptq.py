@@ -50,7 +50,7 @@ def validate(method_cfg: Any) -> None:
 
 
 def validate_own(cfg: Any) -> None:
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     if not 0 < float(cfg.damp_percent) < 1:
         raise ConfigError(f"method.damp_percent: {cfg.damp_percent} must lie strictly between 0 and 1")

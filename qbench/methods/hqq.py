@@ -35,7 +35,7 @@ class Config(MethodBase):
 
 
 def validate(method_cfg: Any) -> None:
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     if int(method_cfg.bits) not in BITS:
         raise ConfigError(f"method.bits: {method_cfg.bits} is not supported by hqq ({', '.join(map(str, BITS))})")

@@ -36,7 +36,7 @@ class Config(MethodBase):
 
 
 def validate(method_cfg: Any) -> None:
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     if int(method_cfg.bits) != 4:
         raise ConfigError(f"method.bits: {method_cfg.bits} is not supported by torchao_int4wo (4)")
@@ -58,7 +58,7 @@ def packing_format(method_cfg: Any) -> str:
 
 
 def check_device(method_cfg: Any, device: str, capability: Optional[Tuple[int, int]]) -> None:
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     fmt = packing_format(method_cfg)
     if fmt == "opaque" and device != "cpu":

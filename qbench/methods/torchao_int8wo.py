@@ -28,12 +28,11 @@ class Config(MethodBase):
 
 
 def validate(method_cfg: Any) -> None:
-    from qbench.config import DTYPES, ConfigError
+    from qbench.errors import ConfigError
 
     if int(method_cfg.bits) != 8:
         raise ConfigError(f"method.bits: {method_cfg.bits} is not supported by torchao_int8wo (8)")
-    if method_cfg.dtype not in DTYPES:
-        raise ConfigError(f"method.dtype: '{method_cfg.dtype}' is not one of {', '.join(DTYPES)}")
+    # method.dtype is checked for every method by qbench.config.validate
 
 
 def is_quantized_module(module: Any) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from qbench.evaluate import tasks as task_table  # stdlib only, like store: the report builds without torch
-from qbench.config import RunConfig  # schemas only: no torch
+from qbench.config import yaml_defaults  # schemas only: no torch
 from qbench.measure import decode_paths  # the registry imports nothing heavy: no torch
 # The owners, both stdlib only: the MMLU categories in the order the heatmap shows them (other keys found in
 # results are appended; charts reads them here) and a dtype's bytes
@@ -27,7 +27,7 @@ from qbench.store import layout  # stdlib only, like rows: the report still buil
 from qbench.store.rows import cause_line
 
 GB = 1e9
-_DEFAULT_BASELINE = RunConfig.baseline_method  # the schema's default (conf/config.yaml may set another)
+_DEFAULT_BASELINE = str(yaml_defaults("run").baseline_method)  # conf/config.yaml's, for results that record none
 # When the configured baseline did not run in the sweep: a method that quantized nothing, in this dtype order
 BASELINE_FALLBACK_DTYPES = ("bfloat16", "float16", "float32")
 CV_WARN_DEFAULT = 0.05

@@ -41,7 +41,7 @@ _FS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR, errno.EISD
 
 def classify(exc: BaseException) -> str:
     """Error class stored in the result: oom | config | filesystem | exception."""
-    from qbench.config import ConfigError
+    from qbench.errors import ConfigError
 
     try:
         import torch
@@ -447,7 +447,7 @@ def _quality(model: Any, tokenizer: Any, cfg: Any, spec: Dict[str, Any]) -> Dict
     """Quality against the sweep's baseline cell of this model (qbench/evaluate/quality.py)."""
     from omegaconf import OmegaConf
 
-    from qbench.config import eval_offline
+    from qbench.errors import eval_offline
     from qbench.evaluate import quality
     from qbench.evaluate.perplexity import load_perplexity_text
     from qbench.store.identity import content_hash

@@ -9,6 +9,7 @@
 - tokenizer vs model: a tokenizer whose ids run past the embedding table, or a folder without tokenizer files
   (transformers then builds an empty one), would measure garbage or crash deep inside lm-eval;
 - the directories a cell writes (results, cache, GPU slot locks) must be writable;
+- settings read by a room above qbench.config: ``bench.cpu_affinity`` by the parser the cell pins with;
 - ``eval.tasks`` against the task table (qbench/evaluate/tasks.py) and the data at hand: offline, every task
   needs its data layout under ``eval.data_dir`` (a task with none, such as arc_challenge, needs the network);
 - the method: its own ``validate``, its schema matching ``method.kind``, and its constraints against the
@@ -37,7 +38,7 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from qbench.config import ConfigError
+from qbench.errors import ConfigError
 
 # Files a tokenizer is built from; a folder with none of them gives transformers' empty tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
@@ -367,8 +368,23 @@ def check_model_source(m: Any) -> None:
         raise ConfigError(f"model.architecture: no bundled config.json named '{m.architecture}'")
 
 
+def check_cpu_affinity(b: Any) -> None:
+    """bench.cpu_affinity is null, gpu_local or a cpulist: read by the parser the cell pins with (qbench.config,
+    below qbench.measure, cannot call it)."""
+    from qbench.measure.cpu_affinity import GPU_LOCAL, parse_cpulist
+
+    if b.cpu_affinity is not None and b.cpu_affinity != GPU_LOCAL:
+        try:
+            parse_cpulist(b.cpu_affinity)
+        except ValueError as exc:
+            raise ConfigError(
+                f"bench.cpu_affinity: '{b.cpu_affinity}' is neither null, {GPU_LOCAL} nor a CPU list like 0-3,8 ({exc})"
+            ) from None
+
+
 def check_cell(cfg: Any) -> None:
     """Raise ConfigError (one line) when the cell cannot run as configured."""
+    check_cpu_affinity(cfg.bench)
     check_model_source(cfg.model)
     check_method(cfg)
     check_decode_paths(cfg)
@@ -416,7 +432,7 @@ def check_decode_paths(cfg: Any) -> None:
 def check_eval(cfg: Any) -> None:
     """The cell's tasks against the task table, and offline, against the files under eval.data_dir: present, and
     every row of every file parses as the task's reader will parse it."""
-    from qbench.config import eval_offline
+    from qbench.errors import eval_offline
     from qbench.evaluate import tasks
 
     tasks.check(cfg.eval)
