@@ -16,12 +16,13 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from qbench.evaluate import tasks as task_table  # stdlib only, like store: the report builds without torch
 from qbench.config import yaml_defaults  # schemas only: no torch
-from qbench.measure import decode_paths  # the registry imports nothing heavy: no torch
+from qbench.evaluate import tasks as task_table  # stdlib only, like store: the report builds without torch
+
 # The owners, both stdlib only: the MMLU categories in the order the heatmap shows them (other keys found in
 # results are appended; charts reads them here) and a dtype's bytes
 from qbench.evaluate.lm_eval_tasks import MMLU_CATEGORIES  # noqa: F401
+from qbench.measure import decode_paths  # the registry imports nothing heavy: no torch
 from qbench.measure.memory import DTYPE_BYTES
 from qbench.store import layout  # stdlib only, like rows: the report still builds on a laptop without torch
 from qbench.store.rows import cause_line
