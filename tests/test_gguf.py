@@ -51,6 +51,7 @@ def test_five_yamls_one_kind():
     ({"dtype": "bfloat16"}, "method.dtype: 'bfloat16'"),
     ({"n_threads": 0}, "method.n_threads: 0"),
     ({"n_ctx_tokens": 0}, "method.n_ctx_tokens: 0"),
+    ({"n_gpu_layers": -2}, "method.n_gpu_layers: -2"),
 ])
 def test_validate_names_the_key(over, message):
     from qbench import methods
@@ -58,6 +59,22 @@ def test_validate_names_the_key(over, message):
     with pytest.raises(ConfigError) as e:
         methods.get("gguf").validate(_cfg(**over))
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("requested,on_gpu,supported,layers,note", [
+    (None, False, True, 0, None),                        # a CPU cell never offloads
+    (None, True, True, -1, None),                        # a GPU cell with a CUDA build: every layer on the GPU
+    (12, True, True, 12, None),                          # the first 12 layers
+    (0, True, True, 0, "method.n_gpu_layers=0"),         # asked for the CPU on a GPU cell: said so
+    (None, True, False, 0, "no GPU offload (built without CUDA"),  # a CPU build on a GPU node: said so
+    (12, True, False, 0, "no GPU offload (built without CUDA"),
+])
+def test_gpu_layers_follow_the_device_and_the_build(requested, on_gpu, supported, layers, note):
+    from qbench import methods
+
+    n, said = methods.get("gguf").gpu_layers(_cfg(n_gpu_layers=requested), on_gpu, supported)
+    assert n == layers
+    assert (said is None) if note is None else (note in said)
 
 
 def test_linear_bytes_follow_llamacpp_fallback_for_rows_not_a_multiple_of_256():

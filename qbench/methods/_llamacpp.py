@@ -365,12 +365,12 @@ class LlamaCppLM:
     ([batch, tokens, vocab] float32 torch, from llama.cpp's full-vocabulary logits) and ``parameters()`` (where those
     logits land: the CPU). So quality runs its own code on the same windows as every torch cell."""
 
-    def __init__(self, path: Path, n_ctx: int, n_threads: int, n_batch: int):
+    def __init__(self, path: Path, n_ctx: int, n_threads: int, n_batch: int, n_gpu_layers: int = 0):
         from llama_cpp import Llama
 
-        self.path, self.n_threads = Path(path), int(n_threads)
+        self.path, self.n_threads, self.n_gpu_layers = Path(path), int(n_threads), int(n_gpu_layers)
         self.llm = Llama(model_path=str(path), n_ctx=int(n_ctx), n_batch=int(n_batch), n_ubatch=int(n_batch),
-                         n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=0,
+                         n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=self.n_gpu_layers,
                          logits_all=True, verbose=False)
         self.n_vocab = int(self.llm.n_vocab())
         self.config = None
@@ -444,7 +444,8 @@ def measure_latency(model: LlamaCppLM, bench_cfg: Any, vocab: int, special_ids: 
     rng = np.random.default_rng(s.seed)
     allowed = np.setdiff1d(np.arange(vocab), np.asarray(special_ids, dtype=np.int64))
     out: Dict[str, Any] = {"device": "cpu", "timer": "time.perf_counter", "runtime": "llama.cpp",
-                           "threads": model.n_threads, "prefill": [], "decode": [], "unsupported": [],
+                           "threads": model.n_threads,
+                           "n_gpu_layers": model.n_gpu_layers, "prefill": [], "decode": [], "unsupported": [],
                            "warnings": [], "one_time": {"first_call_s": None, "compile_s": None}}
     logits_all, llm._logits_all = llm._logits_all, False  # llama-cpp-python 0.3.36: last-position logits only
     try:

@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from qbench.config import MethodBase
 from qbench.methods import _llamacpp as lc
@@ -59,6 +59,9 @@ class Config(MethodBase):
     n_threads: Optional[int] = None  # llama.cpp threads (count); null: the CPUs this cell may run on
     n_ctx_tokens: int = 1024  # llama.cpp context (tokens): at least eval.quality.ctx_tokens and the longest prompt
     n_batch_tokens: int = 512  # tokens per llama.cpp decode call (prefill, quality windows)
+    # layers llama.cpp offloads to the GPU: null = all of them when the cell's device is cuda and this llama.cpp
+    # build can offload (a CUDA build), else 0; 0 = CPU only; N = the first N layers
+    n_gpu_layers: Optional[int] = None
     imatrix: ImatrixConfig = field(default_factory=ImatrixConfig)  # importance matrix (off by default)
 
 
@@ -74,6 +77,8 @@ def validate(cfg: Any) -> None:
     for key in ("n_ctx_tokens", "n_batch_tokens"):
         if int(cfg[key]) < 1:
             raise ConfigError(f"method.{key}: {cfg[key]} must be at least 1")
+    if cfg.get("n_gpu_layers") is not None and int(cfg.n_gpu_layers) < -1:
+        raise ConfigError(f"method.n_gpu_layers: {cfg.n_gpu_layers} must be null, -1 (all), 0 (CPU) or a layer count")
     validate_imatrix(cfg)
 
 
@@ -112,22 +117,36 @@ def load(source: Any, cfg: Any, device_map: Any):
     q_dir, q_meta, hit = quant_cache.get_or_build(root, key, quantizer(root, cfg, f32_dir, n_threads, imx))
     gguf_file = q_dir / f"model-{cfg.quant_type}.gguf"
     t_built = time.perf_counter()
-    model = lc.LlamaCppLM(gguf_file, int(cfg.n_ctx_tokens), n_threads, int(cfg.n_batch_tokens))
+    build = lc.build_info()
+    n_gpu, gpu_note = gpu_layers(cfg, device_map != {"": "cpu"}, bool(build["gpu_offload_supported"]))
+    model = lc.LlamaCppLM(gguf_file, int(cfg.n_ctx_tokens), n_threads, int(cfg.n_batch_tokens), n_gpu)
     info: Dict[str, Any] = {
-        **lc.build_info(), "quant_type": cfg.quant_type, "gguf_file": str(gguf_file),
+        **build, "quant_type": cfg.quant_type, "gguf_file": str(gguf_file),
         "gguf_file_bytes": gguf_file.stat().st_size, "cache_key": key, "cache_hit": hit, "f32_cache_hit": f32_hit,
         "convert_s": f32_meta.get("convert_s"), "quantize_s": q_meta.get("quantize_s"),
         "tokenizer_pre_fallback": f32_meta.get("tokenizer_pre_fallback"), "n_threads": n_threads,
-        "n_ctx_tokens": int(cfg.n_ctx_tokens), "n_batch_tokens": int(cfg.n_batch_tokens), "runs_on": "cpu",
+        "n_ctx_tokens": int(cfg.n_ctx_tokens), "n_batch_tokens": int(cfg.n_batch_tokens), "n_gpu_layers": n_gpu,
+        "runs_on": "cuda" if n_gpu else "cpu",
         "load_s_excluding_quantize": time.perf_counter() - t_built, "prepare_s": t_built - t0,
         "imatrix": imx, "quantizer": q_meta.get("quantizer"),
         **_source_note(source, cfg)}
-    if device_map != {"": "cpu"}:
-        info["gpu_note"] = ("this llama.cpp build has " + ("GPU offload, unused: layers stay on the CPU"
-                            if info["gpu_offload_supported"] else "no GPU offload (built without CUDA)")
-                            + "; the figures are the CPU's")
-        LOG.warning("gguf: %s", info["gpu_note"])
+    if gpu_note:
+        info["gpu_note"] = gpu_note
+        LOG.warning("gguf: %s", gpu_note)
     return model, info
+
+
+def gpu_layers(cfg: Any, on_gpu: bool, offload_supported: bool) -> Tuple[int, Optional[str]]:
+    """(layers llama.cpp puts on the GPU, a note when a GPU cell's figures are the CPU's) for ``method.n_gpu_layers``:
+    null offloads every layer (-1) on a GPU cell whose llama.cpp build can, else none."""
+    requested = cfg.get("n_gpu_layers")
+    if not on_gpu:
+        return 0, None
+    if not offload_supported:
+        return 0, ("this llama.cpp build has no GPU offload (built without CUDA: rebuild llama-cpp-python with "
+                   "CMAKE_ARGS=-DGGML_CUDA=on, docs/gguf.md); the figures are the CPU's")
+    n = -1 if requested is None else int(requested)
+    return n, (None if n else "method.n_gpu_layers=0: llama.cpp runs on the CPU; the figures are the CPU's")
 
 
 # ------------------------------------------------------------------------------------------------ imatrix
