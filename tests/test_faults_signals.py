@@ -68,8 +68,10 @@ def _open_files(pid: int) -> set:
 def test_stop_signal_to_the_sweep_stops_the_cell_and_says_so(tmp_path, signum):
     runs = tmp_path / "runs"
     cell_dir = runs / "t" / "tiny__bf16"
+    # SIGHUP back to its default: under nohup it is inherited ignored, and qbench keeps an ignored SIGHUP ignored
     proc = subprocess.Popen(QBENCH + ["-m", *SLOW, "method=bf16", "run.sweep=t", f"run.runs_dir={runs}"], cwd=REPO,
-                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     child = None
     try:
         child = _cell_pid(cell_dir, time.time() + 300)

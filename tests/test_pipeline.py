@@ -225,7 +225,7 @@ def test_cpu_affinity_pins_the_cell_process(tmp_path, cache):
 def test_gptqmodel_cannot_change_the_allocator_of_one_methods_cells():
     """GPT-QModel 7.6 sets its own PYTORCH_ALLOC_CONF on import when that one is empty: the cell pins torch's
     default first, and a user's own setting, under either name, is what stays."""
-    code = ("import os, sys; from qbench import cell; cell.pin_allocator_config(); import gptqmodel.models.auto; "
+    code = ("import os, sys; from qbench.run import cell; cell.pin_allocator_config(); import gptqmodel.models.auto; "
             "print(os.environ.get('PYTORCH_ALLOC_CONF'))")
     base = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
     base.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", GPTQMODEL_OFFLINE="1")

@@ -117,7 +117,7 @@ def test_report_frame_groups_and_sweep_total():
 
 
 def test_measuring_parts_are_budget_keys_the_cell_writes():
-    cell = (REPO / "qbench" / "cell.py").read_text()
+    cell = (REPO / "qbench" / "run" / "cell.py").read_text()
     for part in MEASURING:
         assert f'"{part}"' in cell, part
     grouped = {p for _, parts in TB.GROUPS.values() for p in parts}
