@@ -4,6 +4,7 @@ measuring process is not ``ok``."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -262,3 +263,53 @@ def test_cpu_cells_side_by_side_stay_ok_with_a_warning():
     cell.mark_contaminated(r)
     assert r["status"] == "ok" and r["error"] is None
     assert any("host-123-456" in w and "CPUs" in w for w in r["warnings"])
+
+
+# A library that catches the KeyboardInterrupt of a stop signal and raises its own error (torch.compile wraps what
+# it catches; so may any C extension's callback), then the cell process in the step that called it.
+_WRAPPING_LIBRARY = textwrap.dedent("""
+    import os, signal, sys
+    from qbench.run import cell
+
+    def library_call(device):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # SLURM's scancel signals every process of the job
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("a library's own error") from exc
+
+    def swallowing_run(spec):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            pass  # the stop is lost inside the library; the cell goes on and returns a result
+        return {"status": "ok", "warnings": [], "error": None}
+
+    if sys.argv[2] == "wraps":
+        cell._cuda_context = library_call
+    else:
+        cell.run = swallowing_run
+    sys.exit(cell.main([sys.argv[1]]))
+""")
+
+
+@pytest.mark.parametrize("library", ["wraps", "swallows"])
+def test_a_stop_a_library_turned_into_its_own_error_is_still_a_stop(tmp_path, library):
+    """Once a stop signal has arrived, the cell writes no row of its own, whatever the library made of the
+    KeyboardInterrupt: it ends by the signal, so that its parent (or SLURM's job) writes the cancelled row."""
+    from hydra import compose, initialize_config_dir
+
+    from qbench.run import preflight as pf
+
+    pf.register_configs()
+    with initialize_config_dir(config_dir=cli.conf_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=tiny", "bench=quick", "bench.device=cpu",
+                                                        "method=bf16", f"run.runs_dir={tmp_path / 'runs'}"])
+    cell_dir = tmp_path / "runs" / "s" / "tiny__bf16"
+    spec = cell_dir / ".attempt" / "spec.json"
+    spec.parent.mkdir(parents=True)
+    spec.write_text(json.dumps({"attempt_id": "a1", "config": cli._cfg_dict(cfg), "device_keys": []}))
+    proc = subprocess.run([sys.executable, "-c", _WRAPPING_LIBRARY, str(spec), library], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]
+    assert not (cell_dir / "result.json").exists(), (cell_dir / "result.json").read_text()
+    assert cli._child_fault(proc.returncode)[0] == "cancelled"

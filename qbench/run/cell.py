@@ -74,12 +74,24 @@ class Stopped(KeyboardInterrupt):
         self.signum = int(signum)
 
 
+_stop_received: list = []  # the stop signal this process received, once it has received one
+
+
 def _raise_stopped(signum: int, frame: Any) -> None:
     # the first signal starts an orderly stop; a second one (Ctrl-C to a whole process group, then the sweep
     # passing it on) must not break into the cleanup with a traceback. Bounded: the sweep kills after its grace
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    _stop_received.append(int(signum))
     raise Stopped(signum)
+
+
+def raise_if_stopped(cause: Optional[BaseException] = None) -> None:
+    """Raise :class:`Stopped` again if a stop signal has arrived. A library may catch the KeyboardInterrupt the
+    handler raised and raise its own error instead (or swallow it): whatever failed after a stop failed because
+    of it, and must not become an error row of the method's (SLURM's scancel signals every process of a job)."""
+    if _stop_received:
+        raise Stopped(_stop_received[0]) from cause
 
 
 def install_stop_handlers() -> None:
@@ -212,6 +224,7 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # failures are data
+        raise_if_stopped(exc)
         clock.lap(f"{where['phase']}_s")  # the seconds of the step that failed, under its name
         result["error"] = {
             "class": classify(exc),
@@ -603,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         with DeviceWatch(spec.get("device_keys") or []) as watch:
             result = run(spec)
             result["device_shared"] = watch.report()
+        raise_if_stopped()  # a stop some library swallowed: the cell is not finished, whatever it returned
         mark_contaminated(result)
         result["library_warnings"] = once.records()
         result["warnings"].extend(once.warnings())
