@@ -43,12 +43,13 @@ class ModelConfig:
 @dataclass
 class MethodBase:
     """The keys every method has. Each method's own schema (``Config`` in qbench/methods/<kind>.py) adds its keys
-    to these; its YAML names that schema in its defaults list, so a result records only that method's keys."""
+    to these; its YAML names that schema in its defaults list, so a result records only that method's keys. Every
+    value, these four included, comes from the method's YAML (conf/method/<name>.yaml)."""
 
     name: str = MISSING  # method id used in cell ids and reports
     kind: str = MISSING  # implementation: the module qbench/methods/<kind>.py
-    dtype: str = "bfloat16"  # dtype of what stays unquantized (embeddings, norms, lm_head) and of compute
-    description: str = ""  # one line shown in the report
+    dtype: str = MISSING  # dtype of what stays unquantized (embeddings, norms, lm_head) and of compute
+    description: str = MISSING  # one line shown in the report
 
 
 @dataclass
@@ -99,11 +100,11 @@ class BenchConfig:
 
 @dataclass
 class PerplexityConfig:
-    enabled: bool = False
+    enabled: bool = MISSING
     # "builtin:tiny_text", a local .txt file, or "wikitext2" (online, the GPTQ/AWQ papers' test split)
-    source: str = "builtin:tiny_text"
-    seq_len_tokens: int = 512  # window length
-    max_windows: Optional[int] = None  # cap on windows scored; null = whole corpus
+    source: str = MISSING
+    seq_len_tokens: int = MISSING  # window length
+    max_windows: Optional[int] = MISSING  # cap on windows scored; null = whole corpus
 
 
 PERPLEXITY_HUB_SOURCES = ("wikitext2",)
@@ -113,39 +114,42 @@ PERPLEXITY_HUB_SOURCES = ("wikitext2",)
 class QualityConfig:
     """Quality against the baseline cell token by token (qbench/evaluate/quality.py, llama.cpp's conventions)."""
 
-    enabled: bool = False
+    enabled: bool = MISSING
     # corpus: "builtin:tiny_text" (bundled, MIT), a local .txt file, or "wikitext2" (online: its test split)
-    source: str = "builtin:tiny_text"
-    ctx_tokens: int = 512  # window length (tokens); the second half of every window is scored
-    max_windows: Optional[int] = None  # windows scored at most (count); null = the whole corpus
+    source: str = MISSING
+    ctx_tokens: int = MISSING  # window length (tokens); the second half of every window is scored
+    max_windows: Optional[int] = MISSING  # windows scored at most (count); null = the whole corpus
     # windows per forward pass (count); 1: LLM.int8 and bf16 kernels give other logits in a bigger batch
-    batch_size: int = 1
+    batch_size: int = MISSING
     # per scored token, each cell stores its most likely tokens until they cover this much probability ...
-    coverage: float = 0.999
+    coverage: float = MISSING
     # ... at most this many (count); null = no cap, so P(rest) <= 1 - coverage always holds (see quality.py)
-    max_kept: Optional[int] = None
+    max_kept: Optional[int] = MISSING
 
 
 @dataclass
 class EvalConfig:
-    enabled: bool = False
-    tasks: List[str] = field(default_factory=list)  # task table names (qbench/evaluate/tasks.py) or any lm-eval task
-    num_fewshot: Dict[str, int] = field(default_factory=dict)  # per task (count); a task not named: the task table's default
-    limit: Optional[float] = None  # items per task (or per MMLU subject); <1.0 = fraction; null = all
-    task_limits: Dict[str, float] = field(default_factory=dict)  # per-task override of limit, e.g. {gsm8k: 100}
+    """Every key is set by each conf/eval/ option (eval=none too: a result records every key). The nested blocks'
+    default_factory gives their structure only: each of their keys is MISSING as well."""
+
+    enabled: bool = MISSING
+    tasks: List[str] = MISSING  # task table names (qbench/evaluate/tasks.py) or any lm-eval task
+    num_fewshot: Dict[str, int] = MISSING  # per task (count); a task not named: the task table's default
+    limit: Optional[float] = MISSING  # items per task (or per MMLU subject); <1.0 = fraction; null = all
+    task_limits: Dict[str, float] = MISSING  # per-task override of limit, e.g. {gsm8k: 100}
     # cap on generated tokens per item of generate_until tasks (gsm8k); null = the task's own (lm-eval: 256).
     # Set, it changes the task: scores are then not comparable with published ones (recorded in settings).
-    max_gen_toks: Optional[int] = None
-    batch_size: int = 8  # one fixed batch size for every method of a sweep (never "auto")
-    max_length_tokens: Optional[int] = None  # context length handed to lm-eval; null = model's
-    seed: int = 1234  # lm-eval's random / numpy / torch / fewshot seeds
+    max_gen_toks: Optional[int] = MISSING
+    batch_size: int = MISSING  # one fixed batch size for every method of a sweep (never "auto")
+    max_length_tokens: Optional[int] = MISSING  # context length handed to lm-eval; null = model's
+    seed: int = MISSING  # lm-eval's random / numpy / torch / fewshot seeds
     # Offline data: hendrycks MMLU CSVs (<data_dir>/mmlu/{dev,val,test}) and GSM8K jsonl (<data_dir>/gsm8k)
-    data_dir: Optional[str] = None
-    offline: str = "auto"  # auto (offline if HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set) | true | false
-    mmlu_subjects: List[str] = field(default_factory=list)  # restrict MMLU to these subjects; [] = all 57
-    log_samples: bool = True  # store per-item correctness for paired statistics
+    data_dir: Optional[str] = MISSING
+    offline: str = MISSING  # auto (offline if HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set) | true | false
+    mmlu_subjects: List[str] = MISSING  # restrict MMLU to these subjects; [] = all 57
+    log_samples: bool = MISSING  # store per-item correctness for paired statistics
     # keep offline tasks' built requests (few-shot prompts) in <run.cache_dir>/lm_eval_requests for the next cells
-    cache_requests: bool = True
+    cache_requests: bool = MISSING
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
 
@@ -197,23 +201,41 @@ _SCHEMAS = {"model": ModelConfig, "bench": BenchConfig, "eval": EvalConfig}
 def yaml_defaults(group: str, option: str = "default", **overrides: Any) -> Any:
     """conf/<group>/<option>.yaml typed by its schema, with ``overrides`` on top, composed without Hydra: what
     code and tests that build a config by hand start from, so the YAML stays the one source of the defaults.
-    ``group="run"`` reads the run block of conf/config.yaml."""
+    ``group="run"`` reads the run block of conf/config.yaml. ``group="method"`` types the YAML by the method schema
+    its defaults list names (``schema/<kind>@_here_``), looked up in Hydra's ConfigStore, where
+    qbench.methods.register_schemas puts it (this module sits below the method registry)."""
     from omegaconf import OmegaConf
 
-    schema: type
+    schema: Any
     if group == "run":
         root = cast(Dict[str, Any], OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")))
         schema, values = RunConfig, root["run"]
-    elif group in _SCHEMAS:
-        path, schema = CONF_DIR / group / f"{option}.yaml", _SCHEMAS[group]
+    elif group in (*_SCHEMAS, "method"):
+        path = CONF_DIR / group / f"{option}.yaml"
         if not path.is_file():
             raise ConfigError(f"{group}: no option '{option}' ({path} does not exist)")
         # interpolations stay strings here: the merged config resolves them on access
         values = cast(Dict[str, Any], OmegaConf.to_container(OmegaConf.load(path)))
-        values.pop("defaults", None)
+        listed = values.pop("defaults", None) or []
+        schema = _method_schema(listed, path) if group == "method" else OmegaConf.structured(_SCHEMAS[group])
     else:
-        raise ConfigError(f"{group}: not a config group with a schema here ({', '.join(['run', *_SCHEMAS])})")
-    return OmegaConf.merge(OmegaConf.structured(schema), values, overrides)
+        raise ConfigError(f"{group}: not a config group with a schema here ({', '.join(['run', 'method', *_SCHEMAS])})")
+    return OmegaConf.merge(OmegaConf.structured(schema) if isinstance(schema, type) else schema, values, overrides)
+
+
+def _method_schema(listed: List[Any], path: Path) -> Any:
+    """The typed node of the schema a method YAML's defaults list names (``schema/<kind>@_here_``)."""
+    names = [str(e).split("@")[0] for e in listed if str(e).startswith("schema/")]
+    if len(names) != 1:
+        raise ConfigError(f"defaults: {path} names no method schema (schema/<kind>@_here_) in its defaults list")
+    from hydra.plugins.config_source import ConfigLoadError
+
+    try:
+        return ConfigStore.instance().load(f"method/{names[0]}.yaml").node
+    except ConfigLoadError:  # nothing stored under that name
+        raise ConfigError(f"defaults: {names[0]} (named by {path}) is not registered; call "
+                          "qbench.run.preflight.register_configs() (or qbench.methods.register_schemas()) first"
+                          ) from None
 
 
 DTYPES = ("float32", "float16", "bfloat16")

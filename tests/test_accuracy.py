@@ -11,7 +11,7 @@ pytest.importorskip("lm_eval")
 
 from omegaconf import OmegaConf
 
-from qbench.config import EvalConfig, PerplexityConfig, validate_eval
+from qbench.config import validate_eval, yaml_defaults
 from qbench.errors import ConfigError
 from qbench.evaluate import accuracy, perplexity, tasks
 from qbench.evaluate.lm_eval_tasks import MMLU_SUBJECTS
@@ -38,12 +38,17 @@ def tiny_model(tmp_path_factory):
     return model, AutoTokenizer.from_pretrained(path)
 
 
+def ppl_cfg(**kw):
+    """eval.perplexity as conf/eval/none.yaml sets it, with ``kw`` on top."""
+    return OmegaConf.merge(yaml_defaults("eval", "none").perplexity, kw)
+
+
 def eval_cfg(**kw):
     base = dict(enabled=True, tasks=["mmlu", "gsm8k"], offline="true", data_dir="builtin:fixtures",
                 mmlu_subjects=SUBJECTS, limit=3, task_limits={"gsm8k": 2}, max_gen_toks=8, batch_size=4, seed=1234,
-                perplexity=PerplexityConfig(enabled=True, source="builtin:tiny_text", seq_len_tokens=64, max_windows=3))
+                perplexity=ppl_cfg(enabled=True, source="builtin:tiny_text", seq_len_tokens=64, max_windows=3))
     base.update(kw)
-    cfg = OmegaConf.structured(EvalConfig(**base))
+    cfg = yaml_defaults("eval", "none", **base)
     validate_eval(cfg)
     tasks.check(cfg)  # what preflight checks on top: tasks vs the task table and the data at hand
     return cfg
@@ -128,7 +133,7 @@ def test_settings_perplexity_and_chance(result):
 def test_same_settings_same_items(tiny_model, result):
     """A second run (another 'cell') scores the same items the same way: the paired comparison is exact."""
     model, tok = tiny_model
-    again = accuracy.run(model, tok, eval_cfg(tasks=["mmlu"], task_limits={}, perplexity=PerplexityConfig()),
+    again = accuracy.run(model, tok, eval_cfg(tasks=["mmlu"], task_limits={}, perplexity=ppl_cfg()),
                          "cpu", random_weights=False)
     assert again["items"]["mmlu"] == result["items"]["mmlu"]
     assert again["chance"] is False and again["perplexity"] is None
@@ -140,7 +145,7 @@ def test_perplexity_matches_a_direct_computation(tiny_model):
     import torch
 
     model, tok = tiny_model
-    cfg = PerplexityConfig(enabled=True, source="builtin:tiny_text", seq_len_tokens=32, max_windows=2)
+    cfg = ppl_cfg(enabled=True, source="builtin:tiny_text", seq_len_tokens=32, max_windows=2)
     got = perplexity.perplexity(model, tok, cfg)
     ids = tok(perplexity.TINY_TEXT.read_text(), return_tensors="pt").input_ids[0][:64].view(2, 32)
     with torch.no_grad():
@@ -159,8 +164,8 @@ def test_subset_group_yaml_mirrors_lm_eval_categories():
 
 
 def test_plan_uses_stock_names_online_and_full_groups():
-    cfg = OmegaConf.structured(EvalConfig(enabled=True, tasks=["mmlu", "gsm8k", "arc_easy"], limit=0.5,
-                                          num_fewshot={"mmlu": 3}))
+    cfg = yaml_defaults("eval", "none", enabled=True, tasks=["mmlu", "gsm8k", "arc_easy"], limit=0.5,
+                         num_fewshot={"mmlu": 3})
     plans = [accuracy._plan(t, cfg, False, None, []) for t in cfg.tasks]
     assert [(p.public, p.lm_task, p.num_fewshot, p.limit) for p in plans] == [
         ("mmlu", "mmlu", 3, 0.5), ("gsm8k", "gsm8k", 5, 0.5), ("arc_easy", "arc_easy", None, 0.5)]
@@ -172,7 +177,7 @@ def test_full_mmlu_offline_uses_the_57_subject_group(tiny_model):
     """With the real data, offline MMLU is the qbench_mmlu group (all subjects, lm-eval's 4 categories)."""
     model, tok = tiny_model
     cfg = eval_cfg(tasks=["mmlu"], data_dir=str(SHARED), mmlu_subjects=[], limit=1, num_fewshot={"mmlu": 0},
-                   task_limits={}, perplexity=PerplexityConfig())
+                   task_limits={}, perplexity=ppl_cfg())
     out = accuracy.run(model, tok, cfg, "cpu", random_weights=True)
     m = out["tasks"]["mmlu"]
     assert m["lm_eval_task"] == "qbench_mmlu" and m["n_subjects"] == 57 and m["n_items"] == 57
@@ -199,8 +204,8 @@ BAD = [
     (dict(num_fewshot={"mmlu": -1}), "eval.num_fewshot.mmlu"),
     (dict(max_gen_toks=0), "eval.max_gen_toks"),
     (dict(tasks=["mmlu", "mmlu"]), "eval.tasks"),
-    (dict(perplexity=PerplexityConfig(enabled=True, source="wikitext2")), "eval.perplexity.source"),
-    (dict(perplexity=PerplexityConfig(enabled=True, source="/no/file.txt")), "eval.perplexity.source"),
+    (dict(perplexity=ppl_cfg(enabled=True, source="wikitext2")), "eval.perplexity.source"),
+    (dict(perplexity=ppl_cfg(enabled=True, source="/no/file.txt")), "eval.perplexity.source"),
 ]
 
 
@@ -211,16 +216,16 @@ def test_bad_eval_config_names_the_key(change, culprit):
 
 
 def test_every_mmlu_subject_is_known_to_validation():
-    cfg = OmegaConf.structured(EvalConfig(enabled=True, tasks=["mmlu"], offline="false",
-                                          mmlu_subjects=list(MMLU_SUBJECTS)))
+    cfg = yaml_defaults("eval", "none", enabled=True, tasks=["mmlu"], offline="false",
+                         mmlu_subjects=list(MMLU_SUBJECTS))
     validate_eval(cfg)
     tasks.check(cfg)
 
 
 def test_online_task_manager_indexes_the_stock_tasks():
     """Online, the stock mmlu / gsm8k definitions are what lm-eval gets (indexed without the other ~10k tasks)."""
-    cfg = OmegaConf.structured(EvalConfig(enabled=True, tasks=["mmlu", "gsm8k"], offline="false",
-                                          mmlu_subjects=["anatomy", "virology"]))
+    cfg = yaml_defaults("eval", "none", enabled=True, tasks=["mmlu", "gsm8k"], offline="false",
+                         mmlu_subjects=["anatomy", "virology"])
     plans = [accuracy._plan(t, cfg, False, None, []) for t in cfg.tasks]
     with accuracy._task_manager(plans, False, cfg, None) as tm:
         index = tm.task_index

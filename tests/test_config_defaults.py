@@ -1,8 +1,10 @@
 """One source of truth for config: a key's default lives in the YAML under conf/, not again in its schema.
 
-A schema (qbench/config.py) types a key; a key every option of its group sets is MISSING there, so a schema
-default can never disagree with the YAML (it did: BenchConfig said new_tokens=128, conf/bench/default.yaml 32).
-Only deliberately optional keys keep a schema default (docs/config.md says which and why).
+A schema (qbench/config.py, and each method's ``Config`` in qbench/methods/<kind>.py) types a key; a key every
+option of its group sets is MISSING there, so a schema default can never disagree with the YAML (it did:
+BenchConfig said new_tokens=128, conf/bench/default.yaml 32). Nested blocks (eval.perplexity, eval.quality,
+method.calibration, method.imatrix) are checked key by key. Only deliberately optional keys keep a schema default
+(docs/config.md says which and why).
 """
 from __future__ import annotations
 
@@ -13,28 +15,35 @@ from pathlib import Path
 import pytest
 from omegaconf import MISSING, OmegaConf
 
-from qbench import config
+from qbench import config, methods
 from qbench.errors import ConfigError
+from qbench.run.preflight import register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+register_configs()  # the method schemas, which yaml_defaults("method", ...) looks up in Hydra's ConfigStore
 # Keys an option may leave out: their absence means something (null revision: the Hub's main; no bundled
-# architecture; no config.json overrides; the model's own tokenizer; no remote code) or qbench sets them itself.
+# architecture; no config.json overrides; the model's own tokenizer; no remote code; no Hub dataset subset,
+# split or data file beyond a calibration source's own) or qbench sets them itself.
 OPTIONAL = {"model": {"revision", "architecture", "config_overrides", "tokenizer", "trust_remote_code"},
+            "method": {"calibration.subset", "calibration.split", "calibration.data_files"},
             "run": {"round"}}
-# Groups whose schema carries no competing default (item 1 of issue 31 for these; see docs/config.md for eval/method).
-GROUPS = {"model": config.ModelConfig, "bench": config.BenchConfig}
+GROUPS = {"model": config.ModelConfig, "bench": config.BenchConfig, "eval": config.EvalConfig}
 
 
-def schema_defaults(schema: type) -> typing.Dict[str, typing.Any]:
-    """{field: its default, or MISSING} of a flat schema."""
-    out = {}
+def schema_defaults(schema: type, prefix: str = "") -> typing.Dict[str, typing.Any]:
+    """{dotted key: its default, or MISSING} of a schema; a field typed by a dataclass is walked key by key."""
+    out: typing.Dict[str, typing.Any] = {}
+    hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(schema_defaults(hints[f.name], f"{key}."))
+        elif f.default is not dataclasses.MISSING:
+            out[key] = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
+            out[key] = f.default_factory()
         else:
-            out[f.name] = MISSING
+            out[key] = MISSING
     return out
 
 
@@ -45,6 +54,19 @@ def yaml_values(path: Path, block: typing.Optional[str] = None) -> typing.Dict[s
     return raw
 
 
+def lookup(values: typing.Dict[str, typing.Any], key: str) -> typing.Any:
+    """The YAML's value of a dotted key, or a marker when the YAML does not set it."""
+    node: typing.Any = values
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return NOT_SET
+        node = node[part]
+    return node
+
+
+NOT_SET = "(not set)"
+
+
 def competing(schema: type, values: typing.Dict[str, typing.Any], optional: set, where: str) -> typing.List[str]:
     """Each key whose default is declared twice (schema and YAML), or that the YAML leaves to no one."""
     problems = []
@@ -52,20 +74,30 @@ def competing(schema: type, values: typing.Dict[str, typing.Any], optional: set,
         if key in optional:
             continue
         if default is not MISSING:
-            said = values.get(key, "(not set)")
-            problems.append(f"{where}: {key}: the schema's default {default!r} competes with the YAML's {said!r}")
-        elif key not in values:
+            problems.append(f"{where}: {key}: the schema's default {default!r} competes with the YAML's "
+                            f"{lookup(values, key)!r}")
+        elif lookup(values, key) is NOT_SET:
             problems.append(f"{where}: {key}: no value (the schema has none; the YAML must set it)")
     return problems
 
 
-CASES = [(g, p) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+def method_schema(path: Path) -> type:
+    return methods.get(yaml_values(path)["kind"]).Config
+
+
+CASES = [(g, p) for g in (*GROUPS, "method") for p in sorted((CONF / g).glob("*.yaml"))]
 
 
 @pytest.mark.parametrize("group,path", CASES, ids=[f"{g}/{p.stem}" for g, p in CASES])
 def test_no_schema_default_competes_with_the_yaml(group, path):
-    problems = competing(GROUPS[group], yaml_values(path), OPTIONAL.get(group, set()), str(path.relative_to(CONF)))
+    schema = method_schema(path) if group == "method" else GROUPS[group]
+    problems = competing(schema, yaml_values(path), OPTIONAL.get(group, set()), str(path.relative_to(CONF)))
     assert not problems, "\n".join(problems)
+
+
+def test_every_method_schema_is_checked_against_a_yaml():
+    checked = {method_schema(p) for p in (CONF / "method").glob("*.yaml")}
+    assert {methods.get(k).Config for k in methods.kinds()} <= checked
 
 
 def test_run_defaults_live_in_config_yaml():
@@ -75,20 +107,32 @@ def test_run_defaults_live_in_config_yaml():
 
 
 def test_optional_keys_are_schema_keys():
+    schemas = {"run": [config.RunConfig], "method": [methods.get(k).Config for k in ("gptq", "awq")], **{
+        g: [s] for g, s in GROUPS.items()}}
     for group, keys in OPTIONAL.items():
-        schema = config.RunConfig if group == "run" else GROUPS[group]
-        assert keys <= set(schema_defaults(schema)), group
+        for schema in schemas[group]:
+            assert keys <= set(schema_defaults(schema)), (group, schema)
+
+
+@dataclasses.dataclass
+class _Block:  # at module level: typing.get_type_hints resolves the annotation "_Block" here
+    window: int = 512
+    cap: typing.Optional[int] = MISSING
+
+
+@dataclasses.dataclass
+class _Schema:
+    new_tokens: int = 128
+    seed: int = MISSING
+    block: _Block = dataclasses.field(default_factory=_Block)
 
 
 def test_the_check_sees_a_competing_default():
-    @dataclasses.dataclass
-    class Schema:
-        new_tokens: int = 128
-        seed: int = MISSING
-
-    assert competing(Schema, {"new_tokens": 32}, set(), "x.yaml") == [
+    assert competing(_Schema, {"new_tokens": 32, "block": {"window": 256}}, set(), "x.yaml") == [
         "x.yaml: new_tokens: the schema's default 128 competes with the YAML's 32",
-        "x.yaml: seed: no value (the schema has none; the YAML must set it)"]
+        "x.yaml: seed: no value (the schema has none; the YAML must set it)",
+        "x.yaml: block.window: the schema's default 512 competes with the YAML's 256",
+        "x.yaml: block.cap: no value (the schema has none; the YAML must set it)"]
 
 
 def test_yaml_defaults_composes_the_yaml_without_hydra():
@@ -108,4 +152,43 @@ def test_a_key_no_yaml_sets_is_one_line_naming_it_and_its_file():
     config.check_no_missing(cfg)
     cfg.bench.seed = MISSING
     with pytest.raises(ConfigError, match=r"^bench.seed: no value; conf/bench/quick.yaml must set it"):
+        config.check_no_missing(cfg)
+
+
+def test_yaml_defaults_types_eval_and_its_nested_blocks():
+    ev = config.yaml_defaults("eval", "none", enabled=True, tasks=["mmlu"])
+    assert OmegaConf.get_type(ev) is config.EvalConfig and OmegaConf.get_type(ev.quality) is config.QualityConfig
+    assert ev.enabled and list(ev.tasks) == ["mmlu"] and ev.batch_size == 8 and ev.quality.ctx_tokens == 512
+    assert config.yaml_defaults("eval", "demo").quality.max_windows == 4
+    assert not OmegaConf.missing_keys(ev)
+
+
+def test_yaml_defaults_types_a_method_by_the_schema_its_yaml_names():
+    gptq = config.yaml_defaults("method", "gptq_int8", bits=4)
+    assert OmegaConf.get_type(gptq) is methods.get("gptq").Config
+    assert gptq.bits == 4 and gptq.calibration.seq_len_tokens == 2048 and gptq.calibration.subset is None
+    assert config.yaml_defaults("method", "gguf_q8_0").imatrix.ctx_tokens == 512
+    assert not OmegaConf.missing_keys(gptq)
+    with pytest.raises(Exception, match="bits_per_weight"):  # typed: a misspelt key fails
+        config.yaml_defaults("method", "bf16", bits_per_weight=16)
+
+
+def test_yaml_defaults_names_an_unregistered_method_schema(tmp_path, monkeypatch):
+    (tmp_path / "method").mkdir()
+    (tmp_path / "method" / "mine.yaml").write_text("defaults:\n  - schema/nope@_here_\n  - _self_\nname: mine\n")
+    (tmp_path / "method" / "bare.yaml").write_text("name: bare\n")
+    monkeypatch.setattr(config, "CONF_DIR", tmp_path)
+    with pytest.raises(ConfigError, match=r"^defaults: schema/nope \(named by .*mine.yaml\) is not registered"):
+        config.yaml_defaults("method", "mine")
+    with pytest.raises(ConfigError, match=r"^defaults: .*bare.yaml names no method schema"):
+        config.yaml_defaults("method", "bare")
+
+
+@pytest.mark.parametrize("group,option,key", [("eval", "quality", "quality.ctx_tokens"),
+                                              ("method", "gptq", "calibration.seed")])
+def test_a_nested_key_no_yaml_sets_is_named_with_its_file(group, option, key):
+    cfg = OmegaConf.create({group: config.yaml_defaults(group, option),
+                            "hydra": {"runtime": {"choices": {group: option}}}})
+    OmegaConf.update(cfg, f"{group}.{key}", MISSING)
+    with pytest.raises(ConfigError, match=rf"^{group}.{key}: no value; conf/{group}/{option}.yaml must set it"):
         config.check_no_missing(cfg)

@@ -22,8 +22,10 @@ QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
 
 def _cfg(**over):
     from qbench import methods
+    from qbench.config import yaml_defaults
 
-    cfg = OmegaConf.structured(methods.get("gguf").Config(name="gguf_q4_k_m"))
+    methods.register_schemas()  # yaml_defaults finds the method's schema in Hydra's ConfigStore
+    cfg = yaml_defaults("method", "gguf_q4_k_m")
     for k, v in over.items():
         OmegaConf.update(cfg, k, v, merge=False)
     return cfg
@@ -35,12 +37,12 @@ def _cfg(**over):
 
 def test_five_yamls_one_kind():
     from qbench import methods
+    from qbench.config import yaml_defaults
 
+    methods.register_schemas()
     seen = {}
     for q in QUANT_TYPES:
-        y = OmegaConf.load(CONF / f"gguf_{q.lower()}.yaml")
-        cfg = OmegaConf.merge(OmegaConf.structured(methods.get(y.kind).Config), {k: v for k, v in y.items()
-                                                                                 if k != "defaults"})
+        cfg = yaml_defaults("method", f"gguf_{q.lower()}")
         methods.get(cfg.kind).validate(cfg)
         seen[cfg.name] = cfg.quant_type
     assert seen == {f"gguf_{q.lower()}": q for q in QUANT_TYPES}

@@ -10,9 +10,8 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from omegaconf import OmegaConf
 
-from qbench.config import EvalConfig, PerplexityConfig, validate_eval
+from qbench.config import validate_eval, yaml_defaults
 from qbench.evaluate import accuracy
 from qbench.load import tiny, weights
 
@@ -24,9 +23,9 @@ CTX = 4096  # llama.cpp context of the test's models (tokens): the tiny model's 
 def eval_cfg(**kw):
     base = dict(enabled=True, tasks=["mmlu", "gsm8k"], offline="true", data_dir="builtin:fixtures",
                 mmlu_subjects=SUBJECTS, limit=2, task_limits={"gsm8k": 2}, max_gen_toks=8, batch_size=4, seed=1234,
-                perplexity=PerplexityConfig(enabled=False))
+                perplexity={"enabled": False})
     base.update(kw)
-    cfg = OmegaConf.structured(EvalConfig(**base))
+    cfg = yaml_defaults("eval", "none", **base)
     validate_eval(cfg)
     return cfg
 

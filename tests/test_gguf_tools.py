@@ -134,8 +134,10 @@ def test_build_tools_command_line(cache, tmp_path):
 
 def _cfg(**over):
     from qbench import methods
+    from qbench.config import yaml_defaults
 
-    cfg = OmegaConf.structured(methods.get("gguf").Config(name="gguf_q4_k_m"))
+    methods.register_schemas()  # yaml_defaults finds the method's schema in Hydra's ConfigStore
+    cfg = yaml_defaults("method", "gguf_q4_k_m")
     for k, v in over.items():
         OmegaConf.update(cfg, k, v, merge=False)
     return cfg

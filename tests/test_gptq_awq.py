@@ -23,11 +23,10 @@ from qbench.methods import _gptqmodel as gm
 
 def _cfg(kind: str, **over):
     from qbench import methods
+    from qbench.config import yaml_defaults
 
-    base = {"gptq": dict(sym=True), "awq": dict(sym=False)}[kind]
-    cfg = OmegaConf.structured(methods.get(kind).Config(name=kind, kind=kind, dtype="bfloat16", bits=4, **base))
-    cfg.calibration.num_samples = 8
-    cfg.calibration.seq_len_tokens = 64
+    methods.register_schemas()  # yaml_defaults finds the method's schema in Hydra's ConfigStore
+    cfg = yaml_defaults("method", kind, calibration={"num_samples": 8, "seq_len_tokens": 64})
     for k, v in over.items():
         OmegaConf.update(cfg, k, v, merge=False)
     return cfg
@@ -71,12 +70,12 @@ def test_validate_rejects_naming_the_key(kind, over, message):
 
 def test_validate_accepts_the_shipped_yamls():
     from qbench import methods
+    from qbench.config import yaml_defaults
 
+    methods.register_schemas()
     conf = Path(__file__).resolve().parents[1] / "conf" / "method"
     for name in ("gptq", "gptq_int8", "awq"):
-        y = OmegaConf.load(conf / f"{name}.yaml")
-        schema = methods.get(y.kind).Config
-        cfg = OmegaConf.merge(OmegaConf.structured(schema), {k: v for k, v in y.items() if k != "defaults"})
+        cfg = yaml_defaults("method", name)
         methods.get(cfg.kind).validate(cfg)
         assert cfg.name == name
     assert OmegaConf.load(conf / "gptq_int8.yaml").bits == 8

@@ -137,11 +137,10 @@ def test_window_ci_is_a_t_interval_over_window_means():
     ("source", "/nope/corpus.txt", "eval.quality.source: '/nope/corpus.txt' is not a file"),
 ])
 def test_bad_quality_settings_are_one_line(key, value, message):
-    from qbench.config import EvalConfig, validate_eval
+    from qbench.config import validate_eval, yaml_defaults
     from qbench.errors import ConfigError
 
-    e = OmegaConf.structured(EvalConfig)
-    e.enabled, e.quality.enabled = True, True
+    e = yaml_defaults("eval", "quality")
     e.quality[key] = value
     with pytest.raises(ConfigError) as info:
         validate_eval(e)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from qbench.config import QualityConfig
+from qbench.config import yaml_defaults
 from qbench.evaluate import quality
 from qbench.load import tiny
 
@@ -16,8 +15,8 @@ META = {"source": "test", "model_config_hash": "m"}
 
 
 def _cfg(**over):
-    """The shipped defaults (qbench/config.py), with a small corpus."""
-    cfg = OmegaConf.structured(QualityConfig)
+    """The shipped settings (conf/eval/quality.yaml's quality block), with a small corpus."""
+    cfg = yaml_defaults("eval", "quality").quality
     cfg.ctx_tokens, cfg.max_windows = 64, 4
     for k, v in over.items():
         cfg[k] = v

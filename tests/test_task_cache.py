@@ -8,9 +8,8 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from omegaconf import OmegaConf
 
-from qbench.config import EvalConfig, validate_eval
+from qbench.config import validate_eval, yaml_defaults
 from qbench.evaluate import accuracy, request_cache
 from qbench.load import tiny
 
@@ -41,7 +40,7 @@ def eval_cfg(**kw):
                 mmlu_subjects=["college_mathematics", "philosophy"], limit=3, task_limits={"gsm8k": 2},
                 num_fewshot={"mmlu": 2, "gsm8k": 1}, max_gen_toks=8, batch_size=4, seed=1234)
     base.update(kw)
-    cfg = OmegaConf.structured(EvalConfig(**base))
+    cfg = yaml_defaults("eval", "none", **base)
     validate_eval(cfg)
     return cfg
 

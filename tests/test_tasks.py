@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
 
-from qbench.config import EvalConfig
+from qbench.config import yaml_defaults
 from qbench.errors import ConfigError
 from qbench.evaluate import tasks
 from qbench.evaluate.lm_eval_tasks import TASKS_DIR
@@ -16,7 +15,7 @@ from tests.test_preflight import assert_one_line_error, run
 
 
 def _eval(**kw):
-    return OmegaConf.structured(EvalConfig(**{"enabled": True, "offline": "true", "data_dir": "builtin:fixtures", **kw}))
+    return yaml_defaults("eval", "none", **{"enabled": True, "offline": "true", "data_dir": "builtin:fixtures", **kw})
 
 
 def _stock_yaml(task: tasks.Task) -> dict:

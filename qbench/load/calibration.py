@@ -25,22 +25,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from omegaconf import MISSING
+
 
 @dataclass
 class CalibrationConfig:
     """The ``calibration`` block of a calibrating method's schema: texts are joined, tokenized with the model's
-    tokenizer, and ``num_samples`` windows of ``seq_len_tokens`` are cut at seeded random offsets."""
+    tokenizer, and ``num_samples`` windows of ``seq_len_tokens`` are cut at seeded random offsets. The method's
+    YAML sets each key's value; only the Hub selectors (subset, split, data_files) may be left out: null there
+    means "none, or the shortcut's own", which no shipped YAML needs to say."""
 
     # "builtin:tiny_text" (bundled, offline), a local .txt / .jsonl file, "c4" (allenai/c4, one en validation
     # shard) or "wikitext2" (wikitext-2-raw-v1 train), or any Hub dataset id (online only)
-    source: str = "builtin:tiny_text"
-    text_field: str = "text"  # field read from JSONL / Hub rows ("question" for GSM8K's train.jsonl)
-    num_samples: int = 128  # calibration sequences
-    seq_len_tokens: int = 512  # tokens per calibration sequence
-    seed: int = 0  # seed of the window offsets
+    source: str = MISSING
+    text_field: str = MISSING  # field read from JSONL / Hub rows ("question" for GSM8K's train.jsonl)
+    num_samples: int = MISSING  # calibration sequences
+    seq_len_tokens: int = MISSING  # tokens per calibration sequence
+    seed: int = MISSING  # seed of the window offsets
     # windows per forward pass while quantizing (GPT-QModel's own default: 1): speed, not the data (sums regroup,
     # so weights move at float-noise level: it is in the cache key); memory: one layer's activations x batch_size
-    batch_size: int = 8
+    batch_size: int = MISSING
     subset: Optional[str] = None  # Hub dataset config name (e.g. "wikitext-2-raw-v1"); null = none / shortcut's
     split: Optional[str] = None  # Hub split; null = "train" (the shortcuts pick their own)
     data_files: Optional[str] = None  # Hub data file(s) in the dataset repo; null = all (C4: one shard by default)

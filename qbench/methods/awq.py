@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from omegaconf import MISSING
+
 from qbench.config import MethodBase
 from qbench.load.calibration import CalibrationConfig
 from qbench.methods import _gptqmodel as gm
@@ -35,19 +37,20 @@ TRITON_BITS = ()  # no Triton fallback for AWQ: the torch kernel
 
 @dataclass
 class Config(MethodBase):
-    kind: str = KIND
-    bits: Optional[int] = 4  # bits per quantized weight (AWQ: 4 only)
-    group_size: int = 128  # input weights per scale/zero (-1, 16, 32, 64, 128)
-    sym: bool = False  # false = zero points (AWQ's "zero_point: true", the published setting)
-    desc_act: bool = False  # no act-order in AWQ (must stay false)
-    awq_format: str = "gemm"  # packed layout of the checkpoint: gemm (gemv / gemv_fast have CUDA-only kernels)
-    backend: str = "auto"  # kernel at load: auto (cuda: marlin, cpu: torch) | one of BACKENDS
+    """AWQ's keys; each value comes from its YAML (conf/method/awq.yaml): none is declared here."""
+
+    bits: Optional[int] = MISSING  # bits per quantized weight (AWQ: 4 only)
+    group_size: int = MISSING  # input weights per scale/zero (-1, 16, 32, 64, 128)
+    sym: bool = MISSING  # false = zero points (AWQ's "zero_point: true", the published setting)
+    desc_act: bool = MISSING  # no act-order in AWQ (must stay false)
+    awq_format: str = MISSING  # packed layout of the checkpoint: gemm (gemv / gemv_fast have CUDA-only kernels)
+    backend: str = MISSING  # kernel at load: auto (cuda: marlin, cpu: torch) | one of BACKENDS
     # GPT-QModel's scale search streams its reference outputs through host memory and back, chunk by chunk, for
     # each of its 20 ratios: calibration tokens x hidden x 2 bytes per scaled group and ratio, copied to the host
     # and back every time (the volume for SmolLM2: docs/gptq_awq.md). false keeps them on the GPU (+ about
     # 2 x calibration tokens x hidden x 2 bytes); true streams; null: false on a GPU, true on a CPU
-    scale_search_chunked: Optional[bool] = None
-    checkpoint: Optional[str] = None  # pre-quantized AWQ checkpoint (Hub id or local dir): skip quantizing
+    scale_search_chunked: Optional[bool] = MISSING
+    checkpoint: Optional[str] = MISSING  # pre-quantized AWQ checkpoint (Hub id or local dir): skip quantizing
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from omegaconf import MISSING
+
 from qbench.config import MethodBase
 
 EXTRA = "bnb"
@@ -21,11 +23,12 @@ STATE_ATTRS = {"parameter": ("quant_state",), "module": ("quant_state",)}
 
 @dataclass
 class Config(MethodBase):
-    kind: str = "bnb_4bit"
-    bits: Optional[int] = 4  # bits per quantized weight (4 only)
-    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4 (transformers' default is fp4: we never rely on it)
-    bnb_4bit_use_double_quant: bool = True  # quantize the absmax scales too (4.127 instead of 4.5 bits/weight)
-    bnb_4bit_compute_dtype: str = "bfloat16"  # dtype of the matmul (transformers' default is float32)
+    """bnb_4bit's keys; each value comes from its YAML (conf/method/bnb_nf4.yaml): none is declared here."""
+
+    bits: Optional[int] = MISSING  # bits per quantized weight (4 only)
+    bnb_4bit_quant_type: str = MISSING  # nf4 | fp4 (transformers' default is fp4: we never rely on it)
+    bnb_4bit_use_double_quant: bool = MISSING  # quantize the absmax scales too (4.127 instead of 4.5 bits/weight)
+    bnb_4bit_compute_dtype: str = MISSING  # dtype of the matmul (transformers' default is float32)
 
 
 def is_quantized_module(module: Any) -> bool:

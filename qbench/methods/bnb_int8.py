@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from omegaconf import MISSING
+
 from qbench.config import MethodBase
 
 EXTRA = "bnb"
@@ -21,9 +23,10 @@ COMPUTE_DTYPE = "int8"
 
 @dataclass
 class Config(MethodBase):
-    kind: str = "bnb_int8"
-    bits: Optional[int] = 8  # bits per quantized weight (8 only)
-    llm_int8_threshold: float = 6.0  # outlier threshold (activation magnitude); columns above it run in 16-bit
+    """bnb_int8's keys; each value comes from its YAML (conf/method/bnb_int8.yaml): none is declared here."""
+
+    bits: Optional[int] = MISSING  # bits per quantized weight (8 only)
+    llm_int8_threshold: float = MISSING  # outlier threshold (activation magnitude); columns above it run in 16-bit
 
 
 def is_quantized_module(module: Any) -> bool:

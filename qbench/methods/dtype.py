@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from omegaconf import MISSING
+
 from qbench.config import MethodBase
 from qbench.measure.memory import DTYPE_BYTES  # the one table of a dtype's bytes
 
@@ -13,8 +15,9 @@ LIBRARIES = ()
 
 @dataclass
 class Config(MethodBase):
-    kind: str = "dtype"
-    bits: Optional[int] = None  # bits per weight (documentation; checked against dtype)
+    """The dtype kind's key; its value comes from each YAML (conf/method/fp32.yaml, fp16.yaml, bf16.yaml)."""
+
+    bits: Optional[int] = MISSING  # bits per weight (documentation; checked against dtype)
 
 
 def validate(method_cfg: Any) -> None:

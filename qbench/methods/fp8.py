@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
+from omegaconf import MISSING
+
 from qbench.config import MethodBase
 from qbench.methods import _torchao
 
@@ -28,9 +30,10 @@ MIN_CAPABILITY = (8, 9)
 
 @dataclass
 class Config(MethodBase):
-    kind: str = "fp8"
-    bits: int = 8  # bits per quantized weight (documentation; float8 e4m3)
-    granularity: str = "row"  # scales of weights and activations: row (one per output row / token) | tensor (one)
+    """fp8's keys; each value comes from its YAML (conf/method/fp8.yaml): none is declared here."""
+
+    bits: int = MISSING  # bits per quantized weight (documentation; float8 e4m3)
+    granularity: str = MISSING  # scales of weights and activations: row (one per output row / token) | tensor (one)
 
 
 def validate(method_cfg: Any) -> None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from omegaconf import MISSING
+
 from qbench.config import MethodBase
 from qbench.methods import _llamacpp as lc
 
@@ -40,29 +42,31 @@ FALLBACK = {"Q6_K": ("Q8_0", 8.5), "Q5_K": ("Q5_1", 6.0), "Q4_K": ("Q5_0", 5.5),
 @dataclass
 class ImatrixConfig:
     """method.imatrix: an importance matrix from llama-imatrix on the f32 GGUF over a calibration text, applied by
-    llama-quantize --imatrix (both built by `make llama-tools`). Off by default, as llama-quantize has it."""
+    llama-quantize --imatrix (both built by `make llama-tools`). Off in every shipped YAML, as llama-quantize has it;
+    each key's value comes from the method's YAML."""
 
-    enabled: bool = False
+    enabled: bool = MISSING
     # calibration text: as gptq/awq's method.calibration.source (qbench/load/calibration.py), local sources only:
     # builtin:tiny_text or a .txt / .jsonl file (text_field of each row)
-    source: str = "builtin:tiny_text"
-    text_field: str = "text"  # field read from .jsonl rows
-    ctx_tokens: int = 512  # llama-imatrix -c: tokens per chunk (its default)
-    chunks: Optional[int] = None  # llama-imatrix --chunks: chunks (count) to use; null = the whole text
+    source: str = MISSING
+    text_field: str = MISSING  # field read from .jsonl rows
+    ctx_tokens: int = MISSING  # llama-imatrix -c: tokens per chunk (its default)
+    chunks: Optional[int] = MISSING  # llama-imatrix --chunks: chunks (count) to use; null = the whole text
 
 
 @dataclass
 class Config(MethodBase):
-    kind: str = KIND
-    dtype: str = "float32"  # dtype of the f32 GGUF llama.cpp quantizes from (f32: no rounding before quantizing)
-    quant_type: str = "Q4_K_M"  # Q8_0 | Q6_K | Q5_K_M | Q4_K_M | Q3_K_M (llama-quantize's names)
-    n_threads: Optional[int] = None  # llama.cpp threads (count); null: the CPUs this cell may run on
-    n_ctx_tokens: int = 1024  # llama.cpp context (tokens): at least eval.quality.ctx_tokens and the longest prompt
-    n_batch_tokens: int = 512  # tokens per llama.cpp decode call (prefill, quality windows)
+    """gguf's keys; each value comes from its YAML (conf/method/gguf_*.yaml): none is declared here. method.dtype
+    is float32 there: the f32 GGUF llama.cpp quantizes from (no rounding before quantizing)."""
+
+    quant_type: str = MISSING  # Q8_0 | Q6_K | Q5_K_M | Q4_K_M | Q3_K_M (llama-quantize's names)
+    n_threads: Optional[int] = MISSING  # llama.cpp threads (count); null: the CPUs this cell may run on
+    n_ctx_tokens: int = MISSING  # llama.cpp context (tokens): at least eval.quality.ctx_tokens and the longest prompt
+    n_batch_tokens: int = MISSING  # tokens per llama.cpp decode call (prefill, quality windows)
     # layers llama.cpp offloads to the GPU: null = all of them when the cell's device is cuda and this llama.cpp
     # build can offload (a CUDA build), else 0; 0 = CPU only; N = the first N layers
-    n_gpu_layers: Optional[int] = None
-    imatrix: ImatrixConfig = field(default_factory=ImatrixConfig)  # importance matrix (off by default)
+    n_gpu_layers: Optional[int] = MISSING
+    imatrix: ImatrixConfig = field(default_factory=ImatrixConfig)  # importance matrix; its keys MISSING as well
 
 
 def validate(cfg: Any) -> None:

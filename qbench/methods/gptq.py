@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from omegaconf import MISSING
+
 from qbench.config import MethodBase
 from qbench.load.calibration import CalibrationConfig
 from qbench.methods import _gptqmodel as gm
@@ -30,18 +32,19 @@ TRITON_BITS = (2, 4, 8)
 
 @dataclass
 class Config(MethodBase):
-    kind: str = KIND
-    bits: Optional[int] = 4  # bits per quantized weight: 2 | 3 | 4 | 8
-    group_size: int = 128  # input weights sharing one scale/zero (-1 = one group per row); should divide in_features
-    sym: bool = True  # symmetric quantization (zero point fixed at mid-range): what Marlin needs on a GPU
-    desc_act: bool = False  # act-order: quantize columns by decreasing Hessian diagonal
+    """GPTQ's keys; each value comes from its YAML (conf/method/gptq.yaml, gptq_int8.yaml): none is declared here."""
+
+    bits: Optional[int] = MISSING  # bits per quantized weight: 2 | 3 | 4 | 8
+    group_size: int = MISSING  # input weights sharing one scale/zero (-1 = one group per row); should divide in_features
+    sym: bool = MISSING  # symmetric quantization (zero point fixed at mid-range): what Marlin needs on a GPU
+    desc_act: bool = MISSING  # act-order: quantize columns by decreasing Hessian diagonal
     # GPT-QModel's group-aware reordering (act-order within groups, keeps g_idx trivial); null = library default
     # (on when desc_act is off, in gptqmodel 7.6)
-    act_group_aware: Optional[bool] = None
-    damp_percent: float = 0.05  # Hessian damping, fraction of the mean Hessian diagonal (0 < x < 1)
+    act_group_aware: Optional[bool] = MISSING
+    damp_percent: float = MISSING  # Hessian damping, fraction of the mean Hessian diagonal (0 < x < 1)
     # kernel at load: auto (cuda: marlin, cpu: torch; never machete, which downloads CUTLASS) | one of BACKENDS
-    backend: str = "auto"
-    checkpoint: Optional[str] = None  # pre-quantized checkpoint (Hub id or local dir): skip quantizing
+    backend: str = MISSING
+    checkpoint: Optional[str] = MISSING  # pre-quantized checkpoint (Hub id or local dir): skip quantizing
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
+from omegaconf import MISSING
+
 from qbench.config import MethodBase
 from qbench.methods._groups import check_group_divides
 
@@ -28,10 +30,11 @@ BITS = (1, 2, 3, 4, 8)
 
 @dataclass
 class Config(MethodBase):
-    kind: str = "hqq"
-    bits: int = 4  # bits per quantized weight: 1 | 2 | 3 | 4 | 8
-    group_size: int = 64  # weights per scale/zero along the input dimension (a multiple of 8 dividing in_features)
-    axis: int = 1  # grouping axis: 1 (along the input dimension, what fast kernels take) | 0
+    """hqq's keys; each value comes from its YAML (conf/method/hqq.yaml): none is declared here."""
+
+    bits: int = MISSING  # bits per quantized weight: 1 | 2 | 3 | 4 | 8
+    group_size: int = MISSING  # weights per scale/zero along the input dimension (a multiple of 8 dividing in_features)
+    axis: int = MISSING  # grouping axis: 1 (along the input dimension, what fast kernels take) | 0
 
 
 def validate(method_cfg: Any) -> None:

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from omegaconf import MISSING
+
 from qbench.config import MethodBase
 from qbench.methods import _torchao
 from qbench.methods._groups import check_group_divides
@@ -28,11 +30,12 @@ GROUP_SIZES = (32, 64, 128)  # what both layouts take (the CPU one stops at 128)
 
 @dataclass
 class Config(MethodBase):
-    kind: str = "torchao_int4wo"
-    bits: int = 4  # bits per quantized weight (documentation; 4 only)
-    group_size: int = 128  # input weights per scale/zero: 32 | 64 | 128
+    """torchao_int4wo's keys; each value comes from its YAML (conf/method/torchao_int4wo.yaml): none is declared here."""
+
+    bits: int = MISSING  # bits per quantized weight (documentation; 4 only)
+    group_size: int = MISSING  # input weights per scale/zero: 32 | 64 | 128
     # auto (CUDA present: tile_packed_to_4d, else opaque) | tile_packed_to_4d (CUDA tinygemm) | opaque (CPU tinygemm)
-    packing_format: str = "auto"
+    packing_format: str = MISSING
 
 
 def validate(method_cfg: Any) -> None:

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from omegaconf import MISSING
+
 from qbench.config import MethodBase
 from qbench.methods import _torchao
 
@@ -23,8 +25,9 @@ QUANTIZED_LINEARS = "transformers"
 
 @dataclass
 class Config(MethodBase):
-    kind: str = "torchao_int8wo"
-    bits: int = 8  # bits per quantized weight (documentation; 8 only)
+    """torchao_int8wo's keys; each value comes from its YAML (conf/method/torchao_int8wo.yaml): none is declared here."""
+
+    bits: int = MISSING  # bits per quantized weight (documentation; 8 only)
 
 
 def validate(method_cfg: Any) -> None:
