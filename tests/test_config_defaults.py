@@ -161,6 +161,8 @@ def test_yaml_defaults_types_eval_and_its_nested_blocks():
     assert ev.enabled and list(ev.tasks) == ["mmlu"] and ev.batch_size == 8 and ev.quality.ctx_tokens == 512
     assert config.yaml_defaults("eval", "demo").quality.max_windows == 4
     assert not OmegaConf.missing_keys(ev)
+    # the schema alone holds no value: all of them above came from the YAML
+    assert {"tasks", "quality.ctx_tokens"} <= OmegaConf.missing_keys(OmegaConf.structured(config.EvalConfig))
 
 
 def test_yaml_defaults_types_a_method_by_the_schema_its_yaml_names():
@@ -186,9 +188,15 @@ def test_yaml_defaults_names_an_unregistered_method_schema(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("group,option,key", [("eval", "quality", "quality.ctx_tokens"),
                                               ("method", "gptq", "calibration.seed")])
-def test_a_nested_key_no_yaml_sets_is_named_with_its_file(group, option, key):
-    cfg = OmegaConf.create({group: config.yaml_defaults(group, option),
-                            "hydra": {"runtime": {"choices": {group: option}}}})
-    OmegaConf.update(cfg, f"{group}.{key}", MISSING)
-    with pytest.raises(ConfigError, match=rf"^{group}.{key}: no value; conf/{group}/{option}.yaml must set it"):
+def test_a_nested_key_an_option_leaves_out_is_named_with_its_file(tmp_path, monkeypatch, group, option, key):
+    """An option of one's own that omits a nested key gets no hidden schema value: one line names key and file."""
+    leaf = key.rsplit(".", 1)[1]
+    text = (CONF / group / f"{option}.yaml").read_text()
+    (tmp_path / group).mkdir()
+    (tmp_path / group / "mine.yaml").write_text(
+        "\n".join(ln for ln in text.splitlines() if not ln.strip().startswith(f"{leaf}:")))
+    monkeypatch.setattr(config, "CONF_DIR", tmp_path)
+    cfg = OmegaConf.create({group: config.yaml_defaults(group, "mine"),
+                            "hydra": {"runtime": {"choices": {group: "mine"}}}})
+    with pytest.raises(ConfigError, match=rf"^{group}.{key}: no value; conf/{group}/mine.yaml must set it"):
         config.check_no_missing(cfg)
