@@ -8,6 +8,7 @@ A method module owns everything about its method (no base class, no shared behav
                            (name, kind, dtype, description). Registered in Hydra's ConfigStore as
                            method/schema/<kind>; its YAML names it (``defaults: [schema/<kind>, _self_]``), so a
                            misspelt key fails at compose time and a result records only this method's keys.
+                           Its fields declare MISSING: every value comes from the method's YAML (docs/config.md)
     EXTRA                  its install extra in pyproject.toml (None: needs nothing beyond qbench's own dependencies)
     LIBRARIES              the distributions whose versions every result of this method records
     validate(cfg)          raise qbench.errors.ConfigError naming the key for values the method cannot take
