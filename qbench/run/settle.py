@@ -21,12 +21,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from qbench.measure.gpu_state import open_lock_file
 from qbench.store.jsonio import read_result, write_result
 from qbench.store.late_quality import SOURCE, baseline_dir, pending_comparisons, waits_for_comparison
-from qbench.store.layout import LOCK_FILE, attempt_file, sweep_dir_of
+from qbench.store.layout import LOCK_FILE, LOGPROBS_FILE, attempt_file, sweep_dir_of
 
 log = logging.getLogger("qbench")
 
@@ -49,41 +49,54 @@ def _cell_held(cell_dir: Path) -> Iterator[bool]:
         f.close()
 
 
-def settle_cell(sweep_dir: Path, cell: str) -> str:
-    """Compare one cell against its baseline's file and write the comparison into its result.json; returns what
-    happened: "settled", "busy" (being measured), "gone" (no longer waiting) or "mismatch" (files not comparable)."""
+def _why_not(cell_dir: Path, base_dir: Path) -> str:
+    """Why compare_later gave nothing: a file it could not read, or what differs between the two files' runs."""
+    from qbench.evaluate import quality
+
+    metas = []
+    for d in (base_dir, cell_dir):
+        data = quality.load(d / LOGPROBS_FILE)
+        if data is None:
+            return f"{d / LOGPROBS_FILE} is missing or unreadable"
+        metas.append(data["meta"])
+    differ = quality.identity_mismatch(metas[0], metas[1])
+    return "it and the baseline were scored differently (baseline \u2192 this cell: " + "; ".join(differ) + ")"
+
+
+def settle_cell(sweep_dir: Path, cell: str) -> Tuple[str, str]:
+    """Compare one cell against its baseline's file and write the comparison into its result.json. Returns the
+    outcome, "settled", "busy" (being measured), "gone" (no longer waiting) or "not made", and why."""
     from qbench.evaluate import quality  # numpy and the quality maths, only once a cell waits
 
     cell_dir = Path(sweep_dir) / cell
     with _cell_held(cell_dir) as held:
         if not held:
-            return "busy"
+            return "busy", "another process holds its lock"
         result = read_result(cell_dir)  # again, under the lock: a process may have rewritten it meanwhile
         if not waits_for_comparison(result):
-            return "gone"
+            return "gone", "its result.json no longer waits for a comparison"
         assert result is not None
-        comparison = quality.compare_later(cell_dir, baseline_dir(Path(sweep_dir), cell, result))
+        base_dir = baseline_dir(Path(sweep_dir), cell, result)
+        comparison = quality.compare_later(cell_dir, base_dir)
         if comparison is None:
-            return "mismatch"
+            return "not made", _why_not(cell_dir, base_dir)
         q = result["metrics"]["quality"]
         q["comparison"], q["comparison_source"] = comparison, SOURCE
         write_result(cell_dir, result)
-    return "settled"
+    return "settled", ""
 
 
 def settle_sweep(sweep_dir: Path) -> Dict[str, List[str]]:
-    """Every pending comparison of one sweep folder; cell ids by outcome ("fault" for one that raised)."""
+    """Every pending comparison of one sweep folder; cell ids by outcome. A cell not compared is one warning line."""
     outcomes: Dict[str, List[str]] = {}
     for cell in pending_comparisons(sweep_dir):
         try:
-            what = settle_cell(sweep_dir, cell)
-        except Exception as exc:  # an unreadable or truncated file: the cell stays uncompared, the sweep goes on
-            print(f"qbench: warning: {Path(sweep_dir) / cell}: quality comparison not made at the sweep's end: "
-                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
-            what = "fault"
-        if what == "mismatch":
-            print(f"qbench: warning: {Path(sweep_dir) / cell}: quality comparison not made: its logprob file and "
-                  "the baseline's were not made on the same tokens, model config and batch size", file=sys.stderr)
+            what, why = settle_cell(sweep_dir, cell)
+        except Exception as exc:  # a file that breaks the maths or a full disk: the cell stays, the sweep goes on
+            what, why = "not made", f"{type(exc).__name__}: {exc}"
+        if what == "not made":
+            print(f"qbench: warning: {Path(sweep_dir) / cell}: quality comparison not made at the sweep's end: {why}",
+                  file=sys.stderr)
         elif what == "busy":
             log.info("%s: being measured by another process; its command compares it at its end", cell)
         outcomes.setdefault(what, []).append(cell)
