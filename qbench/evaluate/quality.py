@@ -14,9 +14,10 @@ every cell writes its own next-token distributions compactly (``quality_logprobs
 scored position, the most likely tokens until they cover ``coverage`` of the probability (no cap by default;
 ``max_kept`` caps the count where storage matters more), with exact fp32 log-probabilities, plus the correct
 token's log-probability and the argmax. A cell that finds its baseline's file compares its *live*
-full-vocabulary distribution against it; a cell measured before its baseline gets its comparison when the report
-is built, from the two files, and so keeps a tail a hundred times thinner (``report_coverage``) to make that
-comparison as exact as the live one.
+full-vocabulary distribution against it; a cell measured before its baseline gets its comparison from the two
+files at the end of the qbench command that finds both (qbench/run/settle.py; "report-time" below, where it was
+made before), and so keeps a tail a hundred times thinner (``report_coverage``) to make that comparison as exact as
+the live one.
 
 Windows are scored one per forward pass by default (``batch_size: 1``): they are all ``ctx_tokens`` long, so no
 padding enters, but some kernels still depend on the batch: LLM.int8 (bnb_int8) picks its fp16 outlier columns
@@ -368,7 +369,7 @@ def run(model: Any, tokenizer: Any, q_cfg: Any, *, text: str, cell_dir: Path, ba
             "tokens_sha256": tokens_hash(windows), "batch_size": int(q_cfg.batch_size), "max_kept": max_kept,
             "coverage": float(q_cfg.coverage), "vocab_size": None}
     ref, warning = usable_reference(baseline_file, meta) if baseline_file is not None else (None, None)
-    # a compared cell without a usable baseline is compared at report time: it keeps a thinner tail for that
+    # a compared cell without a usable baseline is compared later from the files: it keeps a thinner tail for that
     if baseline_file is not None and ref is None:
         meta["coverage"] = report_coverage(q_cfg.coverage)
     recorder = Recorder(windows, meta["coverage"], max_kept)

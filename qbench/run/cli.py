@@ -626,7 +626,9 @@ def run_rounds(argv: List[str], cell_dirs: CellDirs, started: float) -> int:
         os.environ.pop(ROUNDS_PARENT_ENV, None)
     for cell_dir in cell_dirs:
         rounds.combine(cell_dir, cell_dirs.rounds)
-    print(summary_line(cell_dirs, started), flush=True)
+    line = summary_line(cell_dirs, started)  # counted first: a result.json that gets its comparison did not run
+    _settle_late_quality(cell_dirs, started)  # combine rewrote result.json from round 1, which may lack it
+    print(line, flush=True)
     return exit_status(cell_dirs, started)
 
 
@@ -738,6 +740,18 @@ def _fault_exit(exc: Exception, cell_dirs: List[Path], started: float) -> None:
     sys.exit(1)
 
 
+def _settle_late_quality(cell_dirs: List[Path], started: float) -> None:
+    """Quality comparisons of cells measured before their baseline, made now from the two files
+    (qbench/run/settle.py); it warns instead of failing, and a stop signal stops it like the sweep."""
+    from qbench.run.settle import settle_command
+
+    try:
+        settle_command(cell_dirs)
+    except KeyboardInterrupt as exc:
+        _stopped_exit(exc, cell_dirs, started, "cells with a result.json finished; python -m qbench.run.settle "
+                                               "makes the comparisons left")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     from qbench.run import preflight as pf
 
@@ -784,7 +798,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         _stopped_exit(exc, cell_dirs, started, "cells with a result.json finished, the rest run on the next start")
     except Exception as exc:
         _fault_exit(exc, cell_dirs, started)
-    print(summary_line(cell_dirs, started), flush=True)
+    line = summary_line(cell_dirs, started)  # counted first: a result.json that gets its comparison did not run
+    if not cell_dirs.in_round:  # a round's pass leaves it to run_rounds, after the rounds are combined
+        _settle_late_quality(cell_dirs, started)
+    print(line, flush=True)
     sys.exit(exit_status(cell_dirs, started))
 
 
