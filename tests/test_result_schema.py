@@ -93,3 +93,26 @@ def test_docs_field_reference_is_the_generated_one():
     assert R.with_reference(doc) == doc, "docs/results.md: run python -m qbench.store.result docs/results.md"
     assert {cls.__name__ for cls in R.SECTIONS} == {
         c.__name__ for c in vars(R).values() if isinstance(c, type) and issubclass(c, Section) and c is not Section}
+
+
+def test_write_result_refuses_a_malformed_section_before_it_reaches_disk(tmp_path):
+    from qbench.store import jsonio
+
+    good = json.loads(EXAMPLES[0].read_text())
+    bad = {**good, "metrics": {**good["metrics"], "latency": {**good["metrics"]["latency"], "prefill": {"1": 2}}}}
+    with pytest.raises(ResultTypeError, match=r"^metrics\.latency\.prefill: expected list\[PrefillFigure\] \| null"):
+        jsonio.write_result(tmp_path, bad)
+    assert list(tmp_path.iterdir()) == []  # neither result.json nor a temp file
+    jsonio.write_result(tmp_path, Result.from_dict(good))  # a typed Result is written as its dict
+    assert json.loads((tmp_path / "result.json").read_text()) == good
+
+
+def test_error_row_is_a_valid_typed_result():
+    from qbench.store.rows import error_row
+
+    cfg = {"run": {"sweep": "s", "round": None}, "model": {"name": "tiny"}, "method": {"name": "bf16", "kind": "dtype"}}
+    row = error_row(cfg, "killed", "died of SIGKILL", "cell")
+    result = Result.from_dict(row, strict=True)
+    assert result.error.klass == "killed" and row["error"]["class"] == "killed" and row["metrics"] == {}
+    assert set(row) == {"schema_version", "status", "sweep", "cell", "round", "model", "method", "method_kind",
+                        "config", "identity", "finished_at", "scheduler", "metrics", "warnings", "error"}
