@@ -130,23 +130,9 @@ def load_results(sweep_dir: Path) -> List[Dict[str, Any]]:
         if r.get("status") not in ("ok", "error"):
             r["status"] = "error" if r.get("error") else "ok"
         results.append(r)
-    fill_late_quality(results, sweep_dir)
+    # the report reads result.json only: a cell measured before its baseline gets its comparison at the
+    # sweep's end (qbench.evaluate.quality), and until then its quality row shows no comparison
     return results
-
-
-def fill_late_quality(results: List[Dict[str, Any]], sweep_dir: Path) -> None:
-    """Cells measured before their baseline existed get their quality comparison now, from the two cells'
-    logprob files (qbench/evaluate/quality.py); ``comparison_source`` then says "report"."""
-    from qbench.evaluate import quality
-
-    for r in results:
-        q = get(r, "metrics", "quality")
-        if r["status"] != "ok" or not isinstance(q, dict) or q.get("comparison") or q.get("role") != "compared":
-            continue
-        base_dir = sweep_dir / layout.cell_name(r["model"], str(q.get("baseline_method")))
-        comparison = quality.compare_later(sweep_dir / r["cell"], base_dir)
-        if comparison is not None:
-            q["comparison"], q["comparison_source"] = comparison, "report"
 
 
 def is_random(r: Dict[str, Any]) -> bool:
