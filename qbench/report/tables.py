@@ -25,6 +25,7 @@ from qbench.evaluate.lm_eval_tasks import MMLU_CATEGORIES  # noqa: F401
 from qbench.measure import decode_paths  # the registry imports nothing heavy: no torch
 from qbench.measure.memory import DTYPE_BYTES
 from qbench.store import layout  # stdlib only, like rows: the report still builds on a laptop without torch
+from qbench.store.result import Result, ResultTypeError
 from qbench.store.rows import cause_line
 
 GB = 1e9
@@ -95,6 +96,16 @@ def shape_problem(r: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def typed_problem(r: Dict[str, Any]) -> Optional[str]:
+    """Why the typed result (qbench.store.result, the writer's own check) refuses ``r``: a declared field of the
+    wrong type, named by its key; or None."""
+    try:
+        Result.from_dict(r, strict=True)
+    except ResultTypeError as exc:
+        return str(exc)
+    return None
+
+
 def unreadable(path: Path, reason: str) -> Dict[str, Any]:
     """The error cell that stands in for a result the report cannot read."""
     return {"status": "error", "error": {"class": "unreadable", "type": "unreadable", "message": f"{path}: {reason}"}}
@@ -114,7 +125,7 @@ def load_results(sweep_dir: Path) -> List[Dict[str, Any]]:
             r = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(r, dict):
                 raise ValueError("result.json is not a JSON object")
-            problem = shape_problem(r)
+            problem = shape_problem(r) or typed_problem(r)
             if problem:
                 r = {**unreadable(path, problem), "cell": r.get("cell") if isinstance(r.get("cell"), str) else None}
         except (OSError, ValueError) as e:

@@ -103,7 +103,10 @@ def _convert(value: Any, tp: Any, strict: bool, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], strict, key) if len(inner) == 1 else value
+        sections = [a for a in inner if _is_section(a)]
+        if len(inner) == 1:
+            return _convert(value, inner[0], strict, key)
+        return _convert(value, sections[0], strict, key) if sections and isinstance(value, dict) else value
     if _is_section(tp) and isinstance(value, dict):
         return tp._from_dict(value, strict, key)
     if origin in (list, List) and args and isinstance(value, list) and _is_section(args[0]):
@@ -437,8 +440,9 @@ class TaskScore(Section):
     chance_level: Optional[Num] = doc("the score of guessing, a fraction; null for an unknown task")
     generation_kwargs: Optional[Dict[str, Any]] = doc("generate()'s arguments (generative tasks)")
     n_subjects: Optional[int] = doc("MMLU subjects scored (count)")
-    categories: Optional[Dict[str, SubScore]] = doc("MMLU: per category (stem, humanities, ...)")
-    subjects: Optional[Dict[str, SubScore]] = doc("MMLU: per subject")
+    # older results hold a bare score (a fraction) per category or subject
+    categories: Optional[Dict[str, Union[SubScore, Num]]] = doc("MMLU: per category (stem, humanities, ...)")
+    subjects: Optional[Dict[str, Union[SubScore, Num]]] = doc("MMLU: per subject")
 
 
 @dataclass
