@@ -34,7 +34,7 @@ def dist_stats(dist: Any) -> Dict[str, Optional[float]]:
             out["p90"] = float(np.percentile(values, 90))
     if out["cv"] is None and out["stdev"] is not None and out["mean"]:
         out["cv"] = out["stdev"] / out["mean"]
-    ci = dist.get("median_ci") if isinstance(dist.get("median_ci"), dict) else {}
+    ci: Dict[str, Any] = dist["median_ci"] if isinstance(dist.get("median_ci"), dict) else {}
     out["ci_low"], out["ci_high"] = num(ci.get("low")), num(ci.get("high"))
     out["ci_half_width_pct"] = num(ci.get("half_width_pct"))
     return {k: v for k, v in out.items() if v is not None}
@@ -83,8 +83,8 @@ def kv_bytes_at_peak(r: Dict[str, Any]) -> Optional[float]:
     """Analytic KV cache of the largest measured shape: the one that sets the decode peak."""
     rows = get(r, "metrics", "memory", "kv_cache_bytes_analytic", default=[])
     vals = [num(get(x, "bytes")) for x in rows if isinstance(x, dict)]
-    vals = [v for v in vals if v is not None]
-    return max(vals) if vals else None
+    known = [v for v in vals if v is not None]
+    return max(known) if known else None
 
 
 def prefill_rows(r: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -148,7 +148,7 @@ def task_headline(t: Optional[Dict[str, Any]], task: Optional[str] = None) -> tu
     if not t:
         return None, None
     spec = task_table.lookup(task) if task else None
-    metrics = t.get("metrics") if isinstance(t.get("metrics"), dict) else {}
+    metrics: Dict[str, Any] = t["metrics"] if isinstance(t.get("metrics"), dict) else {}
     recorded = t.get("metric") if isinstance(t.get("metric"), str) else None
     if spec is not None:
         if task_table.same_metric(recorded, spec.headline) and num(t.get("value")) is not None:
@@ -187,7 +187,7 @@ def task_items(r: Dict[str, Any], task: str, metric: Optional[str] = None) -> Op
     it = get(r, "metrics", "accuracy", "items", task)
     if not isinstance(it, dict):
         return None
-    by_metric = it.get("correct_by_metric") if isinstance(it.get("correct_by_metric"), dict) else {}
+    by_metric: Dict[str, Any] = it["correct_by_metric"] if isinstance(it.get("correct_by_metric"), dict) else {}
     if metric is not None and isinstance(by_metric.get(metric), str):
         return {**it, "correct": by_metric[metric]}
     recorded = get(task_entry(r, task), "metric")  # ``correct`` holds the records of the run's own headline
@@ -210,10 +210,10 @@ def align_items(base: Dict[str, Any], cell: Dict[str, Any]) -> tuple[str, str]:
         return b_c, c_c
     if usable:
         cell_by_id: Dict[str, str] = {}
-        for i, ch in zip(c_ids, c_c):
+        for i, ch in zip(c_ids or [], c_c):  # usable: a list
             cell_by_id.setdefault(json.dumps(i, sort_keys=True), ch)
         bs, cs = [], []
-        for i, ch in zip(b_ids, b_c):
+        for i, ch in zip(b_ids or [], b_c):
             key = json.dumps(i, sort_keys=True)
             if key in cell_by_id:
                 bs.append(ch)
