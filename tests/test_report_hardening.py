@@ -32,7 +32,10 @@ def no_plotly(monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [{"metrics": {"memory": "oops"}}, {"environment": "x"}, {"timings": []},
-                                 {"metrics": {"latency": {"decode": {"a": 1}}}}, {"warnings": "text"}])
+                                 {"metrics": {"latency": {"decode": {"a": 1}}}}, {"warnings": "text"},
+                                 # a declared field of the wrong type: the typed result's check, as the writer's
+                                 {"metrics": {"latency": {"decode": [{"decode_path": "eager", "batch_size": "8"}]}}},
+                                 {"error": {"class": 3}}])
 def test_badly_shaped_result_is_an_unreadable_row_and_the_rest_builds(tmp_path, bad):
     sweep = _copy(DEMO, tmp_path / "runs" / "demo")
     _edit(sweep / "tiny__fp32" / "result.json", lambda r: r.update(bad))

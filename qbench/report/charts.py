@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -92,7 +92,7 @@ def hover_row(r: Dict[str, Any]) -> str:
     return "<br>".join(lines)
 
 
-def _grid(n_panels: int, titles: List[str]):
+def _grid(n_panels: int, titles: List[str]) -> Tuple[go.Figure, int]:
     """One panel per model, three to a row: facets stay readable on a laptop screen."""
     cols = min(n_panels, 3)
     rows = math.ceil(n_panels / cols)
@@ -254,8 +254,8 @@ def decode_series(r: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
             continue
         if "p10" in s and "p90" in s:
             lo, hi, band = s["p10"], s["p90"], "p10\u2013p90"
-        elif "stdev" in s:
-            lo, hi, band = mid - s["stdev"], mid + s["stdev"], "\u00b1 stdev"
+        elif (sd := s.get("stdev")) is not None:  # dist_stats keeps no null figure: "stdev" in s
+            lo, hi, band = mid - sd, mid + sd, "\u00b1 stdev"
         else:
             lo = hi = mid
             band = "no spread recorded"
@@ -316,8 +316,9 @@ def memory_parts(r: Dict[str, Any], row: Dict[str, Any]) -> Optional[Dict[str, f
 
 def memory_chart(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Optional[go.Figure]:
     by_cell = {r["cell"]: r for r in results}
-    parts = {row["cell"]: memory_parts(by_cell[row["cell"]], row) for row in rows if row["cell"] in by_cell}
-    if not any(parts.values()):
+    every = {row["cell"]: memory_parts(by_cell[row["cell"]], row) for row in rows if row["cell"] in by_cell}
+    parts = {cell: p for cell, p in every.items() if p}  # the cells with a breakdown
+    if not parts:
         return None
     ms = models(rows)
     fig, cols = _grid(len(ms), [esc(m) for m in ms])
@@ -404,8 +405,8 @@ def category_deltas(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -
         cats, bcats = (T.get(x, "metrics", "accuracy", "tasks", task, "categories", default={}) for x in (r, b))
         if not isinstance(cats, dict) or not isinstance(bcats, dict):
             continue
-        d = {c: 100 * (T.category_score(cats[c]) - T.category_score(bcats[c])) for c in cats
-             if c in bcats and T.category_score(cats[c]) is not None and T.category_score(bcats[c]) is not None}
+        scores = {c: (T.category_score(cats[c]), T.category_score(bcats[c])) for c in cats if c in bcats}
+        d = {c: 100 * (a - b) for c, (a, b) in scores.items() if a is not None and b is not None}
         if d:
             out.setdefault(row["model"], {})[row["cell"]] = d
     return out

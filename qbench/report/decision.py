@@ -21,7 +21,7 @@ Nothing here imports plotly or torch: the panel is testable from result files al
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from qbench.evaluate import tasks as task_table
 from qbench.measure import stats
@@ -57,7 +57,7 @@ def decode_figure(row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     if v is None:
         return None
     lo, hi, level = s.get("ci_low"), s.get("ci_high"), None
-    ci = dist.get("median_ci") if isinstance(dist, dict) and isinstance(dist.get("median_ci"), dict) else {}
+    ci = (dist.get("median_ci") if isinstance(dist, dict) and isinstance(dist.get("median_ci"), dict) else None) or {}
     level = T.num(ci.get("level"))
     values = sorted(x for x in (T.num(y) for y in (dist.get("values") or [] if isinstance(dist, dict) else []))
                     if x is not None)
@@ -161,8 +161,8 @@ def frontier(cells: List[Dict[str, Any]], metric: Optional[Dict[str, str]]) -> D
     holds no more weight and loses no more quality, one of the two strictly less (point estimates); within_ci
     says the two quality losses' 95 % CIs overlap, so the domination rests on memory alone."""
     out = {}
-    pts = [(c, loss_of(c, metric)) for c in cells if metric and c["weights_gb"] is not None]
-    pts = [(c, q) for c, q in pts if q is not None]
+    losses = [(c, loss_of(c, metric)) for c in cells if metric and c["weights_gb"] is not None]
+    pts: List[Tuple[Dict[str, Any], Dict[str, Any]]] = [(c, q) for c, q in losses if q is not None]
     for c, q in pts:
         beaten = [{"method": o["method"], "within_ci": _overlap(q, oq)} for o, oq in pts if o is not c
                   and o["weights_gb"] <= c["weights_gb"] and oq["v"] <= q["v"]

@@ -591,6 +591,7 @@ def mark_contaminated(result: Dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     from qbench.measure.gpu_state import DeviceWatch
     from qbench.store.jsonio import write_result
+    from qbench.store.result import ResultTypeError
 
     logging.raiseExceptions = False  # a log line the disk refuses is dropped, not printed as a traceback
     argv = sys.argv[1:] if argv is None else argv
@@ -634,6 +635,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         write_result(cell_dir, result)
+    except ResultTypeError as exc:  # a qbench bug: refused before it reaches disk; the sweep records a crash
+        _traceback_to_file(f"{cell_dir / 'result.json'}: result refused: {exc}", to_file)
+        return 1
     except OSError as exc:
         _traceback_to_file(f"{cell_dir / 'result.json'}: result not written: {exc}", to_file)
         return EXIT_UNWRITTEN

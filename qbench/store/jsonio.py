@@ -9,10 +9,11 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 from qbench.store.layout import RESULT_FILE
 from qbench.store.redaction import redact
+from qbench.store.result import Result
 
 
 def now_iso() -> str:
@@ -33,8 +34,12 @@ def read_result(cell_dir: Path) -> Optional[Dict[str, Any]]:
 
 def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    write_text_atomic(path, json.dumps(redact(data), indent=2, sort_keys=False, default=_json_default,
-                                       allow_nan=False) + "\n")
+    write_text_atomic(path, _json_text(data))
+
+
+def _json_text(data: Dict[str, Any]) -> str:
+    """``data`` as qbench writes JSON: secrets redacted, numpy values and paths made plain, indented."""
+    return json.dumps(redact(data), indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -82,9 +87,14 @@ def sanitize_floats(obj: Any) -> Any:
     return obj
 
 
-def write_result(cell_dir: Path, result: Dict[str, Any]) -> Path:
+def write_result(cell_dir: Path, result: Union[Result, Dict[str, Any]]) -> Path:
+    """``result`` (a typed Result or its dict) to ``<cell_dir>/result.json``. What would reach the disk is read
+    back through the typed result first (``Result.from_dict(strict=True)``): a declared field of the wrong type
+    raises ResultTypeError naming its key, and nothing is written, so the report never meets a malformed row."""
+    data = sanitize_floats(result.to_dict() if isinstance(result, Result) else result)
+    Result.from_dict(json.loads(_json_text(data)), strict=True)  # exactly what write_json_atomic will write
     path = Path(cell_dir) / RESULT_FILE
-    write_json_atomic(path, sanitize_floats(result))
+    write_json_atomic(path, data)
     return path
 
 

@@ -8,30 +8,31 @@ from typing import Any, Dict, Optional
 from qbench.store.identity import identity
 from qbench.store.jsonio import now_iso
 from qbench.store.layout import cell_id
-from qbench.store.result import SCHEMA_VERSION
+from qbench.store.result import SCHEMA_VERSION, Error, Metrics, Result
 
 
 def error_row(cfg_dict: Dict[str, Any], error_class: str, message: str, phase: str,
               scheduler: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The result of a cell that ended without writing one itself (killed, timed out, stopped by SLURM):
-    status error, its class and one-line message, the phase it was in. ``scheduler``: the SLURM job's record."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "status": "error",
-        "sweep": cfg_dict["run"]["sweep"],
-        "cell": cell_id(cfg_dict),
-        "round": cfg_dict["run"].get("round"),
-        "model": cfg_dict["model"]["name"],
-        "method": cfg_dict["method"]["name"],
-        "method_kind": cfg_dict["method"]["kind"],
-        "config": cfg_dict,
-        "identity": identity(cfg_dict),
-        "finished_at": now_iso(),
-        "scheduler": scheduler,
-        "metrics": {},
-        "warnings": [],
-        "error": {"class": error_class, "type": error_class, "message": message, "traceback": "", "phase": phase},
-    }
+    status error, its class and one-line message, the phase it was in. ``scheduler``: the SLURM job's record.
+    Built as a typed Result, so that its fields are the ones the report reads; returned as the dict callers amend."""
+    return Result(
+        schema_version=SCHEMA_VERSION,
+        status="error",
+        sweep=cfg_dict["run"]["sweep"],
+        cell=cell_id(cfg_dict),
+        round=cfg_dict["run"].get("round"),
+        model=cfg_dict["model"]["name"],
+        method=cfg_dict["method"]["name"],
+        method_kind=cfg_dict["method"]["kind"],
+        config=cfg_dict,
+        identity=identity(cfg_dict),
+        finished_at=now_iso(),
+        scheduler=scheduler,
+        metrics=Metrics(),
+        warnings=[],
+        error=Error(klass=error_class, type=error_class, message=message, traceback="", phase=phase),
+    ).to_dict()
 
 
 # A line that names an exception: "ValueError: ...", "torch.OutOfMemoryError: ...", "KeyError".
