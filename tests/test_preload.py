@@ -118,7 +118,7 @@ def test_run_preload_picks_the_spawn(tmp_path, monkeypatch, preload):
 
     calls = {}
     monkeypatch.setattr(cli.subprocess, "Popen", lambda argv, **kw: calls.setdefault("popen", (argv, kw)))
-    monkeypatch.setattr(preloaded, "context", lambda: None)
+    monkeypatch.setattr(preloaded, "context", lambda: object())
     monkeypatch.setattr(preloaded, "server_s", lambda: 1.5)
     monkeypatch.setattr(preloaded, "CellProcess", lambda *a: calls.setdefault("forked", a))
     spec: dict = {"spawned_at_unix": 0.0}

@@ -501,12 +501,11 @@ def _spawn_cell(spec: Dict[str, Any], spec_path: Path, env: Dict[str, str], lock
     """Start the cell process: forked from run.preload's server (qbench/run/preload.py), or a plain spawn of
     python -m qbench.run.cell. Either way the cell holds the slot and cell locks itself (flock belongs to the
     open file, shared by both): they stay held until it is gone, whatever becomes of this process meanwhile."""
+    from qbench.run import preload as preloaded
     from qbench.store.jsonio import write_json_atomic
 
-    if preload:
-        from qbench.run import preload as preloaded
-
-        preloaded.context()  # the server's one-time start is not this cell's: its clock starts after it
+    # the server's one-time start is not this cell's: its clock starts after it
+    if preload and preloaded.context() is not None:
         spec["preload_server_s"] = preloaded.server_s()
         spec["spawned_at_unix"] = time.time()
         write_json_atomic(spec_path, spec)

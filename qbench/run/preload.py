@@ -26,22 +26,36 @@ PRELOAD = ["qbench.run.cell", "torch", "transformers", "lm_eval.evaluator", "lm_
 _server: Dict[str, Any] = {}  # the sweep's one server: its context and the seconds it took to start
 
 
-def _noop() -> None:
-    """The first fork: it returns once the server has imported PRELOAD, which times the server's start."""
+def _probe() -> None:
+    """The first fork: it runs once the server has imported PRELOAD, which times the server's start, and says
+    whether the preload touched CUDA (a context does not survive fork: every cell would fail on the GPU)."""
+    import sys
+
+    import torch
+
+    sys.exit(CUDA_IN_SERVER if torch.cuda.is_initialized() else 0)
+
+
+CUDA_IN_SERVER = 3  # _probe's exit status when the server's preload initialised CUDA
 
 
 def context() -> Any:
     """The forkserver context, started on first use and timed once per sweep (logged, and in every preloaded
-    cell's result as preload.server_s)."""
+    cell's result as preload.server_s); None, with a warning, where the server cannot serve (the sweep then
+    spawns plainly)."""
     if "ctx" not in _server:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
         t0 = time.perf_counter()
-        warm = ctx.Process(target=_noop, name="qbench-preload-warmup")
+        warm = ctx.Process(target=_probe, name="qbench-preload-probe")
         warm.start()
         warm.join()
-        _server["ctx"] = ctx
         _server["server_s"] = time.perf_counter() - t0
+        _server["ctx"] = ctx if warm.exitcode == 0 else None
+        if warm.exitcode != 0:
+            why = "its preload initialised CUDA" if warm.exitcode == CUDA_IN_SERVER else f"exit {warm.exitcode}"
+            log.warning("run.preload: the fork server cannot serve cells (%s); cells spawn plainly", why)
+            return None
         log.info("preloaded %s in a fork server in %.1f s (once per sweep; run.preload=false spawns plainly)",
                  ", ".join(PRELOAD[1:]), _server["server_s"])
     return _server["ctx"]
