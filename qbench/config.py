@@ -170,6 +170,7 @@ class RunConfig:
     # a node's drift falls on every method alike. A cell's figures are then the median over its rounds
     # (qbench/run/rounds.py); accuracy and quality are measured in round 1 only (they do not drift).
     rounds: int = MISSING
+    preload: bool = MISSING  # fork cells from a server that imported the libraries once (qbench/run/preload.py)
     round: Optional[int] = None  # set by qbench itself: the round a pass measures (results in <cell>/rounds/<k>)
 
 

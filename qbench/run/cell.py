@@ -117,6 +117,9 @@ def die_with_parent(parent_pid: Optional[int]) -> None:
     thread that polls the parent's pid. A parent already gone before this ran is caught by the pid check."""
     if not parent_pid:
         return
+    if _FORKED["sweep_watch"]:
+        _watch_sweep(parent_pid)
+        parent_pid = os.getppid()  # and the fork server: its death (the sweep's end) ends the cell too
     armed = False
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
@@ -132,6 +135,56 @@ def die_with_parent(parent_pid: Optional[int]) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=poll, name="qbench-parent-watch", daemon=True).start()
+
+
+_FORKED: Dict[str, Any] = {"sweep_watch": False}  # set in a cell forked by run.preload's server (forked_main)
+
+
+def _watch_sweep(sweep_pid: int) -> None:
+    """A forked cell's parent is the fork server, not the sweep: a thread waits on the sweep's pidfd (Linux)
+    and sends SIGTERM to this cell when the sweep is gone, as PR_SET_PDEATHSIG does for a plain spawn."""
+    try:
+        pidfd = os.pidfd_open(sweep_pid)
+    except ProcessLookupError:  # the sweep is already gone
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def wait() -> None:
+        import select
+
+        select.select([pidfd], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="qbench-sweep-watch", daemon=True).start()
+
+
+def _size_thread_pools() -> None:
+    """torch was imported in the fork server under the sweep's environment and CPU affinity; its intra-op pool
+    is sized lazily, but OpenMP read OMP_NUM_THREADS and the affinity when it loaded. Size it here as a plain
+    spawn would: OMP_NUM_THREADS if set, else the CPUs this cell may run on (cpu_affinity applied before)."""
+    import torch
+
+    n = os.environ.get("OMP_NUM_THREADS", "").strip()
+    torch.set_num_threads(int(n) if n.isdigit() and int(n) > 0 else len(os.sched_getaffinity(0)))
+
+
+def forked_main(spec_path: str, env: Dict[str, str], lock_fds: list) -> int:
+    """A cell forked by run.preload's server (qbench/run/preload.py): the cell's own environment replaces the
+    server's before anything reads it, its clock starts at this line, then main as for a plain spawn.
+    ``lock_fds`` are the cell and slot locks, held open until the process ends."""
+    global FIRST_LINE
+    FIRST_LINE = (time.time(), time.perf_counter())
+    enter_forked(env, lock_fds)
+    return main([spec_path])
+
+
+def enter_forked(env: Dict[str, str], lock_fds: list) -> None:
+    """The cell's environment in place of the server's: CUDA, the allocator and Inductor read it at first use,
+    which comes after this (the server never initialised CUDA)."""
+    os.environ.clear()
+    os.environ.update(env)
+    _FORKED["sweep_watch"] = True
+    _FORKED["lock_fds"] = lock_fds
 
 
 def resolve_device(bench_device: str) -> str:
@@ -189,8 +242,12 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
     pin_allocator_config()
     clock.lap("setup_s")
     _import_libraries(cfg)
+    if _FORKED["sweep_watch"]:
+        _size_thread_pools()
     clock.lap("imports_s")
     result = _new_result(cfg, spec, affinity, affinity_warning)
+    if _FORKED["sweep_watch"]:  # imports_s is near 0: the server paid them once for the sweep (server_s)
+        result["preload"] = {"preloaded": True, "server_s": spec.get("preload_server_s")}
     where = {"phase": "setup"}
     try:
         method = methods.get(cfg.method.kind)

@@ -497,9 +497,27 @@ def _write_error_row(cell_dir: Path, cfg_dict: Dict[str, Any], error: tuple, t0:
     return row
 
 
+def _spawn_cell(spec: Dict[str, Any], spec_path: Path, env: Dict[str, str], lock_fds: List[int], preload: bool) -> Any:
+    """Start the cell process: forked from run.preload's server (qbench/run/preload.py), or a plain spawn of
+    python -m qbench.run.cell. Either way the cell holds the slot and cell locks itself (flock belongs to the
+    open file, shared by both): they stay held until it is gone, whatever becomes of this process meanwhile."""
+    from qbench.run import preload as preloaded
+    from qbench.store.jsonio import write_json_atomic
+
+    # the server's one-time start is not this cell's: its clock starts after it
+    if preload and preloaded.context() is not None:
+        spec["preload_server_s"] = preloaded.server_s()
+        spec["spawned_at_unix"] = time.time()
+        write_json_atomic(spec_path, spec)
+        return preloaded.CellProcess(str(spec_path), env, lock_fds)
+    write_json_atomic(spec_path, spec)
+    return subprocess.Popen([sys.executable, "-m", "qbench.run.cell", str(spec_path)],
+                            env=env, start_new_session=False, pass_fds=lock_fds)
+
+
 def _run_cell(cfg: Any) -> str:
     from qbench.store.identity import identity
-    from qbench.store.jsonio import read_result, write_json_atomic
+    from qbench.store.jsonio import read_result
     from qbench.store.rerun import should_skip, skip_hint
 
     cid = cell_id(cfg)
@@ -533,14 +551,10 @@ def _run_cell(cfg: Any) -> str:
                 "spawned_at_unix": time.time(),  # the cell's time budget starts here (timings.budget.process_start_s)
             }
             spec_path = attempt_file(cell_dir, SPEC_FILE)
-            write_json_atomic(spec_path, spec)
             log.info("%s: measuring in a fresh process%s", cid, f" on GPU {','.join(gpus)}" if gpus else " on CPU")
+            proc = _spawn_cell(spec, spec_path, _child_env(want_gpu, device, gpus),
+                               [f.fileno() for f in [cell_lock_file, *locks]], bool(cfg.run.preload))
             t0 = time.perf_counter()
-            # The cell process inherits the slot and cell locks (flock belongs to the open file, shared by
-            # both): they stay held until it is gone, whatever becomes of this process meanwhile
-            proc = subprocess.Popen([sys.executable, "-m", "qbench.run.cell", str(spec_path)],
-                                    env=_child_env(want_gpu, device, gpus), start_new_session=False,
-                                    pass_fds=[f.fileno() for f in [cell_lock_file, *locks]])
             error = _wait_child(proc, cfg.run.timeout_min)
         finally:
             for f in locks:

@@ -1,0 +1,110 @@
+"""Preloaded cell processes (run.preload): each cell still runs in a fresh process, but the heavy imports
+(torch, transformers, lm-eval) are paid once per sweep, by multiprocessing's forkserver, instead of once per
+cell (docs/time_budget.md#preloaded-cell-processes).
+
+The server process imports the libraries and never touches CUDA; each cell is forked from it, applies its own
+environment (CUDA_VISIBLE_DEVICES, the allocator setting, thread counts) before its first CUDA use, and takes
+the sweep's cell and slot locks as duplicated file descriptors, so that the kernel frees them only when the
+cell itself is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import subprocess
+import time
+from multiprocessing.reduction import DupFd
+from typing import Any, Dict, List, Optional
+
+log = logging.getLogger("qbench.run.preload")
+
+# What a cell imports before anything else (cell._import_libraries): the server imports these once. torch
+# imported without use initialises neither CUDA nor its thread pools (the forked cell sizes those itself).
+PRELOAD = ["qbench.run.cell", "torch", "transformers", "lm_eval.evaluator", "lm_eval.models.huggingface"]
+
+_server: Dict[str, Any] = {}  # the sweep's one server: its context and the seconds it took to start
+
+
+def _probe() -> None:
+    """The first fork: it runs once the server has imported PRELOAD, which times the server's start, and says
+    whether the preload touched CUDA (a context does not survive fork: every cell would fail on the GPU)."""
+    import sys
+
+    import torch
+
+    sys.exit(CUDA_IN_SERVER if torch.cuda.is_initialized() else 0)
+
+
+CUDA_IN_SERVER = 3  # _probe's exit status when the server's preload initialised CUDA
+
+
+def context() -> Any:
+    """The forkserver context, started on first use and timed once per sweep (logged, and in every preloaded
+    cell's result as preload.server_s); None, with a warning, where the server cannot serve (the sweep then
+    spawns plainly)."""
+    if "ctx" not in _server:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        t0 = time.perf_counter()
+        warm = ctx.Process(target=_probe, name="qbench-preload-probe")
+        warm.start()
+        warm.join()
+        _server["server_s"] = time.perf_counter() - t0
+        _server["ctx"] = ctx if warm.exitcode == 0 else None
+        if warm.exitcode != 0:
+            why = "its preload initialised CUDA" if warm.exitcode == CUDA_IN_SERVER else f"exit {warm.exitcode}"
+            log.warning("run.preload: the fork server cannot serve cells (%s); cells spawn plainly", why)
+            return None
+        log.info("preloaded %s in a fork server in %.1f s (once per sweep; run.preload=false spawns plainly)",
+                 ", ".join(PRELOAD[1:]), _server["server_s"])
+    return _server["ctx"]
+
+
+def server_s() -> Optional[float]:
+    """Seconds the sweep's server took to import PRELOAD; None before it started."""
+    return _server.get("server_s")
+
+
+class CellProcess:
+    """A forked cell process with the part of subprocess.Popen's interface the sweep uses (wait, send_signal,
+    kill, returncode): cli._wait_child and cli._stop_child treat both alike. returncode is negative for a cell
+    ended by a signal, as with Popen."""
+
+    def __init__(self, spec_path: str, env: Dict[str, str], fds: List[int]) -> None:
+        ctx = context()
+        # DupFd, pickled while the process starts, sends each descriptor to the server, which hands it to the
+        # child: the cell holds the same open files (and so the same flocks) as the sweep does
+        self.proc = ctx.Process(target=_cell_entry, args=(spec_path, env, [DupFd(fd) for fd in fds]),
+                                name="qbench-cell")
+        self.proc.start()
+        self.pid = self.proc.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.proc.exitcode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            raise subprocess.TimeoutExpired("qbench-cell", timeout or 0.0)
+        return self.proc.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        import os
+
+        if self.proc.exitcode is None:
+            os.kill(self.proc.pid, signum)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def _cell_entry(spec_path: str, env: Dict[str, str], fds: List[Any]) -> None:
+    """The forked cell: descriptors and environment first, then the cell's main as a plain spawn runs it."""
+    import sys
+
+    from qbench.run import cell
+
+    held = [fd.detach() for fd in fds]  # the locks: kept open until the process ends
+    sys.exit(cell.forked_main(spec_path, env, held))

@@ -1,0 +1,133 @@
+"""Preloaded cell processes (run.preload, qbench/run/preload.py): each cell is still a fresh process, forked from
+a server that imported the libraries once per sweep; the environment, locks and stop behaviour stay a cell's own."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_faults_signals import QBENCH, REPO, SLOW, _alive, _cell_pid, _env, _open_files
+
+QUICK = ["model=tiny", "bench=quick", "bench.batch_sizes=[1]", "bench.new_tokens=4", "bench.min_repeats=2",
+         "bench.max_repeats=2", "bench.warmup_runs=1", "bench.prompt_tokens=[8]", "bench.decode_prompt_tokens=8",
+         "bench.device=cpu", "eval.enabled=false", "eval.quality.enabled=false"]
+
+
+def _sweep(tmp_path: Path, preload: bool) -> dict:
+    runs = tmp_path / f"runs-{preload}"
+    subprocess.run(QBENCH + ["-m", *QUICK, "method=fp32,bf16", "run.sweep=s", f"run.runs_dir={runs}",
+                             f"run.preload={str(preload).lower()}"],
+                   cwd=REPO, env=_env(tmp_path), check=True, capture_output=True, timeout=600)
+    return {m: json.loads((runs / "s" / f"tiny__{m}" / "result.json").read_text()) for m in ("fp32", "bf16")}
+
+
+@pytest.mark.slow  # two 2-cell sweeps of the tiny model
+def test_a_preloaded_cell_pays_a_fraction_of_the_imports(tmp_path):
+    plain, preloaded = _sweep(tmp_path, False), _sweep(tmp_path, True)
+    for r in (*plain.values(), *preloaded.values()):
+        assert r["status"] == "ok"
+        assert sum(r["timings"]["budget"].values()) == pytest.approx(r["wall_time_s"], abs=1.0)
+    second_plain = plain["bf16"]["timings"]["budget"]["imports_s"]
+    second_pre = preloaded["bf16"]["timings"]["budget"]["imports_s"]
+    assert second_pre < 0.25 * second_plain, (second_pre, second_plain)
+    # the server's one-time cost is reported, the same in every cell of the sweep; a plain cell has no such field
+    assert preloaded["bf16"]["preload"]["preloaded"] is True
+    assert preloaded["bf16"]["preload"]["server_s"] == preloaded["fp32"]["preload"]["server_s"] > 0
+    assert "preload" not in plain["bf16"]
+
+
+def test_sigkill_of_a_preloaded_sweep_stops_the_cell_and_frees_its_locks(tmp_path):
+    """No handler runs in a SIGKILLed sweep: the cell (a child of the fork server, not of the sweep) still stops,
+    as it watches the sweep itself, and the locks it held are free once it is gone."""
+    runs = tmp_path / "runs"
+    cell_dir = runs / "t" / "tiny__bf16"
+    proc = subprocess.Popen(QBENCH + ["-m", *SLOW, "method=bf16", "run.sweep=t", f"run.runs_dir={runs}",
+                                      "run.preload=true"],
+                            cwd=REPO, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = None
+    try:
+        child = _cell_pid(cell_dir, time.time() + 300)
+        held = _open_files(child)
+        assert str(cell_dir / ".attempt" / "lock") in held  # the forked cell holds the locks itself
+        slots = [p for p in held if p.startswith(str(tmp_path / "locks")) and p.endswith(".lock")]
+        assert slots, held
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 60
+        while _alive(child) and time.time() < deadline:
+            time.sleep(0.1)
+        orphan = _alive(child)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+    assert not orphan, "the preloaded cell outlived the sweep"
+    for path in [str(cell_dir / ".attempt" / "lock"), *slots]:
+        with open(path, "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError while still held
+
+
+def test_a_forked_cell_takes_its_own_environment(tmp_path):
+    """The server starts with the sweep's CUDA_VISIBLE_DEVICES and threads; a CPU cell's CUDA_VISIBLE_DEVICES=""
+    and OMP_NUM_THREADS are what the forked cell sees, also in torch (no GPU there, one thread)."""
+    out = tmp_path / "seen.json"
+    code = textwrap.dedent(f"""
+        import json, os, sys
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+        os.environ.pop("OMP_NUM_THREADS", None)
+        from qbench.run import preload
+
+        def probe(env):
+            from qbench.run import cell
+            cell.enter_forked(env, [])
+            cell._size_thread_pools()
+            import torch
+            json.dump({{"cvd": os.environ["CUDA_VISIBLE_DEVICES"], "gpus": torch.cuda.device_count(),
+                       "threads": torch.get_num_threads(), "cuda_in_server": torch.cuda.is_initialized()}},
+                      open({str(out)!r}, "w"))
+
+        if __name__ == "__main__":
+            ctx = preload.context()
+            p = ctx.Process(target=probe, args=({{**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}},))
+            p.start(); p.join()
+            sys.exit(p.exitcode)
+    """)
+    script = tmp_path / "probe.py"
+    script.write_text(code)
+    subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=_env(tmp_path), check=True, timeout=300)
+    seen = json.loads(out.read_text())
+    assert seen == {"cvd": "", "gpus": 0, "threads": 1, "cuda_in_server": False}
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_run_preload_picks_the_spawn(tmp_path, monkeypatch, preload):
+    """run.preload=false: today's plain spawn of python -m qbench.run.cell with the lock fds passed; true: a
+    process forked from the preload server, handed the same fds."""
+    from qbench.run import cli
+    from qbench.run import preload as preloaded
+
+    calls = {}
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda argv, **kw: calls.setdefault("popen", (argv, kw)))
+    monkeypatch.setattr(preloaded, "context", lambda: object())
+    monkeypatch.setattr(preloaded, "server_s", lambda: 1.5)
+    monkeypatch.setattr(preloaded, "CellProcess", lambda *a: calls.setdefault("forked", a))
+    spec: dict = {"spawned_at_unix": 0.0}
+    cli._spawn_cell(spec, tmp_path / "spec.json", {"CUDA_VISIBLE_DEVICES": ""}, [7, 8], preload)
+    if preload:
+        assert calls["forked"] == (str(tmp_path / "spec.json"), {"CUDA_VISIBLE_DEVICES": ""}, [7, 8])
+        assert spec["preload_server_s"] == 1.5 and spec["spawned_at_unix"] > 0
+    else:
+        argv, kw = calls["popen"]
+        assert argv[1:] == ["-m", "qbench.run.cell", str(tmp_path / "spec.json")] and kw["pass_fds"] == [7, 8]
+        assert "preload_server_s" not in spec
+    assert json.loads((tmp_path / "spec.json").read_text()) == spec
