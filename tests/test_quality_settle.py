@@ -165,3 +165,17 @@ def test_files_made_on_other_tokens_are_one_warning_and_no_comparison(older_fold
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln]
     assert len(err) == 1 and "small__nf4: quality comparison not made" in err[0] and "tokens_sha256" in err[0]
     assert _quality(copy, "small__nf4")["comparison"] is None
+
+
+def test_the_report_names_the_settle_command_for_a_folder_with_pending_comparisons(older_folder, tmp_path, capsys):
+    from qbench.report import cli as report_cli
+
+    copy = tmp_path / "q"
+    shutil.copytree(older_folder, copy)
+    report_cli.main([str(copy), "--out", str(tmp_path / "site")])
+    err = capsys.readouterr().err
+    assert f"python -m qbench.run.settle {copy}" in err and "small__nf4" in err
+    settle.main([str(copy)])
+    capsys.readouterr()
+    report_cli.main([str(copy), "--out", str(tmp_path / "site2")])
+    assert "qbench.run.settle" not in capsys.readouterr().err

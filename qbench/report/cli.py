@@ -50,6 +50,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"qbench-report: {why}", file=sys.stderr)
 
     pages, failed = site.build_site(sweeps, out, shared=shared, on_error=report)
+    from qbench.store.late_quality import pending_line
+
+    for sweep in sweeps:  # the report no longer compares: it names the command that does
+        line = pending_line(sweep)
+        if line:
+            print(line, file=sys.stderr)
     for page in pages:
         print(page)
     print(out / "index.html")

@@ -253,7 +253,7 @@ def quality_view(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> D
             "top1": _with_ci(r.get("top1_pct"), r.get("top1_ci_low"), r.get("top1_ci_high"), 2),
             "dp_rms": fmt_num(r.get("dp_rms_pct"), 2),
             "accuracy": task_cells,
-            "source": {"live": "live", "report": "from files (report)"}.get(r.get("quality_source") or "",
+            "source": {"live": "live", "sweep_end": "from files (sweep end)"}.get(r.get("quality_source") or "",
                                                                              "baseline" if r["is_baseline"] else "pending"),
         })
     return {"rows": out, "origins": origins, "settings": settings or {}}
