@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -244,12 +244,12 @@ def quality_chart(rows: List[Dict[str, Any]]) -> Optional[go.Figure]:
 # ---------------------------------------------------------------- decode throughput vs batch size
 
 
-def decode_series(r: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
+def decode_series(r: T.ResultLike) -> Dict[str, List[Dict[str, Any]]]:
     """decode_path -> points {batch_size, p50, lo, hi} (lo/hi: p10/p90, else mean -/+ stdev)."""
     out: Dict[str, List[Dict[str, Any]]] = {}
     for d in T.decode_rows(r):
-        s = T.dist_stats(d.get("tokens_per_s"))
-        bs, mid = T.num(d.get("batch_size")), s.get("p50", s.get("mean"))
+        s = T.dist_stats(d.tokens_per_s)
+        bs, mid = T.num(d.batch_size), s.get("p50", s.get("mean"))
         if bs is None or mid is None:
             continue
         if "p10" in s and "p90" in s:
@@ -259,15 +259,19 @@ def decode_series(r: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
         else:
             lo = hi = mid
             band = "no spread recorded"
-        out.setdefault(str(d.get("decode_path") or "?"), []).append(
+        out.setdefault(str(d.decode_path or "?"), []).append(
             {"batch_size": bs, "p50": mid, "lo": lo, "hi": hi, "band": band, "cv": s.get("cv")})
     for pts in out.values():
         pts.sort(key=lambda p: p["batch_size"])
     return out
 
 
-def throughput_chart(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Optional[go.Figure]:
-    by_cell = {r["cell"]: r for r in results}
+def _by_cell(results: Sequence[T.ResultLike]) -> Dict[str, T.Result]:
+    return {str(res.cell): res for res in (T.typed(r) for r in results)}
+
+
+def throughput_chart(rows: List[Dict[str, Any]], results: Sequence[T.ResultLike]) -> Optional[go.Figure]:
+    by_cell = _by_cell(results)
     series = {row["cell"]: decode_series(by_cell[row["cell"]]) for row in rows if row["cell"] in by_cell}
     if not any(series.values()):
         return None
@@ -303,7 +307,7 @@ def throughput_chart(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) 
 # ---------------------------------------------------------------- memory breakdown
 
 
-def memory_parts(r: Dict[str, Any], row: Dict[str, Any]) -> Optional[Dict[str, float]]:
+def memory_parts(r: T.ResultLike, row: Dict[str, Any]) -> Optional[Dict[str, float]]:
     """weights, KV cache (analytic, largest measured shape), overhead = peak - weights - KV, in GB."""
     w, peak = T.weight_bytes(r), T.peak_bytes(r)[0]
     if w is None or peak is None:
@@ -314,8 +318,8 @@ def memory_parts(r: Dict[str, Any], row: Dict[str, Any]) -> Optional[Dict[str, f
             "overhead_raw": overhead / T.GB, "peak": peak / T.GB}
 
 
-def memory_chart(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Optional[go.Figure]:
-    by_cell = {r["cell"]: r for r in results}
+def memory_chart(rows: List[Dict[str, Any]], results: Sequence[T.ResultLike]) -> Optional[go.Figure]:
+    by_cell = _by_cell(results)
     every = {row["cell"]: memory_parts(by_cell[row["cell"]], row) for row in rows if row["cell"] in by_cell}
     parts = {cell: p for cell, p in every.items() if p}  # the cells with a breakdown
     if not parts:
@@ -382,28 +386,33 @@ def delta_chart(rows: List[Dict[str, Any]]) -> Optional[go.Figure]:
 # ---------------------------------------------------------------- MMLU categories heatmap
 
 
-def category_task(results: List[Dict[str, Any]]) -> Optional[str]:
+def _categories(r: T.ResultLike, task: str) -> Optional[Dict[str, Any]]:
+    entry = T.task_entry(r, task)
+    return entry.categories if entry and isinstance(entry.categories, dict) else None
+
+
+def category_task(results: Sequence[T.ResultLike]) -> Optional[str]:
     """The task whose categories the heatmap shows: the first of the sweep whose results break it down (MMLU)."""
-    return next((t for t in T.sweep_tasks(results)
-                 if any(isinstance(T.get(r, "metrics", "accuracy", "tasks", t, "categories"), dict) for r in results)),
-                None)
+    return next((t for t in T.sweep_tasks(results) if any(_categories(r, t) is not None for r in results)), None)
 
 
-def category_deltas(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+def category_deltas(rows: List[Dict[str, Any]],
+                    results: Sequence[T.ResultLike]) -> Dict[str, Dict[str, Dict[str, float]]]:
     """model -> method -> category -> delta (pp) of the task's category accuracy vs the baseline cell."""
     task = category_task(results)
     if task is None:
         return {}
-    base = T.baseline_method(results)
-    bases = T.baseline_cells(results, base)
-    by_cell = {r["cell"]: r for r in results}
+    typed_results = [T.typed(r) for r in results]
+    base = T.baseline_method(typed_results)
+    bases = T.baseline_cells(typed_results, base)
+    by_cell = _by_cell(typed_results)
     out: Dict[str, Dict[str, Dict[str, float]]] = {}
     for row in rows:
         r, b = by_cell.get(row["cell"]), bases.get(row["model"])
-        if r is None or b is None or r is b or r["status"] != "ok":
+        if r is None or b is None or r is b or r.status != "ok":
             continue
-        cats, bcats = (T.get(x, "metrics", "accuracy", "tasks", task, "categories", default={}) for x in (r, b))
-        if not isinstance(cats, dict) or not isinstance(bcats, dict):
+        cats, bcats = _categories(r, task), _categories(b, task)
+        if cats is None or bcats is None:
             continue
         scores = {c: (T.category_score(cats[c]), T.category_score(bcats[c])) for c in cats if c in bcats}
         d = {c: 100 * (a - b) for c, (a, b) in scores.items() if a is not None and b is not None}
@@ -412,7 +421,7 @@ def category_deltas(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -
     return out
 
 
-def category_heatmap(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Optional[go.Figure]:
+def category_heatmap(rows: List[Dict[str, Any]], results: Sequence[T.ResultLike]) -> Optional[go.Figure]:
     deltas = category_deltas(rows, results)
     if not deltas:
         return None
@@ -446,8 +455,9 @@ def category_heatmap(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) 
 # ---------------------------------------------------------------- all of them
 
 
-def build_charts(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def build_charts(rows: List[Dict[str, Any]], results: Sequence[T.ResultLike]) -> List[Dict[str, Any]]:
     """The page's charts in order: key, title, caption, and the figure (None = not measured in this sweep)."""
+    results = [T.typed(r) for r in results]  # each result.json read once through its typed result
     cat = category_task(results)
     return [
         {"key": "quality", "title": "Quality vs weight memory: KL divergence and top-1 agreement with the baseline",

@@ -21,11 +21,12 @@ Nothing here imports plotly or torch: the panel is testable from result files al
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from qbench.evaluate import tasks as task_table
 from qbench.measure import stats
 from qbench.report import tables as T
+from qbench.store.result import ABSENT, DecodeFigure, Dist, Result
 
 DEFAULT_BUDGET: Dict[str, Any] = {
     "kl_max": 0.05,         # nats/token, mean KL(baseline || method)
@@ -48,32 +49,31 @@ def _ci(v: Any, lo: Any, hi: Any) -> Optional[Dict[str, Optional[float]]]:
     return {"v": v, "lo": lo if hi is not None else None, "hi": hi if lo is not None else None}
 
 
-def decode_figure(row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def decode_figure(row: DecodeFigure) -> Optional[Dict[str, Any]]:
     """tokens/s (median) with the 95 % CI of the median: the recorded one, else computed from the raw values
     (results written before the CI was stored); its level says what coverage a small sample really has."""
-    dist = row.get("tokens_per_s")
-    s = T.dist_stats(dist)
+    s = T.dist_stats(row.tokens_per_s)
+    dist = row.tokens_per_s if isinstance(row.tokens_per_s, Dist) else None
     v = s.get("p50", s.get("mean"))
     if v is None:
         return None
     lo, hi, level = s.get("ci_low"), s.get("ci_high"), None
-    ci = (dist.get("median_ci") if isinstance(dist, dict) and isinstance(dist.get("median_ci"), dict) else None) or {}
-    level = T.num(ci.get("level"))
-    values = sorted(x for x in (T.num(y) for y in (dist.get("values") or [] if isinstance(dist, dict) else []))
-                    if x is not None)
+    ci = dist.median_ci if dist and dist.median_ci else None
+    level = T.num(ci.level) if ci else None
+    values = sorted(x for x in (T.num(y) for y in ((dist.values or []) if dist else [])) if x is not None)
     if (lo is None or hi is None) and len(values) >= 2:
         computed = stats.median_ci(values)
         lo, hi, level = computed["low"], computed["high"], computed["level"]
-    return {"v": v, "lo": lo, "hi": hi, "level": level, "path": row.get("decode_path")}
+    return {"v": v, "lo": lo, "hi": hi, "level": level, "path": T.present(row.decode_path)}
 
 
-def decode_by_batch(result: Dict[str, Any]) -> Dict[int, Dict[str, Any]]:
+def decode_by_batch(result: Result) -> Dict[int, Dict[str, Any]]:
     """batch size -> the headline path's decode figure (static where measured, else eager, else any path)."""
-    rows: Dict[int, Dict[str, Dict[str, Any]]] = {}
+    rows: Dict[int, Dict[str, DecodeFigure]] = {}
     for d in T.decode_rows(result):
-        bs = T.num(d.get("batch_size"))
+        bs = T.num(d.batch_size)
         if bs is not None:
-            rows.setdefault(int(bs), {}).setdefault(str(d.get("decode_path") or "?"), d)
+            rows.setdefault(int(bs), {}).setdefault(str(d.decode_path or "?"), d)
     out = {}
     for bs, by_path in sorted(rows.items()):
         pick = next((by_path[p] for p in T.DECODE_PATH_PREFERENCE if p in by_path), None)
@@ -84,21 +84,26 @@ def decode_by_batch(result: Dict[str, Any]) -> Dict[int, Dict[str, Any]]:
     return out
 
 
-def _nominal_bits(result: Dict[str, Any]) -> Optional[int]:
+def _dtype(result: Result) -> str:
+    return str(T.get(result.config, "method", "dtype", default=""))
+
+
+def _nominal_bits(result: Result) -> Optional[int]:
     """The bit width a rule of thumb speaks of: 4 for NF4/GPTQ/HQQ (4.13-4.5 effective), 8 for int8, 16/32 for
     an unquantized dtype. Scales and zero points are what the rule leaves out."""
-    mem = T.get(result, "metrics", "memory", default={}) or {}
-    bits = T.num(mem.get("bits_per_weight_quantized"))
-    quantized = T.num(mem.get("params_quantized_measured", mem.get("params_quantized")))
+    mem = T.memory_of(result)
+    bits = T.num(mem.bits_per_weight_quantized) if mem else None
+    quantized = T.num(mem.params_quantized_measured if mem.params_quantized_measured is not ABSENT
+                      else mem.params_quantized) if mem else None
     if bits is not None and quantized:
         return int(math.floor(bits + 1e-9))
-    return DTYPE_BITS.get(str(T.get(result, "config", "method", "dtype", default="")))
+    return DTYPE_BITS.get(_dtype(result))
 
 
-def cell_figures(row: Dict[str, Any], result: Dict[str, Any], tasks: List[str]) -> Dict[str, Any]:
+def cell_figures(row: Dict[str, Any], result: Result, tasks: List[str]) -> Dict[str, Any]:
     """The figures that decide, for one finished cell."""
-    mem = T.get(result, "metrics", "memory", default={}) or {}
-    params = T.num(mem.get("params_total"))
+    mem = T.memory_of(result)
+    params = T.num(mem.params_total) if mem else None
     wb = T.weight_bytes(result)
     return {
         "cell": row["cell"], "method": row["method"], "is_baseline": bool(row["is_baseline"]),
@@ -114,11 +119,11 @@ def cell_figures(row: Dict[str, Any], result: Dict[str, Any], tasks: List[str]) 
     }
 
 
-def sixteen_bit_reference(cells: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+def sixteen_bit_reference(cells: List[Dict[str, Any]], results: Dict[str, Result]) -> Optional[Dict[str, Any]]:
     """The 16-bit weights a saving is measured against: a bf16 / fp16 cell of the sweep (the baseline first),
     else the fp32 cell's measured bytes halved, which the claims table then says."""
     def dtype(c: Dict[str, Any]) -> str:
-        return str(T.get(results[c["cell"]], "config", "method", "dtype", default=""))
+        return _dtype(results[c["cell"]])
 
     unquantized = [c for c in cells if c["weights_gb"] and c["nominal_bits"] == DTYPE_BITS.get(dtype(c))]
     for want in SIXTEEN_BIT_DTYPES:
@@ -208,7 +213,7 @@ def claims(cells: List[Dict[str, Any]], ref: Optional[Dict[str, Any]], metric: O
     return out
 
 
-def model_decision(model: str, rows: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]],
+def model_decision(model: str, rows: List[Dict[str, Any]], results: Dict[str, Result],
                    tasks: List[str]) -> Dict[str, Any]:
     """One model's panel: its cells' figures, which constraints the sweep can judge, and the claims."""
     cells = [cell_figures(r, results[r["cell"]], tasks) for r in rows
@@ -224,9 +229,9 @@ def model_decision(model: str, rows: List[Dict[str, Any]], results: Dict[str, Di
             "loss_metric": metric, "claims": claims(cells, ref, metric)}
 
 
-def decision_data(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Dict[str, Any]:
+def decision_data(rows: List[Dict[str, Any]], results: Sequence[T.ResultLike]) -> Dict[str, Any]:
     """The JSON the page embeds: the default budget, the task labels, one panel per model."""
-    by_cell = {r["cell"]: r for r in results}
+    by_cell = {str(res.cell): res for res in (T.typed(r) for r in results)}
     tasks = T.row_tasks(rows)
     models = list(dict.fromkeys(r["model"] for r in rows))
     return {"budget": dict(DEFAULT_BUDGET), "memory_tie_fraction": MEMORY_TIE_FRACTION,

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import importlib
 import json
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from qbench.evaluate import tasks as task_table  # stdlib only, like store: the report builds without torch
-from qbench.report.loading import get, num
+from qbench.report.loading import ResultLike, accuracy_of, latency_of, memory_of, num, present, typed
+from qbench.store.result import (
+    DecodeFigure,
+    Dist,
+    KvShape,
+    Precision,
+    PrefillFigure,
+    SubScore,
+    TaskItems,
+    TaskScore,
+)
 
 _DIST_STATS = ("p50", "mean", "p10", "p90", "p99", "min", "max", "stdev", "cv", "n")
 
@@ -18,13 +28,19 @@ _DIST_STATS = ("p50", "mean", "p10", "p90", "p99", "min", "max", "stdev", "cv", 
 
 
 def dist_stats(dist: Any) -> Dict[str, Optional[float]]:
-    """The statistics of a Dist; p10 (not stored) is computed from the raw values when they are there."""
+    """The statistics of a Dist (typed, or as stored); p10 (not stored) is computed from the raw values when they
+    are there."""
     if isinstance(dist, (int, float)) and not isinstance(dist, bool):
         return {"p50": num(dist)}  # a bare number (e.g. prefill tokens_per_s, "Dist-derived p50")
-    if not isinstance(dist, dict):
+    if isinstance(dist, dict):
+        dist = Dist.from_dict(dist)
+    if not isinstance(dist, Dist):
         return {}
-    out = {k: num(dist.get(k)) for k in _DIST_STATS}
-    values = [v for v in (num(x) for x in dist.get("values") or []) if v is not None]
+    # in _DIST_STATS' order (the tidy table's rows follow it); p10 is no declared field: an older result's own
+    out = {"p50": num(dist.p50), "mean": num(dist.mean), "p10": num(dist.extra.get("p10")), "p90": num(dist.p90),
+           "p99": num(dist.p99), "min": num(dist.min), "max": num(dist.max), "stdev": num(dist.stdev),
+           "cv": num(dist.cv), "n": num(dist.n)}
+    values = [v for v in (num(x) for x in dist.values or []) if v is not None]
     if values:
         if out["p10"] is None:
             out["p10"] = float(np.percentile(values, 10))
@@ -34,21 +50,25 @@ def dist_stats(dist: Any) -> Dict[str, Optional[float]]:
             out["p90"] = float(np.percentile(values, 90))
     if out["cv"] is None and out["stdev"] is not None and out["mean"]:
         out["cv"] = out["stdev"] / out["mean"]
-    ci: Dict[str, Any] = dist["median_ci"] if isinstance(dist.get("median_ci"), dict) else {}
-    out["ci_low"], out["ci_high"] = num(ci.get("low")), num(ci.get("high"))
-    out["ci_half_width_pct"] = num(ci.get("half_width_pct"))
+    ci = dist.median_ci or None
+    out["ci_low"], out["ci_high"] = (num(ci.low), num(ci.high)) if ci else (None, None)
+    out["ci_half_width_pct"] = num(ci.half_width_pct) if ci else None
     return {k: v for k, v in out.items() if v is not None}
 
 
-def precision_of(row: Any) -> Dict[str, Any]:
-    """A latency row's precision block (how its repeats ended): {} for results written before it existed."""
-    p = get(row, "precision")
-    return p if isinstance(p, dict) else {}
+Figure = Union[PrefillFigure, DecodeFigure]  # a latency row
 
 
-def capped(row: Any) -> bool:
+def precision_of(row: Optional[Figure]) -> Optional[Precision]:
+    """A latency row's precision block (how its repeats ended): None for results written before it existed."""
+    p = row.precision if row else None
+    return p if p and p.to_dict() else None
+
+
+def capped(row: Optional[Figure]) -> bool:
     """The figure stopped at its time cap before reaching its precision target."""
-    return precision_of(row).get("stopped_by") == "time_cap"
+    p = precision_of(row)
+    return p is not None and p.stopped_by == "time_cap"
 
 
 def central(dist: Any) -> Optional[float]:
@@ -60,39 +80,44 @@ def central(dist: Any) -> Optional[float]:
 # ---------------------------------------------------------------- picking figures out of a result
 
 
-def weight_bytes(r: Dict[str, Any]) -> Optional[float]:
-    mem = get(r, "metrics", "memory", default={})
-    return num(mem.get("weight_bytes_measured")) or num(mem.get("weight_bytes_get_memory_footprint"))
+def weight_bytes(r: ResultLike) -> Optional[float]:
+    mem = memory_of(typed(r))
+    return (num(mem.weight_bytes_measured) or num(mem.weight_bytes_get_memory_footprint)) if mem else None
 
 
-def peak_bytes(r: Dict[str, Any]) -> tuple[Optional[float], Optional[str]]:
+def peak_bytes(r: ResultLike) -> tuple[Optional[float], Optional[str]]:
     """Peak memory and where it comes from: the CUDA allocator (max over phases), else process RSS (CPU)."""
-    mem = get(r, "metrics", "memory", default={})
-    phases = mem.get("peak_allocated_bytes")
+    mem = memory_of(typed(r))
+    if mem is None:
+        return None, None
+    phases: Any = mem.peak_allocated_bytes  # older results: one number, not one per phase
     if isinstance(phases, dict):
         vals = [v for v in (num(x) for x in phases.values()) if v is not None]
         if vals:
             return max(vals), "allocator"
     elif num(phases) is not None:
         return num(phases), "allocator"
-    rss = num(mem.get("rss_peak_bytes"))
+    rss = num(mem.rss_peak_bytes)
     return (rss, "rss") if rss is not None else (None, None)
 
 
-def kv_bytes_at_peak(r: Dict[str, Any]) -> Optional[float]:
+def kv_bytes_at_peak(r: ResultLike) -> Optional[float]:
     """Analytic KV cache of the largest measured shape: the one that sets the decode peak."""
-    rows = get(r, "metrics", "memory", "kv_cache_bytes_analytic", default=[])
-    vals = [num(get(x, "bytes")) for x in rows if isinstance(x, dict)]
+    mem = memory_of(typed(r))
+    rows = (mem.kv_cache_bytes_analytic or []) if mem else []
+    vals = [num(x.bytes) for x in rows if isinstance(x, KvShape)]
     known = [v for v in vals if v is not None]
     return max(known) if known else None
 
 
-def prefill_rows(r: Dict[str, Any]) -> List[Dict[str, Any]]:
-    return [x for x in get(r, "metrics", "latency", "prefill", default=[]) if isinstance(x, dict)]
+def prefill_rows(r: ResultLike) -> List[PrefillFigure]:
+    lat = latency_of(typed(r))
+    return [x for x in (lat.prefill or []) if isinstance(x, PrefillFigure)] if lat else []
 
 
-def decode_rows(r: Dict[str, Any]) -> List[Dict[str, Any]]:
-    return [x for x in get(r, "metrics", "latency", "decode", default=[]) if isinstance(x, dict)]
+def decode_rows(r: ResultLike) -> List[DecodeFigure]:
+    lat = latency_of(typed(r))
+    return [x for x in (lat.decode or []) if isinstance(x, DecodeFigure)] if lat else []
 
 
 # The decode figure a table leads with: the static (compiled, CUDA-graph) path where a cell measured it, which
@@ -101,34 +126,36 @@ def decode_rows(r: Dict[str, Any]) -> List[Dict[str, Any]]:
 DECODE_PATH_PREFERENCE = ("static", "eager")
 
 
-def headline_decode(r: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def headline_decode(r: ResultLike) -> Optional[DecodeFigure]:
     """The batch-1 decode row a summary shows first for this cell: static where measured, else eager, else any."""
+    res = typed(r)
     for path in DECODE_PATH_PREFERENCE:
-        row = decode_bs1(r, path)
+        row = decode_bs1(res, path)
         if row is not None:
             return row
-    return decode_bs1(r, None)
+    return decode_bs1(res, None)
 
 
-def first_prefill_bs1(r: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    rows = [x for x in prefill_rows(r) if get(x, "batch_size") == 1]
+def first_prefill_bs1(r: ResultLike) -> Optional[PrefillFigure]:
+    rows = [x for x in prefill_rows(r) if x.batch_size == 1]
     return rows[0] if rows else None
 
 
-def decode_bs1(r: Dict[str, Any], path: Optional[str]) -> Optional[Dict[str, Any]]:
-    rows = [x for x in decode_rows(r) if get(x, "batch_size") == 1 and (path is None or x.get("decode_path") == path)]
+def decode_bs1(r: ResultLike, path: Optional[str]) -> Optional[DecodeFigure]:
+    rows = [x for x in decode_rows(r) if x.batch_size == 1 and (path is None or x.decode_path == path)]
     return rows[0] if rows else None
 
 
-def task_entry(r: Dict[str, Any], task: str) -> Optional[Dict[str, Any]]:
-    t = get(r, "metrics", "accuracy", "tasks", task)
-    return t if isinstance(t, dict) else None
+def task_entry(r: ResultLike, task: str) -> Optional[TaskScore]:
+    acc = accuracy_of(typed(r))
+    t = acc.tasks.get(task) if acc and acc.tasks else None
+    return t if isinstance(t, TaskScore) else None
 
 
-def sweep_tasks(results: List[Dict[str, Any]]) -> List[str]:
+def sweep_tasks(results: Sequence[ResultLike]) -> List[str]:
     """Every task some cell of the sweep evaluated, in the task table's order (then unknown ones, A-Z)."""
-    names = {str(k) for r in results for k, t in (get(r, "metrics", "accuracy", "tasks", default={}) or {}).items()
-             if isinstance(t, dict)}
+    names = {str(k) for acc in (accuracy_of(typed(r)) for r in results) if acc and acc.tasks
+             for k, t in acc.tasks.items() if isinstance(t, TaskScore)}
     return task_table.order(sorted(names))
 
 
@@ -141,56 +168,67 @@ def row_tasks(rows: List[Dict[str, Any]]) -> List[str]:
             and f"{k[: -len('_metric')]}_pct" in row and f"{k[: -len('_metric')]}_delta_source" in row]
 
 
-def task_headline(t: Optional[Dict[str, Any]], task: Optional[str] = None) -> tuple[Optional[str], Optional[float]]:
+TaskLike = Union[TaskScore, Dict[str, Any], None]  # a task's scores, typed or as stored
+
+
+def task_headline(t: TaskLike, task: Optional[str] = None) -> tuple[Optional[str], Optional[float]]:
     """(metric, score as a fraction) a task is headed by: the task table's headline metric where the entry has
     it (also in results written before the table named it), else the run's own headline (``metric``/``value``),
     else the first number of ``metrics``."""
+    if isinstance(t, dict):
+        t = TaskScore.from_dict(t) if t else None
     if not t:
         return None, None
     spec = task_table.lookup(task) if task else None
-    metrics: Dict[str, Any] = t["metrics"] if isinstance(t.get("metrics"), dict) else {}
-    recorded = t.get("metric") if isinstance(t.get("metric"), str) else None
+    metrics: Dict[str, Any] = t.metrics if isinstance(t.metrics, dict) else {}
+    recorded = t.metric if isinstance(t.metric, str) else None
     if spec is not None:
-        if task_table.same_metric(recorded, spec.headline) and num(t.get("value")) is not None:
-            return recorded, num(t["value"])
+        if task_table.same_metric(recorded, spec.headline) and num(t.value) is not None:
+            return recorded, num(t.value)
         if num(metrics.get(spec.headline)) is not None:
             return spec.headline, num(metrics[spec.headline])
-    if num(t.get("value")) is not None:
-        return recorded, num(t["value"])
+    if num(t.value) is not None:
+        return recorded, num(t.value)
     for k, v in metrics.items():
         if num(v) is not None:
             return str(k), num(v)
     return None, None
 
 
-def task_score(t: Optional[Dict[str, Any]], task: Optional[str] = None) -> Optional[float]:
+def task_score(t: TaskLike, task: Optional[str] = None) -> Optional[float]:
     """The task's headline score as a fraction (see :func:`task_headline`)."""
     return task_headline(t, task)[1]
 
 
-def chance_level(t: Optional[Dict[str, Any]], task: str) -> Optional[float]:
+def chance_level(t: Optional[TaskScore], task: str) -> Optional[float]:
     """A random guesser's score: the run's record, else the task table's."""
-    recorded = num(get(t, "chance_level"))
+    recorded = num(t.chance_level) if t else None
     spec = task_table.lookup(task)
     return recorded if recorded is not None else (spec.chance_level if spec else None)
 
 
 def category_score(v: Any) -> Optional[float]:
+    if isinstance(v, SubScore):
+        v = v.to_dict()
     if isinstance(v, dict):
         return num(v.get("value", v.get("acc")))
     return num(v)
 
 
-def task_items(r: Dict[str, Any], task: str, metric: Optional[str] = None) -> Optional[Dict[str, Any]]:
+def task_items(r: ResultLike, task: str, metric: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """The task's per-item records with ``correct`` for ``metric`` (default: the run's own headline), or None
     when the cell kept no records of that metric."""
-    it = get(r, "metrics", "accuracy", "items", task)
-    if not isinstance(it, dict):
+    res = typed(r)
+    acc = accuracy_of(res)
+    found = acc.items.get(task) if acc and acc.items else None
+    if not isinstance(found, TaskItems):
         return None
+    it = found.to_dict()
     by_metric: Dict[str, Any] = it["correct_by_metric"] if isinstance(it.get("correct_by_metric"), dict) else {}
     if metric is not None and isinstance(by_metric.get(metric), str):
         return {**it, "correct": by_metric[metric]}
-    recorded = get(task_entry(r, task), "metric")  # ``correct`` holds the records of the run's own headline
+    entry = task_entry(res, task)
+    recorded = present(entry.metric) if entry else None  # ``correct`` holds the records of the run's own headline
     if metric is None or recorded is None or task_table.same_metric(metric, recorded):
         return it if isinstance(it.get("correct"), str) else None
     return None

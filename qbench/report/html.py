@@ -14,7 +14,7 @@ import json
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 from urllib.parse import quote
 
 import jinja2
@@ -27,6 +27,7 @@ from qbench.report import charts as C
 from qbench.report import decision as D
 from qbench.report import tables as T
 from qbench.report import time_budget
+from qbench.store.result import DecodeFigure, PrefillFigure, Result, TaskScore, Unsupported
 
 TEMPLATE = "template.html.j2"
 DECISION_JS = Path(__file__).with_name("decision.js")  # the decision panel's script, inlined into every page
@@ -70,7 +71,7 @@ def _columns(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     ttft_unit = f"ms, p50, bs 1, {int(next(iter(prompt)))} tok" if len(prompt) == 1 else "ms, p50, bs 1"
     paths = sorted({r["decode_path"] for r in rows if r.get("decode_path")}, key=lambda p: p != "static")
     lead = " where measured, else ".join(paths) if len(paths) > 1 else (paths[0] if paths else "eager")
-    cols = [
+    cols: List[Dict[str, Any]] = [
         {"key": "weights_gb", "head": "Weights", "unit": "GB", "digits": 2, "better": "low", "warn": "weight_ratio_off"},
         {"key": "quantized_params_pct", "head": "Quantized", "unit": "% of weights: params (bytes)", "digits": 1,
          "better": None, "also": "quantized_bytes_pct", "warn": "unquantized_high"},
@@ -112,13 +113,13 @@ def _score_unit(rows: List[Dict[str, Any]], task: str) -> str:
     return "% correct" + (f", {', '.join(sorted(metrics))}" if metrics - {"acc"} else "")
 
 
-def _best(rows: List[Dict[str, Any]], col: Dict[str, Any]) -> set:
+def _best(rows: List[Dict[str, Any]], col: Dict[str, Any]) -> Set[str]:
     """Cells holding the best value of a column, per model (comparing a 1B with an 8B model says nothing).
 
     Failed cells and, for accuracy, random-weight cells are not eligible; neither is a baseline's own
     compression of 1x. A column with a single eligible value, or where all tie, marks nothing.
     """
-    best = set()
+    best: Set[str] = set()
     if col["better"] is None:  # a share, not a figure of merit
         return best
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -212,27 +213,39 @@ def _with_ci(v: Any, lo: Any, hi: Any, digits: int, sig: bool = False) -> str:
     return text
 
 
-def _weights_origin(r: Dict[str, Any]) -> str:
-    src = r.get("source") if isinstance(r.get("source"), dict) else {}
-    if T.is_random(r):
+def _weights_origin(res: Result) -> str:
+    src: Dict[str, Any] = res.source if isinstance(res.source, dict) else {}
+    if T.is_random(res):
         return "random weights"
     if src.get("gguf_file"):
         return (f"real weights from the GGUF file {Path(str(src['gguf_file'])).name} (sha256 "
                 f"{str(src.get('gguf_sha256', ''))[:12]}\u2026), dequantized to {src.get('dequantized_dtype')}: the "
                 "baseline carries the GGUF's own quantization rounding; comparisons between methods stay valid")
-    return f"real weights from {src.get('path') or T.get(r, 'config', 'model', 'source')}"
+    return f"real weights from {src.get('path') or T.get(res.config, 'model', 'source')}"
 
 
-def quality_view(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Dict[str, Any]:
+def _by_cell(results: Sequence[T.ResultLike]) -> Dict[str, Result]:
+    return {str(res.cell): res for res in _typed(results)}
+
+
+def _typed(results: Sequence[T.ResultLike]) -> List[Result]:
+    """Each result.json's typed result (qbench.store.result): what the page reads them through."""
+    return [T.typed(r) for r in results]
+
+
+def quality_view(rows: List[Dict[str, Any]], results: Sequence[T.ResultLike]) -> Dict[str, Any]:
     """The section the page opens with: per cell, quality against its model's baseline, token by token."""
-    by_cell = {r["cell"]: r for r in results}
-    out, origins, settings = [], {}, None
+    by_cell = _by_cell(results)
+    out: List[Dict[str, Any]] = []
+    origins: Dict[str, str] = {}
+    settings: Optional[Dict[str, Any]] = None
     for r in rows:
-        res = by_cell.get(r["cell"], {})
+        res = by_cell.get(r["cell"]) or Result()
         if T.num(r.get("ppl")) is None and T.num(r.get("kl_mean")) is None and not r.get("quality_nonfinite"):
             continue  # no quality measured; a cell whose figures are not finite stays, with the reason
         origins.setdefault(r["model"], _weights_origin(res))
-        settings = settings or T.get(res, "metrics", "quality", "settings")
+        q = T.quality_of(res)
+        settings = settings or (q.settings.to_dict() if q and q.settings else None)
         task_cells = []
         for task in T.row_tasks(rows):
             if T.num(r.get(f"{task}_delta_pp")) is None:
@@ -262,106 +275,140 @@ def quality_view(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> D
 # ---------------------------------------------------------------- honesty panel
 
 
-def _cv_findings(r: Dict[str, Any]) -> List[str]:
-    thr = T.cv_threshold(r)
+def _cv_findings(res: Result) -> List[str]:
+    thr = T.cv_threshold(res)
     found = []
-    for kind, rows_ in (("prefill", T.prefill_rows(r)), ("decode", T.decode_rows(r))):
-        for x in rows_:
-            for key in ("ttft_ms", "tokens_per_s", "per_token_ms"):
-                cv = T.dist_stats(x.get(key)).get("cv")
-                if cv is not None and cv > thr:
-                    where = f"{kind} {x.get('decode_path') or ''} bs={x.get('batch_size')}".replace("  ", " ")
-                    found.append(f"{where} {key}: CV {100 * cv:.1f} % > {100 * thr:.0f} %")
+    figures: List[Tuple[str, Union[PrefillFigure, DecodeFigure], List[Tuple[str, Any]]]] = [
+        *(("prefill", x, [("ttft_ms", x.ttft_ms), ("tokens_per_s", x.tokens_per_s)]) for x in T.prefill_rows(res)),
+        *(("decode", x, [("tokens_per_s", x.tokens_per_s), ("per_token_ms", x.per_token_ms)])
+          for x in T.decode_rows(res))]
+    for kind, x, dists in figures:
+        path = x.decode_path if isinstance(x, DecodeFigure) else None
+        for key, dist in dists:
+            cv = T.dist_stats(dist).get("cv")
+            if cv is not None and cv > thr:
+                where = f"{kind} {path or ''} bs={T.present(x.batch_size)}".replace("  ", " ")
+                found.append(f"{where} {key}: CV {100 * cv:.1f} % > {100 * thr:.0f} %")
     return found
 
 
-def _mixed_environment(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def _torch_settings(res: Result) -> Dict[str, Any]:
+    lat = T.latency_of(res)
+    return (lat.torch_settings or {}) if lat else {}
+
+
+def _reader(where: str, *keys: str) -> Callable[[Result], Any]:
+    """A reader of one value: under the cell's environment (untyped: host, versions) or its torch settings."""
+    def read(r: Result) -> Any:
+        return T.get(r.environment if where == "environment" else _torch_settings(r), *keys)
+    return read
+
+
+def _mixed_environment(results: Sequence[T.ResultLike]) -> List[Dict[str, Any]]:
     """Environment keys whose value differs between cells of the sweep, with the cells per value."""
-    keys = {"device": lambda r: r.get("device"),
-            "GPU": lambda r: T.get(r, "environment", "gpu_name"),
-            "GPU count": lambda r: T.get(r, "environment", "gpu_count"),
-            "driver": lambda r: T.get(r, "environment", "driver"),
-            "CUDA (torch)": lambda r: T.get(r, "environment", "torch_cuda"),
-            "qbench commit": lambda r: T.get(r, "environment", "qbench_git_commit"),
-            "host": lambda r: T.get(r, "environment", "host"),
-            # cells of one SLURM sweep may run on different nodes (even of one GPU model): flag it
-            "node": lambda r: T.get(r, "scheduler", "node")}
-    libs = sorted({k for r in results for k in (T.get(r, "environment", "versions", default={}) or {})})
+    typed = _typed(results)
+    keys: Dict[str, Callable[[Result], Any]] = {
+        "device": lambda r: T.present(r.device),
+        "GPU": lambda r: T.get(r.environment, "gpu_name"),
+        "GPU count": lambda r: T.get(r.environment, "gpu_count"),
+        "driver": lambda r: T.get(r.environment, "driver"),
+        "CUDA (torch)": lambda r: T.get(r.environment, "torch_cuda"),
+        "qbench commit": lambda r: T.get(r.environment, "qbench_git_commit"),
+        "host": lambda r: T.get(r.environment, "host"),
+        # cells of one SLURM sweep may run on different nodes (even of one GPU model): flag it
+        "node": lambda r: T.get(r.scheduler, "node")}
+    libs = sorted({k for r in typed for k in (T.get(r.environment, "versions", default={}) or {})})
     for lib in libs:
-        keys[lib] = lambda r, lib=lib: T.get(r, "environment", "versions", lib)
+        keys[lib] = _reader("environment", "versions", lib)
     # what libraries may switch for one method's cells only (an allocator, Inductor tuning, TF32); a cell that did
     # not record one (no latency section, an older result) says nothing about it and is left out
-    recorded = {"PYTORCH_ALLOC_CONF": lambda r: T.get(r, "environment", "variables", "PYTORCH_ALLOC_CONF")}
-    for key in sorted({k for r in results for k in (T.get(r, "metrics", "latency", "torch_settings", default={}) or {})}):
-        recorded[key] = lambda r, key=key: T.get(r, "metrics", "latency", "torch_settings", key)
+    recorded: Dict[str, Callable[[Result], Any]] = {
+        "PYTORCH_ALLOC_CONF": lambda r: T.get(r.environment, "variables", "PYTORCH_ALLOC_CONF")}
+    for key in sorted({k for r in typed for k in _torch_settings(r)}):
+        recorded[key] = _reader("torch_settings", key)
     out = []
     for name, f in [*keys.items(), *recorded.items()]:
         by_value: Dict[str, List[str]] = defaultdict(list)
-        for r in results:
-            if r.get("environment") and (name not in recorded or f(r) is not None):
-                by_value[str(f(r))].append(r["cell"])
+        for r in typed:
+            if r.environment and (name not in recorded or f(r) is not None):
+                by_value[str(f(r))].append(str(r.cell))
         if len(by_value) > 1:
             out.append({"key": name, "values": [{"value": v, "cells": cells} for v, cells in by_value.items()]})
     return out
 
 
-def honesty_view(results: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-    random_cells = [r["cell"] for r in results if T.is_random(r)]
+def _tasks(res: Result) -> Dict[str, TaskScore]:
+    """The cell's task scores (those the typed result could read as such)."""
+    acc = T.accuracy_of(res)
+    return {task: t for task, t in ((acc.tasks or {}) if acc else {}).items() if isinstance(t, TaskScore)}
+
+
+def _fewshot(res: Result, task: str) -> str:
+    t = _tasks(res).get(task)
+    return str(T.present(t.num_fewshot) if t else None)
+
+
+def _unsupported(res: Result) -> List[Unsupported]:
+    lat = T.latency_of(res)
+    return [u for u in ((lat.unsupported or []) if lat else []) if isinstance(u, Unsupported)]
+
+
+def honesty_view(results: Sequence[T.ResultLike], rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    typed = _typed(results)
+    random_cells = [r.cell for r in typed if T.is_random(r)]
     limited = []
     fewshot: Dict[str, Counter] = defaultdict(Counter)
-    for r in results:
-        for task, t in (T.get(r, "metrics", "accuracy", "tasks", default={}) or {}).items():
-            if not isinstance(t, dict):
-                continue
-            if T.num(t.get("limit")) is not None:
-                limited.append({"cell": r["cell"], "task": task, "limit": t.get("limit"), "n_items": t.get("n_items")})
-            if t.get("num_fewshot") is not None:
-                fewshot[task][str(t["num_fewshot"])] += 1
+    for r in typed:
+        for task, t in _tasks(r).items():
+            if T.num(t.limit) is not None:
+                limited.append({"cell": r.cell, "task": task, "limit": T.present(t.limit),
+                                "n_items": T.present(t.n_items)})
+            if T.present(t.num_fewshot) is not None:
+                fewshot[task][str(t.num_fewshot)] += 1
     fewshot_view = [{"task": task, "shots": dict(c), "mixed": len(c) > 1,
-                     "cells": {shot: [r["cell"] for r in results
-                                      if str(T.get(r, "metrics", "accuracy", "tasks", task, "num_fewshot")) == shot]
-                               for shot in c}}
+                     "cells": {shot: [r.cell for r in typed if _fewshot(r, task) == shot] for shot in c}}
                     for task, c in sorted(fewshot.items())]
     noisy = []
-    for r in results:
-        found = list(dict.fromkeys([str(w) for w in r.get("warnings") or []] + _cv_findings(r)))
+    for r in typed:
+        found = list(dict.fromkeys([str(w) for w in r.warnings or []] + _cv_findings(r)))
         if found:
-            noisy.append({"cell": r["cell"], "items": found})
-    unsupported = [{"cell": r["cell"], "path": u.get("decode_path"), "reason": u.get("reason")}
-                   for r in results for u in T.get(r, "metrics", "latency", "unsupported", default=[]) or []
-                   if isinstance(u, dict)]
-    not_run = [x for x in (_compiled_not_run(r) for r in results) if x]
+            noisy.append({"cell": r.cell, "items": found})
+    unsupported = [{"cell": r.cell, "path": T.present(u.decode_path), "reason": T.present(u.reason)}
+                   for r in typed for u in _unsupported(r)]
+    not_run = [x for x in (_compiled_not_run(r) for r in typed) if x]
     no_pairing = [f"{r['cell']} ({task_table.label(t)})" for r in rows for t in T.row_tasks(rows)
                   if r.get(f"{t}_delta_source") == "difference"]
-    schema = sorted({str(r.get("schema_version")) for r in results} - {"1"})
+    schema = sorted({str(T.present(r.schema_version)) for r in typed} - {"1"})
     memory = [{"cell": r["cell"], "ratio": fmt_num(r.get("weight_ratio"), 3) if r.get("weight_ratio_off") else None,
                "unquantized": fmt_num(r.get("decoder_unquantized_pct"), 1) if r.get("unquantized_high") else None}
               for r in rows if r.get("weight_ratio_off") or r.get("unquantized_high")]
     return {"random": random_cells, "limited": limited, "fewshot": fewshot_view, "noisy": noisy,
-            "mixed": _mixed_environment(results), "same_environment": _same_environment_text(results),
+            "mixed": _mixed_environment(typed), "same_environment": _same_environment_text(typed),
             "memory": memory, "unsupported": unsupported, "not_run": not_run, "no_pairing": no_pairing,
             "schema": schema, "paired_available": T.load_paired_compare() is not None}
 
 
-def _compiled_not_run(r: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def _compiled_not_run(res: Result) -> Optional[Dict[str, Any]]:
     """Where a cell ran its compiled decode paths at some of its batch sizes only (bench.compiled_batch_sizes):
     their figures are absent at the others by choice, which the tables alone would not tell from a failure.
     None where every batch size ran them, or where the method never runs them (listed as unsupported)."""
-    settings = T.get(r, "metrics", "latency", "settings", default={}) or {}
-    batches, compiled = settings.get("batch_sizes") or [], settings.get("compiled_batch_sizes")
-    never = {u.get("decode_path") for u in T.get(r, "metrics", "latency", "unsupported", default=[]) or []
-             if isinstance(u, dict) and u.get("batch_size") is None}
-    paths = [p for p in settings.get("decode_paths") or [] if decode_paths.compiled(p) and p not in never]
+    lat = T.latency_of(res)
+    settings = (lat.settings or None) if lat else None
+    batches = (settings.batch_sizes or []) if settings else []
+    compiled = T.present(settings.compiled_batch_sizes) if settings else None
+    never = {T.present(u.decode_path) for u in _unsupported(res) if T.present(u.batch_size) is None}
+    paths = [p for p in ((settings.decode_paths or []) if settings else [])
+             if decode_paths.compiled(p) and p not in never]
     skipped = [b for b in batches if compiled is not None and b not in compiled]
-    if not paths or not skipped:
+    if not paths or not skipped or compiled is None:
         return None
-    return {"cell": r["cell"], "paths": paths, "compiled": list(compiled), "skipped": skipped}
+    return {"cell": res.cell, "paths": paths, "compiled": list(compiled), "skipped": skipped}
 
 
-def _same_environment_text(results: List[Dict[str, Any]]) -> str:
+def _same_environment_text(results: Sequence[T.ResultLike]) -> str:
     """What "nothing mixed" means for this sweep: a CPU sweep has no GPU, driver or CUDA to be the same."""
-    ran = [r for r in results if r.get("environment")]
-    gpu = any(r.get("device") == "cuda" or T.get(r, "environment", "gpu_name") for r in ran)
+    ran = [r for r in _typed(results) if r.environment]
+    gpu = any(r.device == "cuda" or T.get(r.environment, "gpu_name") for r in ran)
     if gpu:
         return "Every cell ran on the same GPU, driver, CUDA and library versions."
     return "Every cell ran on the CPU of the same host, with the same library versions (no GPU in this sweep)."
@@ -370,34 +417,35 @@ def _same_environment_text(results: List[Dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- environment and provenance
 
 
-def environment_view(results: List[Dict[str, Any]]) -> Dict[str, Any]:
-    libs = sorted({k for r in results for k in (T.get(r, "environment", "versions", default={}) or {})})
-    scheduled = any(r.get("scheduler") for r in results)  # SLURM columns only where a cell ran as a job
+def environment_view(results: Sequence[T.ResultLike]) -> Dict[str, Any]:
+    typed = _typed(results)
+    libs = sorted({k for r in typed for k in (T.get(r.environment, "versions", default={}) or {})})
+    scheduled = any(r.scheduler for r in typed)  # SLURM columns only where a cell ran as a job
     head = ["cell", "device", "GPU", "driver", "CUDA", *libs, "qbench commit", "host", "python",
             *(["node", "SLURM job"] if scheduled else [])]
     body = []
-    for r in results:
-        e = r.get("environment") or {}
+    for r in typed:
+        e: Dict[str, Any] = r.environment or {}
         v = e.get("versions") or {}
-        s = r.get("scheduler") or {}
-        body.append([r["cell"], r.get("device"), e.get("gpu_name"), e.get("driver"), e.get("torch_cuda"),
+        s: Dict[str, Any] = r.scheduler or {}
+        body.append([r.cell, T.present(r.device), e.get("gpu_name"), e.get("driver"), e.get("torch_cuda"),
                      *[v.get(lib) for lib in libs], e.get("qbench_git_commit"), e.get("host"), e.get("python"),
                      *([s.get("node"), s.get("job_id")] if scheduled else [])])
-    body = [["\u2014" if x is None else str(x) for x in row] for row in body]
-    commands = list(dict.fromkeys(str(r["command"]) for r in results if r.get("command")))
+    text = [["\u2014" if x is None else str(x) for x in row] for row in body]
+    commands = list(dict.fromkeys(str(r.command) for r in typed if r.command))
     cells = []
-    for r in results:
-        cal = T.get(r, "method_info", "calibration")
+    for r in typed:
+        cal = T.get(r.method_info, "calibration")
         cells.append({
-            "cell": r["cell"], "status": r["status"], "overrides": " ".join(str(o) for o in r.get("overrides") or []),
-            "started_at": r.get("started_at"), "finished_at": r.get("finished_at"),
+            "cell": r.cell, "status": r.status, "overrides": " ".join(str(o) for o in r.overrides or []),
+            "started_at": T.present(r.started_at), "finished_at": T.present(r.finished_at),
             "calibration": None if cal is None else json.dumps(cal, indent=2, sort_keys=True, default=str),
-            "config": json.dumps(r.get("config"), indent=2, sort_keys=True, default=str),
-            "method_info": json.dumps(r.get("method_info") or {}, indent=2, sort_keys=True, default=str),
-            "source": json.dumps(r.get("source") or {}, indent=2, sort_keys=True, default=str),
-            "timings": json.dumps(r.get("timings") or {}, sort_keys=True, default=str),
+            "config": json.dumps(T.present(r.config), indent=2, sort_keys=True, default=str),
+            "method_info": json.dumps(r.method_info or {}, indent=2, sort_keys=True, default=str),
+            "source": json.dumps(r.source or {}, indent=2, sort_keys=True, default=str),
+            "timings": json.dumps(r.timings.to_dict() if r.timings else {}, sort_keys=True, default=str),
         })
-    return {"head": head, "body": body, "commands": commands, "cells": cells}
+    return {"head": head, "body": text, "commands": commands, "cells": cells}
 
 
 # ---------------------------------------------------------------- page
@@ -408,25 +456,26 @@ def figure_json(fig: Any) -> str:
     return script_json(pio.to_json(fig, validate=False, remove_uids=True))
 
 
-def sweep_meta(results: List[Dict[str, Any]], sweep: str) -> Dict[str, Any]:
-    return {"sweep": sweep, "n_cells": len(results), "n_ok": sum(r["status"] == "ok" for r in results),
-            "n_error": sum(r["status"] == "error" for r in results),
-            "models": list(dict.fromkeys(r["model"] for r in results)),
-            "methods": list(dict.fromkeys(r["method"] for r in results)),
-            "demo": any(T.is_demo(r) for r in results), "random": sum(T.is_random(r) for r in results),
-            "ran": _ran(results), "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+def sweep_meta(results: Sequence[T.ResultLike], sweep: str) -> Dict[str, Any]:
+    typed = _typed(results)
+    return {"sweep": sweep, "n_cells": len(typed), "n_ok": sum(r.status == "ok" for r in typed),
+            "n_error": sum(r.status == "error" for r in typed),
+            "models": list(dict.fromkeys(r.model for r in typed)),
+            "methods": list(dict.fromkeys(r.method for r in typed)),
+            "demo": any(T.is_demo(r) for r in typed), "random": sum(T.is_random(r) for r in typed),
+            "ran": _ran(typed), "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def _ran(results: List[Dict[str, Any]]) -> Optional[str]:
+def _ran(results: Sequence[T.ResultLike]) -> Optional[str]:
     """When the sweep's cells ran, as dates (UTC): '2026-12-01', or '2026-11-23 to 2026-11-27'; None if unknown."""
-    days = sorted({str(t)[:10] for r in results for t in (r.get("started_at"), r.get("finished_at"))
+    days = sorted({str(t)[:10] for r in _typed(results) for t in (r.started_at, r.finished_at)
                    if isinstance(t, str) and len(t) >= 10})
     if not days:
         return None
     return days[0] if days[0] == days[-1] else f"{days[0]} to {days[-1]}"
 
 
-def decode_gap_view(results: List[Dict[str, Any]]) -> List[Dict[str, str]]:
+def decode_gap_view(results: Sequence[T.ResultLike]) -> List[Dict[str, Any]]:
     """The decode gap table's rows, formatted: 'tokens/s ± CI (x % of bound)' per path (``paths``, by name)."""
     out = []
     for g in T.decode_gap_rows(results):
@@ -445,7 +494,7 @@ def decode_gap_view(results: List[Dict[str, Any]]) -> List[Dict[str, str]]:
     return out
 
 
-def decision_view(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> Dict[str, Any]:
+def decision_view(rows: List[Dict[str, Any]], results: Sequence[T.ResultLike]) -> Dict[str, Any]:
     """The decision panel: its data (embedded as JSON for the page's script), the answer under the default
     budget (the browser check holds the script to it), and which budget fields any model can judge."""
     data = D.add_text(D.decision_data(rows, results))
@@ -456,25 +505,25 @@ def decision_view(rows: List[Dict[str, Any]], results: List[Dict[str, Any]]) -> 
                          "acc": any(m["measured"]["acc"] for m in data["models"])}}
 
 
-def sweep_context(results: List[Dict[str, Any]], sweep: str, downloads: Optional[Dict[str, str]] = None,
+def sweep_context(results: Sequence[T.ResultLike], sweep: str, downloads: Optional[Dict[str, str]] = None,
                   plotlyjs: Optional[str] = None, plotly_src: Optional[str] = None) -> Dict[str, Any]:
     """Everything the page template shows. ``plotlyjs`` overrides the embedded library (tests only);
     ``plotly_src`` loads it from that relative path instead of embedding it (a site's shared asset)."""
+    results = _typed(results)  # each result.json read once, through its typed result
     rows = T.summary_rows(results)
     charts = C.build_charts(rows, results) + time_budget.charts(results)  # "Where the time went", if budgeted
     base = T.baseline_method(results)
     configured = T.configured_baseline(results)
-    models_without_base = [m for m in dict.fromkeys(r["model"] for r in results)
+    models_without_base = [m for m in dict.fromkeys(r.model for r in results)
                            if m not in T.baseline_cells(results, base)]
-    errors = [{"cell": r["cell"], **(r.get("error") if isinstance(r.get("error"), dict) else {})}
-              for r in results if r["status"] == "error"]
+    errors = [{"cell": r.cell, **(r.error.to_dict() if r.error else {})} for r in results if r.status == "error"]
     measured = {
-        "accuracy": any(T.get(r, "metrics", "accuracy", "tasks") for r in results),
+        "accuracy": any(_tasks(r) for r in results),
         "latency": any(T.decode_rows(r) or T.prefill_rows(r) for r in results),
     }
-    ctx = {
+    ctx: Dict[str, Any] = {
         "meta": sweep_meta(results, sweep),
-        "demo_cells": [r["cell"] for r in results if T.is_demo(r)],
+        "demo_cells": [r.cell for r in results if T.is_demo(r)],
         "baseline": base, "configured_baseline": configured, "models_without_base": models_without_base,
         "summary": summary_view(rows), "quality": quality_view(rows, results), "errors": errors,
         "decision": decision_view(rows, results), "decision_js": DECISION_JS.read_text(encoding="utf-8"),
@@ -485,7 +534,7 @@ def sweep_context(results: List[Dict[str, Any]], sweep: str, downloads: Optional
         "measured": measured,
         "charts": [{**c, "json": figure_json(c["figure"]) if c["figure"] is not None else None} for c in charts],
         "honesty": honesty_view(results, rows), "env": environment_view(results),
-        "downloads": downloads or {}, "several_models": len({r["model"] for r in results}) > 1,
+        "downloads": downloads or {}, "several_models": len({r.model for r in results}) > 1,
         "sym": {"dagger": DAGGER, "ddagger": DOUBLE_DAGGER, "warn": WARN, "star": STAR},
         "plotly_src": plotly_src,
         "plotlyjs": "" if plotly_src else (plotlyjs if plotlyjs is not None else get_plotlyjs()),
@@ -494,7 +543,7 @@ def sweep_context(results: List[Dict[str, Any]], sweep: str, downloads: Optional
     return ctx
 
 
-def render_sweep(results: List[Dict[str, Any]], sweep: str, downloads: Optional[Dict[str, str]] = None,
+def render_sweep(results: Sequence[T.ResultLike], sweep: str, downloads: Optional[Dict[str, str]] = None,
                  plotlyjs: Optional[str] = None) -> str:
     """The sweep page as one HTML string."""
     return render_context(sweep_context(results, sweep, downloads, plotlyjs))
@@ -574,7 +623,7 @@ def _checked(r: Dict[str, Any], sweep: str) -> Dict[str, Any]:
 
 
 def _page(results: List[Dict[str, Any]], sweep: str, out_dir: Path, plotlyjs: Optional[str],
-          plotly_src: Optional[str] = None):
+          plotly_src: Optional[str] = None) -> Tuple[Dict[str, Any], str]:
     paths = T.write_tables(results, out_dir)
     downloads = {"tidy table (CSV)": paths["tidy_csv"].name, "tidy table (Parquet)": paths["tidy_parquet"].name,
                  "summary (CSV)": paths["summary_csv"].name}

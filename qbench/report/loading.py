@@ -1,16 +1,48 @@
 """Reading a sweep's results: every result.json loaded, checked against its shape and the typed result, and an
-unreadable one turned into an error cell; the dict accessors the report's tables read them with."""
+unreadable one turned into an error cell; the typed result (qbench.store.result) the report's tables and page read
+each one through, and the accessors for what stays untyped (config, environment, a section's own keys)."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, TypeVar, Union
 
 from qbench.store import layout  # stdlib only, like rows: the report still builds on a laptop without torch
-from qbench.store.result import Result, ResultTypeError
+from qbench.store.result import ABSENT, Accuracy, Latency, Memory, Quality, Result, ResultTypeError
 
 CV_WARN_DEFAULT = 0.05
+
+# A result as the report holds it: the dict load_results gives (what the tests edit), or its typed result
+ResultLike = Union[Result, Dict[str, Any]]
+X = TypeVar("X")
+
+
+def typed(r: ResultLike) -> Result:
+    """The typed result of a loaded result.json (a Result as it is). Not strict: load_results has already turned
+    a result with a declared field of the wrong type into an error cell."""
+    return r if isinstance(r, Result) else Result.from_dict(r)
+
+
+def present(x: Optional[X]) -> Optional[X]:
+    """A typed field's value, None where the key was absent (ABSENT) as where it was null."""
+    return None if x is ABSENT else x
+
+
+def memory_of(res: Result) -> Optional[Memory]:
+    return (res.metrics.memory or None) if res.metrics else None
+
+
+def latency_of(res: Result) -> Optional[Latency]:
+    return (res.metrics.latency or None) if res.metrics else None
+
+
+def accuracy_of(res: Result) -> Optional[Accuracy]:
+    return (res.metrics.accuracy or None) if res.metrics else None
+
+
+def quality_of(res: Result) -> Optional[Quality]:
+    return (res.metrics.quality or None) if res.metrics else None
 
 
 def get(d: Any, *keys: Any, default: Any = None) -> Any:
@@ -112,15 +144,17 @@ def load_results(sweep_dir: Path) -> List[Dict[str, Any]]:
     return results
 
 
-def is_random(r: Dict[str, Any]) -> bool:
+def is_random(r: ResultLike) -> bool:
     """Accuracy of this cell sits at chance: random weights, or the evaluation said so."""
-    return bool(r.get("random_weights")) or bool(get(r, "metrics", "accuracy", "chance"))
+    res = typed(r)
+    acc = accuracy_of(res)
+    return bool(res.random_weights) or bool(acc and acc.chance)
 
 
-def is_demo(r: Dict[str, Any]) -> bool:
-    return get(r, "config", "model", "source") == "builtin:tiny"
+def is_demo(r: ResultLike) -> bool:
+    return bool(get(typed(r).config, "model", "source") == "builtin:tiny")
 
 
-def cv_threshold(r: Dict[str, Any]) -> float:
-    return num(get(r, "config", "bench", "cv_warn_threshold")) or CV_WARN_DEFAULT
+def cv_threshold(r: ResultLike) -> float:
+    return num(get(typed(r).config, "bench", "cv_warn_threshold")) or CV_WARN_DEFAULT
 

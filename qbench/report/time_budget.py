@@ -9,13 +9,14 @@ out, and a sweep with none gets no chart.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from qbench.report.charts import FONT, esc
+from qbench.report.loading import ResultLike, present, typed
 
 # group → (colour, the budget's parts in it); Okabe & Ito's colours plus greys for what measures nothing
 GROUPS: Dict[str, tuple] = {
@@ -34,17 +35,17 @@ GROUP_OF = {part: group for group, (_, parts) in GROUPS.items() for part in part
 COLUMNS = ["cell", "model", "method", "status", "part", "group", "seconds"]
 
 
-def budget_frame(results: List[Dict[str, Any]]) -> pd.DataFrame:
+def budget_frame(results: Sequence[ResultLike]) -> pd.DataFrame:
     """One row per (cell, budget part): seconds, and the group it is drawn in. Cells without a budget: none."""
     rows = []
-    for r in results:
-        budget = (r.get("timings") or {}).get("budget")
-        if not isinstance(budget, dict):
+    for res in (typed(r) for r in results):
+        budget = res.timings.budget if res.timings else None
+        if not budget:
             continue
-        for part, seconds in budget.items():
+        for part, seconds in budget.to_dict().items():  # the parts in the order the cell wrote them
             if isinstance(seconds, (int, float)):
-                rows.append({"cell": r.get("cell"), "model": r.get("model"), "method": r.get("method"),
-                             "status": r.get("status"), "part": part, "group": GROUP_OF.get(part, "other"),
+                rows.append({"cell": present(res.cell), "model": present(res.model), "method": present(res.method),
+                             "status": present(res.status), "part": part, "group": GROUP_OF.get(part, "other"),
                              "seconds": float(seconds)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -100,7 +101,7 @@ def caption(frame: pd.DataFrame) -> str:
             "loading, quantizing, compiling and preparing cost. docs/time_budget.md")
 
 
-def charts(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def charts(results: Sequence[ResultLike]) -> List[Dict[str, Any]]:
     """The report's chart entry (html.py), or none when no result has a budget."""
     frame = budget_frame(results)
     if frame.empty:
