@@ -162,14 +162,21 @@ def test_a_single_report_embeds_plotly_unless_asked(tmp_path, monkeypatch):
 
 
 def test_committed_examples_are_one_small_site():
-    """reports/examples: every sweep of runs/ has its page, all pages share one plotly.js, all of it under 8 MB."""
+    """reports/examples: every sweep of runs/ has its page, all pages share one plotly.js (the one large file), and
+    each sweep stays small: its page folder (page, tables, screenshot) under 600 kB, its results under 600 kB."""
     root = EXAMPLES.parent
-    assert (root / "assets" / "plotly.min.js").is_file()
+
+    def size(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+    assert (root / "assets" / "plotly.min.js").is_file() and size(root / "assets") <= 5_000_000
     for sweep in EXAMPLES.iterdir():
         page = (root / sweep.name / "index.html").read_text()
         assert '<script src="../assets/plotly.min.js"></script>' in page and 'id="decision"' in page, sweep.name
-    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    assert total <= 8_000_000, f"reports/examples holds {total / 1e6:.1f} MB"
+        assert size(root / sweep.name) <= 600_000, f"reports/examples/{sweep.name}: {size(root / sweep.name)} bytes"
+        assert size(sweep) <= 600_000, f"reports/examples/runs/{sweep.name}: {size(sweep)} bytes"
+    pages = {p.name for p in root.iterdir() if p.is_dir()} - {"assets", "runs"}
+    assert pages == {p.name for p in EXAMPLES.iterdir()}, "a page without its results, or results without a page"
 
 
 def test_the_shared_asset_is_rewritten_only_when_it_changes(tmp_path):
