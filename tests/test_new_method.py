@@ -116,6 +116,8 @@ def test_a_new_method_module_runs_through_a_sweep_and_the_report(plugin, tmp_pat
     kl = r["metrics"]["quality"]["comparison"]["kl_divergence"]["mean"]
     assert 0 < kl < 1  # rounded to 4 bits: near the baseline, not equal to it
     assert r["metrics"]["latency"]["decode"][0]["tokens_per_s"]["p50"] > 0
+    # the sweep's last line names the report command; it is the one run next
+    assert done.stdout.rstrip().splitlines()[-1].startswith(f"qbench: report: qbench-report {plugin / 'runs' / 's'} ")
     out = tmp_path / "site"
     rep = subprocess.run([sys.executable, "-m", "qbench.report.cli", str(plugin / "runs" / "s"), "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -612,6 +612,14 @@ def summary_line(cell_dirs: List[Path], since: float) -> str:
     )
 
 
+def report_hint(cell_dirs: List[Path]) -> Optional[str]:
+    """The command that turns this sweep's results into its report, printed after the summary line."""
+    sweeps = list(dict.fromkeys(str(sweep_dir_of(d)) for d in cell_dirs))
+    if not sweeps:
+        return None
+    return "qbench: report: " + "; ".join(f"qbench-report {s}" for s in sweeps) + " (-> reports/<sweep>/index.html)"
+
+
 def exit_status(cell_dirs: List[Path], since: float) -> int:
     """1 when any cell of this command ends without an ok result (failed now, or skipped as failed)."""
     c = summary_counts(cell_dirs, since)
@@ -643,6 +651,9 @@ def run_rounds(argv: List[str], cell_dirs: CellDirs, started: float) -> int:
     line = summary_line(cell_dirs, started)  # counted first: a result.json that gets its comparison did not run
     _settle_late_quality(cell_dirs, started)  # combine rewrote result.json from round 1, which may lack it
     print(line, flush=True)
+    hint = report_hint(cell_dirs)
+    if hint:
+        print(hint, flush=True)
     return exit_status(cell_dirs, started)
 
 
@@ -816,6 +827,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not cell_dirs.in_round:  # a round's pass leaves it to run_rounds, after the rounds are combined
         _settle_late_quality(cell_dirs, started)
     print(line, flush=True)
+    hint = None if cell_dirs.in_round else report_hint(cell_dirs)
+    if hint:
+        print(hint, flush=True)
     sys.exit(exit_status(cell_dirs, started))
 
 
