@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qbench.run import cell, cli
+from qbench.run import cell, cell_process, cli
 from qbench.store import jsonio, layout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def test_cell_whose_result_cannot_be_written_says_so_in_one_line(tmp_path, monke
             signal.signal(s, handler)
         logging.raiseExceptions = True
     assert rc == cell.EXIT_UNWRITTEN
-    assert cli._child_fault(rc)[0] == "filesystem"
+    assert cell_process._child_fault(rc)[0] == "filesystem"
     err = capsys.readouterr().err
     assert "Traceback" not in err
     cell_log = (spec.parent.parent / "cell.log").read_text()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from qbench.run import cell, cli
+from qbench.run import cell, cell_process, cli
 from qbench.store.jsonio import write_result
 from qbench.store.rerun import should_skip
 
@@ -134,7 +134,9 @@ def _start_parallel_sweep(tmp_path: Path, runs: Path, log: Path) -> subprocess.P
             pytest.fail(f"no cell started measuring\n{log.read_text()[-3000:]}")
         time.sleep(0.1)
     started = [cmd for _, cmd in _session(proc.pid)]
-    assert sum("submitit.core._submit" in c for c in started) == 2 and any("qbench.run.cell" in c for c in started), started
+    # a cell process: spawned (python -m qbench.run.cell) or forked from a job's run.preload server
+    cells = [c for c in started if "qbench.run.cell" in c or "multiprocessing.forkserver" in c]
+    assert sum("submitit.core._submit" in c for c in started) == 2 and cells, started
     return proc
 
 
@@ -179,7 +181,7 @@ def test_a_parallel_sweep_killed_leaves_no_job_running(tmp_path):
     try:
         proc.kill()
         proc.wait()
-        deadline = time.time() + 60  # the cells' grace (cli.STOP_GRACE_S) and the tasks' exit
+        deadline = time.time() + 60  # the cells' grace (cell_process.STOP_GRACE_S) and the tasks' exit
         while _session(proc.pid) and time.time() < deadline:
             time.sleep(0.2)
         left = _session(proc.pid)
@@ -228,11 +230,11 @@ def test_cell_process_of_a_parent_already_gone_stops_at_once(tmp_path):
 
 
 def test_cell_process_stopped_on_its_own_is_a_cancelled_row():
-    assert cli._child_fault(-signal.SIGTERM) == ("cancelled", "cell process stopped by SIGTERM")
-    assert cli._child_fault(-signal.SIGHUP)[0] == "cancelled"
-    assert cli._child_fault(-signal.SIGSEGV) == ("crash", "cell process died of SIGSEGV")
-    assert cli._child_fault(-signal.SIGKILL)[0] == "killed"
-    assert cli._child_fault(cell.EXIT_UNWRITTEN)[0] == "filesystem"
+    assert cell_process._child_fault(-signal.SIGTERM) == ("cancelled", "cell process stopped by SIGTERM")
+    assert cell_process._child_fault(-signal.SIGHUP)[0] == "cancelled"
+    assert cell_process._child_fault(-signal.SIGSEGV) == ("crash", "cell process died of SIGSEGV")
+    assert cell_process._child_fault(-signal.SIGKILL)[0] == "killed"
+    assert cell_process._child_fault(cell.EXIT_UNWRITTEN)[0] == "filesystem"
 
 
 def _result(shared, device="cuda"):
@@ -307,9 +309,9 @@ def test_a_stop_a_library_turned_into_its_own_error_is_still_a_stop(tmp_path, li
     cell_dir = tmp_path / "runs" / "s" / "tiny__bf16"
     spec = cell_dir / ".attempt" / "spec.json"
     spec.parent.mkdir(parents=True)
-    spec.write_text(json.dumps({"attempt_id": "a1", "config": cli._cfg_dict(cfg), "device_keys": []}))
+    spec.write_text(json.dumps({"attempt_id": "a1", "config": cell_process._cfg_dict(cfg), "device_keys": []}))
     proc = subprocess.run([sys.executable, "-c", _WRAPPING_LIBRARY, str(spec), library], env=_env(tmp_path),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]
     assert not (cell_dir / "result.json").exists(), (cell_dir / "result.json").read_text()
-    assert cli._child_fault(proc.returncode)[0] == "cancelled"
+    assert cell_process._child_fault(proc.returncode)[0] == "cancelled"

@@ -113,16 +113,16 @@ def test_a_forked_cell_takes_its_own_environment(tmp_path):
 def test_run_preload_picks_the_spawn(tmp_path, monkeypatch, preload):
     """run.preload=false: today's plain spawn of python -m qbench.run.cell with the lock fds passed; true: a
     process forked from the preload server, handed the same fds."""
-    from qbench.run import cli
+    from qbench.run import cell_process
     from qbench.run import preload as preloaded
 
     calls = {}
-    monkeypatch.setattr(cli.subprocess, "Popen", lambda argv, **kw: calls.setdefault("popen", (argv, kw)))
+    monkeypatch.setattr(cell_process.subprocess, "Popen", lambda argv, **kw: calls.setdefault("popen", (argv, kw)))
     monkeypatch.setattr(preloaded, "context", lambda: object())
     monkeypatch.setattr(preloaded, "server_s", lambda: 1.5)
     monkeypatch.setattr(preloaded, "CellProcess", lambda *a: calls.setdefault("forked", a))
     spec: dict = {"spawned_at_unix": 0.0}
-    cli._spawn_cell(spec, tmp_path / "spec.json", {"CUDA_VISIBLE_DEVICES": ""}, [7, 8], preload)
+    cell_process._spawn_cell(spec, tmp_path / "spec.json", {"CUDA_VISIBLE_DEVICES": ""}, [7, 8], preload)
     if preload:
         assert calls["forked"] == (str(tmp_path / "spec.json"), {"CUDA_VISIBLE_DEVICES": ""}, [7, 8])
         assert spec["preload_server_s"] == 1.5 and spec["spawned_at_unix"] > 0
@@ -131,3 +131,74 @@ def test_run_preload_picks_the_spawn(tmp_path, monkeypatch, preload):
         assert argv[1:] == ["-m", "qbench.run.cell", str(tmp_path / "spec.json")] and kw["pass_fds"] == [7, 8]
         assert "preload_server_s" not in spec
     assert json.loads((tmp_path / "spec.json").read_text()) == spec
+
+
+SERVER_SCRIPT = '''
+import json, os, signal, sys, time
+import multiprocessing.forkserver as fs
+from qbench.run import preload  # not _server_signals: this process must keep its own dispositions
+
+SIGS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)
+
+
+def dispositions(path, hup_ignored):
+    from qbench.run import _server_signals
+
+    _server_signals.as_plain_spawn(hup_ignored)
+    json.dump({s.name: str(signal.getsignal(s)) for s in SIGS}, open(path, "w"))
+
+
+if __name__ == "__main__":
+    out = {}
+    ctx = preload.context()
+    pid = fs._forkserver._forkserver_pid
+    ign = int(next(l for l in open(f"/proc/{pid}/status") if l.startswith("SigIgn")).split()[1], 16)
+    out["server_ignores"] = [s.name for s in SIGS if ign & (1 << (s - 1))]
+    for s in SIGS:  # what a scheduler sends every process of a job
+        os.kill(pid, s)
+    time.sleep(0.3)
+    for flag in (False, True):
+        p = ctx.Process(target=dispositions, args=(sys.argv[1] + str(flag), flag))
+        p.start()
+        p.join()
+        out[f"cell_{flag}"] = json.load(open(sys.argv[1] + str(flag)))
+    out["server_alive"] = os.path.exists(f"/proc/{pid}")
+    print(json.dumps(out))
+'''
+
+
+def test_the_fork_server_outlives_a_schedulers_signals_and_its_cells_start_as_a_plain_spawn(tmp_path):
+    """SLURM (scancel, time limit, its SIGUSR2 warning), systemd and Kubernetes signal every process of a job. The
+    server ignores them, so it can still report how its cell ended (a server that died of them made a cancelled or
+    timed-out cell read as a crash, exit 255); the cell forked from it starts with a plain spawn's dispositions."""
+    script = tmp_path / "server_signals.py"
+    script.write_text(SERVER_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "disp")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["server_ignores"] == ["SIGTERM", "SIGHUP", "SIGUSR2"] and res["server_alive"]
+    dfl, ign = str(signal.SIG_DFL), str(signal.SIG_IGN)
+    assert res["cell_False"] == {"SIGTERM": dfl, "SIGHUP": dfl, "SIGUSR2": dfl}
+    assert res["cell_True"] == {"SIGTERM": dfl, "SIGHUP": ign, "SIGUSR2": dfl}  # the sweep ran under nohup
+
+
+def test_a_server_that_cannot_fork_a_cell_falls_back_to_a_plain_spawn(tmp_path, monkeypatch, caplog):
+    from qbench.run import cell_process
+    from qbench.run import preload as preloaded
+
+    calls = {}
+    monkeypatch.setattr(preloaded, "_server", {"ctx": object(), "server_s": 1.5})
+
+    def gone(*a):
+        raise EOFError("unexpected EOF")
+
+    monkeypatch.setattr(preloaded, "CellProcess", gone)
+    monkeypatch.setattr(cell_process.subprocess, "Popen", lambda argv, **kw: calls.setdefault("popen", argv))
+    spec: dict = {"spawned_at_unix": 0.0}
+    cell_process._spawn_cell(spec, tmp_path / "spec.json", {}, [], True)
+    assert calls["popen"][1:3] == ["-m", "qbench.run.cell"]
+    assert "preload_server_s" not in json.loads((tmp_path / "spec.json").read_text())
+    assert preloaded.context() is None  # later cells spawn plainly
+    assert any("could not start a cell" in r.getMessage() for r in caplog.records)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from qbench.errors import ConfigError
-from qbench.run.cli import acquire_slot
+from qbench.run.slots import acquire_slot
 
 
 def test_cells_take_disjoint_gpu_groups(tmp_path, monkeypatch):

@@ -315,7 +315,7 @@ def test_report_shows_each_cells_node_and_flags_a_sweep_spread_over_nodes(demo_s
 def test_cells_split_an_salloc_by_lock_but_own_a_launcher_job_whole(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from qbench.run.cli import _take_devices
+    from qbench.run.slots import take_devices as _take_devices
 
     cfg = OmegaConf.create({"model": {"num_gpus": 1}, "run": {"cache_dir": str(tmp_path)}})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")

@@ -3,13 +3,13 @@ hydra-submitit-launcher's submitit_local executor, and stopped with the sweep.
 
 submitit runs each job as three processes below the sweep: a controller (``python -m submitit.local._local``),
 which is meant to outlive the session that submitted it; the job's task (``python -m submitit.core._submit``),
-which runs the cell's Hydra job (qbench.run.cli.run_cell) and takes submitit's SIGTERM handler, one that ignores the
+which runs the cell's Hydra job (qbench.run.cell_process.run_cell) and takes submitit's SIGTERM handler, one that ignores the
 signal (on SLURM it precedes a pre-emption); and the task's cell process (qbench/run/cell.py). Left as they are, a
 stop signal to the sweep, or its death, leaves every running job measuring on as an orphan. What this adds:
 
 - in the sweep: a stop signal (SIGINT, SIGTERM, SIGHUP, raised as cell.Stopped) while the jobs run is passed on
   to every job's task, and the sweep waits until every process it started is gone, under the local launcher's
-  grace for a cell to unwind (cli.STOP_GRACE_S, then SIGKILL); it then stops as under the local launcher: one
+  grace for a cell to unwind (cell_process.STOP_GRACE_S, then SIGKILL); it then stops as under the local launcher: one
   line, the summary line, exit 128 + the signal's number;
 - in each task: the stop signals raise cell.Stopped as they do in the sweep, so the task stops its cell process,
   waits for it and writes no row (the next start measures the cell again); and the task stops when its
@@ -87,13 +87,13 @@ class QbenchParallelLauncher(LocalLauncher):
 def stop_descendants(signum: int) -> None:
     """Pass ``signum`` to every job task below this process, and wait until every process below it is gone.
 
-    Only the tasks are signalled: each stops its own cell process and waits for it (cli._stop_child, grace
-    cli.STOP_GRACE_S), and a controller ends once its task has. A controller is not signalled: on SIGINT it kills
+    Only the tasks are signalled: each stops its own cell process and waits for it (cell_process._stop_child, grace
+    cell_process.STOP_GRACE_S), and a controller ends once its task has. A controller is not signalled: on SIGINT it kills
     its task after one second, cutting the cell's grace short. The signal is sent again every RESEND_S to tasks
     still alive, which reaches a task that started or installed its handlers after the first one (a task that has
     begun stopping ignores further stop signals). Further stop signals to the sweep are ignored meanwhile: the
     wait is bounded, and every process left at its end is killed."""
-    from qbench.run.cli import STOP_GRACE_S
+    from qbench.run.cell_process import STOP_GRACE_S
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)

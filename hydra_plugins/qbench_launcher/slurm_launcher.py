@@ -68,7 +68,7 @@ class QbenchSlurmLauncher(SlurmLauncher):
         # or else by raising inside whatever runs. A cell is not resumable: it runs on until SLURM stops it,
         # and the row then says timeout.
         signal.signal(signal.SIGUSR2, _ignore_usr2)
-        os.environ[slurm.OWN_ALLOCATION] = "1"  # this job's CPUs and GPUs are the cell's slot (qbench/run/cli.py)
+        os.environ[slurm.OWN_ALLOCATION] = "1"  # this job's CPUs and GPUs are the cell's slot (qbench/run/slots.py)
         return super().__call__(*args, **kwargs)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:

@@ -1,6 +1,6 @@
 """One cell, in its own process: load → quantize → measure (memory, latency, accuracy) → store.
 
-Started by qbench.run.cli.run_cell as ``python -m qbench.run.cell <spec.json>``. Whatever happens, the cell ends in a
+Started by qbench.run.cell_process.run_cell as ``python -m qbench.run.cell <spec.json>``. Whatever happens, the cell ends in a
 result.json: ``ok`` with its metrics, or ``error`` with the error class, message, traceback and the phase it
 failed in, plus every metric measured before the failure. The one exception is a stop (Ctrl-C, SIGTERM, SIGHUP,
 or the death of the sweep that started it): a stopped cell writes nothing, so that the next run of the sweep

@@ -7,14 +7,12 @@ Before Hydra starts, :func:`preflight` composes every cell of the sweep and vali
 unknown method, a mistyped key, a negative batch size, a missing model path) stops the whole sweep with one
 line naming the culprit, before any model is loaded and before anything is written under runs/.
 
-A Hydra job does not measure in its own process: it starts a fresh child process (qbench/run/cell.py) per cell,
-waits for it under the cell's time limit, and writes an error row if the child dies without one. This keeps
-GPU memory and allocator state from leaking between cells whatever the launcher, and turns crashes, OOM kills
-and timeouts into data.
+Each Hydra job runs one cell in a fresh process of its own (qbench/run/cell_process.py, slots and locks in
+qbench/run/slots.py); this module is the command around them: preflight, rounds, the summary line and the exit
+status.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -23,16 +21,15 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 from qbench.config import validate
 from qbench.errors import ConfigError
-from qbench.measure import gpu_state
-from qbench.run.cell import EXIT_UNWRITTEN, STOP_SIGNALS, install_stop_handlers, signal_exit_status
-from qbench.store.layout import LOCK_FILE, SPEC_FILE, attempt_file, cell_id, sweep_dir_of
+from qbench.run.cell import STOP_SIGNALS, install_stop_handlers, signal_exit_status
+from qbench.run.cell_process import run_cell, traceback_to_log_files  # run_cell: each Hydra job of the sweep
 from qbench.store.layout import cell_dir as cell_dir_of
+from qbench.store.layout import cell_id, sweep_dir_of
 
 log = logging.getLogger("qbench")
 
@@ -234,349 +231,6 @@ def _check_launcher(cfg: Any) -> None:
         raise ConfigError("hydra/launcher=slurm: sbatch is not on PATH (start the sweep on a SLURM login node)")
 
 
-# ----------------------------------------------------------------------------------------------- GPU slots
-def _try_lock(path: Path):
-    import fcntl
-
-    f = gpu_state.open_lock_file(path)
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return f
-    except BlockingIOError:
-        f.close()
-        return None
-
-
-def acquire_slot(num_gpus: int, want_gpu: bool, slot_dir: Optional[Path] = None, poll_s: float = 1.0):
-    """Block until ``num_gpus`` GPUs of this host are free, lock them, and return (lock files, gpu ids).
-
-    Locks are per host and physical GPU (its UUID), in one folder per host whatever the working directory
-    or cache (gpu_state.lock_dir), and flock is released by the kernel when the holder dies: cells of any
-    sweep on this host take GPUs in turn and never share one. Without GPUs, cells take one CPU slot in turn,
-    which keeps CPU timings undisturbed. ``slot_dir`` replaces the folder (tests).
-    """
-    slot_dir = Path(slot_dir) if slot_dir is not None else gpu_state.lock_dir()
-    gpus = gpu_state.visible_gpus() if want_gpu else []
-    if want_gpu and len(gpus) < num_gpus:
-        raise ConfigError(f"model.num_gpus: {num_gpus} GPUs asked for, {len(gpus)} visible ({','.join(gpus) or 'none'})")
-    groups = [gpus[i : i + num_gpus] for i in range(0, len(gpus) - num_gpus + 1, num_gpus)] if gpus else [[]]
-    waited = False
-    while True:
-        for group in groups:
-            names = gpu_state.device_keys(group)
-            held = []
-            for name in names:
-                f = _try_lock(slot_dir / f"{name}.lock")
-                if f is None:
-                    break
-                held.append(f)
-            if len(held) == len(names):
-                return held, group
-            for f in held:
-                f.close()
-        if not waited:
-            log.info("waiting for a free %s slot (locks in %s)", "GPU" if gpus else "CPU", slot_dir)
-            waited = True
-        time.sleep(poll_s)
-
-
-# ----------------------------------------------------------------------------------------------- one cell
-@contextlib.contextmanager
-def cell_lock(cell_dir: Path) -> Iterator[Any]:
-    """Hold the cell while it is measured. Another process measuring the same cell (a second sweep over the
-    same runs/, or a SLURM job an earlier, killed submission left running) makes this one wait, and the
-    caller then finds the cell done instead of measuring it twice. flock: freed by the kernel when the last
-    process holding it dies, even by SIGKILL. Yields the lock file, which the cell process inherits."""
-    path = attempt_file(cell_dir, LOCK_FILE)
-    f = _try_lock(path)
-    if f is None:
-        import fcntl
-
-        log.info("%s: another process is measuring this cell; waiting for it", cell_dir.name)
-        f = open(path, "a")  # noqa: SIM115 - held across the yield below and closed in its finally
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-    try:
-        yield f
-    finally:
-        f.close()
-
-
-def _take_devices(cfg: Any, want_gpu: bool) -> tuple:
-    """(locks, gpu ids) the cell may use. Under SLURM the job's allocation is the slot: SLURM has given this
-    job its own CPUs and GPUs, and per-host lock files would make cells of one node wait for each other (and,
-    where SLURM renumbers each job's GPUs from 0, for GPUs they do not share)."""
-    from qbench.run import slurm
-
-    num_gpus = int(cfg.model.num_gpus)
-    if not slurm.owns_allocation():
-        return acquire_slot(num_gpus, want_gpu)
-    gpus = gpu_state.visible_gpus() if want_gpu else []
-    if want_gpu and len(gpus) < num_gpus:
-        raise ConfigError(f"model.num_gpus: {num_gpus} GPUs asked for, the SLURM job was given {len(gpus)} "
-                          "(set hydra.launcher.gpus_per_task)")
-    return [], gpus[:num_gpus] if want_gpu else []
-
-
-def _stopped_by_scheduler(rc: int) -> Optional[tuple]:
-    """Inside a SLURM job, a cell killed by a signal was most likely stopped by SLURM itself: ask it why, so the
-    row says cancelled / timeout / preempted rather than crash. ("requeued", None) when SLURM will run the job
-    again: then no row is written and the requeued job measures the cell."""
-    from qbench.run import slurm
-
-    if not slurm.in_job() or rc not in (-signal.SIGTERM, -signal.SIGKILL):
-        return None
-    job = slurm.job_id_from_env() or ""
-    why = slurm.why_stopped(job)
-    if why is None:
-        return None
-    cls, state, node = why
-    if state.startswith("REQUEUE"):
-        return ("requeued", None)
-    return (cls, slurm.error_message(cls, job, state, node))
-
-
-STOP_GRACE_S = 30.0  # how long a stopped cell may take to unwind (kill its own subprocesses) before SIGKILL
-
-
-def _stop_child(proc: subprocess.Popen, signum: int) -> None:
-    """Pass the sweep's stop signal on to the cell process and wait until it is gone: the sweep never exits
-    while its cell measures on. Further stop signals meanwhile are ignored (the wait is bounded)."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signum)
-    try:
-        proc.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _wait_child(proc: subprocess.Popen, timeout_min: float) -> Optional[tuple]:
-    """Wait for the cell process under its time limit; (error class, message) if it did not end cleanly."""
-    try:
-        rc = proc.wait(timeout=float(timeout_min) * 60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return ("timeout", f"cell ran past run.timeout_min={timeout_min} min and was stopped")
-    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (cell.Stopped): the cell stops with the sweep
-        _stop_child(proc, getattr(exc, "signum", signal.SIGINT))
-        raise
-    if rc == 0:
-        return None
-    stopped = _stopped_by_scheduler(rc)
-    if stopped is not None:
-        return stopped
-    return _child_fault(rc)
-
-
-def _child_fault(rc: int) -> tuple:
-    """(error class, message) of a cell process that ended with ``rc`` without writing its result."""
-    if rc == -signal.SIGKILL:
-        return ("killed", "cell process killed by SIGKILL (often the kernel's OOM killer)")
-    if rc in [-s for s in STOP_SIGNALS]:  # someone stopped the cell process itself, not the sweep
-        return ("cancelled", f"cell process stopped by {signal.Signals(-rc).name}")
-    if rc < 0:
-        return ("crash", f"cell process died of {signal.Signals(-rc).name}")
-    if rc == EXIT_UNWRITTEN:
-        return ("filesystem", "the cell finished but its result.json could not be written (the cause is in cell.log)")
-    return ("crash", f"cell process exited with code {rc}")
-
-
-def _child_env(want_gpu: bool, device: str, gpus: List[str]) -> Dict[str, str]:
-    env = dict(os.environ)
-    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # indices mean the same to NVML, nvidia-smi and torch
-    if want_gpu:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    elif device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU cell must not initialise CUDA on a GPU host
-    return env
-
-
-def _cfg_dict(cfg: Any) -> Dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    # hydra.* is not resolved: its help template calls a resolver only the qbench command registers
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if hasattr(cfg[k], "keys") else cfg[k]
-            for k in cfg if k != "hydra"}
-
-
-def _task_overrides() -> List[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return []
-
-
-HYDRA_SUBDIR = ".hydra"
-
-
-def _write_hydra_files(cfg: Any) -> None:
-    """Hydra's record of the job, <cell>/.hydra/{config,hydra,overrides}.yaml, as Hydra writes it but with every
-    secret value redacted: conf/config.yaml sets hydra.output_subdir to null so that Hydra itself writes none
-    (an override such as method.description=$HF_TOKEN would be kept there in clear)."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    from qbench.store.jsonio import write_text_atomic
-    from qbench.store.redaction import redact
-
-    hydra_cfg = HydraConfig.instance().cfg
-    output_dir = OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir", default=None) if hydra_cfg else None
-    if not output_dir:  # run_cell called outside a Hydra job (tests, scripts): there is no job to record
-        return
-    out = Path(str(output_dir)) / HYDRA_SUBDIR
-    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg), ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
-        plain = redact(OmegaConf.to_container(node, resolve=False))
-        write_text_atomic(out / name, OmegaConf.to_yaml(OmegaConf.create(plain)))
-
-
-def _set_aside_previous(cid: str, cell_dir: Path, ident: Dict[str, Any]) -> None:
-    """A stored result about to be measured over moves to result.prev.json; the log line says why."""
-    from qbench.store.identity import changed_settings, describe_changes
-    from qbench.store.jsonio import read_result
-    from qbench.store.layout import PREVIOUS_RESULT_FILE
-    from qbench.store.rerun import set_aside_previous
-
-    previous = read_result(cell_dir)
-    if previous is None:
-        return
-    changes = changed_settings(previous, ident)
-    why = f"its settings changed ({describe_changes(changes)})" if changes else \
-        f"rerunning a stored {previous.get('status')} result"
-    set_aside_previous(cell_dir)
-    log.warning("%s: %s: measuring again; the stored result is kept as %s", cid, why, PREVIOUS_RESULT_FILE)
-
-
-def run_cell(cfg: Any) -> str:
-    """Run one cell in a fresh child process. Returns "ok", "error" or "skipped:<status>".
-
-    A fault of the sweep's own process after preflight (the disk fills up, runs/<sweep> turns out to be a file,
-    a name the filesystem refuses) ends this cell, not the sweep: one line on the console, the traceback in the
-    log file, and an error row wherever the disk still takes one."""
-    try:
-        return _run_cell(cfg)
-    except Exception as exc:
-        from qbench.run.cell import classify
-        from qbench.store.rows import error_message
-
-        cid = cell_id(cfg)
-        cls = classify(exc)
-        message = f"{type(exc).__name__}: {error_message(exc)}"
-        log.error("%s: error (%s) %s", cid, cls, message)
-        _traceback_to_log_files(cid)
-        _write_error_row(cell_dir_of(cfg), _cfg_dict(cfg), (cls, message), None)
-        return "error"
-
-
-def _traceback_to_log_files(cid: str) -> None:
-    """The traceback of the exception being handled into the log files (cli.log), not onto the console."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, f"{cid}: traceback", None, sys.exc_info())
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
-def _write_error_row(cell_dir: Path, cfg_dict: Dict[str, Any], error: tuple, t0: Optional[float]) -> Optional[dict]:
-    """The error row of a cell that wrote none itself; None, and one line, where the disk refuses it too."""
-    from qbench.run import slurm
-    from qbench.store.jsonio import write_result
-    from qbench.store.rows import error_row
-
-    row = error_row(cfg_dict, error[0], error[1], "cell", scheduler=slurm.job_info())
-    row["wall_time_s"] = time.perf_counter() - t0 if t0 is not None else None
-    row["overrides"] = _task_overrides()
-    try:
-        write_result(cell_dir, row)
-    except OSError as exc:
-        log.error("%s: the error row could not be written either: %s", cell_dir.name, exc)
-        return None
-    return row
-
-
-def _spawn_cell(spec: Dict[str, Any], spec_path: Path, env: Dict[str, str], lock_fds: List[int], preload: bool) -> Any:
-    """Start the cell process: forked from run.preload's server (qbench/run/preload.py), or a plain spawn of
-    python -m qbench.run.cell. Either way the cell holds the slot and cell locks itself (flock belongs to the
-    open file, shared by both): they stay held until it is gone, whatever becomes of this process meanwhile."""
-    from qbench.run import preload as preloaded
-    from qbench.store.jsonio import write_json_atomic
-
-    # the server's one-time start is not this cell's: its clock starts after it
-    if preload and preloaded.context() is not None:
-        spec["preload_server_s"] = preloaded.server_s()
-        spec["spawned_at_unix"] = time.time()
-        write_json_atomic(spec_path, spec)
-        return preloaded.CellProcess(str(spec_path), env, lock_fds)
-    write_json_atomic(spec_path, spec)
-    return subprocess.Popen([sys.executable, "-m", "qbench.run.cell", str(spec_path)],
-                            env=env, start_new_session=False, pass_fds=lock_fds)
-
-
-def _run_cell(cfg: Any) -> str:
-    from qbench.store.identity import identity
-    from qbench.store.jsonio import read_result
-    from qbench.store.rerun import should_skip, skip_hint
-
-    cid = cell_id(cfg)
-    cell_dir = cell_dir_of(cfg)
-    cfg_dict = _cfg_dict(cfg)
-    ident = identity(cfg_dict)
-    skipped = should_skip(cell_dir, cfg.run.force, cfg.run.rerun_failed, ident)
-    if skipped:
-        log.info("%s: %s", cid, skip_hint(cell_dir, skipped))
-        return f"skipped:{skipped}"
-    _set_aside_previous(cid, cell_dir, ident)
-    _write_hydra_files(cfg)
-    device = cfg.bench.device
-    want_gpu = device == "cuda" or (device == "auto" and bool(gpu_state.visible_gpus()))
-    before = read_result(cell_dir)
-    t0 = time.perf_counter()
-    with cell_lock(cell_dir) as cell_lock_file:
-        locks, gpus = _take_devices(cfg, want_gpu)
-        try:
-            # Again, holding the cell: another process may have finished it while this one waited
-            if read_result(cell_dir) != before and should_skip(cell_dir, False, False, ident):
-                log.info("%s: skipped, finished by another process while this one waited", cid)
-                return f"skipped:{read_result(cell_dir)['status']}"
-            spec = {
-                "attempt_id": uuid.uuid4().hex,  # ties the child's result to this attempt
-                "parent_pid": os.getpid(),  # the cell process stops when this one dies (cell.die_with_parent)
-                "config": cfg_dict,
-                "overrides": _task_overrides(),
-                "command": os.environ.get("QBENCH_COMMAND", ""),
-                "device_keys": gpu_state.device_keys(gpus),  # the cell registers as measuring on these (DeviceWatch)
-                "spawned_at_unix": time.time(),  # the cell's time budget starts here (timings.budget.process_start_s)
-            }
-            spec_path = attempt_file(cell_dir, SPEC_FILE)
-            log.info("%s: measuring in a fresh process%s", cid, f" on GPU {','.join(gpus)}" if gpus else " on CPU")
-            proc = _spawn_cell(spec, spec_path, _child_env(want_gpu, device, gpus),
-                               [f.fileno() for f in [cell_lock_file, *locks]], bool(cfg.run.preload))
-            t0 = time.perf_counter()
-            error = _wait_child(proc, cfg.run.timeout_min)
-        finally:
-            for f in locks:
-                f.close()
-        if error is not None and error[0] == "requeued":
-            log.warning("%s: SLURM requeued this job; the cell runs again when it restarts", cid)
-            return "requeued"
-
-        result = read_result(cell_dir)
-        fresh = result is not None and result.get("attempt_id") == spec["attempt_id"]
-        if error is not None and not fresh:
-            result = _write_error_row(cell_dir, cfg_dict, error, t0) or {"error": {"class": error[0],
-                                                                                     "message": error[1]}}
-    status = (result or {}).get("status", "error")
-    if status == "ok":
-        log.info("%s: ok in %.1f s", cid, time.perf_counter() - t0)
-    else:
-        err = (result or {}).get("error") or {}
-        log.error("%s: error (%s) %s", cid, err.get("class"), err.get("message"))
-    return status
-
-
 # ----------------------------------------------------------------------------------------------- summary
 def summary_counts(cell_dirs: List[Path], since: float) -> Dict[str, int]:
     """Counts over this command's cells only (other cells of the same sweep folder are not its business):
@@ -759,7 +413,7 @@ def _fault_exit(exc: Exception, cell_dirs: List[Path], started: float) -> None:
     type): one line and the summary line, exit 1; the traceback goes to the log file where there is one."""
     from qbench.store.rows import error_message
 
-    _traceback_to_log_files("sweep")
+    traceback_to_log_files("sweep")
     print(f"qbench: error: {type(exc).__name__}: {error_message(exc)}", file=sys.stderr)
     print(summary_line(cell_dirs, started), file=sys.stderr)
     sys.exit(1)

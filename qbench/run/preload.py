@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import subprocess
 import time
 from multiprocessing.reduction import DupFd
@@ -21,7 +22,8 @@ log = logging.getLogger("qbench.run.preload")
 
 # What a cell imports before anything else (cell._import_libraries): the server imports these once. torch
 # imported without use initialises neither CUDA nor its thread pools (the forked cell sizes those itself).
-PRELOAD = ["qbench.run.cell", "torch", "transformers", "lm_eval.evaluator", "lm_eval.models.huggingface"]
+PRELOAD = ["qbench.run._server_signals", "qbench.run.cell", "torch", "transformers", "lm_eval.evaluator",
+           "lm_eval.models.huggingface"]
 
 _server: Dict[str, Any] = {}  # the sweep's one server: its context and the seconds it took to start
 
@@ -48,17 +50,28 @@ def context() -> Any:
         ctx.set_forkserver_preload(PRELOAD)
         t0 = time.perf_counter()
         warm = ctx.Process(target=_probe, name="qbench-preload-probe")
-        warm.start()
-        warm.join()
+        try:
+            warm.start()
+            warm.join()
+            exitcode = warm.exitcode
+        except (OSError, EOFError) as exc:  # the server died while starting (a signal, a failed import)
+            exitcode, failure = None, f"{type(exc).__name__}: {exc}"
         _server["server_s"] = time.perf_counter() - t0
-        _server["ctx"] = ctx if warm.exitcode == 0 else None
-        if warm.exitcode != 0:
-            why = "its preload initialised CUDA" if warm.exitcode == CUDA_IN_SERVER else f"exit {warm.exitcode}"
+        _server["ctx"] = ctx if exitcode == 0 else None
+        if exitcode != 0:
+            why = ("its preload initialised CUDA" if exitcode == CUDA_IN_SERVER else
+                   f"exit {exitcode}" if exitcode is not None else f"it did not start: {failure}")
             log.warning("run.preload: the fork server cannot serve cells (%s); cells spawn plainly", why)
             return None
         log.info("preloaded %s in a fork server in %.1f s (once per sweep; run.preload=false spawns plainly)",
                  ", ".join(PRELOAD[1:]), _server["server_s"])
     return _server["ctx"]
+
+
+def give_up(why: str) -> None:
+    """The server failed mid-sweep (it could not fork a cell): the sweep's later cells spawn plainly."""
+    _server["ctx"] = None
+    log.warning("run.preload: the fork server could not start a cell (%s); this and later cells spawn plainly", why)
 
 
 def server_s() -> Optional[float]:
@@ -68,14 +81,16 @@ def server_s() -> Optional[float]:
 
 class CellProcess:
     """A forked cell process with the part of subprocess.Popen's interface the sweep uses (wait, send_signal,
-    kill, returncode): cli._wait_child and cli._stop_child treat both alike. returncode is negative for a cell
+    kill, returncode): cell_process._wait_child and cell_process._stop_child treat both alike. returncode is negative for a cell
     ended by a signal, as with Popen."""
 
     def __init__(self, spec_path: str, env: Dict[str, str], fds: List[int]) -> None:
         ctx = context()
+        # a plain spawn inherits an ignored SIGHUP (nohup) and nothing else of the sweep's dispositions
+        hup_ignored = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
         # DupFd, pickled while the process starts, sends each descriptor to the server, which hands it to the
         # child: the cell holds the same open files (and so the same flocks) as the sweep does
-        self.proc = ctx.Process(target=_cell_entry, args=(spec_path, env, [DupFd(fd) for fd in fds]),
+        self.proc = ctx.Process(target=_cell_entry, args=(spec_path, env, [DupFd(fd) for fd in fds], hup_ignored),
                                 name="qbench-cell")
         self.proc.start()
         self.pid = self.proc.pid
@@ -100,11 +115,14 @@ class CellProcess:
         self.proc.kill()
 
 
-def _cell_entry(spec_path: str, env: Dict[str, str], fds: List[Any]) -> None:
-    """The forked cell: descriptors and environment first, then the cell's main as a plain spawn runs it."""
+def _cell_entry(spec_path: str, env: Dict[str, str], fds: List[Any], hup_ignored: bool) -> None:
+    """The forked cell: signal dispositions, descriptors and environment first, then the cell's main as a plain
+    spawn runs it."""
     import sys
 
-    from qbench.run import cell
+    from qbench.run import _server_signals, cell
+
+    _server_signals.as_plain_spawn(hup_ignored)
 
     held = [fd.detach() for fd in fds]  # the locks: kept open until the process ends
     sys.exit(cell.forked_main(spec_path, env, held))

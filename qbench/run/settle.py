@@ -33,7 +33,7 @@ log = logging.getLogger("qbench")
 
 @contextlib.contextmanager
 def _cell_held(cell_dir: Path) -> Iterator[bool]:
-    """The cell's lock (the one qbench/run/cli.py's cell_lock takes while measuring), if free now: True while
+    """The cell's lock (the one qbench/run/slots.py's cell_lock takes while measuring), if free now: True while
     held. Not waited for: a process holding it is measuring the cell again and writes a new result anyway."""
     import fcntl
 
