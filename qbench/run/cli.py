@@ -256,9 +256,14 @@ def summary_counts(cell_dirs: List[Path], since: float) -> Dict[str, int]:
     return counts
 
 
+def _sweep_dirs(cell_dirs: List[Path]) -> List[str]:
+    """The sweep folders the command's cells lie in, each once, in order."""
+    return list(dict.fromkeys(str(sweep_dir_of(d)) for d in cell_dirs))
+
+
 def summary_line(cell_dirs: List[Path], since: float) -> str:
     c = summary_counts(cell_dirs, since)
-    where = ", ".join(dict.fromkeys(str(sweep_dir_of(d)) for d in cell_dirs))
+    where = ", ".join(_sweep_dirs(cell_dirs))
     extra = f", {c['missing']} without a result" if c["missing"] else ""
     return (
         f"qbench: {where}: {c['cells']} cells: ran {c['ran']}, skipped {c['skipped']}, failed {c['failed']}"
@@ -268,10 +273,23 @@ def summary_line(cell_dirs: List[Path], since: float) -> str:
 
 def report_hint(cell_dirs: List[Path]) -> Optional[str]:
     """The command that turns this sweep's results into its report, printed after the summary line."""
-    sweeps = list(dict.fromkeys(str(sweep_dir_of(d)) for d in cell_dirs))
+    sweeps = _sweep_dirs(cell_dirs)
     if not sweeps:
         return None
     return "qbench: report: " + "; ".join(f"qbench-report {s}" for s in sweeps) + " (-> reports/<sweep>/index.html)"
+
+
+def end_of_command(cell_dirs: List[Path], since: float, last: bool = True) -> int:
+    """The command's last lines and its exit status. ``last``: the command's own end (not one pass of run.rounds,
+    whose combined results come later): comparisons left for the sweep's end are made, and the report is named."""
+    line = summary_line(cell_dirs, since)  # counted first: a result.json that gets its comparison did not run
+    if last:
+        _settle_late_quality(cell_dirs, since)
+    print(line, flush=True)
+    hint = report_hint(cell_dirs) if last else None
+    if hint:
+        print(hint, flush=True)
+    return exit_status(cell_dirs, since)
 
 
 def exit_status(cell_dirs: List[Path], since: float) -> int:
@@ -302,13 +320,7 @@ def run_rounds(argv: List[str], cell_dirs: CellDirs, started: float) -> int:
         os.environ.pop(ROUNDS_PARENT_ENV, None)
     for cell_dir in cell_dirs:
         rounds.combine(cell_dir, cell_dirs.rounds)
-    line = summary_line(cell_dirs, started)  # counted first: a result.json that gets its comparison did not run
-    _settle_late_quality(cell_dirs, started)  # combine rewrote result.json from round 1, which may lack it
-    print(line, flush=True)
-    hint = report_hint(cell_dirs)
-    if hint:
-        print(hint, flush=True)
-    return exit_status(cell_dirs, started)
+    return end_of_command(cell_dirs, started)  # settles after combine, which rewrote result.json from round 1
 
 
 # ----------------------------------------------------------------------------------------------- help
@@ -477,14 +489,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         _stopped_exit(exc, cell_dirs, started, "cells with a result.json finished, the rest run on the next start")
     except Exception as exc:
         _fault_exit(exc, cell_dirs, started)
-    line = summary_line(cell_dirs, started)  # counted first: a result.json that gets its comparison did not run
-    if not cell_dirs.in_round:  # a round's pass leaves it to run_rounds, after the rounds are combined
-        _settle_late_quality(cell_dirs, started)
-    print(line, flush=True)
-    hint = None if cell_dirs.in_round else report_hint(cell_dirs)
-    if hint:
-        print(hint, flush=True)
-    sys.exit(exit_status(cell_dirs, started))
+    # a round's pass leaves the sweep's end to run_rounds, after the rounds are combined
+    sys.exit(end_of_command(cell_dirs, started, last=not cell_dirs.in_round))
 
 
 if __name__ == "__main__":

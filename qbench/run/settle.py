@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
-from qbench.measure.gpu_state import open_lock_file
+from qbench.run.slots import try_lock
 from qbench.store.jsonio import read_result, write_result
 from qbench.store.late_quality import SOURCE, baseline_dir, pending_comparisons, waits_for_comparison
 from qbench.store.layout import LOCK_FILE, LOGPROBS_FILE, attempt_file, sweep_dir_of
@@ -35,15 +35,11 @@ log = logging.getLogger("qbench")
 def _cell_held(cell_dir: Path) -> Iterator[bool]:
     """The cell's lock (the one qbench/run/slots.py's cell_lock takes while measuring), if free now: True while
     held. Not waited for: a process holding it is measuring the cell again and writes a new result anyway."""
-    import fcntl
-
-    f = open_lock_file(attempt_file(cell_dir, LOCK_FILE))
+    f = try_lock(attempt_file(cell_dir, LOCK_FILE))
+    if f is None:
+        yield False
+        return
     try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
         yield True
     finally:
         f.close()
