@@ -68,6 +68,12 @@ def test_every_bench_and_eval_composes(hydra_ctx, group, monkeypatch):
 def test_every_experiment_expands_and_validates(experiment, monkeypatch):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the full sweeps name Hub models and Hub data
         monkeypatch.delenv(var, raising=False)
+    # a GPU experiment is checked as on the card it was written for (an H100/H200: fp8 needs >= 8.9), not on
+    # this CPU host, where a cuda cell's device checks would all say "this cell runs on a CPU"
+    from qbench.run import preflight as pf
+
+    host = pf.cell_device
+    monkeypatch.setattr(pf, "cell_device", lambda cfg: ("cuda", (9, 0)) if cfg.bench.device == "cuda" else host(cfg))
     n = len(preflight(["-m", f"experiment={experiment}"]))
     assert n >= 2, f"experiment {experiment} sweeps {n} cell(s)"
 

@@ -244,6 +244,19 @@ def test_int4wo_bits_per_weight():
     assert methods.get("torchao_int4wo").linear_weight_bytes(128, 576, tile) == 128 * 1024 // 2 + 8 * 128 * 4
 
 
+def test_int4wo_auto_layout_follows_the_cells_device():
+    """auto is decided by where the cell runs, not by this host: a cuda cell checked on a CPU host (preflight of
+    a GPU experiment, a SLURM head node) gets the CUDA layout, a cpu cell on a GPU host the CPU one."""
+    m = methods.get("torchao_int4wo")
+    cfg = method_cfg("torchao_int4wo").method
+    assert cfg.packing_format == "auto"
+    assert m.packing_format(cfg, "cuda") == "tile_packed_to_4d" and m.packing_format(cfg, "cpu") == "opaque"
+    m.check_device(cfg, "cuda", (9, 0))
+    m.check_device(cfg, "cpu", None)
+    with pytest.raises(ConfigError, match="packing_format"):
+        m.check_device(method_cfg("torchao_int4wo", "method.packing_format=opaque").method, "cuda", (9, 0))
+
+
 def test_hqq_bits_per_weight_is_4_5():
     cfg = method_cfg("hqq").method
     assert methods.get("hqq").linear_weight_bytes(4096, 4096, cfg) * 8 / 4096**2 == pytest.approx(4.5)

@@ -61,6 +61,51 @@ def test_compact_keeps_tokens_until_coverage():
     assert float(p[0, :2].sum()) >= 0.9
 
 
+def _full_sort_compact(logp, coverage):
+    """The compact form as one full sort per position computes it (the definition compact() must keep)."""
+    lp, ids = torch.sort(logp, dim=-1, descending=True)
+    cum = torch.cumsum(lp.double().exp(), -1)
+    n = torch.clamp((cum < coverage).sum(-1) + 1, max=logp.shape[-1])
+    return n.numpy(), [ids[i, :n[i]].numpy() for i in range(len(n))], [lp[i, :n[i]].numpy() for i in range(len(n))]
+
+
+def test_compact_two_passes_equal_a_full_sort(monkeypatch):
+    """Peaked rows end within the first pass, flat ones need the full sort: both kinds in one window, and the
+    kept tokens, their order and log-probs are those of one full sort per position."""
+    monkeypatch.setattr(quality, "FIRST_PASS_TOKENS", 8)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 300, generator=gen)
+    logits[::2] *= 12.0  # peaked: reach 0.99 within a few tokens
+    logp = torch.log_softmax(logits, -1)
+    n_kept, ids, lp = quality.compact(logp, coverage=0.99, max_kept=None)
+    want_n, want_ids, want_lp = _full_sort_compact(logp, 0.99)
+    assert n_kept.tolist() == want_n.tolist()
+    assert max(n_kept[1::2]) > 8 >= max(n_kept[::2])  # the second pass was needed, and only for the flat rows
+    assert ids.tolist() == np.concatenate(want_ids).tolist()
+    assert np.array_equal(lp, np.concatenate(want_lp))
+
+
+def test_compare_live_equals_the_per_position_kl():
+    """The vectorised live comparison gives each position the KL of _kl_coarsened on that position alone."""
+    gen = torch.Generator().manual_seed(2)
+    windows = torch.randint(0, 50, (2, 16), generator=gen).numpy()
+    first, count = quality.scored_positions(16)
+    ref_lp = torch.log_softmax(torch.randn(2 * count, 50, generator=gen) * 3, -1)
+    n_kept, ids, lp = quality.compact(ref_lp, coverage=0.9, max_kept=None)
+    ref = {"n_kept": n_kept, "ids": ids, "logp": lp, "tokens": windows,
+           "offsets": np.concatenate([[0], np.cumsum(n_kept, dtype=np.int64)]),
+           "argmax": ref_lp.argmax(-1).numpy(), "logp_target": np.zeros(2 * count, np.float32)}
+    logq = torch.log_softmax(torch.randn(count, 50, generator=gen) * 3, -1)
+    rows = np.arange(count, 2 * count)  # the second window
+    got = quality.compare_live(ref, 1, logq, rows)
+    want = [quality._kl_coarsened(lp[ref["offsets"][n]:ref["offsets"][n + 1]],
+                                  logq.numpy()[j, ids[ref["offsets"][n]:ref["offsets"][n + 1]]])
+            for j, n in enumerate(rows)]
+    assert np.allclose(got["kl"], want, rtol=1e-12, atol=1e-15)
+    assert got["logq_target"].tolist() == logq.numpy()[np.arange(count), windows[1, first + 1:]].tolist()
+    assert got["same_top"].tolist() == (logq.argmax(-1).numpy() == ref["argmax"][rows]).tolist()
+
+
 def test_windows_follow_llama_cpp():
     tok = tiny.build_tokenizer()
     windows = quality.corpus_windows(tok, tiny.TINY_TEXT.read_text()[:20000], 32, max_windows=3)
@@ -163,3 +208,25 @@ def test_report_time_path_reads_as_close_to_exact_as_the_live_path(peaked_pair):
     later = quality.compare_later(tmp / "e1", tmp / "e0")["kl_divergence"]["mean"]
     assert later <= exact * (1 + 1e-6)  # still a lower bound
     assert exact - later <= 1.5 * (exact - live)  # same error as live (was 8x the live error with one coverage)
+
+
+@pytest.mark.gpu
+def test_compaction_and_live_comparison_on_the_gpu_equal_the_cpu():
+    """On a GPU the log-probs never leave the device whole: the kept tokens, their log-probs and every live
+    measure must be what the CPU computes from the same log-probs."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2 * 31, 49152, generator=gen) * 4
+    logp = torch.log_softmax(logits, -1)
+    cpu = quality.compact(logp, coverage=0.999, max_kept=None)
+    gpu = quality.compact(logp.cuda(), coverage=0.999, max_kept=None)
+    assert np.array_equal(cpu[0], gpu[0]) and np.array_equal(cpu[2], gpu[2])
+    n_kept, ids, lp = cpu
+    windows = torch.randint(0, 49152, (2, 64), generator=gen).numpy()
+    ref = {"n_kept": n_kept, "ids": ids, "logp": lp, "tokens": windows,
+           "offsets": np.concatenate([[0], np.cumsum(n_kept, dtype=np.int64)]),
+           "argmax": logp.argmax(-1).numpy(), "logp_target": np.zeros(62, np.float32)}
+    logq = torch.log_softmax(logits[31:] + torch.randn(31, 49152, generator=gen), -1)
+    rows = np.arange(31, 62)
+    a, b = quality.compare_live(ref, 1, logq, rows), quality.compare_live(ref, 1, logq.cuda(), rows)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key

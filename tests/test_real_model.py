@@ -4,6 +4,7 @@ agreement; the approximations of the stored distributions stay within 1 % of the
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +74,22 @@ def test_gguf_source_is_real_weights_converted_once(source):
     assert again.path == source.path and again.info["materialised_cached"] is True
     config = models.config_dict(compose_cell("fp32").model)
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
+
+
+def test_a_converted_gguf_is_not_parsed_again(tmp_path, monkeypatch):
+    """The conversion records the GGUF's architecture; a cell that finds the folder reads it from there instead
+    of parsing the GGUF's header again (2.1 s of every SmolLM2 cell before)."""
+    if not GGUF.exists():
+        pytest.fail(f"{GGUF} is missing: `make weights` fetches it (make test does)")
+    first = models.resolve(compose_cell("fp32").model, tmp_path)
+    assert (Path(first.path) / models.GGUF_ARCHITECTURE_FILE).read_text().strip() == "llama"
+
+    def no_parse(path):
+        raise AssertionError("the GGUF header was parsed again")
+
+    monkeypatch.setattr(models, "gguf_architecture", no_parse)
+    again = models.resolve(compose_cell("bf16").model, tmp_path)
+    assert again.info["materialised_cached"] is True and again.info["gguf_architecture"] == "llama"
 
 
 @pytest.mark.slow  # the runs fixture loads SmolLM2-135M four ways and runs quality on each

@@ -91,6 +91,9 @@ def read_config_json(path: Path, key: str = "model.source") -> Dict[str, Any]:
     return config
 
 
+GGUF_ARCHITECTURE_FILE = "gguf_architecture.txt"  # in a converted GGUF's folder: general.architecture
+
+
 @functools.lru_cache(maxsize=8)
 def _gguf_config_json(path: str, _mtime_ns: int, _size: int) -> str:
     """A GGUF's config as JSON, parsed from its header once per file version: preflight asks for it in several
@@ -177,16 +180,20 @@ def _gguf_source(path: Path, cache: Path, model_cfg: Any) -> Source:
     out = cache / "models" / f"gguf-{path.stem}-{digest[:16]}"
     # preflight ran check_gguf already; the full check runs again only when a conversion is due (no preflight
     # before a direct call), not on every cell that finds the converted folder in the cache
-    info = _materialise(out, lambda tmp: (check_gguf(path), _convert_gguf(path, tmp, model_cfg.dtype)))
-    arch = gguf_architecture(path)
+    info = _materialise(out, lambda tmp: _convert_gguf(path, tmp, model_cfg.dtype, check_gguf(path)))
+    # the architecture the conversion recorded: reading it from the GGUF again parses its whole header (the
+    # tokenizer's 49,152 entries for SmolLM2: 2.1 s of every cell); folders converted before it was kept read it
+    recorded = out / GGUF_ARCHITECTURE_FILE
+    arch = recorded.read_text().strip() if recorded.is_file() else gguf_architecture(path)
     tok = model_cfg.tokenizer or str(out)
     return Source(str(out), None, False, False, tok,
                   {"gguf_file": str(path), "gguf_sha256": digest, "gguf_architecture": arch,
                    "dequantized_dtype": model_cfg.dtype, **info})
 
 
-def _convert_gguf(path: Path, out: Path, dtype: str) -> None:
-    """Dequantize a GGUF (transformers' own reader) and save it with its tokenizer as safetensors."""
+def _convert_gguf(path: Path, out: Path, dtype: str, architecture: str) -> None:
+    """Dequantize a GGUF (transformers' own reader) and save it with its tokenizer as safetensors, and the
+    GGUF's architecture (``GGUF_ARCHITECTURE_FILE``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -198,6 +205,7 @@ def _convert_gguf(path: Path, out: Path, dtype: str) -> None:
     model.hf_quantizer = None
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)
+    (out / GGUF_ARCHITECTURE_FILE).write_text(architecture + "\n")
 
 
 def _materialise(out: Path, build) -> Dict[str, Any]:

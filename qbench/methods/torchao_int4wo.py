@@ -51,19 +51,21 @@ def validate(method_cfg: Any) -> None:
         raise ConfigError(f"method.dtype: '{method_cfg.dtype}' is not supported by torchao_int4wo (bfloat16: tinygemm's)")
 
 
-def packing_format(method_cfg: Any) -> str:
-    """The layout ``auto`` stands for on this host."""
+def packing_format(method_cfg: Any, device: Optional[str] = None) -> str:
+    """The layout ``auto`` stands for on ``device`` (cpu | cuda), or where torch sees CUDA on this host."""
     if method_cfg.packing_format != "auto":
         return str(method_cfg.packing_format)
-    import torch
+    if device is None:
+        import torch
 
-    return "tile_packed_to_4d" if torch.cuda.is_available() else "opaque"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "tile_packed_to_4d" if device == "cuda" else "opaque"
 
 
 def check_device(method_cfg: Any, device: str, capability: Optional[Tuple[int, int]]) -> None:
     from qbench.errors import ConfigError
 
-    fmt = packing_format(method_cfg)
+    fmt = packing_format(method_cfg, device)
     if fmt == "opaque" and device != "cpu":
         raise ConfigError(f"method.packing_format: opaque is torchao's CPU int4 layout; this cell runs on {device} "
                           "(use auto or tile_packed_to_4d)")
