@@ -321,10 +321,13 @@ def _end_to_end(kind, tiny_source, monkeypatch):
     assert json.loads((ckpt / "generation_config.json").read_text()) == json.loads(
         (Path(tiny_source.path) / "generation_config.json").read_text())
     assert info["versions"]["gptqmodel"] == "7.6.0"
-    # the CPU packer was built (or loaded) before the timed quantization, and is in the cache now
-    builds = info["quantize_timings"]["kernel_builds"]
-    assert builds["pack_block_cpu"]["built"] is True and builds["pack_block_cpu"]["cache_hit"] in (True, False)
-    assert gm.kernel_cached("pack_block_cpu") is True
+    # the CPU packer: loaded where a build is cached; for this tiny model never built otherwise (the torch packer
+    # is faster than building it at this size), and the timed quantization says which it was
+    pack = info["quantize_timings"]["kernel_builds"]["pack_block_cpu"]
+    if pack["cache_hit"]:
+        assert pack["built"] is True and "skipped" not in pack
+    else:
+        assert pack["built"] is False and "torch code" in pack["skipped"] and pack["s"] == 0.0
     assert info["quantize_speedups"] == ({"clip_search": "qbench-bmm-v1"} if kind == "awq" else {})
     json.dumps(info)  # goes into result.json
 
@@ -424,3 +427,44 @@ def test_generation_config_restored_from_source_or_stripped_of_sampling(tmp_path
     (ckpt / "generation_config.json").write_text(json.dumps(written))
     assert restore_generation_config(str(src), None, ckpt) == "sampling keys removed"
     assert json.loads((ckpt / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
+
+
+def test_pack_extension_is_built_only_where_it_pays(monkeypatch):
+    for var in ("GPTQMODEL_DISABLE_PACK_EXT", "GPTQMODEL_FORCE_PACK_EXT"):
+        monkeypatch.delenv(var, raising=False)
+    skip = gm._skip_pack_extension
+    assert "torch code" in skip("pack_block_cpu", False, 106_000_000)  # SmolLM2-135M, cold cache: no build
+    assert skip("pack_block_cpu", None, 106_000_000)  # cache state unknown: counts as cold
+    assert skip("pack_block_cpu", True, 106_000_000) is None  # a cached build is always used
+    assert skip("pack_block_cpu", False, 7_000_000_000) is None  # an 8B model: the build pays for itself
+    assert skip("pack_block_cpu", False, None) is None  # weights unknown: GPT-QModel's default
+    assert skip("gptq_block_update", False, 1) is None  # only the CPU packer is ever skipped
+    monkeypatch.setenv("GPTQMODEL_FORCE_PACK_EXT", "1")
+    assert skip("pack_block_cpu", False, 106_000_000) is None  # the user's switch decides
+
+
+@pytest.mark.slow  # builds (or loads) GPT-QModel's CPU packer extension
+def test_torch_packer_writes_the_extensions_bytes(tmp_path, monkeypatch):
+    """Skipping the extension changes no checkpoint: both packers give the same qweight and qzeros."""
+    import torch
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    gm.setup_env(tmp_path)
+    torch.manual_seed(0)
+    packed = {}
+    for mode in ("extension", "torch"):
+        monkeypatch.setenv("GPTQMODEL_FORCE_PACK_EXT" if mode == "extension" else "GPTQMODEL_DISABLE_PACK_EXT", "1")
+        monkeypatch.delenv("GPTQMODEL_DISABLE_PACK_EXT" if mode == "extension" else "GPTQMODEL_FORCE_PACK_EXT",
+                           raising=False)
+        gen = torch.Generator().manual_seed(1)
+        lin = torch.nn.Linear(576, 192, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(192, 576, generator=gen) * 0.02)
+        scales = torch.rand(192, 9, generator=gen) * 0.01 + 0.001
+        zeros = torch.randint(0, 16, (192, 9), generator=gen).float()
+        q = TorchLinear(bits=4, group_size=64, sym=False, desc_act=False, in_features=576, out_features=192,
+                        register_buffers=False)
+        q.pack_block(lin, scales, zeros, torch.arange(576, dtype=torch.int32) // 64)
+        packed[mode] = (q.qweight.clone(), q.qzeros.clone())
+    assert torch.equal(packed["extension"][0], packed["torch"][0])
+    assert torch.equal(packed["extension"][1], packed["torch"][1])

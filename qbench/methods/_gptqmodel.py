@@ -577,13 +577,45 @@ def _quantize_kernels(kind: str, device_type: str) -> Dict[str, Any]:
     return kernels
 
 
-def _build_quantize_kernels(kind: str, device_type: str) -> Dict[str, Any]:
+# GPT-QModel packs the quantized weights on the CPU, with a C++ extension it JIT-builds on first use (102 s on an
+# H200 node's host, once per cache) or, where that is disabled, with its torch code. SmolLM2-135M's 106 M linear
+# weights pack in 0.94 s with the extension and 3.97 s without (2-core CPU, GPT-QModel 7.6's pack_block on every
+# linear of the model): the build pays for itself only from about 3e9 weights. So a cache without the build packs
+# smaller models with the torch code and builds nothing; a build already in the cache is always used, and
+# GPT-QModel's own GPTQMODEL_DISABLE_PACK_EXT / GPTQMODEL_FORCE_PACK_EXT, when set, decide instead.
+PACK_EXTENSION_MIN_WEIGHTS = 2_000_000_000
+
+
+def linear_weight_count(model: Any) -> int:
+    """Weights of the model's nn.Linear layers (meta tensors count too: nothing is read)."""
+    import torch
+
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _skip_pack_extension(name: str, cached: Optional[bool], n_weights: Optional[int]) -> Optional[str]:
+    """Why the CPU packer extension is not built for this quantization, or None to build (or load) it."""
+    if name != "pack_block_cpu" or cached or n_weights is None or n_weights >= PACK_EXTENSION_MIN_WEIGHTS:
+        return None
+    if os.environ.get("GPTQMODEL_DISABLE_PACK_EXT") or os.environ.get("GPTQMODEL_FORCE_PACK_EXT"):
+        return None  # the user's own choice, made through GPT-QModel's switches
+    return (f"not in the cache and {n_weights / 1e9:.2f}e9 linear weights < {PACK_EXTENSION_MIN_WEIGHTS / 1e9:.0f}e9: "
+            "packed by GPT-QModel's torch code (faster than building the extension at this size)")
+
+
+def _build_quantize_kernels(kind: str, device_type: str, n_weights: Optional[int] = None) -> Dict[str, Any]:
     """Build (or load from ``<run.cache_dir>/torch_extensions``) what the quantization loop would JIT-build,
-    before the timed quantization: about a minute on 2 cores for the CPU packer. A build that fails is left to
-    GPT-QModel's fallbacks (Python packer, eager GPTQ loop). Returns the quantize timings' kernel part."""
+    timed apart from the quantization: about a minute on 2 cores for the CPU packer, which is skipped where
+    building it costs more than it saves (``PACK_EXTENSION_MIN_WEIGHTS``). A build that fails is left to
+    GPT-QModel's fallbacks (torch packer, eager GPTQ loop). Returns the quantize timings' kernel part."""
     builds: Dict[str, Any] = {}
     for name, (load, probe) in _quantize_kernels(kind, device_type).items():
         cached = probe()
+        skip = _skip_pack_extension(name, cached, n_weights)
+        if skip:
+            os.environ["GPTQMODEL_DISABLE_PACK_EXT"] = "1"  # read by GPT-QModel at every pack; this process only
+            builds[name] = {"s": 0.0, "cache_hit": cached, "built": False, "skipped": skip}
+            continue
         t0 = time.perf_counter()
         try:
             result = load()  # extension.load: {name: bool}; block_update_available: bool
@@ -591,9 +623,9 @@ def _build_quantize_kernels(kind: str, device_type: str) -> Dict[str, Any]:
         except Exception:
             ok = False
         builds[name] = {"s": time.perf_counter() - t0, "cache_hit": cached, "built": ok}
-    hits = [b["cache_hit"] for b in builds.values()]
+    hits = [b["cache_hit"] for b in builds.values() if not b.get("skipped")]
     return {"kernel_compile_s": sum(b["s"] for b in builds.values()),
-            "kernel_cache_hit": None if None in hits else all(hits), "kernel_builds": builds}
+            "kernel_cache_hit": None if not hits or None in hits else all(hits), "kernel_builds": builds}
 
 
 def _region_totals(qm: Any) -> Dict[str, float]:
@@ -633,7 +665,7 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     from gptqmodel import GPTQModel
     from gptqmodel.utils.backend import BACKEND
 
-    timings: Dict[str, Any] = _build_quantize_kernels(kind, device_type)
+    timings: Dict[str, Any] = {}
     # a method's own speed-ups of GPT-QModel's loop (AWQ: its clip search as a batched matmul); recorded
     speedups = getattr(method(kind), "before_quantize", dict)()
 
@@ -654,6 +686,8 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     t0 = time.perf_counter()
     qm = GPTQModel.load(source.path, qcfg, **kwargs)
     timings["load_source_s"] = time.perf_counter() - t0
+    # after the load, which says how many weights there are to pack; timed apart from quantize_s
+    timings.update(_build_quantize_kernels(kind, device_type, linear_weight_count(qm.model)))
     # Packing kernel: the portable torch one (AWQ's default, the CUDA GEMM extension, would need nvcc here).
     pack_backend = BACKEND(f"{kind}_torch")
     t0 = time.perf_counter()
@@ -661,7 +695,7 @@ def _quantize(spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
                 calibration_sort=None)
     timings["quantize_algorithm_s"] = time.perf_counter() - t0
     timings["quantize_regions_s"] = _region_totals(qm)
-    quantize_s = time.perf_counter() - t_start
+    quantize_s = time.perf_counter() - t_start - timings["kernel_compile_s"]
 
     cuda_peaks = _cuda_peaks() if device_type == "cuda" else None
     peak_kind, peak = ("cuda_max_allocated", max(cuda_peaks)) if cuda_peaks else ("process_rss", None)
