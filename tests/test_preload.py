@@ -202,3 +202,75 @@ def test_a_server_that_cannot_fork_a_cell_falls_back_to_a_plain_spawn(tmp_path, 
     assert "preload_server_s" not in json.loads((tmp_path / "spec.json").read_text())
     assert preloaded.context() is None  # later cells spawn plainly
     assert any("could not start a cell" in r.getMessage() for r in caplog.records)
+
+
+def test_the_probe_refuses_a_server_whose_forks_are_bad(monkeypatch):
+    """A CUDA runtime call in the server (torch.cuda.is_available() without NVML, as transformers and lm-eval make
+    at import) creates no context, yet every fork after it fails its first CUDA use: the probe must say so."""
+    import torch
+
+    from qbench.run import preload
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    with pytest.raises(SystemExit) as stop:
+        preload._probe()
+    assert stop.value.code == preload.CUDA_IN_SERVER
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        preload._probe()
+    assert stop.value.code == 0
+
+
+NVML_SCRIPT = '''
+import json, os, sys
+from qbench.run import preload
+
+
+def seen(path):
+    import torch
+    json.dump({"nvml_check": os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"),
+               "bad_fork": torch.cuda._is_in_bad_fork()}, open(path, "w"))
+
+
+if __name__ == "__main__":
+    ctx = preload.context()
+    p = ctx.Process(target=seen, args=(sys.argv[1],))
+    p.start()
+    p.join()
+    sys.exit(p.exitcode)
+'''
+
+
+def test_the_server_asks_nvml_not_the_cuda_runtime_before_torch_loads():
+    """The switch must be set before torch (and the libraries that call is_available at import) load in the
+    server."""
+    from qbench.run import preload
+
+    assert preload.PRELOAD.index("qbench.run._server_cuda") < preload.PRELOAD.index("torch")
+
+
+def test_a_forked_cell_starts_from_a_server_that_asked_nvml(tmp_path):
+    script = tmp_path / "nvml.py"
+    script.write_text(NVML_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "seen.json")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "seen.json").read_text()) == {"nvml_check": "1", "bad_fork": False}
+
+
+@pytest.mark.gpu
+def test_a_preloaded_cell_runs_on_the_gpu(tmp_path):
+    """The fork server's imports must leave its forks able to use CUDA (every preloaded GPU cell failed with
+    "Cannot re-initialize CUDA in forked subprocess" before qbench/run/_server_cuda.py)."""
+    runs = tmp_path / "runs"
+    args = [a for a in QUICK if not a.startswith("bench.device")] + ["bench.device=cuda"]
+    subprocess.run(QBENCH + ["-m", *args, "method=fp32,bf16", "run.sweep=g", f"run.runs_dir={runs}",
+                             "run.preload=true"],
+                   cwd=REPO, env=_env(tmp_path), check=True, capture_output=True, timeout=600)
+    for m in ("fp32", "bf16"):
+        r = json.loads((runs / "g" / f"tiny__{m}" / "result.json").read_text())
+        assert r["status"] == "ok", r.get("error")
+        assert r["preload"]["preloaded"] is True

@@ -21,21 +21,24 @@ from typing import Any, Dict, List, Optional
 log = logging.getLogger("qbench.run.preload")
 
 # What a cell imports before anything else (cell._import_libraries): the server imports these once. torch
-# imported without use initialises neither CUDA nor its thread pools (the forked cell sizes those itself).
-PRELOAD = ["qbench.run._server_signals", "qbench.run.cell", "torch", "transformers", "lm_eval.evaluator",
-           "lm_eval.models.huggingface"]
+# imported without use initialises neither CUDA nor its thread pools (the forked cell sizes those itself);
+# _server_cuda keeps the libraries' own is_available() calls from marking every fork of the server bad.
+PRELOAD = ["qbench.run._server_signals", "qbench.run._server_cuda", "qbench.run.cell", "torch", "transformers",
+           "lm_eval.evaluator", "lm_eval.models.huggingface"]
 
 _server: Dict[str, Any] = {}  # the sweep's one server: its context and the seconds it took to start
 
 
 def _probe() -> None:
     """The first fork: it runs once the server has imported PRELOAD, which times the server's start, and says
-    whether the preload touched CUDA (a context does not survive fork: every cell would fail on the GPU)."""
+    whether the preload touched CUDA (a context does not survive fork: every cell would fail on the GPU). A
+    context is not the only way: a device-count call through the CUDA runtime creates none, yet marks every later
+    fork bad, which the child sees as torch.cuda._is_in_bad_fork()."""
     import sys
 
     import torch
 
-    sys.exit(CUDA_IN_SERVER if torch.cuda.is_initialized() else 0)
+    sys.exit(CUDA_IN_SERVER if torch.cuda.is_initialized() or torch.cuda._is_in_bad_fork() else 0)
 
 
 CUDA_IN_SERVER = 3  # _probe's exit status when the server's preload initialised CUDA
@@ -64,7 +67,7 @@ def context() -> Any:
             log.warning("run.preload: the fork server cannot serve cells (%s); cells spawn plainly", why)
             return None
         log.info("preloaded %s in a fork server in %.1f s (once per sweep; run.preload=false spawns plainly)",
-                 ", ".join(PRELOAD[1:]), _server["server_s"])
+                 ", ".join(m for m in PRELOAD if not m.startswith("qbench.run._server")), _server["server_s"])
     return _server["ctx"]
 
 
