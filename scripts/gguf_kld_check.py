@@ -83,9 +83,9 @@ def qbench_kld(base: Path, quant: Path, tokens: np.ndarray, threads: int, covera
     ctx = tokens.shape[1]
     models = [lc.LlamaCppLM(p, ctx, threads, ctx) for p in (base, quant)]
     windows = tokens.copy()
-    add_bos = str(models[0].llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+    add_bos = str(models[0].metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
     if add_bos:
-        windows[:, 0] = models[0].llm.token_bos()  # llama-perplexity puts BOS first in every chunk
+        windows[:, 0] = models[0].token_bos  # llama-perplexity puts BOS first in every chunk
     _, count = quality.scored_positions(ctx)
     recorder = quality.Recorder(windows, coverage, None)
     live, exact = [], []
@@ -98,7 +98,7 @@ def qbench_kld(base: Path, quant: Path, tokens: np.ndarray, threads: int, covera
         p64, q64 = logp.double(), logq.double()
         exact.append((p64.exp() * (p64 - q64)).sum(dim=-1).numpy())
     for m in models:
-        m.llm.close()
+        m.close()
     per_token = {k: np.concatenate([x[k] for x in live]) for k in live[0]}
     window = np.repeat(np.arange(len(windows)), count)
     summary = quality.summarize(per_token, window)

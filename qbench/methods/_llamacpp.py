@@ -363,19 +363,30 @@ def parse_system_info(text: str) -> Dict[str, Dict[str, str]]:
 class LlamaCppLM:
     """A GGUF model in llama.cpp, shaped like the causal LM that qbench.evaluate.quality reads: ``model(ids).logits``
     ([batch, tokens, vocab] float32 torch, from llama.cpp's full-vocabulary logits) and ``parameters()`` (where those
-    logits land: the CPU). So quality runs its own code on the same windows as every torch cell."""
+    logits land: the CPU). So quality runs its own code on the same windows as every torch cell.
 
-    def __init__(self, path: Path, n_ctx: int, n_threads: int, n_batch: int, n_gpu_layers: int = 0):
-        from llama_cpp import Llama
+    llama.cpp itself runs in a worker process without torch (qbench/methods/_llamacpp_worker.py says why); ``llm`` is
+    the worker's model, its logits in memory both processes map. ``close()`` ends the worker."""
+
+    def __init__(self, path: Path, n_ctx: int, n_threads: int, n_batch: int, n_gpu_layers: int = 0,
+                 worker: Optional[Any] = None):
+        from qbench.methods._llamacpp_worker import LlamaWorker, WorkerLlama
 
         self.path, self.n_threads, self.n_gpu_layers = Path(path), int(n_threads), int(n_gpu_layers)
-        self.llm = Llama(model_path=str(path), n_ctx=int(n_ctx), n_batch=int(n_batch), n_ubatch=int(n_batch),
-                         n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=self.n_gpu_layers,
-                         logits_all=True, verbose=False)
-        self.n_vocab = int(self.llm.n_vocab())
+        worker = worker if worker is not None else LlamaWorker()
+        try:
+            self.llm = WorkerLlama(worker, self.path, int(n_ctx), self.n_threads, int(n_batch), self.n_gpu_layers)
+        except BaseException:
+            worker.close()
+            raise
+        info = self.llm.info
+        self.n_vocab, self.n_ctx, self.n_ctx_train = info["n_vocab"], info["n_ctx"], info["n_ctx_train"]
+        self.metadata, self.token_bos = info["metadata"], info["token_bos"]
         self.config = None
-        # freed before interpreter teardown: Llama.__del__ at exit finds llama_cpp's globals gone (a TypeError)
-        atexit.register(self.llm.close)
+        atexit.register(self.close)  # the worker ends with the cell, whichever way the cell ends
+
+    def close(self) -> None:
+        self.llm.close()
 
     def eval(self) -> LlamaCppLM:
         return self
@@ -405,28 +416,10 @@ class LlamaCppLM:
 
     def weight_bytes(self) -> int:
         """llama.cpp's own count of the bytes its weight tensors hold (llama_model_size)."""
-        import llama_cpp
-
-        return int(llama_cpp.llama_model_size(self.llm.model))
+        return int(self.llm.info["weight_bytes"])
 
 
 # ------------------------------------------------------------------------------------------------ latency
-def _timed_runs(run: Any, s: Any) -> List[float]:
-    """Seconds of each timed run after ``s.warmup_runs`` discarded ones: at least min_repeats, at most max_repeats,
-    and no new run once max_time_per_figure_s of timed runs is spent."""
-    for _ in range(int(s.warmup_runs)):
-        run()
-    times: List[float] = []
-    cap = s.max_time_per_figure_s
-    while len(times) < int(s.max_repeats):
-        if len(times) >= int(s.min_repeats) and (cap is None or sum(times) >= float(cap)):
-            break
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def measure_latency(model: LlamaCppLM, bench_cfg: Any, vocab: int, special_ids: List[int]) -> Dict[str, Any]:
     """The latency section for a llama.cpp model: prefill (time to first token) and decode (tokens/s) at batch 1,
     in llama.cpp's own loop, on random prompts drawn like the torch path's (special tokens excluded).
@@ -434,35 +427,37 @@ def measure_latency(model: LlamaCppLM, bench_cfg: Any, vocab: int, special_ids: 
     Only the last position's logits are computed while timing (as generate() does), not every position's as the
     quality path needs. Decode feeds one token per step (random ids: a dense model's step costs the same for any
     token). Batch sizes above 1 are recorded as unsupported: qbench drives one llama.cpp sequence at a time."""
-    import numpy as np
-
     from qbench.measure.latency.settings import Settings
     from qbench.measure.stats import cv_warning, summarize
 
     s = Settings.from_bench(bench_cfg)
-    llm = model.llm
-    rng = np.random.default_rng(s.seed)
-    allowed = np.setdiff1d(np.arange(vocab), np.asarray(special_ids, dtype=np.int64))
+    plan = {"seed": s.seed, "prompt_tokens": [int(p) for p in s.prompt_tokens], "new_tokens": int(s.new_tokens),
+            "decode_prompt_tokens": int(s.decode_prompt_tokens), "warmup_runs": int(s.warmup_runs),
+            "min_repeats": int(s.min_repeats), "max_repeats": int(s.max_repeats),
+            "max_time_per_figure_s": s.max_time_per_figure_s}
+    raw = model.llm.worker.call("latency", plan, int(vocab), [int(i) for i in special_ids])  # timed in the worker
     out: Dict[str, Any] = {"device": "cuda" if model.n_gpu_layers else "cpu",  # offloaded: its GPU runs the loop
                            "timer": "time.perf_counter", "runtime": "llama.cpp",
                            "threads": model.n_threads,
                            "n_gpu_layers": model.n_gpu_layers, "prefill": [], "decode": [], "unsupported": [],
                            "warnings": [], "one_time": {"first_call_s": None, "compile_s": None}}
-    logits_all, llm._logits_all = llm._logits_all, False  # llama-cpp-python 0.3.36: last-position logits only
-    try:
-        for p in s.prompt_tokens:
-            ids = rng.choice(allowed, size=int(p)).tolist()
-            times = _timed_runs(lambda ids=ids: (llm.reset(), llm.eval(ids)), s)
-            ttft = summarize([t * 1e3 for t in times], "ms")
-            out["prefill"].append({"batch_size": 1, "prompt_tokens": int(p), "ttft_ms": ttft,
-                                   "tokens_per_s": int(p) / (ttft["p50"] / 1e3), "compute_bound_fraction": None})
-            LOG.info("llama.cpp prefill bs=1 prompt=%d: %.1f ms (median of %d, %d threads)", p, ttft["p50"],
-                     len(times), model.n_threads)
-        out["decode"].append(_decode_row(llm, s, rng, allowed))
-        LOG.info("llama.cpp decode bs=1: %.1f tokens/s (median of %d runs of %d tokens)",
-                 out["decode"][0]["tokens_per_s"]["p50"], out["decode"][0]["tokens_per_s"]["n"], s.new_tokens)
-    finally:
-        llm._logits_all = logits_all
+    for p, times in raw["prefill"]:
+        ttft = summarize([t * 1e3 for t in times], "ms")
+        out["prefill"].append({"batch_size": 1, "prompt_tokens": int(p), "ttft_ms": ttft,
+                               "tokens_per_s": int(p) / (ttft["p50"] / 1e3), "compute_bound_fraction": None})
+        LOG.info("llama.cpp prefill bs=1 prompt=%d: %.1f ms (median of %d, %d threads)", p, ttft["p50"],
+                 len(times), model.n_threads)
+    step_ms = [t * 1e3 for t in raw["decode"]["step_s"]]
+    n = len(step_ms) // raw["decode"]["runs"]
+    runs = [step_ms[i * n:(i + 1) * n] for i in range(raw["decode"]["runs"])]
+    out["decode"].append({"decode_path": "llama.cpp", "batch_size": 1, "prompt_tokens": int(s.decode_prompt_tokens),
+                          "new_tokens": int(s.new_tokens),
+                          "tokens_per_s": summarize([len(r) / (sum(r) / 1e3) for r in runs], "tokens/s"),
+                          "per_token_ms": summarize([sum(r) / len(r) for r in runs], "ms"),
+                          "bandwidth_bound_tokens_per_s": None, "bandwidth_bound_fraction": None,
+                          "energy_j_per_token": None})
+    LOG.info("llama.cpp decode bs=1: %.1f tokens/s (median of %d runs of %d tokens)",
+             out["decode"][0]["tokens_per_s"]["p50"], out["decode"][0]["tokens_per_s"]["n"], s.new_tokens)
     for b in s.batch_sizes:
         if int(b) > 1:
             out["unsupported"].append({"decode_path": "llama.cpp", "batch_size": int(b),
@@ -473,32 +468,6 @@ def measure_latency(model: LlamaCppLM, bench_cfg: Any, vocab: int, special_ids: 
         if warning:
             out["warnings"].append(warning)
     return out
-
-
-def _decode_row(llm: Any, s: Any, rng: Any, allowed: Any) -> Dict[str, Any]:
-    from qbench.measure.stats import summarize
-
-    prompt = rng.choice(allowed, size=int(s.decode_prompt_tokens)).tolist()
-    steps = rng.choice(allowed, size=int(s.new_tokens)).tolist()
-    per_token: List[float] = []
-
-    def run() -> None:
-        llm.reset()
-        llm.eval(prompt)
-        for tok in steps:
-            t0 = time.perf_counter()
-            llm.eval([tok])
-            per_token.append(time.perf_counter() - t0)
-
-    times = _timed_runs(run, s)
-    n_timed = len(times) * len(steps)
-    step_ms = [t * 1e3 for t in per_token[-n_timed:]]
-    runs = [step_ms[i * len(steps):(i + 1) * len(steps)] for i in range(len(times))]
-    return {"decode_path": "llama.cpp", "batch_size": 1, "prompt_tokens": int(s.decode_prompt_tokens),
-            "new_tokens": int(s.new_tokens),
-            "tokens_per_s": summarize([len(r) / (sum(r) / 1e3) for r in runs], "tokens/s"),
-            "per_token_ms": summarize([sum(r) / len(r) for r in runs], "ms"),
-            "bandwidth_bound_tokens_per_s": None, "bandwidth_bound_fraction": None, "energy_j_per_token": None}
 
 
 def main(argv: List[str]) -> int:

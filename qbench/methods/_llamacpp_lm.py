@@ -1,4 +1,4 @@
-"""An in-process lm-eval model over a GGUF model loaded in llama.cpp (qbench/methods/_llamacpp.LlamaCppLM).
+"""An lm-eval model over a GGUF model loaded in llama.cpp (qbench/methods/_llamacpp.LlamaCppLM, in its worker process).
 
 lm-eval 0.4.13 has no adapter that fits an offline cell: its ``gguf`` model talks to a running llama.cpp HTTP
 server, and HFLM needs a transformers model. This one gives lm-eval the same three calls HFLM answers, on the
@@ -49,8 +49,8 @@ class LlamaCppLMEval(TemplateLM):
     def __init__(self, model: Any, tokenizer: Any, max_length_tokens: Optional[int] = None):
         super().__init__()
         self.model, self.llm, self.tokenizer = model, model.llm, tokenizer
-        self.n_ctx = int(self.llm.n_ctx())
-        self.n_ctx_train = int(self.llm._model.n_ctx_train())
+        self.n_ctx = int(model.n_ctx)
+        self.n_ctx_train = int(model.n_ctx_train)
         self.max_length_requested = int(max_length_tokens) if max_length_tokens else self.n_ctx_train
         self._max_length = min(self.max_length_requested, self.n_ctx)
         self.truncated = {"loglikelihood": 0, "generate_until": 0}  # requests cut by the llama.cpp context (count)
@@ -187,7 +187,7 @@ class LlamaCppLMEval(TemplateLM):
                 f"{self.max_length_requested} tokens; raise method.n_ctx_tokens to compare them item by item"]
 
     def qbench_settings(self) -> Dict[str, Any]:
-        return {"model": "llama.cpp in process (qbench/methods/_llamacpp_lm.py)", "decoding": "greedy",
+        return {"model": "llama.cpp in its worker process (qbench/methods/_llamacpp_lm.py)", "decoding": "greedy",
                 "max_length_tokens_requested": self.max_length_requested, "n_ctx_tokens": self.n_ctx,
                 "n_ctx_train_tokens": self.n_ctx_train, "requests": dict(self.requests),
                 "requests_truncated": dict(self.truncated), "tokens_requested": self.tokens_requested,

@@ -3,10 +3,11 @@
 The source folder is converted once to an f32 GGUF by llama.cpp's own converter and quantized by
 ``llama_model_quantize`` (what ``llama-quantize`` runs), both cached under ``<cache>/quantized/<key>`` keyed by the
 source's fingerprint, the quant type and llama-cpp-python's version (qbench/load/quant_cache.py). The model then runs
-in llama.cpp, not torch, so this module measures it itself, through three hooks qbench/run/cell.py calls when a method
+in llama.cpp, not torch, in a worker process of its own (llama.cpp and torch crash in one process on a CUDA node:
+qbench/methods/_llamacpp_worker.py), so this module measures it itself, through three hooks qbench/run/cell.py calls when a method
 has them: ``measure_memory`` (the weight bytes llama.cpp holds; the tensor types the file holds),
 ``measure_latency`` (prefill and decode in llama.cpp's loop) and ``lm_eval_model`` (lm-eval's MMLU/GSM8K through
-an in-process adapter over the same llama.cpp model: qbench/methods/_llamacpp_lm.py).
+an adapter over the same llama.cpp model: qbench/methods/_llamacpp_lm.py).
 Quality needs no hook: the loaded model answers ``model(ids).logits`` from llama.cpp's full-vocabulary logits, so
 qbench.evaluate.quality scores it on the same windows against the same baseline as every torch cell.
 
@@ -102,8 +103,10 @@ def linear_weight_bytes(out_features: int, in_features: int, cfg: Any) -> float:
 
 
 def load(source: Any, cfg: Any, device_map: Any):
-    """(LlamaCppLM, info): the source converted and quantized once (cached), loaded into llama.cpp on the CPU."""
+    """(LlamaCppLM, info): the source converted and quantized once (cached), loaded into llama.cpp in its worker
+    process, on the GPU where the cell's device is one and the build can offload (gpu_layers)."""
     from qbench.load import quant_cache
+    from qbench.methods._llamacpp_worker import LlamaWorker
 
     root = quant_cache.cache_root(source)
     src = lc.sources_dir(root)
@@ -121,9 +124,14 @@ def load(source: Any, cfg: Any, device_map: Any):
     q_dir, q_meta, hit = quant_cache.get_or_build(root, key, quantizer(root, cfg, f32_dir, n_threads, imx))
     gguf_file = q_dir / f"model-{cfg.quant_type}.gguf"
     t_built = time.perf_counter()
-    build = lc.build_info()
+    worker = LlamaWorker()  # llama.cpp's own process: never beside torch (qbench/methods/_llamacpp_worker.py)
+    try:
+        build = worker.call("build_info")
+    except BaseException:
+        worker.close()
+        raise
     n_gpu, gpu_note = gpu_layers(cfg, device_map != {"": "cpu"}, bool(build["gpu_offload_supported"]))
-    model = lc.LlamaCppLM(gguf_file, int(cfg.n_ctx_tokens), n_threads, int(cfg.n_batch_tokens), n_gpu)
+    model = lc.LlamaCppLM(gguf_file, int(cfg.n_ctx_tokens), n_threads, int(cfg.n_batch_tokens), n_gpu, worker)
     info: Dict[str, Any] = {
         **build, "quant_type": cfg.quant_type, "gguf_file": str(gguf_file),
         "gguf_file_bytes": gguf_file.stat().st_size, "cache_key": key, "cache_hit": hit, "f32_cache_hit": f32_hit,

@@ -1,0 +1,136 @@
+"""llama.cpp's worker process (qbench/methods/_llamacpp_worker.py): torch never loads there, the logits the cell reads
+are the ones llama.cpp computed, latency runs in the worker, and a worker that dies or outlives its cell does neither
+silently."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp", reason="the gguf extra (make install builds it)")
+
+from qbench.load import tiny, weights
+from qbench.methods import _llamacpp as lc
+from qbench.methods._llamacpp_worker import LlamaWorker, WorkerDied
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCES = Path(os.environ.get("QBENCH_LLAMACPP_SRC") or weights.default_dest().parent / "llama.cpp-0.3.36")
+
+
+@pytest.fixture(scope="module")
+def tiny_f32(tmp_path_factory):
+    if not (SOURCES / "convert_hf_to_gguf.py").is_file():
+        pytest.fail(f"{SOURCES} has no converter: `python -m qbench.methods._llamacpp setup` (make install runs it)")
+    tmp = tmp_path_factory.mktemp("worker")
+    lc.convert(tiny.build(tmp / "tiny"), tmp / "f32.gguf", SOURCES, tmp / "convert.log")
+    return tmp / "f32.gguf"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+def test_the_worker_holds_the_model_without_torch_and_the_cell_reads_its_logits(tiny_f32):
+    import llama_cpp
+
+    model = lc.LlamaCppLM(tiny_f32, 256, 1, 256)
+    try:
+        pid = model.llm.worker.proc.pid
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "libllama" in maps and "libtorch" not in maps, "llama.cpp in the worker, torch not"
+        ids = [5, 17, 99, 3, 250, 1000, 42]
+        logits = model(np.asarray([ids])).logits[0].numpy()
+        assert logits.shape == (len(ids), model.n_vocab)
+        # the same file loaded here, in this process (CPU: no crash without CUDA), gives the same logits
+        direct = llama_cpp.Llama(model_path=str(tiny_f32), n_ctx=256, n_batch=256, n_ubatch=256, n_threads=1,
+                                 n_threads_batch=1, logits_all=True, verbose=False)
+        direct.eval(ids)
+        np.testing.assert_allclose(logits, direct.scores[: len(ids)], rtol=0, atol=1e-5)
+        direct.close()
+        assert list(model.llm.input_ids[: model.llm.n_tokens]) == ids  # shared with the worker, as Llama holds it
+        assert model.weight_bytes() > 0 and model.n_ctx == 256
+    finally:
+        model.close()
+    assert model.llm.worker.proc.wait(timeout=30) == 0, "close() ends the worker"
+
+
+def test_latency_is_timed_in_the_worker_and_summarized_in_the_cell(tiny_f32):
+    from qbench.config import yaml_defaults
+
+    bench = yaml_defaults("bench", "quick", prompt_tokens=[8, 16], new_tokens=4, decode_prompt_tokens=8,
+                          min_repeats=2, max_repeats=2, warmup_runs=1, batch_sizes=[1, 4])
+    model = lc.LlamaCppLM(tiny_f32, 256, 1, 256)
+    try:
+        out = lc.measure_latency(model, bench, model.n_vocab, [0, 1, 2])
+        logits_after = model(np.asarray([[5, 6, 7]])).logits  # the latency loop left the model usable
+    finally:
+        model.close()
+    assert [r["prompt_tokens"] for r in out["prefill"]] == [8, 16]
+    assert all(r["ttft_ms"]["n"] == 2 and r["ttft_ms"]["p50"] > 0 for r in out["prefill"])
+    decode = out["decode"][0]
+    assert decode["tokens_per_s"]["n"] == 2 and decode["new_tokens"] == 4 and decode["tokens_per_s"]["p50"] > 0
+    assert out["unsupported"] == [{"decode_path": "llama.cpp", "batch_size": 4,
+                                   "reason": "qbench drives one llama.cpp sequence at a time (batch 1 only)"}]
+    assert tuple(logits_after.shape[:2]) == (1, 3)
+
+
+def test_a_worker_that_dies_is_an_error_naming_its_signal():
+    worker = LlamaWorker()
+    try:
+        assert "gpu_offload_supported" in worker.call("build_info")
+        os.kill(worker.proc.pid, signal.SIGSEGV)  # what llama.cpp beside torch did on the CUDA node
+        worker.proc.wait(timeout=30)
+        with pytest.raises(WorkerDied, match=r"died of SIGSEGV during 'eval'"):
+            worker.call("eval", 0, [1, 2])
+    finally:
+        worker.close()
+
+
+def test_a_failing_request_is_an_error_and_the_worker_keeps_serving():
+    worker = LlamaWorker()
+    try:
+        with pytest.raises(RuntimeError, match=r"llama.cpp worker, eval: KeyError"):
+            worker.call("eval", 0, [1])  # no model opened yet
+        with pytest.raises(RuntimeError, match=r"worker, open: ValueError"):
+            worker.call("open", "/nonexistent/model.gguf", 64, 1, 64, 0)
+        assert worker.call("build_info")["llama_cpp_python"] == lc.LLAMA_CPP_PYTHON
+    finally:
+        worker.close()
+
+
+def test_the_worker_ends_when_its_cell_is_killed(tmp_path):
+    """SIGKILL runs no handler in the cell: the worker (and the GPU memory it holds) must still go."""
+    code = textwrap.dedent("""
+        import sys, time
+        from qbench.methods._llamacpp_worker import LlamaWorker
+        w = LlamaWorker()
+        w.call("build_info")
+        print(w.proc.pid, flush=True)
+        time.sleep(600)
+    """)
+    cell = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        worker_pid = int(cell.stdout.readline())
+        assert _alive(worker_pid)
+        cell.kill()
+        cell.wait()
+        deadline = time.time() + 30
+        while _alive(worker_pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker_pid), "the worker outlived its cell"
+    finally:
+        if cell.poll() is None:
+            cell.kill()
