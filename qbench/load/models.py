@@ -141,11 +141,13 @@ def is_gguf(source: str) -> bool:
 
 
 def gguf_architecture(path: Path) -> str:
-    """general.architecture of a GGUF file, read from its header (no tensor is loaded)."""
-    from gguf import GGUFReader
+    """general.architecture of a GGUF file, read from its header up to that key (qbench/load/gguf_header.py)."""
+    from qbench.load import gguf_header
 
-    field = GGUFReader(str(path)).fields["general.architecture"]
-    return bytes(field.parts[field.data[0]]).decode()
+    arch = gguf_header.read(path, stop_at="general.architecture")["kv"].get("general.architecture")
+    if not isinstance(arch, str):
+        raise KeyError("general.architecture")
+    return arch
 
 
 def check_gguf(path: Path) -> str:

@@ -309,23 +309,33 @@ def quantize(src: Path, dst: Path, quant_type: str, n_threads: int) -> Dict[str,
 
 
 def tensor_types(path: Path) -> List[Dict[str, Any]]:
-    """Every tensor of a GGUF file: name, type, elements and bytes as stored."""
-    from gguf import GGUFReader
+    """Every tensor of a GGUF file: name, type, elements and bytes as stored (the header's tensor table)."""
+    import math
 
-    return [{"name": t.name, "type": t.tensor_type.name, "elements": int(t.n_elements), "bytes": int(t.n_bytes)}
-            for t in GGUFReader(str(path)).tensors]
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from qbench.load import gguf_header
+
+    out = []
+    for t in gguf_header.read(path, tensors=True)["tensors"]:
+        kind = GGMLQuantizationType(t["ggml_type"])
+        block, size = GGML_QUANT_SIZES[kind]
+        elements = math.prod(t["dims"])
+        out.append({"name": t["name"], "type": kind.name, "elements": elements, "bytes": elements * size // block})
+    return out
 
 
 def file_type(path: Path) -> Optional[str]:
     """general.file_type of a GGUF (llama_ftype by name, e.g. MOSTLY_Q4_1), None when absent."""
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
 
-    field = GGUFReader(str(path)).get_field("general.file_type")
-    if field is None:
+    from qbench.load import gguf_header
+
+    value = gguf_header.read(path)["kv"].get("general.file_type")
+    if value is None:
         return None
-    value = int(field.parts[field.data[0]][0])
     try:
-        return LlamaFileType(value).name
+        return LlamaFileType(int(value)).name
     except ValueError:
         return str(value)
 
