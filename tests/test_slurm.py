@@ -329,3 +329,59 @@ def test_cells_split_an_salloc_by_lock_but_own_a_launcher_job_whole(tmp_path, mo
     monkeypatch.setenv(slurm.OWN_ALLOCATION, "1")  # a job of hydra/launcher=slurm: SLURM gave it these GPUs
     locks, gpus = _take_devices(cfg, True)
     assert locks == [] and gpus == ["0"]
+
+
+NO_SUBMITIT = """
+import sys
+for name in ("submitit", "hydra_plugins.hydra_submitit_launcher", "hydra_plugins.hydra_submitit_launcher.config",
+             "hydra_plugins.hydra_submitit_launcher.submitit_launcher"):
+    sys.modules[name] = None  # as where the slurm extra is not installed: an import raises ImportError
+from qbench.run import cli
+sys.argv = ["qbench"] + sys.argv[1:]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "slurm"])
+def test_a_launcher_without_its_extra_is_a_one_line_error_at_preflight(tmp_path, launcher):
+    script = tmp_path / "no_submitit.py"
+    script.write_text(NO_SUBMITIT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QBENCH_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(script), "-m", *FAST, "method=fp32", "run.sweep=nosub",
+                           f"run.runs_dir={tmp_path / 'runs'}", f"hydra/launcher={launcher}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("qbench: error: ") and "pip install 'qbench[slurm]'" in last, last
+    assert not (tmp_path / "runs" / "nosub").exists()
+
+
+def test_a_composed_submitit_launcher_without_submitit_is_refused(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from qbench.errors import ConfigError
+    from qbench.run import cli
+
+    cfg = OmegaConf.create({"hydra": {"launcher": {
+        "_target_": "hydra_plugins.qbench_launcher.parallel_launcher.QbenchParallelLauncher"}}})
+    cli._check_launcher(cfg)  # installed here (make install): accepted
+    monkeypatch.setattr(cli, "_has_module", lambda name: name != "submitit")
+    with pytest.raises(ConfigError, match=r"hydra/launcher=parallel needs hydra-submitit-launcher"):
+        cli._check_launcher(cfg)
+
+
+def test_hydras_warning_about_the_launchers_is_dropped_only_for_the_missing_extra():
+    import warnings
+
+    from qbench.run import cli
+
+    hydras = ("\n\tError importing 'hydra_plugins.qbench_launcher.{}_launcher'.\n\tPlugin is incompatible with this "
+              "Hydra version or buggy.\n\tRecommended to uninstall or upgrade plugin.\n\t\tModuleNotFoundError : "
+              "No module named 'hydra_plugins.hydra_submitit_launcher'")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cli._quiet_missing_submitit()
+        warnings.warn(hydras.format("parallel"), UserWarning, stacklevel=1)
+        warnings.warn(hydras.format("slurm"), UserWarning, stacklevel=1)
+        warnings.warn(hydras.format("slurm").replace("hydra_submitit_launcher", "psutil"), UserWarning, stacklevel=1)
+    assert [str(w.message).split("No module named ")[1] for w in seen] == ["'hydra_plugins.psutil'"]

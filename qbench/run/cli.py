@@ -159,7 +159,8 @@ def preflight(argv: List[str]) -> CellDirs:
     except ConfigError:
         raise
     except Exception as exc:  # Hydra / OmegaConf / YAML errors: one line naming the culprit
-        raise ConfigError(_one_line(exc)) from exc
+        line = _one_line(exc)
+        raise ConfigError(line + _launcher_hint(line)) from exc
     return dirs
 
 
@@ -222,11 +223,53 @@ def _foreign_key_hint(line: str, cell_overrides: List[str]) -> str:
             "in conf/method_tuning/<experiment>__<method>.yaml, or sweep that method alone")
 
 
+SUBMITIT_LAUNCHERS = ("hydra_plugins.qbench_launcher.parallel_launcher.",
+                      "hydra_plugins.qbench_launcher.slurm_launcher.")
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package that is missing; a module set to None in sys.modules
+        return False
+
+
+def _quiet_missing_submitit() -> None:
+    """Hydra imports every module under hydra_plugins when it starts and warns about each that fails to import:
+    without the slurm extra qbench's parallel and SLURM launchers cannot, which is expected (choosing one is a
+    one-line error at preflight, _check_launcher), so that warning is not shown on every sweep."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r"\s*Error importing 'hydra_plugins\.qbench_launcher\.(parallel|slurm)_launcher'"
+                                    r"[\s\S]*hydra_submitit_launcher")
+
+
+def _submitit_missing() -> bool:
+    return not (_has_module("submitit") and _has_module("hydra_plugins.hydra_submitit_launcher"))
+
+
+SUBMITIT_HINT = "needs hydra-submitit-launcher, not installed here: pip install 'qbench[slurm]' or make install"
+
+
+def _launcher_hint(line: str) -> str:
+    """The parallel and SLURM launcher configs are stored by plugin modules that import hydra-submitit-launcher:
+    without it Hydra reports only that their config could not be loaded."""
+    if ("hydra/launcher/qbench_parallel" in line or "hydra/launcher/qbench_slurm" in line) and _submitit_missing():
+        return f" (this launcher {SUBMITIT_HINT})"
+    return ""
+
+
 def _check_launcher(cfg: Any) -> None:
-    """A SLURM sweep started where there is no SLURM would fail only after submitting: say so up front."""
+    """A SLURM sweep started where there is no SLURM would fail only after submitting, and the parallel and SLURM
+    launchers without the slurm extra would fail only once the sweep starts: say so up front."""
     import shutil
 
     target = str(cfg.hydra.launcher.get("_target_", ""))
+    if target.startswith(SUBMITIT_LAUNCHERS) and _submitit_missing():
+        raise ConfigError(f"hydra/launcher={'slurm' if 'slurm' in target else 'parallel'} {SUBMITIT_HINT}")
     if target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:
         raise ConfigError("hydra/launcher=slurm: sbatch is not on PATH (start the sweep on a SLURM login node)")
 
@@ -447,6 +490,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from qbench.run import preflight as pf
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_missing_submitit()
     pf.register_configs()
     register_own_plugins()  # before any compose: --cfg, --help and preflight read the launcher configs too
     register_help()
