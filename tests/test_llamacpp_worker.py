@@ -19,6 +19,7 @@ pytest.importorskip("llama_cpp", reason="the gguf extra (make install builds it)
 from qbench.load import tiny, weights
 from qbench.methods import _llamacpp as lc
 from qbench.methods._llamacpp_worker import LlamaWorker, WorkerDied
+from tests.test_faults_signals import _alive
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = Path(os.environ.get("QBENCH_LLAMACPP_SRC") or weights.default_dest().parent / "llama.cpp-0.3.36")
@@ -31,15 +32,6 @@ def tiny_f32(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("worker")
     lc.convert(tiny.build(tmp / "tiny"), tmp / "f32.gguf", SOURCES, tmp / "convert.log")
     return tmp / "f32.gguf"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
 
 
 def test_the_worker_holds_the_model_without_torch_and_the_cell_reads_its_logits(tiny_f32):
