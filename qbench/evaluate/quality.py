@@ -182,9 +182,14 @@ class Recorder:
         return {k: np.concatenate(v) for k, v in self.parts.items()}
 
     def write(self, path: Path, meta: Dict[str, Any]) -> None:
+        """One uncompressed .npz, kept token ids as uint16 where the vocabulary allows: zlib took 12 s to save 22 %
+        of a 135M model's 21 M kept tokens (coverage 0.999: 2,600 a position), most of a GPU cell's quality phase;
+        uint16 ids make the plain file smaller than the compressed one was, written in half a second."""
         arrays = self.arrays()
+        if meta.get("vocab_size") is not None and int(meta["vocab_size"]) <= np.iinfo(np.uint16).max + 1:
+            arrays["ids"] = arrays["ids"].astype(np.uint16)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez_compressed(tmp, tokens=self.windows.astype(np.int32), meta=np.array(json.dumps(meta)), **arrays)
+        np.savez(tmp, tokens=self.windows.astype(np.int32), meta=np.array(json.dumps(meta)), **arrays)
         os.replace(tmp, path)  # atomic: a reader sees the whole file or none
 
 
@@ -196,6 +201,7 @@ def load(path: Path) -> Optional[Dict[str, Any]]:
     except (OSError, ValueError, KeyError):
         return None
     data["meta"] = json.loads(str(data["meta"]))
+    data["ids"] = data["ids"].astype(np.int32, copy=False)  # uint16 on disk where the vocabulary fits (Recorder.write)
     data["offsets"] = np.concatenate([[0], np.cumsum(data["n_kept"], dtype=np.int64)])
     return data
 
