@@ -58,6 +58,25 @@ def test_the_worker_holds_the_model_without_torch_and_the_cell_reads_its_logits(
     assert model.llm.worker.proc.wait(timeout=30) == 0, "close() ends the worker"
 
 
+def test_a_gguf_cells_memory_counts_the_workers(tiny_f32, tmp_path):
+    """The weights live in the worker: its peak joins the cell's, as when one process held both."""
+    from types import SimpleNamespace
+
+    from qbench.measure import memory
+    from qbench.methods import gguf
+
+    lc.quantize(tiny_f32, tmp_path / "q8_0.gguf", "Q8_0", 1)
+    model = lc.LlamaCppLM(tmp_path / "q8_0.gguf", 256, 1, 256)
+    try:
+        mem = gguf.measure_memory(model, SimpleNamespace(quant_type="Q8_0"))
+        cell_now = memory.rss_peak_bytes()
+    finally:
+        model.close()
+    worker = mem["rss_peak_bytes_worker"]
+    assert worker > mem["weight_bytes_measured"]  # the weights and llama.cpp's own buffers, in the worker
+    assert mem["rss_peak_bytes"] - worker <= cell_now and mem["rss_peak_bytes"] > worker
+
+
 def test_latency_is_timed_in_the_worker_and_summarized_in_the_cell(tiny_f32):
     from qbench.config import yaml_defaults
 

@@ -428,6 +428,10 @@ class LlamaCppLM:
         """llama.cpp's own count of the bytes its weight tensors hold (llama_model_size)."""
         return int(self.llm.info["weight_bytes"])
 
+    def worker_rss_peak_bytes(self) -> int:
+        """The worker process's peak resident set so far, bytes: llama.cpp's weights, context and buffers."""
+        return int(self.llm.worker.call("rss_peak"))
+
 
 # ------------------------------------------------------------------------------------------------ latency
 def measure_latency(model: LlamaCppLM, bench_cfg: Any, vocab: int, special_ids: List[int]) -> Dict[str, Any]:

@@ -160,6 +160,14 @@ def _eval(state: Dict[str, Any], n_past: int, tokens: List[int]) -> int:
     return int(llm.n_tokens)
 
 
+def _rss_peak(state: Dict[str, Any]) -> int:
+    """This process's peak resident set, bytes (ru_maxrss: kilobytes on Linux, bytes on macOS)."""
+    import resource
+
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def _build_info(state: Dict[str, Any]) -> Dict[str, Any]:
     from qbench.methods import _llamacpp as lc
 
@@ -214,7 +222,7 @@ def _latency(state: Dict[str, Any], plan: Dict[str, Any], vocab: int, special_id
     return out
 
 
-OPS = {"build_info": _build_info, "open": _open, "share": _share, "eval": _eval, "latency": _latency}
+OPS = {"build_info": _build_info, "rss_peak": _rss_peak, "open": _open, "share": _share, "eval": _eval, "latency": _latency}
 
 
 def _die_with(parent: int) -> None:

@@ -288,6 +288,7 @@ def measure_memory(model: Any, cfg: Any) -> Dict[str, Any]:
             quantized_params += t["elements"]
             types[t["type"]] = types.get(t["type"], 0) + 1
     measured = model.weight_bytes()
+    worker_peak = model.worker_rss_peak_bytes()
     names = {t["name"] for t in tensors}
     embd = sum(t["bytes"] for t in tensors if t["name"] == "token_embd.weight")
     tied = "output.weight" not in names  # llama.cpp reads the token embedding as the output layer then
@@ -307,7 +308,10 @@ def measure_memory(model: Any, cfg: Any) -> Dict[str, Any]:
         # a k-quant's decoder linears held in a legacy type: rows not a multiple of 256 (llama.cpp's fallback)
         "fallback_tensors": sum(n for ty, n in types.items() if not ty.endswith("_K")) if base.endswith("_K") else 0,
         "quantized_share": None,
-        "rss_peak_bytes": memory.rss_peak_bytes(),
+        # llama.cpp's memory is its worker's (qbench/methods/_llamacpp_worker.py): the peak counts both processes,
+        # each at its own peak (an upper bound of their peak together), as one process held both before
+        "rss_peak_bytes": memory.rss_peak_bytes() + worker_peak,
+        "rss_peak_bytes_worker": worker_peak,
     }
 
 

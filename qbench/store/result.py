@@ -426,7 +426,8 @@ class Memory(Section):
     peak_reserved_bytes: PerPhase = doc("CUDA reserved peak per phase, bytes; null on CPU")
     nvml_used_bytes: PerPhase = doc("NVML device memory used at each phase's end, bytes (GPU only)")
     rss_bytes_at_phase_end: PerPhase = doc("the cell process's resident set at each phase's end, bytes")
-    rss_peak_bytes: Optional[Num] = doc("peak resident set of the cell process, bytes")
+    rss_peak_bytes: Optional[Num] = doc("peak resident set of the cell process (gguf: plus its llama.cpp worker's), bytes")
+    rss_peak_bytes_worker: Optional[Num] = doc("gguf: peak resident set of the llama.cpp worker process, bytes")
     kv_cache_bytes_analytic: Optional[List[KvShape]] = doc("older results: analytic KV-cache size per shape")
 
 
