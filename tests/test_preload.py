@@ -274,3 +274,33 @@ def test_a_preloaded_cell_runs_on_the_gpu(tmp_path):
         r = json.loads((runs / "g" / f"tiny__{m}" / "result.json").read_text())
         assert r["status"] == "ok", r.get("error")
         assert r["preload"]["preloaded"] is True
+
+
+STARTS_EARLY = '''
+import json, sys
+from qbench.run import cli, preload
+
+if __name__ == "__main__":
+    cli.preflight(sys.argv[2:], start_preload=sys.argv[1] == "1")
+    started = "starting" in preload._server
+    ctx = preload.context() if started else None
+    print(json.dumps({"started": started, "serves": ctx is not None, "server_s": preload.server_s()}))
+'''
+
+
+@pytest.mark.parametrize("start,extra,expect", [(True, [], True), (False, [], False),
+                                                (True, ["run.preload=false"], False),
+                                                (True, ["run.rounds=2"], False)])
+def test_the_sweep_starts_the_server_while_preflight_checks_the_cells(tmp_path, start, extra, expect):
+    """The server's imports (15-21 s on the H100 node) overlap preflight when the cells will fork from this
+    process: Hydra's basic launcher, run.preload on, one pass (a multi-round parent's rounds start their own)."""
+    script = tmp_path / "early.py"
+    script.write_text(STARTS_EARLY)
+    out = subprocess.run([sys.executable, str(script), "1" if start else "0", "-m", *QUICK, "method=fp32,bf16",
+                          "run.sweep=e", f"run.runs_dir={tmp_path / 'runs'}", *extra],
+                         cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["started"] is expect
+    if expect:
+        assert seen["serves"] and seen["server_s"] > 0

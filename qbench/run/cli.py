@@ -114,12 +114,13 @@ class CellDirs(list):
     in_round: bool = False
 
 
-def preflight(argv: List[str]) -> CellDirs:
+def preflight(argv: List[str], start_preload: bool = False) -> CellDirs:
     """Compose and check every cell the command would run; returns each cell's result directory.
 
     The command line is read by Hydra's own parser and composed on the search path the app will use, so
     every Hydra spelling (``--config-dir=DIR``, ``--config-dir DIR``, ``-cd DIR``, ``-cn NAME``) gets the
-    same checks."""
+    same checks. ``start_preload`` (the sweep's own command): start run.preload's server as soon as the first cell
+    asks for it, so its imports overlap the checks of the rest (qbench/run/preload.py)."""
     from qbench.run import preflight as pf
 
     pf.register_configs()  # idempotent: callers other than main() (tests, scripts) get the method schemas too
@@ -138,6 +139,10 @@ def preflight(argv: List[str]) -> CellDirs:
                     line = _one_line(exc)
                     raise ConfigError(line + _foreign_key_hint(line, cell_overrides)) from exc
                 validate(cfg)
+                if start_preload and not seen and _preloads_here(cfg):
+                    from qbench.run import preload
+
+                    preload.start()
                 pf.check_cell(cfg)
                 _check_hydra_dirs(cfg, bool(args.multirun))
                 _check_name_lengths(cfg)
@@ -162,6 +167,14 @@ def preflight(argv: List[str]) -> CellDirs:
         line = _one_line(exc)
         raise ConfigError(line + _launcher_hint(line)) from exc
     return dirs
+
+
+def _preloads_here(cfg: Any) -> bool:
+    """Whether this process will fork the cells from run.preload's server: Hydra's basic launcher runs the cells
+    from here; the parallel and SLURM launchers' jobs, and a multi-round parent's rounds, start servers of their own."""
+    target = str(cfg.hydra.launcher.get("_target_", ""))
+    one_pass = int(cfg.run.rounds) == 1 or cfg.run.round is not None
+    return bool(cfg.run.preload) and target.endswith(".BasicLauncher") and one_pass
 
 
 def _hydra_path(cfg: Any, key: str) -> str:
@@ -502,7 +515,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise ConfigError("--info and --shell-completion take no -m: drop -m")
         if args.multirun and args.cfg:
             sys.exit(_print_cfg(argv))
-        cell_dirs = [] if _info_only(args) else preflight(argv)
+        cell_dirs = [] if _info_only(args) else preflight(argv, start_preload=True)
     except ConfigError as exc:
         print(f"qbench: error: {exc}", file=sys.stderr)
         sys.exit(2)

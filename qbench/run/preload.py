@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import signal
 import subprocess
+import threading
 import time
 from multiprocessing.reduction import DupFd
 from typing import Any, Dict, List, Optional
@@ -29,45 +30,74 @@ PRELOAD = ["qbench.run._server_signals", "qbench.run._server_cuda", "qbench.run.
 _server: Dict[str, Any] = {}  # the sweep's one server: its context and the seconds it took to start
 
 
-def _probe() -> None:
-    """The first fork: it runs once the server has imported PRELOAD, which times the server's start, and says
-    whether the preload touched CUDA (a context does not survive fork: every cell would fail on the GPU). A
-    context is not the only way: a device-count call through the CUDA runtime creates none, yet marks every later
-    fork bad, which the child sees as torch.cuda._is_in_bad_fork()."""
+def _probe(ready: Any = None) -> None:
+    """The first fork: it runs once the server has imported PRELOAD, which times the server's start (``ready``: a
+    shared double it sets to the wall clock), and says whether the preload touched CUDA (a context does not survive
+    fork: every cell would fail on the GPU). A context is not the only way: a device-count call through the CUDA
+    runtime creates none, yet marks every later fork bad, which the child sees as torch.cuda._is_in_bad_fork()."""
     import sys
+    import time as clock
 
     import torch
 
+    if ready is not None:
+        ready.value = clock.time()
     sys.exit(CUDA_IN_SERVER if torch.cuda.is_initialized() or torch.cuda._is_in_bad_fork() else 0)
 
 
 CUDA_IN_SERVER = 3  # _probe's exit status when the server's preload initialised CUDA
 
 
-def context() -> Any:
-    """The forkserver context, started on first use and timed once per sweep (logged, and in every preloaded
-    cell's result as preload.server_s); None, with a warning, where the server cannot serve (the sweep then
-    spawns plainly)."""
-    if "ctx" not in _server:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        t0 = time.perf_counter()
-        warm = ctx.Process(target=_probe, name="qbench-preload-probe")
+def start() -> None:
+    """Start the server without waiting for it: the sweep calls this as soon as its first cell's config says
+    run.preload (cli.preflight), so the server imports while preflight checks the cells; context() waits for it.
+    The probe's start blocks until the server has imported PRELOAD (it reads the forked pid), so a thread starts
+    it. Idempotent."""
+    if "ctx" in _server or "starting" in _server:
+        return
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    ready = ctx.Value("d", 0.0, lock=False)
+    probe = ctx.Process(target=_probe, args=(ready,), name="qbench-preload-probe")
+
+    def launch() -> None:
         try:
-            warm.start()
-            warm.join()
-            exitcode = warm.exitcode
+            probe.start()
         except (OSError, EOFError) as exc:  # the server died while starting (a signal, a failed import)
-            exitcode, failure = None, f"{type(exc).__name__}: {exc}"
-        _server["server_s"] = time.perf_counter() - t0
-        _server["ctx"] = ctx if exitcode == 0 else None
+            _server["failure"] = f"{type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=launch, name="qbench-preload-start", daemon=True)
+    _server.update(pending=ctx, ready=ready, started_at=time.time(), probe=probe, starting=thread)
+    thread.start()
+
+
+def context() -> Any:
+    """The forkserver context, started on first use (or by start()) and timed once per sweep (logged, and in every
+    preloaded cell's result as preload.server_s: from its start until its imports were done); None, with a
+    warning, where the server cannot serve (the sweep then spawns plainly)."""
+    if "ctx" not in _server:
+        start()
+        t0 = time.perf_counter()
+        exitcode = None
+        _server["starting"].join()
+        if "failure" not in _server:
+            try:
+                _server["probe"].join()
+                exitcode = _server["probe"].exitcode
+            except (OSError, EOFError) as exc:
+                _server["failure"] = f"{type(exc).__name__}: {exc}"
+        waited = time.perf_counter() - t0
+        ready = _server["ready"].value
+        _server["server_s"] = (ready if ready else time.time()) - _server["started_at"]
+        _server["ctx"] = _server["pending"] if exitcode == 0 else None
         if exitcode != 0:
             why = ("its preload initialised CUDA" if exitcode == CUDA_IN_SERVER else
-                   f"exit {exitcode}" if exitcode is not None else f"it did not start: {failure}")
+                   f"exit {exitcode}" if exitcode is not None else f"it did not start: {_server.get('failure')}")
             log.warning("run.preload: the fork server cannot serve cells (%s); cells spawn plainly", why)
             return None
-        log.info("preloaded %s in a fork server in %.1f s (once per sweep; run.preload=false spawns plainly)",
-                 ", ".join(m for m in PRELOAD if not m.startswith("qbench.run._server")), _server["server_s"])
+        log.info("preloaded %s in a fork server in %.1f s, of which the sweep waited %.1f s (once per sweep; "
+                 "run.preload=false spawns plainly)", ", ".join(m for m in PRELOAD if not m.startswith("qbench.run._server")),
+                 _server["server_s"], waited)
     return _server["ctx"]
 
 
