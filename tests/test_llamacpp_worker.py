@@ -100,7 +100,7 @@ def test_latency_is_timed_in_the_worker_and_summarized_in_the_cell(tiny_f32):
 def test_a_worker_that_dies_is_an_error_naming_its_signal():
     worker = LlamaWorker()
     try:
-        assert "gpu_offload_supported" in worker.call("build_info")
+        assert "gpu_offload_supported" in worker.call("runtime_facts")
         os.kill(worker.proc.pid, signal.SIGSEGV)  # what llama.cpp beside torch did on the CUDA node
         worker.proc.wait(timeout=30)
         with pytest.raises(WorkerDied, match=r"died of SIGSEGV during 'eval'"):
@@ -116,7 +116,7 @@ def test_a_failing_request_is_an_error_and_the_worker_keeps_serving():
             worker.call("eval", 0, [1])  # no model opened yet
         with pytest.raises(RuntimeError, match=r"worker, open: ValueError"):
             worker.call("open", "/nonexistent/model.gguf", 64, 1, 64, 0)
-        assert worker.call("build_info")["llama_cpp_python"] == lc.LLAMA_CPP_PYTHON
+        assert worker.call("runtime_facts")["version"] == lc.LLAMA_CPP_PYTHON
     finally:
         worker.close()
 
@@ -127,7 +127,7 @@ def test_the_worker_ends_when_its_cell_is_killed(tmp_path):
         import sys, time
         from qbench.methods._llamacpp_worker import LlamaWorker
         w = LlamaWorker()
-        w.call("build_info")
+        w.call("runtime_facts")
         print(w.proc.pid, flush=True)
         time.sleep(600)
     """)

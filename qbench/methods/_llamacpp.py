@@ -340,19 +340,20 @@ def file_type(path: Path) -> Optional[str]:
         return str(value)
 
 
-def build_info() -> Dict[str, Any]:
+def build_info(facts: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """What the runtime was built as: llama-cpp-python's version, the llama.cpp commit it vendors (None when the
     installed version is not the one LLAMA_CPP_COMMIT was read for), llama.cpp's system info as it prints it and
-    parsed into the GGML features it was compiled with (SIMD, OpenMP, BLAS, CUDA: what CMAKE_ARGS decided)."""
-    import llama_cpp
+    parsed into the GGML features it was compiled with (SIMD, OpenMP, BLAS, CUDA: what CMAKE_ARGS decided).
+    ``facts``: a worker's answer to runtime_facts (a gguf cell asks the process that runs the model); else this
+    process's."""
+    from qbench.methods._llamacpp_worker import runtime_facts
 
-    info = llama_cpp.llama_print_system_info()
-    text = info.decode(errors="replace").strip() if isinstance(info, bytes) else str(info)
-    version = llama_cpp.__version__
+    facts = facts if facts is not None else runtime_facts()
+    version, text = facts["version"], facts["system_info"]
     return {"llama_cpp_python": version,
             "llama_cpp_commit": LLAMA_CPP_COMMIT[1] if version == LLAMA_CPP_COMMIT[0] else None,
             "llama_cpp_system_info": text, "llama_cpp_features": parse_system_info(text),
-            "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload())}
+            "gpu_offload_supported": bool(facts["gpu_offload_supported"])}
 
 
 def parse_system_info(text: str) -> Dict[str, Dict[str, str]]:

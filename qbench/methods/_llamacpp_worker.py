@@ -41,10 +41,8 @@ class LlamaWorker:
     """The cell's handle on one worker process: ``call(op, *args)`` returns the worker's value or raises."""
 
     def __init__(self) -> None:
-        import qbench
-
         env = dict(os.environ)
-        root = str(Path(qbench.__file__).resolve().parent.parent)  # a source checkout finds qbench, installed or not
+        root = str(Path(__file__).resolve().parents[2])  # above qbench/: a source checkout finds it, installed or not
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         # stderr is the cell's (cell.log): llama.cpp's own messages land beside the cell's
         self.proc = subprocess.Popen([sys.executable, "-m", "qbench.methods._llamacpp_worker", str(os.getpid())],
@@ -168,10 +166,15 @@ def _rss_peak(state: Dict[str, Any]) -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _build_info(state: Dict[str, Any]) -> Dict[str, Any]:
-    from qbench.methods import _llamacpp as lc
+def runtime_facts(state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What the llama.cpp build in this process says of itself: llama-cpp-python's version, llama.cpp's system info
+    as it prints it, and whether it can offload to a GPU (qbench/methods/_llamacpp.build_info reads these)."""
+    import llama_cpp
 
-    return lc.build_info()
+    info = llama_cpp.llama_print_system_info()
+    return {"version": llama_cpp.__version__,
+            "system_info": info.decode(errors="replace").strip() if isinstance(info, bytes) else str(info),
+            "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload())}
 
 
 def _timed_runs(run: Any, plan: Dict[str, Any]) -> List[float]:
@@ -222,7 +225,7 @@ def _latency(state: Dict[str, Any], plan: Dict[str, Any], vocab: int, special_id
     return out
 
 
-OPS = {"build_info": _build_info, "rss_peak": _rss_peak, "open": _open, "share": _share, "eval": _eval, "latency": _latency}
+OPS = {"runtime_facts": runtime_facts, "rss_peak": _rss_peak, "open": _open, "share": _share, "eval": _eval, "latency": _latency}
 
 
 def _die_with(parent: int) -> None:

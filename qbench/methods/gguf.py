@@ -126,7 +126,7 @@ def load(source: Any, cfg: Any, device_map: Any):
     t_built = time.perf_counter()
     worker = LlamaWorker()  # llama.cpp's own process: never beside torch (qbench/methods/_llamacpp_worker.py)
     try:
-        build = worker.call("build_info")
+        build = lc.build_info(worker.call("runtime_facts"))
     except BaseException:
         worker.close()
         raise
