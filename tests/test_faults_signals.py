@@ -35,6 +35,14 @@ def _env(tmp_path: Path) -> dict:
     return e
 
 
+def _gone_within(pid: int, seconds: float) -> bool:
+    """Whether the process ``pid`` is gone (or a zombie) within ``seconds``."""
+    deadline = time.time() + seconds
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -216,10 +224,7 @@ def test_cell_process_stops_when_its_parent_is_killed(tmp_path):
     child_pid = int(parent.stdout.readline())
     parent.kill()
     parent.wait()
-    deadline = time.time() + 30
-    while _alive(child_pid) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not _alive(child_pid), "the cell process lived on as an orphan"
+    assert _gone_within(child_pid, 30), "the cell process lived on as an orphan"
     assert marker.read_text() == str(int(signal.SIGTERM)), "it unwound (finally blocks ran), not killed outright"
 
 

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ pytest.importorskip("llama_cpp", reason="the gguf extra (make install builds it)
 from qbench.load import tiny, weights
 from qbench.methods import _llamacpp as lc
 from qbench.methods._llamacpp_worker import LlamaWorker, WorkerDied
-from tests.test_faults_signals import _alive
+from tests.test_faults_signals import _alive, _gone_within
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = Path(os.environ.get("QBENCH_LLAMACPP_SRC") or weights.default_dest().parent / "llama.cpp-0.3.36")
@@ -138,10 +137,7 @@ def test_the_worker_ends_when_its_cell_is_killed(tmp_path):
         assert _alive(worker_pid)
         cell.kill()
         cell.wait()
-        deadline = time.time() + 30
-        while _alive(worker_pid) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not _alive(worker_pid), "the worker outlived its cell"
+        assert _gone_within(worker_pid, 30), "the worker outlived its cell"
     finally:
         if cell.poll() is None:
             cell.kill()

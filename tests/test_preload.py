@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_faults_signals import QBENCH, REPO, SLOW, _alive, _cell_pid, _env, _open_files
+from tests.test_faults_signals import QBENCH, REPO, SLOW, _alive, _cell_pid, _env, _gone_within, _open_files
 
 QUICK = ["model=tiny", "bench=quick", "bench.batch_sizes=[1]", "bench.new_tokens=4", "bench.min_repeats=2",
          "bench.max_repeats=2", "bench.warmup_runs=1", "bench.prompt_tokens=[8]", "bench.decode_prompt_tokens=8",
@@ -62,10 +62,7 @@ def test_sigkill_of_a_preloaded_sweep_stops_the_cell_and_frees_its_locks(tmp_pat
         assert slots, held
         proc.kill()
         proc.wait()
-        deadline = time.time() + 60
-        while _alive(child) and time.time() < deadline:
-            time.sleep(0.1)
-        orphan = _alive(child)
+        orphan = not _gone_within(child, 60)
     finally:
         if proc.poll() is None:
             proc.kill()
