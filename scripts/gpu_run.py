@@ -105,9 +105,18 @@ STEPS: Dict[str, Step] = {
                       "eval.limit=5", "eval.task_limits.gsm8k=32", "eval.max_gen_toks=128", "eval.batch_size=8")],
         lambda a: [_sweep(a, "report_1b")]),
     "quality-smollm2": Step(
-        "the real SmolLM2-135M x 7 methods: KL divergence, top-1, perplexity vs fp32, MMLU/GSM8K subset", 540,
+        "the real SmolLM2-135M x every torch-side method (12): KL divergence, top-1, perplexity vs fp32, MMLU/GSM8K "
+        "subset", 540,
         lambda a: [_q(a, "experiment=gpu_smollm2", *([f"method={a.methods}"] if a.methods else []))],
         lambda a: ["gpu_smollm2"]),
+    "llama-cuda-build": Step(
+        "llama-cpp-python built with CUDA from the sdist in $QBENCH_CACHE/downloads, installed into --site "
+        "(scripts/llama_cuda_build.sh; start it early: the other steps need no llama.cpp)", 480,
+        lambda a: [["bash", str(ROOT / "scripts" / "llama_cuda_build.sh"), a.site]], lambda a: []),
+    "gguf-smollm2": Step(
+        "experiment=gpu_gguf: fp32, the five GGUF k-quants in llama.cpp on the GPU (after llama-cuda-build), bnb_nf4",
+        560, lambda a: [_q(a, "experiment=gpu_gguf", *([f"method={a.methods}"] if a.methods else []))],
+        lambda a: ["gpu_gguf"]),
     "latency-8b": Step(
         "the latency phase of the default gpu_8b cell (8B shape): time per path, CI per figure, compiles", 560,
         lambda a: [_q(a, "experiment=gpu_8b", f"method={_methods(a, 'bf16,fp16')}",

@@ -121,3 +121,13 @@ def test_bundle_without_a_python_is_one_line(tmp_path):
     proc = subprocess.run(["bash", "scripts/gpu_bundle.sh", str(tmp_path / "b"), str(tmp_path / "nopython")],
                           cwd=ROOT, text=True, capture_output=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "make install first" in proc.stderr
+
+
+def test_the_cuda_build_script_takes_the_pinned_sdist():
+    from qbench.methods import _llamacpp as lc
+
+    script = (ROOT / "scripts" / "llama_cuda_build.sh").read_text()
+    assert f"/downloads/llama_cpp_python-{lc.LLAMA_CPP_PYTHON}.tar.gz" in script
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "llama_cuda_build.sh"), "/tmp/nowhere", "/nonexistent.tar.gz"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "no sdist at /nonexistent.tar.gz" in proc.stderr
