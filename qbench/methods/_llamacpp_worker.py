@@ -159,11 +159,10 @@ def _eval(state: Dict[str, Any], n_past: int, tokens: List[int]) -> int:
 
 
 def _rss_peak(state: Dict[str, Any]) -> int:
-    """This process's peak resident set, bytes (ru_maxrss: kilobytes on Linux, bytes on macOS)."""
-    import resource
+    """This process's peak resident set, bytes (qbench.measure.memory needs no torch)."""
+    from qbench.measure.memory import rss_peak_bytes
 
-    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    return peak if sys.platform == "darwin" else peak * 1024
+    return rss_peak_bytes()
 
 
 def runtime_facts(state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
