@@ -279,7 +279,7 @@ from qbench.run import cli, preload
 
 if __name__ == "__main__":
     cli.preflight(sys.argv[2:], start_preload=sys.argv[1] == "1")
-    started = "starting" in preload._server
+    started = "started_at" in preload._server
     ctx = preload.context() if started else None
     print(json.dumps({"started": started, "serves": ctx is not None, "server_s": preload.server_s()}))
 '''

@@ -14,8 +14,8 @@ import logging
 import multiprocessing
 import signal
 import subprocess
-import threading
 import time
+from multiprocessing import forkserver
 from multiprocessing.reduction import DupFd
 from typing import Any, Dict, List, Optional
 
@@ -50,25 +50,18 @@ CUDA_IN_SERVER = 3  # _probe's exit status when the server's preload initialised
 
 def start() -> None:
     """Start the server without waiting for it: the sweep calls this as soon as its first cell's config says
-    run.preload (cli.preflight), so the server imports while preflight checks the cells; context() waits for it.
-    The probe's start blocks until the server has imported PRELOAD (it reads the forked pid), so a thread starts
-    it. Idempotent."""
-    if "ctx" in _server or "starting" in _server:
+    run.preload (cli.preflight), so the server imports PRELOAD while preflight checks the cells; context() then
+    forks the probe, which waits only for what is left. Nothing is forked here: a sweep whose preflight fails
+    leaves a server that exits quietly with it. Idempotent."""
+    if "started_at" in _server:
         return
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
-    ready = ctx.Value("d", 0.0, lock=False)
-    probe = ctx.Process(target=_probe, args=(ready,), name="qbench-preload-probe")
-
-    def launch() -> None:
-        try:
-            probe.start()
-        except (OSError, EOFError) as exc:  # the server died while starting (a signal, a failed import)
-            _server["failure"] = f"{type(exc).__name__}: {exc}"
-
-    thread = threading.Thread(target=launch, name="qbench-preload-start", daemon=True)
-    _server.update(pending=ctx, ready=ready, started_at=time.time(), probe=probe, starting=thread)
-    thread.start()
+    _server.update(pending=ctx, started_at=time.time())
+    try:
+        forkserver.ensure_running()  # spawns the server, which imports PRELOAD before it serves; does not wait
+    except OSError as exc:
+        _server["failure"] = f"{type(exc).__name__}: {exc}"
 
 
 def context() -> Any:
@@ -79,17 +72,19 @@ def context() -> Any:
         start()
         t0 = time.perf_counter()
         exitcode = None
-        _server["starting"].join()
+        ctx = _server["pending"]
+        ready = ctx.Value("d", 0.0, lock=False)
         if "failure" not in _server:
+            probe = ctx.Process(target=_probe, args=(ready,), name="qbench-preload-probe")
             try:
-                _server["probe"].join()
-                exitcode = _server["probe"].exitcode
-            except (OSError, EOFError) as exc:
+                probe.start()  # returns once the server, done importing, has forked it
+                probe.join()
+                exitcode = probe.exitcode
+            except (OSError, EOFError) as exc:  # the server died while starting (a signal, a failed import)
                 _server["failure"] = f"{type(exc).__name__}: {exc}"
         waited = time.perf_counter() - t0
-        ready = _server["ready"].value
-        _server["server_s"] = (ready if ready else time.time()) - _server["started_at"]
-        _server["ctx"] = _server["pending"] if exitcode == 0 else None
+        _server["server_s"] = (ready.value or time.time()) - _server["started_at"]
+        _server["ctx"] = ctx if exitcode == 0 else None
         if exitcode != 0:
             why = ("its preload initialised CUDA" if exitcode == CUDA_IN_SERVER else
                    f"exit {exitcode}" if exitcode is not None else f"it did not start: {_server.get('failure')}")
