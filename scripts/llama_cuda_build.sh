@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build llama-cpp-python with CUDA on a GPU node, offline, from the sdist qbench keeps under $QBENCH_CACHE/downloads
 # (python -m qbench.methods._llamacpp setup fetches it; make gpu-bundle users carry it), and install it into SITE.
-# The flags are those measured in docs/gguf.md ("CUDA build on a GPU node": 298 s on an H100 node's 16 cores with
-# CUDA_ARCH=90). usage: scripts/llama_cuda_build.sh SITE [SDIST]   env: CUDA_ARCH (default native), QBENCH_CACHE
+# The flags are those measured in docs/gguf.md ("CUDA build on a GPU node": 205-298 s on an H100 node's 16 cores
+# with CUDA_ARCH=90). usage: scripts/llama_cuda_build.sh SITE [SDIST]   env: CUDA_ARCH (default native), QBENCH_CACHE,
+# PACK=FILE.tar.gz: also pack the installed package to carry to other nodes (scripts/llama_pack.sh: 31 MB against
+# the 187 MB wheel for CUDA_ARCH=90)
 set -euo pipefail
 site=${1:?usage: llama_cuda_build.sh SITE [SDIST]}
 sdist=${2:-${QBENCH_CACHE:-/tmp/qbench-cache}/downloads/llama_cpp_python-0.3.36.tar.gz}
@@ -19,3 +21,4 @@ python3 -m pip install -q --no-index --no-deps --upgrade --target "$site" "$whee
 echo "llama_cuda_build: built in $(( $(date +%s) - t0 )) s, CMAKE_ARGS=$CMAKE_ARGS"
 PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" python3 -c \
   "import llama_cpp; print('llama_cuda_build: gpu offload', llama_cpp.llama_supports_gpu_offload())"
+[ -z "${PACK:-}" ] || bash "$(dirname "$0")/llama_pack.sh" "$site" "$PACK"

@@ -131,3 +131,38 @@ def test_the_cuda_build_script_takes_the_pinned_sdist():
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "llama_cuda_build.sh"), "/tmp/nowhere", "/nonexistent.tar.gz"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "no sdist at /nonexistent.tar.gz" in proc.stderr
+
+
+def test_a_packed_llama_cpp_imports_from_its_new_site_and_evaluates(tmp_path):
+    """scripts/llama_pack.sh on this machine's own llama-cpp-python: one copy of each library and a link for its
+    SONAME; the unpacked package (not the installed one) loads a GGUF and evaluates."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra (make install builds it)")
+    from qbench.load import tiny, weights
+    from qbench.methods import _llamacpp as lc
+
+    sources = Path(os.environ.get("QBENCH_LLAMACPP_SRC") or weights.default_dest().parent / "llama.cpp-0.3.36")
+    gguf_file = tmp_path / "f32.gguf"
+    lc.convert(tiny.build(tmp_path / "tiny"), gguf_file, sources, tmp_path / "convert.log")
+    out = tmp_path / "llama_cpp.tar.gz"
+    subprocess.run(["bash", str(ROOT / "scripts" / "llama_pack.sh"), str(Path(llama_cpp.__file__).parents[1]), str(out)],
+                   check=True, timeout=120)
+    site = tmp_path / "site"
+    site.mkdir()
+    subprocess.run(["tar", "xzf", str(out), "-C", str(site)], check=True, timeout=60)
+    lib = site / "llama_cpp" / "lib"
+    names = sorted(p.name for p in lib.iterdir())
+    assert "libllama.so" in names and not (lib / "libllama.so").is_symlink()
+    versioned = [n for n in names if n.split(".so", 1)[1].count(".") > 1]
+    assert not versioned, f"the wheel's versioned copies are left: {versioned}"
+    assert all((lib / n).is_symlink() for n in names if not n.endswith(".so")), names
+    code = ("import sys, llama_cpp\n"
+            "assert llama_cpp.__file__.startswith(sys.argv[1]), llama_cpp.__file__\n"
+            "m = llama_cpp.Llama(model_path=sys.argv[2], n_ctx=64, logits_all=True, verbose=False)\n"
+            "m.eval([5, 17, 99])\n"
+            "maps = open('/proc/self/maps').read()\n"
+            "print(m.scores.shape[1], sys.argv[1] + '/llama_cpp/lib/libllama.so' in maps)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(site), str(gguf_file)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(site)}, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    n_vocab, from_pack = done.stdout.split()
+    assert int(n_vocab) > 0 and from_pack == "True", "libllama was loaded from the unpacked package"

@@ -33,9 +33,24 @@ def tiny_f32(tmp_path_factory):
     return tmp / "f32.gguf"
 
 
-def test_the_worker_holds_the_model_without_torch_and_the_cell_reads_its_logits(tiny_f32):
-    import llama_cpp
+def _direct_logits(path: Path, ids: list, out: Path) -> np.ndarray:
+    """llama.cpp's own logits for ``ids``, in a fresh process that imports llama_cpp before numpy, as the worker does
+    (a CUDA build crashes in a process that loaded numpy first, and this one has)."""
+    code = textwrap.dedent("""
+        import sys
+        import llama_cpp
+        import numpy as np
+        ids = [int(t) for t in sys.argv[3].split(",")]
+        m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, n_batch=256, n_ubatch=256, n_threads=1,
+                            n_threads_batch=1, logits_all=True, verbose=False)
+        m.eval(ids)
+        np.save(sys.argv[2], np.asarray(m.scores[: len(ids)]))
+    """)
+    subprocess.run([sys.executable, "-c", code, str(path), str(out), ",".join(map(str, ids))], check=True, timeout=120)
+    return np.load(out)
 
+
+def test_the_worker_holds_the_model_without_torch_and_the_cell_reads_its_logits(tiny_f32, tmp_path):
     model = lc.LlamaCppLM(tiny_f32, 256, 1, 256)
     try:
         pid = model.llm.worker.proc.pid
@@ -44,17 +59,25 @@ def test_the_worker_holds_the_model_without_torch_and_the_cell_reads_its_logits(
         ids = [5, 17, 99, 3, 250, 1000, 42]
         logits = model(np.asarray([ids])).logits[0].numpy()
         assert logits.shape == (len(ids), model.n_vocab)
-        # the same file loaded here, in this process (CPU: no crash without CUDA), gives the same logits
-        direct = llama_cpp.Llama(model_path=str(tiny_f32), n_ctx=256, n_batch=256, n_ubatch=256, n_threads=1,
-                                 n_threads_batch=1, logits_all=True, verbose=False)
-        direct.eval(ids)
-        np.testing.assert_allclose(logits, direct.scores[: len(ids)], rtol=0, atol=1e-5)
-        direct.close()
+        # the same file in llama-cpp-python's own Llama gives the same logits
+        np.testing.assert_allclose(logits, _direct_logits(tiny_f32, ids, tmp_path / "direct.npy"), rtol=0, atol=1e-5)
         assert list(model.llm.input_ids[: model.llm.n_tokens]) == ids  # shared with the worker, as Llama holds it
         assert model.weight_bytes() > 0 and model.n_ctx == 256
     finally:
         model.close()
     assert model.llm.worker.proc.wait(timeout=30) == 0, "close() ends the worker"
+
+
+def test_the_worker_loads_llama_cpps_library_before_numpy():
+    """The import order that keeps a CUDA build of llama.cpp alive (the worker module's docstring): llama_cpp's
+    library module finishes importing before numpy is first imported. ``-X importtime`` lists each module as its
+    import ends; the worker exits at once on an empty stdin."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "qbench.methods._llamacpp_worker",
+                           str(os.getpid())], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    order = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert "llama_cpp.llama_cpp" in order and "numpy" in order
+    assert order.index("llama_cpp.llama_cpp") < order.index("numpy"), "numpy was loaded before llama.cpp's library"
 
 
 def test_a_gguf_cells_memory_counts_the_workers(tiny_f32, tmp_path):

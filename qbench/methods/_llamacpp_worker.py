@@ -1,11 +1,14 @@
-"""llama.cpp in a process of its own: a gguf cell's model lives here, never in a process that has imported torch.
+"""llama.cpp in a process of its own that loads llama.cpp's libraries before numpy's: a gguf cell's model lives here.
 
-Why (measured on an H100 node, 2026-12-06: torch 2.11+cu130, llama-cpp-python 0.3.36 built with -DGGML_CUDA=on
-against the node's CUDA 13.0): loading a GGUF in a process that has imported torch dies of SIGSEGV inside
-llama_model_load_from_file, with every layer offloaded and with none (3 of 3 runs each); importing torch after llama.cpp
-loaded a model aborts. The same load and eval without torch succeed (3 of 3). Neither pointing the loader at torch's
-CUDA libraries nor preloading the system's (cudart, cuBLAS, libgomp) changed it. The cell needs torch (quality, lm-eval,
-memory) and llama.cpp needs a process without it, so llama.cpp runs here and the cell talks to it.
+Why (measured on a lent H100 node, 2026-12-06: the image's numpy and torch 2.11+cu130, llama-cpp-python 0.3.36 built
+with -DGGML_CUDA=on by GCC 13.3 and nvcc 13.0; a 2-layer f32 GGUF, one process per variant): with that CUDA build, a
+process that imported numpy before llama_cpp dies of SIGSEGV inside llama_model_load_from_file, on the GPU and on the CPU
+alike (``import numpy; import llama_cpp; Llama(...)``: rc 139 with n_gpu_layers -1 and 0; ``import torch`` first, which
+imports numpy, the same), while ``import llama_cpp; import numpy`` loads and evaluates (rc 0, both). Importing torch
+after llama.cpp aborts (rc 134). A CPU build loads in any order. A cell has numpy and torch loaded long before it opens
+a GGUF (quality, lm-eval and memory need them), so llama.cpp runs here: run as the worker, this module's first statement
+imports llama_cpp (whose library loads before llama_cpp itself imports numpy), and torch is never imported. Started
+from a cell that holds torch and a CUDA context, this worker loaded the same file with every layer offloaded (rc 0).
 
 Protocol: pickled ``(op, args)`` requests on this process's stdin, ``("ok", value)`` or ``("error", text)`` replies on a
 duplicate of its stdout (fd 1 itself is pointed at stderr, so nothing llama.cpp prints can corrupt a reply). Logits and
@@ -14,8 +17,12 @@ arrays over one shared file that both processes map, and ``Llama.eval`` writes e
 The latency loops run here too, so their clocks see llama.cpp alone and no pipe round trip.
 
 This module imports neither torch nor anything that does; ``torch`` is poisoned in the worker (an import raises).
+tests/test_llamacpp_worker.py checks the import order.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # the worker: llama.cpp's libraries load before numpy's (why: above)
+    import llama_cpp  # noqa: F401
 
 import os
 import pickle
