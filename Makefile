@@ -38,8 +38,15 @@ install: $(VENV)/.installed ## create .venv and install qbench with every extra 
 llama-tools: install ## build llama.cpp's llama-perplexity, llama-imatrix, llama-quantize (CPU, cached; docs/gguf.md)
 	QBENCH_CACHE=$(QBENCH_CACHE) $(PY) -m qbench.methods._llamacpp build-tools
 
-install-gpu: ## on a GPU node: install qbench into the current Python, keeping its CUDA torch
+install-gpu: ## on a GPU node: install qbench into the current Python, keeping its CUDA torch; llama.cpp with CUDA
 	python3 -m pip install -e ".[methods,eval,report,slurm]"
+	QBENCH_CACHE=$(QBENCH_CACHE) python3 -m qbench.methods._llamacpp setup
+	@# pip built llama-cpp-python for the CPU; where nvcc is, rebuild it with CUDA (3.5-5 min on 16 cores)
+	@if python3 -c "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())" 2>/dev/null; then \
+	  echo "install-gpu: llama.cpp already offloads to the GPU"; \
+	elif command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then \
+	  QBENCH_CACHE=$(QBENCH_CACHE) bash scripts/llama_cuda_build.sh -; \
+	else echo "install-gpu: no nvcc here: llama.cpp stays a CPU build (gguf cells run on the CPU and say so)"; fi
 
 gpu-bundle: install ## a folder to carry to an offline GPU node (wheels + project + data): make gpu-bundle [DEST=gpu-bundle]
 	QBENCH_DATA=$${QBENCH_DATA:-} QBENCH_CACHE=$(QBENCH_CACHE) bash scripts/gpu_bundle.sh $(or $(DEST),gpu-bundle) $(PY)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build llama-cpp-python with CUDA on a GPU node, offline, from the sdist qbench keeps under $QBENCH_CACHE/downloads
-# (python -m qbench.methods._llamacpp setup fetches it; make gpu-bundle users carry it), and install it into SITE.
+# (python -m qbench.methods._llamacpp setup fetches it; make gpu-bundle users carry it), and install it into SITE
+# (SITE "-": into the running python3's own environment, replacing a CPU build; make install-gpu does that).
 # The flags are those measured in docs/gguf.md ("CUDA build on a GPU node": 205-298 s on an H100 node's 16 cores
 # with CUDA_ARCH=90). usage: scripts/llama_cuda_build.sh SITE [SDIST]   env: CUDA_ARCH (default native), QBENCH_CACHE,
 # PACK=FILE.tar.gz: also pack the installed package to carry to other nodes (scripts/llama_pack.sh: 31 MB against
@@ -17,8 +18,14 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 wheels=$(mktemp -d)
 t0=$(date +%s)
 python3 -m pip wheel -q --no-build-isolation --no-index --no-deps -w "$wheels" "$sdist"
-python3 -m pip install -q --no-index --no-deps --upgrade --target "$site" "$wheels"/llama_cpp_python-*.whl
+if [ "$site" = - ]; then
+  python3 -m pip install -q --no-index --no-deps --force-reinstall "$wheels"/llama_cpp_python-*.whl
+  site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+else
+  python3 -m pip install -q --no-index --no-deps --upgrade --target "$site" "$wheels"/llama_cpp_python-*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+rm -rf "$wheels"
 echo "llama_cuda_build: built in $(( $(date +%s) - t0 )) s, CMAKE_ARGS=$CMAKE_ARGS"
-PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" python3 -c \
-  "import llama_cpp; print('llama_cuda_build: gpu offload', llama_cpp.llama_supports_gpu_offload())"
+python3 -c "import llama_cpp; print('llama_cuda_build: gpu offload', llama_cpp.llama_supports_gpu_offload())"
 [ -z "${PACK:-}" ] || bash "$(dirname "$0")/llama_pack.sh" "$site" "$PACK"

@@ -166,3 +166,19 @@ def test_a_packed_llama_cpp_imports_from_its_new_site_and_evaluates(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     n_vocab, from_pack = done.stdout.split()
     assert int(n_vocab) > 0 and from_pack == "True", "libllama was loaded from the unpacked package"
+
+
+def test_install_gpu_rebuilds_llama_cpp_with_cuda_only_where_it_cannot_offload_and_nvcc_is():
+    """make install-gpu's llama.cpp step, dry-run: the check for an offloading build comes first, the CUDA build
+    (into the running Python: SITE "-") only after it, and a node without nvcc is told its gguf cells run on the CPU."""
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "install-gpu"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    assert dry.returncode == 0, dry.stderr
+    text = dry.stdout
+    assert "qbench.methods._llamacpp setup" in text
+    assert text.index("llama_supports_gpu_offload") < text.index("scripts/llama_cuda_build.sh -") < text.index("no nvcc")
+    script = (ROOT / "scripts" / "llama_cuda_build.sh").read_text()
+    assert '"$site" = -' in script and "--force-reinstall" in script
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "llama_cuda_build.sh"), "-", "/nonexistent.tar.gz"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "no sdist" in proc.stderr
