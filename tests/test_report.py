@@ -181,6 +181,19 @@ def test_tidy_table_rows_and_columns(results, tmp_path):
     assert len(summary) == 6 and "compression_x" in summary.columns
 
 
+def test_tidy_table_has_a_row_per_time_budget_part(results):
+    """timings.budget (where a cell's seconds went) reaches the CSV/Parquet as one row per part, in seconds."""
+    import copy
+
+    cell = copy.deepcopy(next(r for r in results if r["status"] == "ok"))
+    budget = {"imports_s": 0.25, "load_s": 2.5, "latency_timed_s": 19.0, "quality_s": 1.5}
+    cell.setdefault("timings", {})["budget"] = budget
+    df = T.tidy_table([cell])
+    parts = df[df["metric"].str.startswith("timings.budget.")]
+    assert dict(zip(parts["metric"].str.removeprefix("timings.budget."), parts["value"])) == budget
+    assert set(parts["unit"]) == {"s"} and set(parts["group"]) == {"run"}
+
+
 # ---------------------------------------------------------------- charts
 
 

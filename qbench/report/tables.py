@@ -402,6 +402,10 @@ def _tidy_cell(r: ResultLike) -> List[Dict[str, Any]]:
     rows.append({**ctx, "group": "run", "metric": "wall_time_s", "stat": "value",
                  "value": num(res.wall_time_s), "unit": "s"})
     for k, v in (res.timings.to_dict() if res.timings else {}).items():
+        if k == "budget" and isinstance(v, dict):  # where the cell's seconds went: one row per part
+            for part, seconds in v.items():
+                add("run", f"timings.budget.{part}", seconds, "s")
+            continue
         add("run", f"timings.{k}", v, "s" if k.endswith("_s") else None)
 
     mem = memory_of(res) or Memory()
