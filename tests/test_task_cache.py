@@ -67,6 +67,12 @@ def test_cached_requests_give_the_same_figures(tiny_model, tmp_path):
     assert budget["model_calls_s"] > 0 and budget["tasks_s"] > 0 and budget["requests_s"] >= 0
     assert budget["model_calls_s"] + budget["tasks_s"] + budget["requests_s"] <= sum(
         e["eval_time_s"] for e in second["tasks"].values()) + 0.05
+    # the model calls by request type: 2 subjects x 3 items x 4 choices scored, 2 GSM8K problems generated
+    calls = budget["model_calls"]
+    assert calls["loglikelihood"]["requests"] == 24 and calls["generate_until"]["requests"] == 2
+    assert set(calls) == {"loglikelihood", "generate_until"}
+    assert sum(c["s"] for c in calls.values()) == pytest.approx(budget["model_calls_s"])
+    assert all(c["s"] > 0 for c in calls.values())
 
 
 @pytest.mark.parametrize("change, rebuilt", [

@@ -40,12 +40,16 @@ class EvalClock:
         self.seed = seed  # lm-eval's few-shot seed (qbench passes eval.seed)
         self.data_dir = data_dir  # the offline data the tasks read
         self.seconds = {"tasks_s": 0.0, "requests_s": 0.0, "model_calls_s": 0.0}
+        # model_calls_s by request type: {"generate_until": {"s": 12.3, "requests": 64}, ...}; on a GPU a small
+        # model's MMLU scoring and GSM8K generation differ by an order of magnitude per request
+        self.calls: Dict[str, Dict[str, float]] = {}
         self.hits = 0
         self.misses = 0
 
     def as_dict(self) -> Dict[str, Any]:
         return {**self.seconds, "request_cache": {"dir": str(self.cache) if self.cache else None,
-                                                  "hits": self.hits, "misses": self.misses}}
+                                                  "hits": self.hits, "misses": self.misses},
+                "model_calls": {name: dict(v) for name, v in self.calls.items()}}
 
 
 def _timed(clock: EvalClock, key: str, fn: Any) -> Any:
@@ -55,6 +59,21 @@ def _timed(clock: EvalClock, key: str, fn: Any) -> Any:
             return fn(*args, **kwargs)
         finally:
             clock.seconds[key] += time.perf_counter() - t0
+    return wrapper
+
+
+def _timed_call(clock: EvalClock, name: str, fn: Any) -> Any:
+    """A model call: its seconds into model_calls_s and, with its request count, into calls[name]."""
+    def wrapper(requests: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(requests, *args, **kwargs)
+        finally:
+            spent = time.perf_counter() - t0
+            clock.seconds["model_calls_s"] += spent
+            entry = clock.calls.setdefault(name, {"s": 0.0, "requests": 0})
+            entry["s"] += spent
+            entry["requests"] += len(requests) if hasattr(requests, "__len__") else 0
     return wrapper
 
 
@@ -71,7 +90,7 @@ def eval_clock(task_manager: Any, lm: Any, cache: Optional[Path], out: Dict[str,
     task_manager.load = _timed(clock, "tasks_s", task_manager.load)
     for name in MODEL_CALLS:
         if lm is not None and hasattr(lm, name):
-            setattr(lm, name, _timed(clock, "model_calls_s", getattr(lm, name)))
+            setattr(lm, name, _timed_call(clock, name, getattr(lm, name)))
 
     def build(task: Any, **kwargs: Any) -> None:
         t0 = time.perf_counter()

@@ -508,6 +508,7 @@ def _accuracy(model: Any, tokenizer: Any, cfg: Any, device: str, phases: Any, re
     clock.lap("eval_s")
     spent = (result["metrics"]["accuracy"] or {}).pop("time_budget", {})
     result["timings"]["eval_request_cache"] = spent.get("request_cache")
+    result["timings"]["eval_model_calls"] = spent.get("model_calls") or None
     clock.split("eval_s", {"eval_tasks_s": spent.get("tasks_s"), "eval_requests_s": spent.get("requests_s"),
                            "eval_model_calls_s": spent.get("model_calls_s"),
                            "eval_perplexity_s": spent.get("perplexity_s")}, rest="eval_other_s")

@@ -660,6 +660,19 @@ class RequestCache(Section):
 
 
 @dataclass
+class ModelCall(Section):
+    s: Optional[Num] = doc("seconds in this request type's calls")
+    requests: Optional[int] = doc("requests lm-eval passed to them (count)")
+
+
+@dataclass
+class ModelCalls(Section):
+    loglikelihood: Optional[ModelCall] = doc("scoring choices (MMLU)")
+    loglikelihood_rolling: Optional[ModelCall] = doc("whole-text log-likelihood (perplexity tasks)")
+    generate_until: Optional[ModelCall] = doc("generation (GSM8K)")
+
+
+@dataclass
 class Timings(Section):
     resolve_s: Optional[Num] = doc("finding the model's folder, s")
     load_s: Optional[Num] = doc("loading (and quantizing) the model, s")
@@ -674,6 +687,7 @@ class Timings(Section):
     budget: Optional[Budget] = doc("named seconds whose sum is wall_time_s (docs/time_budget.md)")
     overhead_s: Optional[Num] = doc("wall_time_s less the measuring parts, s")
     eval_request_cache: Optional[RequestCache] = doc("lm-eval's request cache use")
+    eval_model_calls: Optional[ModelCalls] = doc("budget.eval_model_calls_s by request type")
 
 
 @dataclass
@@ -718,7 +732,7 @@ class Result(Section):
 SECTIONS: List[typing.Type[Section]] = [Result, Metrics, Memory, Latency, LatencySettings, PrefillFigure, DecodeFigure, Dist, MedianCI,
             RoundsSpread, Precision, OneTime, FirstCall, Unsupported, KvShape, CopyBandwidth, HostCpu, Accuracy,
             TaskScore, SubScore, TaskItems, EvalSettings, Perplexity, Quality, Comparison, MeanCI, DeltaP,
-            QualitySettings, Error, Timings, Budget, RequestCache]
+            QualitySettings, Error, Timings, Budget, ModelCalls, ModelCall, RequestCache]
 
 
 def field_reference() -> str:
