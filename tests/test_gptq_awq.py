@@ -329,6 +329,12 @@ def _end_to_end(kind, tiny_source, monkeypatch):
     else:
         assert pack["built"] is False and "torch code" in pack["skipped"] and pack["s"] == 0.0
     assert info["quantize_speedups"] == ({"clip_search": "qbench-bmm-v1"} if kind == "awq" else {})
+    # the quantizing child's start, imports and save: what its own clocks leave of its wall time, which the load
+    # contains (a child runs python -m qbench.methods._gptqmodel: imports alone are ~1 s even here)
+    child_kernels = info["quantize_timings"]["kernel_compile_s"]
+    assert info["quantize_kernel_compile_s"] == child_kernels
+    assert 0.3 < info["quantize_other_s"] and info["quantize_s"] + child_kernels + info["quantize_other_s"] < first_s
+    assert (info["kernel_compile_s"] or 0.0) == pytest.approx((info.get("load_kernel_compile_s") or 0.0) + child_kernels)
     json.dumps(info)  # goes into result.json
 
     ids = torch.randint(0, 2048, (2, 16))
@@ -357,6 +363,7 @@ def _end_to_end(kind, tiny_source, monkeypatch):
     hit_s = time.perf_counter() - t0
     assert info2["cache_hit"] is True and info2["quantized_checkpoint"] == info["quantized_checkpoint"]
     assert info2["quantize_s"] == info["quantize_s"]
+    assert "quantize_other_s" not in info2 and "quantize_kernel_compile_s" not in info2  # nothing quantized now
     with torch.inference_mode():
         assert torch.equal(model2(input_ids=ids).logits, logits)
 

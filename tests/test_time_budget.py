@@ -99,7 +99,8 @@ def _result(cell, status="ok", **budget):
 def test_report_frame_groups_and_sweep_total():
     results = [_result("m__bf16", imports_s=5.0, load_s=2.0, latency_timed_s=10.0, eval_requests_s=3.0,
                        unaccounted_s=0.1),
-               _result("m__gptq", "error", imports_s=5.0, kernel_compile_s=120.0, quantize_s=80.0),
+               _result("m__gptq", "error", imports_s=5.0, kernel_compile_s=120.0, quantize_s=62.0,
+                       quantize_other_s=18.0),
                {"cell": "m__old", "model": "m", "method": "old", "status": "ok", "timings": {"load_s": 3.0}}]
     frame = TB.budget_frame(results)
     assert list(frame.columns) == TB.COLUMNS and set(frame["cell"]) == {"m__bf16", "m__gptq"}  # no budget, no bar
@@ -112,8 +113,23 @@ def test_report_frame_groups_and_sweep_total():
     (chart,) = TB.charts(results)
     assert chart["key"] == "time_budget" and "2 cells, 3.8 min" in chart["caption"]
     bars = [t for t in chart["figure"].data if t.name == "quantize"]
-    assert list(bars[0].y) == ["m__bf16", "m__gptq"] and bars[1].x[0] == pytest.approx(80 / 60)
+    assert list(bars[0].y) == ["m__bf16", "m__gptq"] and bars[1].x[0] == pytest.approx(80 / 60)  # 62 + 18 s
     assert TB.charts(results[2:]) == []  # results from before the budget: no chart, no empty frame
+
+
+def test_the_load_splits_into_the_quantizers_parts():
+    """A GPT-QModel load that quantized: its quantizing child's own clocks and the rest of its wall time (start,
+    imports, save) are budget parts of their own, not load_s (36 s of an H200 gptq cell's load were hidden)."""
+    from qbench.run.cell import _load_parts
+
+    clock = CellClock(clock=iter([0.0, 60.0]).__next__)
+    clock.lap("load_s")
+    timings = {"quantize_s": 15.0, "quantize_cache_hit": False, "kernel_compile_s": 19.0, "quantize_other_s": 20.0}
+    clock.split("load_s", _load_parts(timings))
+    assert clock.parts == pytest.approx({"quantize_s": 15.0, "kernel_compile_s": 19.0, "quantize_other_s": 20.0,
+                                         "load_s": 6.0})
+    hit = _load_parts({"quantize_s": 15.0, "quantize_cache_hit": True, "kernel_compile_s": 1.0})
+    assert hit == {"quantize_s": None, "kernel_compile_s": 1.0, "quantize_other_s": None}
 
 
 def test_measuring_parts_are_budget_keys_the_cell_writes():

@@ -22,7 +22,7 @@ from qbench.report.loading import ResultLike, present, typed
 GROUPS: Dict[str, tuple] = {
     "start-up and imports": ("#999999", ("process_start_s", "startup_s", "setup_s", "imports_s", "cuda_context_s")),
     "load": ("#56B4E9", ("resolve_s", "load_s")),
-    "quantize": ("#0072B2", ("quantize_s",)),
+    "quantize": ("#0072B2", ("quantize_s", "quantize_other_s")),
     "kernel builds and compile": ("#D55E00", ("kernel_compile_s", "latency_compile_s")),
     "latency warm-ups": ("#F0E442", ("latency_warmup_s",)),
     "latency timed runs": ("#E69F00", ("latency_timed_s",)),

@@ -333,7 +333,8 @@ def _load_parts(timings: Dict[str, Any]) -> Dict[str, Any]:
     """What the load spent on quantizing now (not on a quantized-checkpoint cache hit, whose quantize_s is the
     original cost) and on building kernels, as the method reported them."""
     spent_now = timings.get("quantize_s") if not timings.get("quantize_cache_hit") else None
-    return {"quantize_s": spent_now, "kernel_compile_s": timings.get("kernel_compile_s")}
+    return {"quantize_s": spent_now, "kernel_compile_s": timings.get("kernel_compile_s"),
+            "quantize_other_s": timings.get("quantize_other_s")}
 
 
 def _close_budget(result: Dict[str, Any], clock: Any) -> None:
@@ -438,6 +439,7 @@ def _load(cfg: Any, method: Any, source: Any, device: str, result: Dict[str, Any
     timings["quantize_s"] = method_info.get("quantize_s")
     timings["quantize_cache_hit"] = method_info.get("cache_hit")
     timings["kernel_compile_s"] = method_info.get("kernel_compile_s")
+    timings["quantize_other_s"] = method_info.get("quantize_other_s")
     timings["load_excluding_quantize_s"] = method_info.get("load_s_excluding_quantize")
     if device == "cuda" and hasattr(model, "hf_device_map"):
         result["device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
