@@ -333,7 +333,7 @@ def _end_to_end(kind, tiny_source, monkeypatch):
     # contains (a child runs python -m qbench.methods._gptqmodel: imports alone are ~1 s even here)
     child_kernels = info["quantize_timings"]["kernel_compile_s"]
     assert info["quantize_kernel_compile_s"] == child_kernels
-    assert 0.3 < info["quantize_other_s"] and info["quantize_s"] + child_kernels + info["quantize_other_s"] < first_s
+    assert info["quantize_other_s"] > 0.3 and info["quantize_s"] + child_kernels + info["quantize_other_s"] < first_s
     assert (info["kernel_compile_s"] or 0.0) == pytest.approx((info.get("load_kernel_compile_s") or 0.0) + child_kernels)
     json.dumps(info)  # goes into result.json
 
