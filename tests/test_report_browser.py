@@ -115,7 +115,7 @@ def test_decision_panel_follows_the_budget(site_reports, tmp_path):
                                        screenshot=_shots(tmp_path) / "report_decision.png")
     assert facts["problems"] == []  # also: the default answer on load is decision.py's, and plotly loaded from disk
     [default] = _model_answers(facts["decision"])
-    assert default["memory"] == ["bnb_int8"]
+    assert default["memory"] == ["bnb_int8", "torchao_int8wo"]
     results = T.load_results(EXAMPLES / "gpu_smollm2")
     [model] = D.decision_data(T.summary_rows(results), results)["models"]
     typed = {**D.DEFAULT_BUDGET}
@@ -126,8 +126,8 @@ def test_decision_panel_follows_the_budget(site_reports, tmp_path):
         [got] = _model_answers(seen)
         assert got == {"memory": want["memory"], "decode": {str(k): v for k, v in want["decode"].items()}}
         answers.append(got["memory"])
-    assert answers == [["bnb_nf4"], ["bf16", "fp16"], ["bnb_nf4"]]
-    assert "bnb_int8 (KL 0.01532 > 0.015)" in facts["decision_budgets"][1]["models"][0]["excluded"]
+    assert answers == [["bnb_nf4"], ["torchao_int8wo"], ["bnb_nf4"]]
+    assert "bnb_int8 (KL 0.01541 > 0.015)" in facts["decision_budgets"][1]["models"][0]["excluded"]
     # the share link holds the form's budget; typed budgets add up (the PPL ratio of the first stays)
     assert facts["decision_budgets"][1]["link"] == "#budget&kl_max=0.015&ppl_ratio_max=1.3&acc_drop_pp=2&strict=1"
 

@@ -21,6 +21,7 @@ Nothing here imports plotly or torch: the panel is testable from result files al
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from qbench.evaluate import tasks as task_table
@@ -90,7 +91,16 @@ def _dtype(result: Result) -> str:
 
 def _nominal_bits(result: Result) -> Optional[int]:
     """The bit width a rule of thumb speaks of: 4 for NF4/GPTQ/HQQ (4.13-4.5 effective), 8 for int8, 16/32 for
-    an unquantized dtype. Scales and zero points are what the rule leaves out."""
+    an unquantized dtype. Scales and zero points are what the rule leaves out. The method's own ``bits`` key where
+    it has one (a layout's padding is no bit width: torchao int4 on CUDA stores 7.5 bits per SmolLM2 weight), else
+    the width a GGUF type is named for (Q6_K: 6, where SmolLM2's 576-wide rows, no multiple of 256, fall back to a
+    wider type: 8.1 bits per weight, whole model), else the whole bits of what it stores per quantized weight."""
+    declared = T.get(result.config, "method", "bits", default=None)
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+        return declared
+    named = re.match(r"Q(\d)_", str(T.get(result.config, "method", "quant_type", default="")))
+    if named:
+        return int(named.group(1))
     mem = T.memory_of(result)
     bits = T.num(mem.bits_per_weight_quantized) if mem else None
     quantized = T.num(mem.params_quantized_measured if mem.params_quantized_measured is not ABSENT
