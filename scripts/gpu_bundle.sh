@@ -5,6 +5,8 @@
 #   DEST/qbench/    the project tree (Makefile, conf/, scripts/): `make sweep` and `scripts/gpu_run.py` run from it
 #   DEST/data/      the offline MMLU/GSM8K files ($QBENCH_DATA), where this machine has them
 #   DEST/weights/   model files already cached here ($QBENCH_CACHE/weights: the demo's GGUF), where present
+#   DEST/cache/downloads/  llama-cpp-python's sdist, where cached here (make install fetched it): install.sh builds
+#                   llama.cpp from it on the node, with CUDA where nvcc is (the GGUF methods, docs/gguf.md)
 #   DEST/install.sh on the node: installs the wheels into its Python with no index, keeping its torch
 # usage: bash scripts/gpu_bundle.sh DEST [PYTHON]     (PYTHON: the venv whose packages to carry, default .venv/bin/python)
 # Options (environment):
@@ -39,6 +41,12 @@ if [ "${WHEELS:-1}" != 0 ]; then
     # local version labels (+cpu) name this machine's build, not the node's; editable installs are qbench itself
     "$py" -m pip freeze --exclude-editable | grep -v '^#' | grep -iv '^qbench[=@ ]' | sed 's/+[^ ;]*$//' > "$reqs"
   fi
+  # llama-cpp-python has no binary wheel: one built here would be a CPU build for this Python; the node builds its
+  # own from the carried sdist (below), with the build tools carried as wheels
+  grep -iv '^llama[-_]cpp[-_]python==' "$reqs" > "$reqs.k" || true; mv "$reqs.k" "$reqs"
+  if compgen -G "${QBENCH_CACHE:-.cache/qbench}/downloads/llama_cpp_python-*.tar.gz" >/dev/null; then
+    printf '%s\n' scikit-build-core cmake ninja pathspec packaging >> "$reqs"
+  fi
   for pattern in $keep; do
     grep -iv "^${pattern//\*/.*}==" "$reqs" > "$reqs.k" || true; mv "$reqs.k" "$reqs"
   done
@@ -64,6 +72,11 @@ data=${QBENCH_DATA:-}
 if [ -n "$data" ] && [ -d "$data" ]; then cp -r "$data" "$dest/data"; echo "gpu_bundle: data <- $data"; fi
 weights=${QBENCH_CACHE:-.cache/qbench}/weights
 if [ -d "$weights" ]; then mkdir -p "$dest/weights" && cp -r "$weights/." "$dest/weights/"; echo "gpu_bundle: weights <- $weights"; fi
+for sdist in "${QBENCH_CACHE:-.cache/qbench}"/downloads/llama_cpp_python-*.tar.gz; do
+  [ -f "$sdist" ] || continue
+  mkdir -p "$dest/cache/downloads" && cp "$sdist" "$dest/cache/downloads/"
+  echo "gpu_bundle: llama.cpp sdist <- $sdist (install.sh builds it on the node)"
+done
 
 cat > "$dest/install.sh" <<'EOF'
 #!/usr/bin/env bash
@@ -74,6 +87,20 @@ cd "$(dirname "$0")"
 python3 -m pip install --no-index --find-links wheels "qbench[methods,eval,report,slurm]"
 mkdir -p weights && echo "export QBENCH_DATA=$PWD/data QBENCH_CACHE=$PWD/cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1" > env.sh
 mkdir -p cache && ln -sfn "$PWD/weights" cache/weights
+# llama.cpp for the GGUF methods, from the carried sdist: with CUDA where nvcc is (3.5-5 min on 16 cores), else a
+# CPU build (gguf cells then run on the CPU and say so); neither stops the install when it fails
+if compgen -G "cache/downloads/llama_cpp_python-*.tar.gz" >/dev/null; then
+  export QBENCH_CACHE=$PWD/cache
+  python3 -m qbench.methods._llamacpp setup || echo "install.sh: llama.cpp's converter not unpacked: gguf methods will not run"
+  python3 -m pip install -q --no-index --find-links wheels scikit-build-core cmake ninja || true
+  if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+    bash qbench/scripts/llama_cuda_build.sh - || echo "install.sh: the CUDA build of llama.cpp failed: gguf methods will not run"
+  else
+    echo "install.sh: no nvcc: building llama.cpp for the CPU (gguf cells run on the CPU and say so)"
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation cache/downloads/llama_cpp_python-*.tar.gz \
+      || echo "install.sh: the CPU build of llama.cpp failed (a C++ compiler is needed): gguf methods will not run"
+  fi
+fi
 echo "installed; run: source $PWD/env.sh && cd $PWD/qbench && make sweep EXP=gpu_smollm2"
 EOF
 chmod +x "$dest/install.sh"

@@ -105,11 +105,19 @@ def test_bundle_holds_the_project_data_and_an_install_script(tmp_path):
     data.mkdir(parents=True)
     (data / "test.jsonl").write_text("{}\n")
     dest = tmp_path / "bundle"
+    downloads = tmp_path / "cache" / "downloads"  # llama-cpp-python's sdist, as make install caches it
+    downloads.mkdir(parents=True)
+    (downloads / "llama_cpp_python-0.3.36.tar.gz").write_bytes(b"sdist stand-in")
     proc = subprocess.run(["bash", "scripts/gpu_bundle.sh", str(dest), sys.executable], cwd=ROOT, text=True,
                           capture_output=True, timeout=300,
                           env=dict(os.environ, WHEELS="0", QBENCH_DATA=str(tmp_path / "data"),
-                                   QBENCH_CACHE=str(tmp_path / "nocache")))
+                                   QBENCH_CACHE=str(tmp_path / "cache")))
     assert proc.returncode == 0, proc.stderr
+    # the node builds llama.cpp from the carried sdist: with CUDA where nvcc is, else for its CPU
+    assert (dest / "cache" / "downloads" / "llama_cpp_python-0.3.36.tar.gz").read_bytes() == b"sdist stand-in"
+    install = (dest / "install.sh").read_text()
+    assert "bash qbench/scripts/llama_cuda_build.sh -" in install and "--no-build-isolation cache/downloads/" in install
+    assert subprocess.run(["bash", "-n", str(dest / "install.sh")]).returncode == 0
     assert (dest / "qbench" / "Makefile").is_file() and (dest / "qbench" / "conf" / "config.yaml").is_file()
     assert (dest / "qbench" / "scripts" / "gpu_run.py").is_file()
     assert not (dest / "qbench" / ".venv").exists() and not (dest / "qbench" / "reports" / "examples").exists()
