@@ -236,3 +236,27 @@ def test_gptqmodel_cannot_change_the_allocator_of_one_methods_cells():
                              timeout=300, cwd=REPO)
         assert out.returncode == 0, out.stderr[-3000:]
         assert out.stdout.strip().splitlines()[-1] == expected, (extra, out.stdout[-500:])
+
+
+def test_lm_evals_loaded_model_notices_stay_out_of_a_cells_warnings():
+    """lm-eval says "Passed an already-initialized model" for every task of every cell, because qbench hands it the
+    loaded model by design: recorded in library_warnings, not listed in warnings (the report's noisy-figures list);
+    a library's other repeated warning still is."""
+    import logging
+
+    from qbench.run.cell import OncePerCell
+
+    once = OncePerCell()
+    lm_eval = logging.getLogger("lm_eval.models.huggingface")
+    bnb = logging.getLogger("bitsandbytes.autograd._functions")
+    for _ in range(2):
+        for logger, text in ((lm_eval, "`pretrained` model kwarg is not of type `str`. Many other model arguments "
+                                       "may be ignored."),
+                             (lm_eval, "Passed an already-initialized model through `pretrained`, assuming "
+                                       "single-process call to evaluate() or custom distributed integration"),
+                             (bnb, "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16")):
+            once.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, text, None, None))
+    assert [(r["library"], r["count"]) for r in once.records()] == [("lm_eval", 2), ("lm_eval", 2),
+                                                                     ("bitsandbytes", 2)]
+    assert once.warnings() == ["bitsandbytes: MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 "
+                               "(logged 2 times, shown once)"]

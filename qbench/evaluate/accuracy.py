@@ -64,6 +64,11 @@ from qbench.evaluate.lm_eval_tasks import MMLU_CATEGORIES, MMLU_CATEGORY_ALIASES
 from qbench.evaluate.perplexity import perplexity
 from qbench.evaluate.tasks import SUBJECT, Task, lookup
 
+# What lm-eval logs whenever it is handed a loaded model, as qbench always does (above): (library, message start).
+# True of every cell, so a cell keeps them in library_warnings and out of its warnings, which the report lists.
+EXPECTED_LIBRARY_WARNINGS = (("lm_eval", "`pretrained` model kwarg is not of type `str`"),
+                             ("lm_eval", "Passed an already-initialized model through `pretrained`"))
+
 LOG = logging.getLogger(__name__)
 
 BOOTSTRAP_ITERS = 100000  # lm-eval's default; only used for metrics not aggregated by a mean
