@@ -39,16 +39,17 @@ class EvalClock:
         self.cache = cache
         self.seed = seed  # lm-eval's few-shot seed (qbench passes eval.seed)
         self.data_dir = data_dir  # the offline data the tasks read
-        self.seconds = {"tasks_s": 0.0, "requests_s": 0.0, "model_calls_s": 0.0}
-        # model_calls_s by request type: {"generate_until": {"s": 12.3, "requests": 64}, ...}; on a GPU a small
-        # model's MMLU scoring and GSM8K generation differ by an order of magnitude per request
+        self.seconds = {"tasks_s": 0.0, "requests_s": 0.0}
+        # the model calls by request type: {"generate_until": {"s": 12.3, "requests": 64}, ...} (model_calls_s is
+        # their sum); on a GPU a small model's MMLU scoring and GSM8K generation differ by an order of magnitude
         self.calls: Dict[str, Dict[str, float]] = {}
         self.hits = 0
         self.misses = 0
 
     def as_dict(self) -> Dict[str, Any]:
-        return {**self.seconds, "request_cache": {"dir": str(self.cache) if self.cache else None,
-                                                  "hits": self.hits, "misses": self.misses},
+        return {**self.seconds, "model_calls_s": sum(c["s"] for c in self.calls.values()),
+                "request_cache": {"dir": str(self.cache) if self.cache else None, "hits": self.hits,
+                                  "misses": self.misses},
                 "model_calls": {name: dict(v) for name, v in self.calls.items()}}
 
 
@@ -63,16 +64,14 @@ def _timed(clock: EvalClock, key: str, fn: Any) -> Any:
 
 
 def _timed_call(clock: EvalClock, name: str, fn: Any) -> Any:
-    """A model call: its seconds into model_calls_s and, with its request count, into calls[name]."""
+    """A model call: its seconds and request count into calls[name]."""
     def wrapper(requests: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
             return fn(requests, *args, **kwargs)
         finally:
-            spent = time.perf_counter() - t0
-            clock.seconds["model_calls_s"] += spent
             entry = clock.calls.setdefault(name, {"s": 0.0, "requests": 0})
-            entry["s"] += spent
+            entry["s"] += time.perf_counter() - t0
             entry["requests"] += len(requests) if hasattr(requests, "__len__") else 0
     return wrapper
 
