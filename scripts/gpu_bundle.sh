@@ -26,6 +26,9 @@ git rev-parse --is-inside-work-tree >/dev/null 2>&1 || { echo "gpu_bundle: $PWD 
 here=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 gpu_python=${GPU_PYTHON:-$here}
 keep=${KEEP:-torch triton nvidia-* cuda-*}
+cache=${QBENCH_CACHE:-.cache/qbench}
+# llama-cpp-python's sdist as make install cached it (nullglob: none, an empty list)
+shopt -s nullglob; sdists=("$cache"/downloads/llama_cpp_python-*.tar.gz); shopt -u nullglob
 mkdir -p "$dest/wheels" "$dest/qbench"
 dest=$(cd "$dest" && pwd)
 
@@ -44,7 +47,7 @@ if [ "${WHEELS:-1}" != 0 ]; then
   # llama-cpp-python has no binary wheel: one built here would be a CPU build for this Python; the node builds its
   # own from the carried sdist (below), with the build tools carried as wheels
   grep -iv '^llama[-_]cpp[-_]python==' "$reqs" > "$reqs.k" || true; mv "$reqs.k" "$reqs"
-  if compgen -G "${QBENCH_CACHE:-.cache/qbench}/downloads/llama_cpp_python-*.tar.gz" >/dev/null; then
+  if [ ${#sdists[@]} -gt 0 ]; then
     printf '%s\n' scikit-build-core cmake ninja pathspec packaging >> "$reqs"
   fi
   for pattern in $keep; do
@@ -70,10 +73,9 @@ fi
 
 data=${QBENCH_DATA:-}
 if [ -n "$data" ] && [ -d "$data" ]; then cp -r "$data" "$dest/data"; echo "gpu_bundle: data <- $data"; fi
-weights=${QBENCH_CACHE:-.cache/qbench}/weights
+weights=$cache/weights
 if [ -d "$weights" ]; then mkdir -p "$dest/weights" && cp -r "$weights/." "$dest/weights/"; echo "gpu_bundle: weights <- $weights"; fi
-for sdist in "${QBENCH_CACHE:-.cache/qbench}"/downloads/llama_cpp_python-*.tar.gz; do
-  [ -f "$sdist" ] || continue
+for sdist in "${sdists[@]}"; do
   mkdir -p "$dest/cache/downloads" && cp "$sdist" "$dest/cache/downloads/"
   echo "gpu_bundle: llama.cpp sdist <- $sdist (install.sh builds it on the node)"
 done
