@@ -75,6 +75,26 @@ def _spread(a: argparse.Namespace) -> List[List[str]]:
     return cmds
 
 
+def _tasks(a: argparse.Namespace) -> List[str]:
+    return a.tasks.split(",")
+
+
+def _limit(a: argparse.Namespace, flag: str) -> str:
+    """--limit 0 is every item (the full 14,042 MMLU and 1,319 GSM8K questions): no limit flag at all."""
+    return f"{flag}{a.limit} " if a.limit else ""
+
+
+def _eval_vs_lm_eval(a: argparse.Namespace) -> List[List[str]]:
+    """qbench cold, qbench again with run.force=true (requests cached), lm-eval's CLI: the --sides asked for."""
+    def qbench(*force: str) -> List[str]:
+        return _q(a, "model=llama3_1_8b_instruct", "model.random_init=true", "method=bf16", "bench.device=cuda",
+                  "bench.enabled=false", "eval=default", f"eval.tasks=[{','.join(_tasks(a))}]",
+                  f"eval.limit={a.limit or 'null'}", f"eval.batch_size={a.batch}",
+                  f"run.sweep={_sweep(a, 'eval_vs_lm_eval')}", *force)
+    sides = {"qbench": qbench, "qbench-warm": lambda: qbench("run.force=true"), "lm-eval": lambda: _lm_eval_alone(a)}
+    return [sides[side]() for side in a.sides.split(",")]
+
+
 def _lm_eval_alone(a: argparse.Namespace) -> List[str]:
     """lm-eval's own CLI on the folder qbench materialised for the random 8B (found under the cache at run time),
     with qbench's offline task files and the same few-shot count, limit, batch size and seed."""
@@ -82,7 +102,7 @@ def _lm_eval_alone(a: argparse.Namespace) -> List[str]:
     metadata = shlex.quote(json.dumps({"qbench_data_dir": a.data}))
     return ["sh", "-c", f"exec {shlex.quote(sys.executable)} -m lm_eval --model hf --model_args "
             f"pretrained={folder},dtype=bfloat16 --device cuda:0 --batch_size {a.batch} "
-            f"--tasks qbench_mmlu,qbench_gsm8k --num_fewshot 5 --limit {a.limit} --seed 1234 "
+            f"--tasks {','.join('qbench_' + t for t in _tasks(a))} --num_fewshot 5 {_limit(a, '--limit ')}--seed 1234 "
             f"--include_path {ROOT / 'qbench' / 'evaluate' / 'lm_eval_tasks'} --metadata {metadata}"]
 
 
@@ -147,11 +167,7 @@ STEPS: Dict[str, Step] = {
         "qbench's MMLU + GSM8K (5-shot, --limit items per task, fixed batch) on the 8B shape with random weights, "
         "cold, then again with run.force=true (the request cache warm), then `lm_eval` alone with its own CLI on the "
         "same saved model folder, tasks, few-shot, limit and batch size", 560,
-        lambda a: [*[_q(a, "model=llama3_1_8b_instruct", "model.random_init=true", "method=bf16", "bench.device=cuda",
-                        "bench.enabled=false", "eval=default", f"eval.limit={a.limit}", f"eval.batch_size={a.batch}",
-                        f"run.sweep={_sweep(a, 'eval_vs_lm_eval')}", *force) for force in ([], ["run.force=true"])],
-                   _lm_eval_alone(a)],
-        lambda a: [_sweep(a, "eval_vs_lm_eval")]),
+        _eval_vs_lm_eval, lambda a: [_sweep(a, "eval_vs_lm_eval")]),
     "eager-first-call": Step(
         "where the first eager generate at a batch size spends its time (SDPA backends, cuDNN plans)", 150,
         lambda a: [[sys.executable, str(ROOT / "scripts" / "probe_eager_first_call.py")]], lambda a: []),
@@ -240,8 +256,12 @@ def parse(argv: List[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="spread-8b: fresh-process runs per cell (default 5)")
     p.add_argument("--first-index", type=int, default=0, help="spread-8b: number new runs from here")
     p.add_argument("--affinity", default=None, help="spread-8b: comma list of bench.cpu_affinity values")
-    p.add_argument("--limit", type=int, default=24, help="eval-vs-lm-eval-8b: items per task (MMLU: per subject)")
+    p.add_argument("--limit", type=int, default=24,
+                   help="eval-vs-lm-eval-8b: items per task (MMLU: per subject); 0 = every item")
     p.add_argument("--batch", type=int, default=32, help="eval-vs-lm-eval-8b: lm-eval batch size, both sides")
+    p.add_argument("--tasks", default="mmlu,gsm8k", help="eval-vs-lm-eval-8b: tasks, both sides (default mmlu,gsm8k)")
+    p.add_argument("--sides", default="qbench,qbench-warm,lm-eval",
+                   help="eval-vs-lm-eval-8b: which runs, in order (default qbench,qbench-warm,lm-eval)")
     p.add_argument("--rounds", type=int, default=3, help="rounds-8b: run.rounds (default 3)")
     p.add_argument("--sweep", default=None, help="the sweep's name under --runs-dir (default: the step's own)")
     p.add_argument("--runs-dir", default="/tmp/gpu_runs", help="where the runs go (default /tmp/gpu_runs)")

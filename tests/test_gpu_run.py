@@ -71,6 +71,21 @@ def test_options_reach_the_commands(gpu_run):
     assert [next(x for x in c if x.startswith("method=")) for c in per_method] == ["method=hqq", "method=fp8"]
 
 
+def test_eval_vs_lm_eval_full_size_one_task_per_call(gpu_run):
+    """--limit 0 is every item on both sides (no limit key, no --limit flag), and --tasks/--sides cut the comparison
+    into calls that fit a lease: one task, one side at a time, with the same batch size on both."""
+    a = gpu_run.parse(["eval-vs-lm-eval-8b", "--limit", "0", "--tasks", "gsm8k", "--sides", "qbench,lm-eval",
+                       "--batch", "96"])
+    qbench, lm_eval = gpu_run.STEPS["eval-vs-lm-eval-8b"].commands(a)
+    assert "eval.limit=null" in qbench and "eval.tasks=[gsm8k]" in qbench and "eval.batch_size=96" in qbench
+    assert "run.force=true" not in qbench
+    shell = lm_eval[2]
+    assert "--tasks qbench_gsm8k " in shell and "--limit" not in shell and "--batch_size 96 " in shell
+    default = gpu_run.STEPS["eval-vs-lm-eval-8b"].commands(gpu_run.parse(["eval-vs-lm-eval-8b"]))
+    assert len(default) == 3 and "run.force=true" in default[1] and "eval.limit=24" in default[0]
+    assert "--tasks qbench_mmlu,qbench_gsm8k " in default[2][2] and "--limit 24 " in default[2][2]
+
+
 def test_budget_interrupts_a_command_that_prints_nothing(gpu_run, tmp_path):
     """SIGINT at the budget even while the command is silent (a compile), and the log says what happened."""
     script = ("import signal, sys, time\n"
