@@ -29,6 +29,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from qbench.evaluate.lm_eval_tasks import MMLU_CATEGORIES, MMLU_SUBJECTS  # noqa: E402  (stdlib only, no torch)
+
+# eval-vs-lm-eval-8b's tasks: lm-eval's qbench_<name> on its side; an MMLU category is qbench's mmlu over that
+# category's subjects, so the full 14,042 items can be cut into calls that fit a lease's 10 minutes
+EVAL_TASKS = ("mmlu", "gsm8k", *(f"mmlu_{c}" for c in MMLU_CATEGORIES))
 QBENCH = [sys.executable, "-m", "qbench"]
 BENCH_CHECK = [sys.executable, str(ROOT / "scripts" / "bench_check.py")]
 SHORT_LATENCY = ["bench.batch_sizes=[1,8,32]", "bench.new_tokens=64", "bench.decode_paths=[eager]",
@@ -79,18 +85,33 @@ def _tasks(a: argparse.Namespace) -> List[str]:
     return a.tasks.split(",")
 
 
+def _qbench_tasks(a: argparse.Namespace) -> List[str]:
+    """eval.tasks (and eval.mmlu_subjects where MMLU categories were named rather than the whole of it)."""
+    tasks = _tasks(a)
+    categories = {t[len("mmlu_"):] for t in tasks if t.startswith("mmlu_")}
+    names = list(dict.fromkeys("mmlu" if t.startswith("mmlu_") else t for t in tasks))
+    subjects = [s for s, c in MMLU_SUBJECTS.items() if c in categories] if "mmlu" not in tasks else []
+    return [f"eval.tasks=[{','.join(names)}]"] + ([f"eval.mmlu_subjects=[{','.join(subjects)}]"] if subjects else [])
+
+
 def _limit(a: argparse.Namespace, flag: str) -> str:
     """--limit 0 is every item (the full 14,042 MMLU and 1,319 GSM8K questions): no limit flag at all."""
     return f"{flag}{a.limit} " if a.limit else ""
+
+
+def _eval_sweep(a: argparse.Namespace) -> str:
+    """A sweep per task set, limit and batch: the cell's eval settings differ between calls, and a sweep would
+    otherwise skip the second call's cell as done (or rerun the first's as stale)."""
+    return _sweep(a, f"eval_vs_lm_eval_{a.tasks.replace(',', '_')}_limit{a.limit or 'all'}_batch{a.batch}")
 
 
 def _eval_vs_lm_eval(a: argparse.Namespace) -> List[List[str]]:
     """qbench cold, qbench again with run.force=true (requests cached), lm-eval's CLI: the --sides asked for."""
     def qbench(*force: str) -> List[str]:
         return _q(a, "model=llama3_1_8b_instruct", "model.random_init=true", "method=bf16", "bench.device=cuda",
-                  "bench.enabled=false", "eval=default", f"eval.tasks=[{','.join(_tasks(a))}]",
+                  "bench.enabled=false", "eval=default", *_qbench_tasks(a),
                   f"eval.limit={a.limit or 'null'}", f"eval.batch_size={a.batch}",
-                  f"run.sweep={_sweep(a, 'eval_vs_lm_eval')}", *force)
+                  f"run.sweep={_eval_sweep(a)}", *force)
     sides = {"qbench": qbench, "qbench-warm": lambda: qbench("run.force=true"), "lm-eval": lambda: _lm_eval_alone(a)}
     return [sides[side]() for side in a.sides.split(",")]
 
@@ -167,7 +188,7 @@ STEPS: Dict[str, Step] = {
         "qbench's MMLU + GSM8K (5-shot, --limit items per task, fixed batch) on the 8B shape with random weights, "
         "cold, then again with run.force=true (the request cache warm), then `lm_eval` alone with its own CLI on the "
         "same saved model folder, tasks, few-shot, limit and batch size", 560,
-        _eval_vs_lm_eval, lambda a: [_sweep(a, "eval_vs_lm_eval")]),
+        _eval_vs_lm_eval, lambda a: [_eval_sweep(a)]),
     "eager-first-call": Step(
         "where the first eager generate at a batch size spends its time (SDPA backends, cuDNN plans)", 150,
         lambda a: [[sys.executable, str(ROOT / "scripts" / "probe_eager_first_call.py")]], lambda a: []),
@@ -259,7 +280,8 @@ def parse(argv: List[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=24,
                    help="eval-vs-lm-eval-8b: items per task (MMLU: per subject); 0 = every item")
     p.add_argument("--batch", type=int, default=32, help="eval-vs-lm-eval-8b: lm-eval batch size, both sides")
-    p.add_argument("--tasks", default="mmlu,gsm8k", help="eval-vs-lm-eval-8b: tasks, both sides (default mmlu,gsm8k)")
+    p.add_argument("--tasks", default="mmlu,gsm8k",
+                   help=f"eval-vs-lm-eval-8b: tasks, both sides, from {', '.join(EVAL_TASKS)} (default mmlu,gsm8k)")
     p.add_argument("--sides", default="qbench,qbench-warm,lm-eval",
                    help="eval-vs-lm-eval-8b: which runs, in order (default qbench,qbench-warm,lm-eval)")
     p.add_argument("--rounds", type=int, default=3, help="rounds-8b: run.rounds (default 3)")
@@ -273,6 +295,9 @@ def parse(argv: List[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if not a.list and not a.step:
         p.error("name a step, or --list")
+    unknown = [t for t in a.tasks.split(",") if t not in EVAL_TASKS]
+    if unknown:
+        p.error(f"--tasks: {', '.join(unknown)} unknown; choose from {', '.join(EVAL_TASKS)}")
     return a
 
 

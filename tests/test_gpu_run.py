@@ -78,9 +78,19 @@ def test_eval_vs_lm_eval_full_size_one_task_per_call(gpu_run):
                        "--batch", "96"])
     qbench, lm_eval = gpu_run.STEPS["eval-vs-lm-eval-8b"].commands(a)
     assert "eval.limit=null" in qbench and "eval.tasks=[gsm8k]" in qbench and "eval.batch_size=96" in qbench
+    assert "run.sweep=eval_vs_lm_eval_gsm8k_limitall_batch96" in qbench  # its own sweep: not skipped as done
     assert "run.force=true" not in qbench
     shell = lm_eval[2]
     assert "--tasks qbench_gsm8k " in shell and "--limit" not in shell and "--batch_size 96 " in shell
+    # an MMLU category is lm-eval's group on its side and qbench's mmlu over the same subjects on the other
+    a = gpu_run.parse(["eval-vs-lm-eval-8b", "--limit", "0", "--tasks", "mmlu_stem,mmlu_other", "--sides", "qbench,lm-eval"])
+    qbench, lm_eval = gpu_run.STEPS["eval-vs-lm-eval-8b"].commands(a)
+    assert "eval.tasks=[mmlu]" in qbench and "--tasks qbench_mmlu_stem,qbench_mmlu_other " in lm_eval[2]
+    subjects = next(o for o in qbench if o.startswith("eval.mmlu_subjects="))[len("eval.mmlu_subjects=["):-1].split(",")
+    assert "anatomy" in subjects and "business_ethics" in subjects and "philosophy" not in subjects
+    assert len(subjects) == sum(c in ("stem", "other") for c in gpu_run.MMLU_SUBJECTS.values())
+    with pytest.raises(SystemExit):
+        gpu_run.parse(["eval-vs-lm-eval-8b", "--tasks", "mmlu_maths"])
     default = gpu_run.STEPS["eval-vs-lm-eval-8b"].commands(gpu_run.parse(["eval-vs-lm-eval-8b"]))
     assert len(default) == 3 and "run.force=true" in default[1] and "eval.limit=24" in default[0]
     assert "--tasks qbench_mmlu,qbench_gsm8k " in default[2][2] and "--limit 24 " in default[2][2]
