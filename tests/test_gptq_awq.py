@@ -304,11 +304,22 @@ def _assert_quantizer_parts(info, load_s):
     assert (info["kernel_compile_s"] or 0.0) == pytest.approx((info.get("load_kernel_compile_s") or 0.0) + child_kernels)
 
 
+def _assert_footprint_is_analytic(model, method, cfg):
+    from qbench.measure import memory
+
+    # the analytic bytes are the packed tensors' bytes, exactly, layer by layer
+    for name, (out_f, in_f, nbytes) in _packed_bytes_by_layer(model).items():
+        assert nbytes == method.linear_weight_bytes(out_f, in_f, cfg), name
+    # and the whole model's footprint matches the analytic total (non-quantized parts at 16-bit)
+    measured = memory.weight_footprint(model, method)["weight_bytes_measured"]
+    analytic = memory.analytic_weights(model.config, method, cfg)["weight_bytes_analytic"]
+    assert abs(measured / analytic - 1) < 0.01, (measured, analytic)
+
+
 def _end_to_end(kind, tiny_source, monkeypatch):
     import torch
 
     from qbench import methods
-    from qbench.measure import memory
 
     method = methods.get(kind)
     cfg = _cfg(kind)
@@ -349,13 +360,7 @@ def _end_to_end(kind, tiny_source, monkeypatch):
         gen = model.generate(input_ids=ids[:1, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert gen.shape == (1, 7)
 
-    # the analytic bytes are the packed tensors' bytes, exactly, layer by layer
-    for name, (out_f, in_f, nbytes) in _packed_bytes_by_layer(model).items():
-        assert nbytes == method.linear_weight_bytes(out_f, in_f, cfg), name
-    # and the whole model's footprint matches the analytic total (non-quantized parts at 16-bit)
-    measured = memory.weight_footprint(model, method)["weight_bytes_measured"]
-    analytic = memory.analytic_weights(model.config, method, cfg)["weight_bytes_analytic"]
-    assert abs(measured / analytic - 1) < 0.01, (measured, analytic)
+    _assert_footprint_is_analytic(model, method, cfg)
 
     # second load: cache hit, no quantization, the original cost reported
     def boom(*a, **k):
