@@ -90,13 +90,13 @@ def _qbench_tasks(a: argparse.Namespace) -> List[str]:
     tasks = _tasks(a)
     categories = {t[len("mmlu_"):] for t in tasks if t.startswith("mmlu_")}
     names = list(dict.fromkeys("mmlu" if t.startswith("mmlu_") else t for t in tasks))
-    subjects = [s for s, c in MMLU_SUBJECTS.items() if c in categories] if "mmlu" not in tasks else []
+    subjects = [s for s, c in MMLU_SUBJECTS.items() if c in categories]  # parse refuses mmlu beside a category
     return [f"eval.tasks=[{','.join(names)}]"] + ([f"eval.mmlu_subjects=[{','.join(subjects)}]"] if subjects else [])
 
 
-def _limit(a: argparse.Namespace, flag: str) -> str:
+def _lm_eval_limit(a: argparse.Namespace) -> str:
     """--limit 0 is every item (the full 14,042 MMLU and 1,319 GSM8K questions): no limit flag at all."""
-    return f"{flag}{a.limit} " if a.limit else ""
+    return f"--limit {a.limit} " if a.limit else ""
 
 
 def _eval_sweep(a: argparse.Namespace) -> str:
@@ -123,7 +123,7 @@ def _lm_eval_alone(a: argparse.Namespace) -> List[str]:
     metadata = shlex.quote(json.dumps({"qbench_data_dir": a.data}))
     return ["sh", "-c", f"exec {shlex.quote(sys.executable)} -m lm_eval --model hf --model_args "
             f"pretrained={folder},dtype=bfloat16 --device cuda:0 --batch_size {a.batch} "
-            f"--tasks {','.join('qbench_' + t for t in _tasks(a))} --num_fewshot 5 {_limit(a, '--limit ')}--seed 1234 "
+            f"--tasks {','.join('qbench_' + t for t in _tasks(a))} --num_fewshot 5 {_lm_eval_limit(a)}--seed 1234 "
             f"--include_path {ROOT / 'qbench' / 'evaluate' / 'lm_eval_tasks'} --metadata {metadata}"]
 
 
@@ -295,9 +295,11 @@ def parse(argv: List[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if not a.list and not a.step:
         p.error("name a step, or --list")
-    unknown = [t for t in a.tasks.split(",") if t not in EVAL_TASKS]
+    unknown = [t for t in _tasks(a) if t not in EVAL_TASKS]
     if unknown:
         p.error(f"--tasks: {', '.join(unknown)} unknown; choose from {', '.join(EVAL_TASKS)}")
+    if "mmlu" in _tasks(a) and any(t.startswith("mmlu_") for t in _tasks(a)):
+        p.error("--tasks: mmlu already holds every category; lm-eval would run the named ones twice")
     return a
 
 
