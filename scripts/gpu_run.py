@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from qbench.evaluate.lm_eval_tasks import MMLU_CATEGORIES, MMLU_SUBJECTS  # noqa: E402  (stdlib only, no torch)
 
 # eval-vs-lm-eval-8b's tasks: lm-eval's qbench_<name> on its side; an MMLU category is qbench's mmlu over that
-# category's subjects, so the full 14,042 items can be cut into calls that fit a lease's 10 minutes
+# category's subjects, so the whole of MMLU can be cut into calls that fit a lease's 10 minutes
 EVAL_TASKS = ("mmlu", "gsm8k", *(f"mmlu_{c}" for c in MMLU_CATEGORIES))
 QBENCH = [sys.executable, "-m", "qbench"]
 BENCH_CHECK = [sys.executable, str(ROOT / "scripts" / "bench_check.py")]
@@ -95,7 +95,8 @@ def _qbench_tasks(a: argparse.Namespace) -> List[str]:
 
 
 def _lm_eval_limit(a: argparse.Namespace) -> str:
-    """--limit 0 is every item (the full 14,042 MMLU and 1,319 GSM8K questions): no limit flag at all."""
+    """--limit 0 is every item (offline: MMLU's 14,079 hendrycks test rows, 14,042 on the Hub; GSM8K's 1,319):
+    no limit flag at all."""
     return f"--limit {a.limit} " if a.limit else ""
 
 
