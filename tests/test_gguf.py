@@ -133,7 +133,8 @@ def llama_cpp():
 
 def _sweep(args, tmp_path, cache):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "QBENCH_CACHE": str(cache),
-           "PYTHONPATH": str(REPO), "QBENCH_LLAMACPP_SRC": str(SOURCES)}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),  # a node's site too
+           "QBENCH_LLAMACPP_SRC": str(SOURCES)}
     proc = subprocess.run([sys.executable, "-m", "qbench", "-m", *args, f"run.runs_dir={tmp_path / 'runs'}",
                            "run.sweep=g"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -157,6 +158,39 @@ def test_tiny_gguf_cells_measure_like_torch_cells(llama_cpp, tmp_path):
     # hidden 128: every k-quant row falls back to a legacy type; Q8_0 has no fallback to take
     assert res["tiny__gguf_q4_k_m"]["metrics"]["memory"]["fallback_tensors"] > 0
     assert set(res["tiny__gguf_q8_0"]["metrics"]["memory"]["tensor_types"]) == {"Q8_0"}
+    kl = {m: res[f"tiny__{m}"]["metrics"]["quality"]["comparison"]["kl_divergence"]["mean"]
+          for m in ("gguf_q8_0", "gguf_q4_k_m")}
+    assert 0 <= kl["gguf_q8_0"] < kl["gguf_q4_k_m"], kl
+
+
+def _offloads() -> bool:
+    """Whether this llama-cpp-python can put layers on a GPU (a CUDA build), asked in a process of its own: a CUDA
+    build must not load a model beside numpy (qbench/methods/_llamacpp_worker.py), so nothing here touches one."""
+    probe = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_supports_gpu_offload())"],
+                           capture_output=True, text=True, timeout=120)
+    return probe.stdout.strip().endswith("True")
+
+
+@pytest.mark.gpu
+def test_tiny_gguf_cells_on_a_gpu_run_every_layer_there(llama_cpp, tmp_path):
+    """A GPU cell with a CUDA build of llama.cpp (docs/gguf.md) offloads every layer: its latency loop and its quality
+    log-probs come from the GPU, in the worker started by a cell that holds torch and a CUDA context."""
+    if not _offloads():
+        pytest.skip("llama-cpp-python here is a CPU build (docs/gguf.md: CUDA build); "
+                    "test_gpu_layers_follow_the_device_and_the_build covers what such a cell says")
+    gpu = [a for a in FAST if a != "bench.device=cpu"] + ["bench.device=cuda"]
+    res = _sweep(["model=tiny", "method=fp32,gguf_q8_0,gguf_q4_k_m", *gpu], tmp_path, tmp_path / "cache")
+    assert res["tiny__fp32"]["status"] == "ok" and str(res["tiny__fp32"]["device"]).startswith("cuda")
+    for name in ("gguf_q8_0", "gguf_q4_k_m"):
+        r = res[f"tiny__{name}"]
+        assert r["status"] == "ok", r.get("error")
+        info, lat = r["method_info"], r["metrics"]["latency"]
+        assert info["gpu_offload_supported"] and info["runs_on"] == "cuda" and info["n_gpu_layers"] == -1
+        assert "gpu_note" not in info, info["gpu_note"]
+        assert "CUDA" in info["llama_cpp_features"], info["llama_cpp_features"]
+        assert lat["device"] == "cuda" and lat["n_gpu_layers"] == -1
+        assert lat["decode"][0]["tokens_per_s"]["mean"] > 0 and lat["prefill"][0]["ttft_ms"]["p50"] > 0
+        assert r["metrics"]["quality"]["comparison"]["kl_divergence"]["n_windows"] == 2
     kl = {m: res[f"tiny__{m}"]["metrics"]["quality"]["comparison"]["kl_divergence"]["mean"]
           for m in ("gguf_q8_0", "gguf_q4_k_m")}
     assert 0 <= kl["gguf_q8_0"] < kl["gguf_q4_k_m"], kl
