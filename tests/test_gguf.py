@@ -164,11 +164,15 @@ def test_tiny_gguf_cells_measure_like_torch_cells(llama_cpp, tmp_path):
 
 
 def _offloads() -> bool:
-    """Whether this llama-cpp-python can put layers on a GPU (a CUDA build), asked in a process of its own: a CUDA
-    build must not load a model beside numpy (qbench/methods/_llamacpp_worker.py), so nothing here touches one."""
-    probe = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_supports_gpu_offload())"],
-                           capture_output=True, text=True, timeout=120)
-    return probe.stdout.strip().endswith("True")
+    """Whether this llama-cpp-python can put layers on a GPU (a CUDA build), asked as a gguf cell asks: its worker's
+    runtime_facts, in llama.cpp's own process (a CUDA build must not load a model beside numpy)."""
+    from qbench.methods._llamacpp_worker import LlamaWorker
+
+    worker = LlamaWorker()
+    try:
+        return bool(worker.call("runtime_facts")["gpu_offload_supported"])
+    finally:
+        worker.close()
 
 
 @pytest.mark.gpu
