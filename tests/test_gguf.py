@@ -153,6 +153,8 @@ def test_tiny_gguf_cells_measure_like_torch_cells(llama_cpp, tmp_path):
         assert lat["runtime"] == "llama.cpp" and lat["decode"][0]["tokens_per_s"]["mean"] > 0
         assert lat["prefill"][0]["prompt_tokens"] == 16
         assert [u["batch_size"] for u in lat["unsupported"]] == [2]
+        budget = r["timings"]["budget"]  # llama.cpp's loop runs in its worker and is still measuring time
+        assert budget["latency_timed_s"] > 0 and budget["latency_warmup_s"] < 1e-3  # bench.warmup_runs=0
         cmp = r["metrics"]["quality"]["comparison"]
         assert cmp is not None and cmp["kl_divergence"]["n_windows"] == 2, "compared with fp32 on its windows"
     # hidden 128: every k-quant row falls back to a legacy type; Q8_0 has no fallback to take

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 pytest.importorskip("llama_cpp", reason="the gguf extra (make install builds it)")
 
 from qbench.load import tiny, weights
+from qbench.measure import timing
 from qbench.methods import _llamacpp as lc
 from qbench.methods._llamacpp_worker import LlamaWorker, WorkerDied
 from tests.test_faults_signals import _alive, _gone_within
@@ -106,7 +108,10 @@ def test_latency_is_timed_in_the_worker_and_summarized_in_the_cell(tiny_f32):
                           min_repeats=2, max_repeats=2, warmup_runs=1, batch_sizes=[1, 4])
     model = lc.LlamaCppLM(tiny_f32, 256, 1, 256)
     try:
-        out = lc.measure_latency(model, bench, model.n_vocab, [0, 1, 2])
+        with timing.collect() as spent:  # the cell's budget: the worker's loops are measuring time, not overhead
+            t0 = time.perf_counter()
+            out = lc.measure_latency(model, bench, model.n_vocab, [0, 1, 2])
+            wall_s = time.perf_counter() - t0
         logits_after = model(np.asarray([[5, 6, 7]])).logits  # the latency loop left the model usable
     finally:
         model.close()
@@ -117,6 +122,11 @@ def test_latency_is_timed_in_the_worker_and_summarized_in_the_cell(tiny_f32):
     assert out["unsupported"] == [{"decode_path": "llama.cpp", "batch_size": 4,
                                    "reason": "qbench drives one llama.cpp sequence at a time (batch 1 only)"}]
     assert tuple(logits_after.shape[:2]) == (1, 3)
+    # two prefill figures and one decode figure, each with one warm-up: the timed runs hold at least the seconds
+    # the figures report, and warm-ups plus timed runs fit inside the call's wall time
+    timed_ms = sum(r["ttft_ms"]["mean"] * 2 for r in out["prefill"]) + decode["per_token_ms"]["mean"] * 2 * 4
+    assert spent.figures == 3 and spent.warmup_s > 0 and spent.timed_s >= timed_ms / 1e3
+    assert spent.warmup_s + spent.timed_s <= wall_s
 
 
 def test_a_worker_that_dies_is_an_error_naming_its_signal():

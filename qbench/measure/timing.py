@@ -48,6 +48,14 @@ def _add(field_name: str, seconds: float) -> None:
         setattr(spent, field_name, getattr(spent, field_name) + seconds)
 
 
+def account(warmup_s: float, timed_s: float, figures: int) -> None:
+    """Seconds of warm-ups and timed runs that a loop outside this module spent (llama.cpp's, in its worker
+    process), added to every active :func:`collect` as :func:`repeat` adds its own."""
+    _add("warmup_s", float(warmup_s))
+    _add("timed_s", float(timed_s))
+    _add("figures", int(figures))
+
+
 def _bounded_total() -> float:
     return _COLLECTORS[-1].bounded_s if _COLLECTORS else 0.0
 

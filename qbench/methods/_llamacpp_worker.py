@@ -183,19 +183,25 @@ def runtime_facts(state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
             "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload())}
 
 
-def _timed_runs(run: Any, plan: Dict[str, Any]) -> List[float]:
+def _timed_runs(run: Any, plan: Dict[str, Any], spent: Dict[str, float]) -> List[float]:
     """Seconds of each timed run after ``warmup_runs`` discarded ones: at least min_repeats, at most max_repeats,
-    and no new run once max_time_per_figure_s of timed runs is spent."""
+    and no new run once max_time_per_figure_s of timed runs is spent. The wall seconds of the warm-ups and of the
+    timed runs are added to ``spent`` (the cell's time budget: measuring, not overhead)."""
+    t0 = time.perf_counter()
     for _ in range(int(plan["warmup_runs"])):
         run()
+    spent["warmup_s"] += time.perf_counter() - t0
     times: List[float] = []
     cap = plan["max_time_per_figure_s"]
+    t_timed = time.perf_counter()
     while len(times) < int(plan["max_repeats"]):
         if len(times) >= int(plan["min_repeats"]) and (cap is None or sum(times) >= float(cap)):
             break
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
+    spent["timed_s"] += time.perf_counter() - t_timed
+    spent["figures"] += 1
     return times
 
 
@@ -205,12 +211,13 @@ def _latency(state: Dict[str, Any], plan: Dict[str, Any], vocab: int, special_id
     llm = state["llm"]
     rng = np.random.default_rng(plan["seed"])
     allowed = np.setdiff1d(np.arange(vocab), np.asarray(special_ids, dtype=np.int64))
-    out: Dict[str, Any] = {"prefill": [], "decode": None}
+    spent = {"warmup_s": 0.0, "timed_s": 0.0, "figures": 0}
+    out: Dict[str, Any] = {"prefill": [], "decode": None, "spent": spent}
     logits_all, llm._logits_all = llm._logits_all, False  # llama-cpp-python 0.3.36: last-position logits only
     try:
         for p in plan["prompt_tokens"]:
             ids = rng.choice(allowed, size=int(p)).tolist()
-            out["prefill"].append([int(p), _timed_runs(lambda ids=ids: (llm.reset(), llm.eval(ids)), plan)])
+            out["prefill"].append([int(p), _timed_runs(lambda ids=ids: (llm.reset(), llm.eval(ids)), plan, spent)])
         prompt = rng.choice(allowed, size=int(plan["decode_prompt_tokens"])).tolist()
         steps = rng.choice(allowed, size=int(plan["new_tokens"])).tolist()
         per_token: List[float] = []
@@ -223,7 +230,7 @@ def _latency(state: Dict[str, Any], plan: Dict[str, Any], vocab: int, special_id
                 llm.eval([tok])
                 per_token.append(time.perf_counter() - t0)
 
-        times = _timed_runs(run, plan)
+        times = _timed_runs(run, plan, spent)
         out["decode"] = {"runs": len(times), "step_s": per_token[-len(times) * len(steps):]}
     finally:
         llm._logits_all = logits_all
