@@ -91,7 +91,10 @@ def _qbench_tasks(a: argparse.Namespace) -> List[str]:
     categories = {t[len("mmlu_"):] for t in tasks if t.startswith("mmlu_")}
     names = list(dict.fromkeys("mmlu" if t.startswith("mmlu_") else t for t in tasks))
     subjects = [s for s, c in MMLU_SUBJECTS.items() if c in categories]  # parse refuses mmlu beside a category
-    return [f"eval.tasks=[{','.join(names)}]"] + ([f"eval.mmlu_subjects=[{','.join(subjects)}]"] if subjects else [])
+    # eval=default's few-shot counts name both tasks, and preflight refuses a count for a task not run
+    unrun = [f"~eval.num_fewshot.{t}" for t in ("mmlu", "gsm8k") if t not in names]
+    return ([f"eval.tasks=[{','.join(names)}]", *unrun]
+            + ([f"eval.mmlu_subjects=[{','.join(subjects)}]"] if subjects else []))
 
 
 def _lm_eval_limit(a: argparse.Namespace) -> str:

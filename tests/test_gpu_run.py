@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
+
+from qbench.config import validate_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,6 +95,16 @@ def test_eval_vs_lm_eval_full_size_one_task_per_call(gpu_run):
     for tasks in ("mmlu_maths", "mmlu,mmlu_stem"):  # unknown; a category inside the whole MMLU, twice on lm-eval's side
         with pytest.raises(SystemExit):
             gpu_run.parse(["eval-vs-lm-eval-8b", "--tasks", tasks])
+    # eval=default's few-shot counts name mmlu and gsm8k: a task set without one of them drops its count, which
+    # the cell's validation refuses otherwise (this failed on a lent H200 before a model was loaded)
+    for tasks in ("gsm8k", "mmlu_humanities"):
+        (qbench,) = gpu_run.STEPS["eval-vs-lm-eval-8b"].commands(
+            gpu_run.parse(["eval-vs-lm-eval-8b", "--limit", "0", "--tasks", tasks, "--sides", "qbench"]))
+        proc = subprocess.run([sys.executable, "-m", "qbench", "-m", *qbench_overrides(gpu_run, qbench), "--cfg", "job"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        validate_eval(OmegaConf.create(proc.stdout).eval)
     default = gpu_run.STEPS["eval-vs-lm-eval-8b"].commands(gpu_run.parse(["eval-vs-lm-eval-8b"]))
     assert len(default) == 3 and "run.force=true" in default[1] and "eval.limit=24" in default[0]
     assert "--tasks qbench_mmlu,qbench_gsm8k " in default[2][2] and "--limit 24 " in default[2][2]
