@@ -236,3 +236,29 @@ def test_online_task_manager_indexes_the_stock_tasks():
         subset = index["qbench_mmlu_subset_other"].yaml_path.read_text()
         assert "  - mmlu_virology\n" in subset and "group_alias: other" in subset
     assert not index["qbench_mmlu_subset"].yaml_path.exists()  # the run-time group files are cleaned up
+
+
+def test_an_items_context_is_encoded_once_for_its_choices_with_the_same_ids(tiny_model):
+    """reuse_recent_encodings: lm-eval encodes an MMLU item's context once per choice; kept, the ids lm-eval gets
+    are the very ones it computes itself, each a fresh list, and 3 of every 8 encodes of a 4-choice item go."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = tiny_model
+    fewshot = "The following are questions.\n\nWhat is 1 + 1?\nA. 1\nB. 2\nAnswer: B\n\n"
+    pairs = [(f"{fewshot}Question {i}?\nA. x\nB. y\nC. z\nD. w\nAnswer:" + " " * (i % 2), f" {c}")
+             for i in range(6) for c in "ABCD"]  # an odd item ends in a space, which lm-eval moves over
+    plain = HFLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu")
+    expected = [plain._encode_pair(c, x) for c, x in pairs]
+
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu")
+    accuracy.reuse_recent_encodings(lm)
+    calls = []
+    encode = lm.tokenizer.encode
+    lm.tokenizer.encode = lambda s, **kw: calls.append(s) or encode(s, **kw)
+    got = [lm._encode_pair(c, x) for c, x in pairs]
+    assert got == expected
+    assert len(calls) == 6 * 5, "per item: the context once, context + each of 4 choices once"
+    got[0][0].append(-1)  # a caller that changes its list changes nothing kept
+    assert lm._encode_pair(*pairs[0]) == expected[0] and len(calls) == 6 * 5
+    assert lm.tok_encode(pairs[0][0], None) == expected[0][0]  # positional options: straight through
+    assert len(calls) == 6 * 5 + 1
