@@ -59,7 +59,11 @@ def test_cached_requests_give_the_same_figures(tiny_model, tmp_path):
     second = accuracy.run(model, tok, eval_cfg(), "cpu", random_weights=True, cache_dir=str(tmp_path))
     assert _figures(first) == _figures(plain) and _figures(second) == _figures(plain)
     # 2 MMLU subjects + GSM8K: three tasks built once, then read back
-    assert plain["time_budget"]["request_cache"] == {"dir": None, "hits": 0, "misses": 0}
+    assert plain["time_budget"]["request_cache"] == {"dir": None, "hits": 0, "misses": 0, "encoding_hits": 0,
+                                                     "encoding_misses": 0}
+    # MMLU's one log-likelihood call: tokenized and kept by the first cell, read back by the second
+    assert [first["time_budget"]["request_cache"][k] for k in ("encoding_hits", "encoding_misses")] == [0, 1]
+    assert [second["time_budget"]["request_cache"][k] for k in ("encoding_hits", "encoding_misses")] == [1, 0]
     assert first["time_budget"]["request_cache"]["misses"] == 3 and first["time_budget"]["request_cache"]["hits"] == 0
     assert second["time_budget"]["request_cache"]["hits"] == 3 and second["time_budget"]["request_cache"]["misses"] == 0
     assert len(list((tmp_path / "lm_eval_requests").glob("*.pkl"))) == 3
@@ -103,7 +107,7 @@ def test_changed_data_changes_the_key(tiny_model, tmp_path):
     request_cache.folder_digest.cache_clear()  # a new process would hash the folder afresh
     out = accuracy.run(model, tok, cfg, "cpu", random_weights=True, cache_dir=str(tmp_path / "cache"))
     assert out["time_budget"]["request_cache"] == {"dir": str(tmp_path / "cache" / "lm_eval_requests"),
-                                                   "hits": 0, "misses": 1}
+                                                   "hits": 0, "misses": 1, "encoding_hits": 0, "encoding_misses": 0}
 
 
 def test_unreadable_cache_file_is_rebuilt(tiny_model, tmp_path):
@@ -121,3 +125,78 @@ def test_off_switch_and_online_build_every_time(tiny_model, tmp_path):
     assert accuracy._request_cache_dir(str(tmp_path), eval_cfg(cache_requests=False), True, "/d") is None
     assert accuracy._request_cache_dir(str(tmp_path), eval_cfg(), False, None) is None  # online: Hub data may change
     assert accuracy._request_cache_dir(str(tmp_path), eval_cfg(), True, "/d") == tmp_path / "lm_eval_requests"
+
+
+MMLU_ONLY = dict(tasks=["mmlu"], num_fewshot={"mmlu": 2}, task_limits={})
+
+
+def _scored(lm, requests):
+    return lm.loglikelihood(requests, disable_tqdm=True)
+
+
+def test_kept_token_ids_are_the_ones_lm_eval_builds(tiny_model, tmp_path, monkeypatch):
+    """keep_encodings: a second cell's lm-eval gets the very (context ids, continuation ids) lists lm-eval builds
+    itself, for an empty context too, and the same scores."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = tiny_model
+    contexts = ["Question: 2 + 2?\nAnswer:", "Question: 3 + 3? \nAnswer: ", ""]
+    requests = [Instance("loglikelihood", {}, (c, f" {x}"), i) for i, (c, x) in
+                enumerate((c, x) for c in contexts for x in ("4", "six", "Paris"))]
+    built = []
+    fresh = HFLM(pretrained=model, tokenizer=tok, batch_size=2, device="cpu")
+    score = fresh._loglikelihood_tokens
+    fresh._loglikelihood_tokens = lambda reqs, **k: built.append(reqs) or score(reqs, **k)
+    want = _scored(fresh, requests)
+
+    read = []
+    original = request_cache._read_encodings
+    monkeypatch.setattr(request_cache, "_read_encodings", lambda path, reqs: read.append(original(path, reqs)) or read[-1])
+    for cell in ("first", "second"):
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=2, device="cpu")
+        clock = request_cache.EvalClock(tmp_path, None, None)
+        request_cache.keep_encodings(lm, tmp_path / "encodings", clock)
+        assert _scored(lm, requests) == want, cell
+        assert (clock.encoding_hits, clock.encoding_misses) == ((0, 1) if cell == "first" else (1, 0))
+    assert read[0] is None and read[1] == built[0]  # the second cell's lists, texts and ids: lm-eval's own
+    assert len(list((tmp_path / "encodings").glob("*.pkl"))) == 1
+
+
+def test_another_tokenizer_or_other_requests_tokenize_again(tiny_model, tmp_path):
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = tiny_model
+    cfg = eval_cfg(**MMLU_ONLY)
+    accuracy.run(model, tok, cfg, "cpu", random_weights=True, cache_dir=str(tmp_path))
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu")
+    key = request_cache.tokenizer_key(lm)
+    lm.add_bos_token = not lm.add_bos_token  # lm-eval's tok_encode adds a BOS now: other ids
+    assert request_cache.tokenizer_key(lm) != key
+    out = accuracy.run(model, tok, eval_cfg(**{**MMLU_ONLY, "limit": 2}), "cpu", random_weights=True,
+                       cache_dir=str(tmp_path))
+    assert out["time_budget"]["request_cache"]["encoding_misses"] == 1  # fewer items: other requests, other key
+    assert len(list((tmp_path / "lm_eval_requests" / "encodings").glob("*.pkl"))) == 2
+
+
+def test_a_torn_encoding_file_is_tokenized_again_and_a_full_disk_only_warns(tiny_model, tmp_path, monkeypatch,
+                                                                          caplog):
+    model, tok = tiny_model
+    cfg = eval_cfg(**MMLU_ONLY)
+    want = accuracy.run(model, tok, cfg, "cpu", random_weights=True, cache_dir=str(tmp_path))
+    (kept,) = (tmp_path / "lm_eval_requests" / "encodings").glob("*.pkl")
+    kept.write_bytes(b"torn")
+    out = accuracy.run(model, tok, cfg, "cpu", random_weights=True, cache_dir=str(tmp_path))
+    assert out["time_budget"]["request_cache"]["encoding_misses"] == 1 and _figures(out) == _figures(want)
+    assert kept.read_bytes() != b"torn" and "unreadable" in caplog.text
+    kept.unlink()
+
+    def full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(request_cache, "_write_atomic", full)
+    out = accuracy.run(model, tok, cfg, "cpu", random_weights=True, cache_dir=str(tmp_path / "other"))
+    assert _figures(out) == _figures(want)  # neither the requests nor their token ids could be kept: a warning each
+    assert "request cache" in caplog.text and "encoding cache" in caplog.text and "not written" in caplog.text
+    assert out["time_budget"]["request_cache"]["misses"] == 2  # the two MMLU subjects' requests
+    assert out["time_budget"]["request_cache"]["encoding_misses"] == 1  # MMLU's one log-likelihood call

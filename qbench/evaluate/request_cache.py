@@ -14,6 +14,13 @@ or the generation settings), and with a limit it builds every item of the task f
 for a 1,140-item run). Here the key is a hash of all of those; a changed data file or task YAML, another
 lm-eval version, another seed makes another key, and a cache file that cannot be read is rebuilt. Offline only
 (see accuracy._request_cache_dir). Same prompts either way, so the figures do not move: tests/test_task_cache.py.
+
+lm-eval then tokenizes every log-likelihood request in every cell (``TemplateLM.loglikelihood``), while the GPU
+waits: 27 % of MMLU's model-call time on the 8B shape on an H200. The token ids depend only on the requests and the
+tokenizer, the same for every method of one model, so :func:`keep_encodings` keeps them too, under
+``<cache>/encodings/<key>.pkl``, the key a hash of the tokenizer's serialized form (vocabulary, normalizer,
+pre-tokenizer, post-processor), its special tokens, the lm-eval model's BOS settings, the library versions and
+every request's text. A later cell hands lm-eval's ``_loglikelihood_tokens`` the very lists it would have built.
 """
 from __future__ import annotations
 
@@ -22,11 +29,12 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import tempfile
 import time
 from functools import cache
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 LOG = logging.getLogger(__name__)
 MODEL_CALLS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
@@ -45,11 +53,14 @@ class EvalClock:
         self.calls: Dict[str, Dict[str, float]] = {}
         self.hits = 0
         self.misses = 0
+        self.encoding_hits = 0  # loglikelihood calls served from kept token ids, and calls tokenized and kept
+        self.encoding_misses = 0
 
     def as_dict(self) -> Dict[str, Any]:
         return {**self.seconds, "model_calls_s": sum(c["s"] for c in self.calls.values()),
                 "request_cache": {"dir": str(self.cache) if self.cache else None, "hits": self.hits,
-                                  "misses": self.misses},
+                                  "misses": self.misses, "encoding_hits": self.encoding_hits,
+                                  "encoding_misses": self.encoding_misses},
                 "model_calls": {name: dict(v) for name, v in self.calls.items()}}
 
 
@@ -87,6 +98,8 @@ def eval_clock(task_manager: Any, lm: Any, cache: Optional[Path], out: Dict[str,
     clock = EvalClock(cache, seed, data_dir)
     original_build = Task.build_all_requests
     task_manager.load = _timed(clock, "tasks_s", task_manager.load)
+    if lm is not None and cache is not None:
+        keep_encodings(lm, cache / "encodings", clock)  # inside the model call's clock below: its seconds count there
     for name in MODEL_CALLS:
         if lm is not None and hasattr(lm, name):
             setattr(lm, name, _timed_call(clock, name, getattr(lm, name)))
@@ -123,7 +136,107 @@ def _build_or_load(clock: EvalClock, original_build: Any, task: Any, kwargs: Dic
                         type(exc).__name__, exc)
     original_build(task, **kwargs)
     clock.misses += 1
-    _write_atomic(path, dill.dumps(task._instances))
+    try:
+        _write_atomic(path, dill.dumps(task._instances))
+    except OSError as exc:  # a full disk: the requests are built, only the next cell builds them again
+        LOG.warning("request cache %s not written (%s): the next cell builds them again", path, exc)
+
+
+def tokenizer_key(lm: Any) -> Optional[str]:
+    """What lm-eval's ``tok_encode`` on ``lm`` depends on, hashed; None where it cannot be told (a tokenizer with no
+    serialized form, an lm-eval model without ``_loglikelihood_tokens``): such a model tokenizes every time."""
+    import lm_eval
+    import tokenizers
+    import transformers
+
+    tok = getattr(lm, "tokenizer", None)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or not callable(getattr(lm, "_loglikelihood_tokens", None)):
+        return None
+    parts = {
+        "lm": f"{type(lm).__module__}.{type(lm).__qualname__}",
+        "tokenizer": f"{type(tok).__module__}.{type(tok).__qualname__}",
+        "serialized": hashlib.sha256(backend.to_str().encode()).hexdigest(),
+        "special_tokens": tok.special_tokens_map,
+        "tokenizer_bos_eos": [getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None)],
+        "lm_add_bos_token": getattr(lm, "add_bos_token", None),
+        "prefix_token_id": getattr(lm, "prefix_token_id", None),
+        "lm_backend": getattr(lm, "backend", None),
+        "versions": [lm_eval.__version__, transformers.__version__, tokenizers.__version__],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def keep_encodings(lm: Any, folder: Path, clock: EvalClock) -> None:
+    """``lm.loglikelihood`` that reads the token ids of its requests from ``folder`` when another cell with the same
+    tokenizer tokenized the same requests, else tokenizes as lm-eval does and keeps them. A file that cannot be
+    read is tokenized again; one that cannot be written (a full disk) costs a warning, never the cell's figures."""
+    tokenizer = tokenizer_key(lm)
+    if tokenizer is None:
+        return
+    tokenize_and_score = lm.loglikelihood
+    score = lm._loglikelihood_tokens
+
+    def loglikelihood(requests: Any, *args: Any, **kwargs: Any) -> Any:
+        digest = hashlib.sha256(tokenizer.encode())
+        for request in requests:
+            for text in request.args:
+                digest.update(str(len(text)).encode() + b":" + text.encode() + b"\0")
+        path = folder / f"{digest.hexdigest()[:32]}.pkl"
+        kept = _read_encodings(path, requests)
+        if kept is not None:
+            clock.encoding_hits += 1
+            return score(kept, *args, **kwargs)
+        built: List[Any] = []
+
+        def capture(new_requests: Any, *a: Any, **k: Any) -> Any:
+            built.append(new_requests)
+            return score(new_requests, *a, **k)
+
+        lm._loglikelihood_tokens = capture
+        try:
+            result = tokenize_and_score(requests, *args, **kwargs)
+        finally:
+            del lm._loglikelihood_tokens  # the class's own again
+        clock.encoding_misses += 1
+        if len(built) == 1:
+            try:
+                _write_atomic(path, _pack_encodings(built[0]))
+            except OSError as exc:
+                LOG.warning("encoding cache %s not written (%s): the next cell tokenizes again", path, exc)
+        return result
+
+    lm.loglikelihood = loglikelihood
+
+
+def _pack_encodings(new_requests: List[Any]) -> bytes:
+    """lm-eval's ``[((context, continuation), context_ids, continuation_ids), ...]`` less the texts (the key holds
+    them): each distinct context's ids once (MMLU's four choices share one), as int32 bytes."""
+    import numpy as np
+
+    index: Dict[bytes, int] = {}
+    rows = []
+    for _texts, context_ids, continuation_ids in new_requests:
+        packed = np.asarray(context_ids, dtype=np.int32).tobytes()
+        rows.append((index.setdefault(packed, len(index)), [int(i) for i in continuation_ids]))
+    return pickle.dumps({"format": 1, "contexts": list(index), "rows": rows}, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _read_encodings(path: Path, requests: Any) -> Optional[List[Any]]:
+    import numpy as np
+
+    if not path.is_file():
+        return None
+    try:
+        kept = pickle.loads(path.read_bytes())
+        if kept.get("format") != 1 or len(kept["rows"]) != len(requests):
+            raise ValueError(f"{len(kept['rows'])} requests kept, {len(requests)} asked")
+        contexts = [np.frombuffer(c, dtype=np.int32).tolist() for c in kept["contexts"]]
+        return [(tuple(request.args), list(contexts[i]), list(cont))
+                for request, (i, cont) in zip(requests, kept["rows"])]
+    except Exception as exc:  # a torn or foreign file: tokenize again and overwrite it
+        LOG.warning("encoding cache %s unreadable (%s: %s): tokenizing again", path, type(exc).__name__, exc)
+        return None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -658,6 +658,8 @@ class RequestCache(Section):
     dir: Optional[str] = doc("the lm-eval request cache; null: not cached")
     hits: Optional[int] = doc("requests read from it (count)")
     misses: Optional[int] = doc("requests built and stored (count)")
+    encoding_hits: Optional[int] = doc("log-likelihood calls whose token ids were read from it (count)")
+    encoding_misses: Optional[int] = doc("log-likelihood calls tokenized by lm-eval, their ids then stored (count)")
 
 
 @dataclass
