@@ -245,15 +245,26 @@ def test_awq_clip_search_gives_gptqmodels_clip_at_matmul_speed(monkeypatch):
     torch.manual_seed(0)
     w = torch.randn(256, 576)
     x = torch.randn(2, 128, 576) * torch.rand(576) * 3  # uneven channel scales, as real activations
-    t0 = time.process_time()
     expected = library(proc, w, x)
-    library_s = time.process_time() - t0
-    t0 = time.process_time()
     got = AWQProcessor._compute_best_clip(proc, w, x)
-    qbench_s = time.process_time() - t0
     assert got.shape == expected.shape == (256, 9, 1)
     assert torch.equal(got, expected)
+    # CPU seconds on one thread, best of three each: a busy host (a CI beside other jobs) once made an idle
+    # thread pool's spinning count as work; unloaded the batched search is ~45x faster, the bound asks for 3x
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        library_s = min(_cpu_seconds(lambda: library(proc, w, x)) for _ in range(3))
+        qbench_s = min(_cpu_seconds(lambda: AWQProcessor._compute_best_clip(proc, w, x)) for _ in range(3))
+    finally:
+        torch.set_num_threads(threads)
     assert qbench_s * 3 < library_s, (qbench_s, library_s)
+
+
+def _cpu_seconds(fn) -> float:
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
 
 
 # ---------------------------------------------------------------------------------------------------------
