@@ -136,10 +136,7 @@ def _build_or_load(clock: EvalClock, original_build: Any, task: Any, kwargs: Dic
                         type(exc).__name__, exc)
     original_build(task, **kwargs)
     clock.misses += 1
-    try:
-        _write_atomic(path, dill.dumps(task._instances))
-    except OSError as exc:  # a full disk: the requests are built, only the next cell builds them again
-        LOG.warning("request cache %s not written (%s): the next cell builds them again", path, exc)
+    _keep(path, dill.dumps(task._instances), "request cache", "builds them again")
 
 
 def tokenizer_key(lm: Any) -> Optional[str]:
@@ -200,10 +197,7 @@ def keep_encodings(lm: Any, folder: Path, clock: EvalClock) -> None:
             del lm._loglikelihood_tokens  # the class's own again
         clock.encoding_misses += 1
         if len(built) == 1:
-            try:
-                _write_atomic(path, _pack_encodings(built[0]))
-            except OSError as exc:
-                LOG.warning("encoding cache %s not written (%s): the next cell tokenizes again", path, exc)
+            _keep(path, _pack_encodings(built[0]), "encoding cache", "tokenizes again")
         return result
 
     lm.loglikelihood = loglikelihood
@@ -237,6 +231,14 @@ def _read_encodings(path: Path, requests: Any) -> Optional[List[Any]]:
     except Exception as exc:  # a torn or foreign file: tokenize again and overwrite it
         LOG.warning("encoding cache %s unreadable (%s: %s): tokenizing again", path, type(exc).__name__, exc)
         return None
+
+
+def _keep(path: Path, data: bytes, what: str, next_cell: str) -> None:
+    """A cache file written for the next cells; one that cannot be (a full disk) costs a warning, not the cell."""
+    try:
+        _write_atomic(path, data)
+    except OSError as exc:
+        LOG.warning("%s %s not written (%s): the next cell %s", what, path, exc, next_cell)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
