@@ -190,11 +190,15 @@ def keep_encodings(lm: Any, folder: Path, clock: EvalClock) -> None:
             built.append(new_requests)
             return score(new_requests, *a, **k)
 
+        own = vars(lm).get("_loglikelihood_tokens")  # an instance's own, where it had one; else the class's
         lm._loglikelihood_tokens = capture
         try:
             result = tokenize_and_score(requests, *args, **kwargs)
         finally:
-            del lm._loglikelihood_tokens  # the class's own again
+            if own is None:
+                del lm._loglikelihood_tokens
+            else:
+                lm._loglikelihood_tokens = own
         clock.encoding_misses += 1
         if len(built) == 1:
             _keep(path, _pack_encodings(built[0]), "encoding cache", "tokenizes again")
