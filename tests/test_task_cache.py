@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def test_cached_requests_give_the_same_figures(tiny_model, tmp_path):
     assert _figures(first) == _figures(plain) and _figures(second) == _figures(plain)
     # 2 MMLU subjects + GSM8K: three tasks built once, then read back
     assert plain["time_budget"]["request_cache"] == {"dir": None, "hits": 0, "misses": 0, "encoding_hits": 0,
-                                                     "encoding_misses": 0}
+                                                     "encoding_misses": 0, "encoding_s": None}
     # MMLU's one log-likelihood call: tokenized and kept by the first cell, read back by the second
     assert [first["time_budget"]["request_cache"][k] for k in ("encoding_hits", "encoding_misses")] == [0, 1]
     assert [second["time_budget"]["request_cache"][k] for k in ("encoding_hits", "encoding_misses")] == [1, 0]
@@ -107,7 +108,8 @@ def test_changed_data_changes_the_key(tiny_model, tmp_path):
     request_cache.folder_digest.cache_clear()  # a new process would hash the folder afresh
     out = accuracy.run(model, tok, cfg, "cpu", random_weights=True, cache_dir=str(tmp_path / "cache"))
     assert out["time_budget"]["request_cache"] == {"dir": str(tmp_path / "cache" / "lm_eval_requests"),
-                                                   "hits": 0, "misses": 1, "encoding_hits": 0, "encoding_misses": 0}
+                                                   "hits": 0, "misses": 1, "encoding_hits": 0, "encoding_misses": 0,
+                                                   "encoding_s": 0.0}  # no log-likelihood call to tokenize
 
 
 def test_unreadable_cache_file_is_rebuilt(tiny_model, tmp_path):
@@ -155,10 +157,18 @@ def test_kept_token_ids_are_the_ones_lm_eval_builds(tiny_model, tmp_path, monkey
     monkeypatch.setattr(request_cache, "_read_encodings", lambda path, reqs: read.append(original(path, reqs)) or read[-1])
     for cell in ("first", "second"):
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=2, device="cpu")
+        # tokenizing made slow (20 ms an encode) and scoring slower (1 s): encoding_s holds the first, not the second
+        encode, own_score = lm.tok_encode, lm._loglikelihood_tokens
+        lm.tok_encode = lambda *a, **k: time.sleep(0.02) or encode(*a, **k)
+        lm._loglikelihood_tokens = lambda *a, **k: time.sleep(1.0) or own_score(*a, **k)
         clock = request_cache.EvalClock(tmp_path, None, None)
         request_cache.keep_encodings(lm, tmp_path / "encodings", clock)
         assert _scored(lm, requests) == want, cell
         assert (clock.encoding_hits, clock.encoding_misses) == ((0, 1) if cell == "first" else (1, 0))
+        if cell == "first":  # 9 requests, at least one encode each
+            assert 9 * 0.02 <= clock.encoding_s < 1.0, clock.encoding_s
+        else:  # the ids read, nothing encoded
+            assert 0 <= clock.encoding_s < 0.02, clock.encoding_s
     assert read[0] is None and read[1] == built[0]  # the second cell's lists, texts and ids: lm-eval's own
     assert len(list((tmp_path / "encodings").glob("*.pkl"))) == 1
 

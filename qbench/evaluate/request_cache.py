@@ -55,12 +55,15 @@ class EvalClock:
         self.misses = 0
         self.encoding_hits = 0  # loglikelihood calls served from kept token ids, and calls tokenized and kept
         self.encoding_misses = 0
+        # of the log-likelihood calls' seconds, those before the model scored anything: lm-eval tokenizing (a miss)
+        # or the kept ids read (a hit); null where the ids are not kept (online, or a slow tokenizer)
+        self.encoding_s: Optional[float] = None
 
     def as_dict(self) -> Dict[str, Any]:
         return {**self.seconds, "model_calls_s": sum(c["s"] for c in self.calls.values()),
                 "request_cache": {"dir": str(self.cache) if self.cache else None, "hits": self.hits,
                                   "misses": self.misses, "encoding_hits": self.encoding_hits,
-                                  "encoding_misses": self.encoding_misses},
+                                  "encoding_misses": self.encoding_misses, "encoding_s": self.encoding_s},
                 "model_calls": {name: dict(v) for name, v in self.calls.items()}}
 
 
@@ -173,8 +176,10 @@ def keep_encodings(lm: Any, folder: Path, clock: EvalClock) -> None:
         return
     tokenize_and_score = lm.loglikelihood
     score = lm._loglikelihood_tokens
+    clock.encoding_s = 0.0
 
     def loglikelihood(requests: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
         digest = hashlib.sha256(tokenizer.encode())
         for request in requests:
             for text in request.args:
@@ -183,10 +188,13 @@ def keep_encodings(lm: Any, folder: Path, clock: EvalClock) -> None:
         kept = _read_encodings(path, requests)
         if kept is not None:
             clock.encoding_hits += 1
+            clock.encoding_s = (clock.encoding_s or 0.0) + time.perf_counter() - t0
             return score(kept, *args, **kwargs)
         built: List[Any] = []
 
         def capture(new_requests: Any, *a: Any, **k: Any) -> Any:
+            if not built:  # lm-eval has tokenized them all
+                clock.encoding_s = (clock.encoding_s or 0.0) + time.perf_counter() - t0
             built.append(new_requests)
             return score(new_requests, *a, **k)
 

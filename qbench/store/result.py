@@ -660,6 +660,8 @@ class RequestCache(Section):
     misses: Optional[int] = doc("requests built and stored (count)")
     encoding_hits: Optional[int] = doc("log-likelihood calls whose token ids were read from it (count)")
     encoding_misses: Optional[int] = doc("log-likelihood calls tokenized by lm-eval, their ids then stored (count)")
+    encoding_s: Optional[Num] = doc("of eval_model_calls_s, the seconds before the model scored: lm-eval tokenizing "
+                                    "(a miss) or the kept ids read (a hit), s; null: ids not kept")
 
 
 @dataclass
