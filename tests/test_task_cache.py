@@ -159,8 +159,8 @@ def test_kept_token_ids_are_the_ones_lm_eval_builds(tiny_model, tmp_path, monkey
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=2, device="cpu")
         # tokenizing made slow (20 ms an encode) and scoring slower (1 s): encoding_s holds the first, not the second
         encode, own_score = lm.tok_encode, lm._loglikelihood_tokens
-        lm.tok_encode = lambda *a, **k: time.sleep(0.02) or encode(*a, **k)
-        lm._loglikelihood_tokens = lambda *a, **k: time.sleep(1.0) or own_score(*a, **k)
+        lm.tok_encode = lambda *a, _f=encode, **k: time.sleep(0.02) or _f(*a, **k)
+        lm._loglikelihood_tokens = lambda *a, _f=own_score, **k: time.sleep(1.0) or _f(*a, **k)
         clock = request_cache.EvalClock(tmp_path, None, None)
         request_cache.keep_encodings(lm, tmp_path / "encodings", clock)
         assert _scored(lm, requests) == want, cell
