@@ -10,7 +10,8 @@ example reports and docs/stability.md were measured: each runs qbench (or script
 in seconds (SIGINT when it is spent, so one slow step cannot eat a lease's others; the sweep skips finished cells
 when run again), appends its whole output to OUT/session.log (a cut cell's own log lines are the only account of
 where its time went) and packs its runs into OUT/<sweep>.tgz. Options: --methods (comma list), --extra (more
-Hydra overrides, space-separated), --model, --repeats, --first-index, --affinity, --rounds, --sweep, --runs-dir, --out
+Hydra overrides, space-separated), --model, --repeats, --first-index, --affinity, --rounds, --limit, --batch, --tasks,
+--sides, --items, --sweep, --runs-dir, --out
 (default $OUT or gpu_out), --site (default /tmp/site: put first on PYTHONPATH where it exists).
 """
 from __future__ import annotations
@@ -106,7 +107,28 @@ def _lm_eval_limit(a: argparse.Namespace) -> str:
 def _eval_sweep(a: argparse.Namespace) -> str:
     """A sweep per task set, limit and batch: the cell's eval settings differ between calls, and a sweep would
     otherwise skip the second call's cell as done (or rerun the first's as stale)."""
-    return _sweep(a, f"eval_vs_lm_eval_{a.tasks.replace(',', '_')}_limit{a.limit or 'all'}_batch{a.batch}")
+    items = f"_items{a.items[0]}-{a.items[1]}" if a.items else ""
+    return _sweep(a, f"eval_vs_lm_eval_{a.tasks.replace(',', '_')}_limit{a.limit or 'all'}{items}_batch{a.batch}")
+
+
+def _gsm8k_slice(a: argparse.Namespace) -> Path:
+    """--items A:B: a data folder like --data but whose GSM8K test split is its items A..B-1 (the rest linked), for
+    both sides to read: a GSM8K side at batch 128 on the 8B shape is ~13 min, more than a lent call's 10. lm-eval
+    draws each item's few-shot examples in turn from one seeded generator, so a slice's prompts are not the ones
+    its items get in a whole run; they are the same on both sides, which is what the comparison needs."""
+    start, stop = a.items
+    src = Path(a.data)
+    lines = (src / "gsm8k" / "test.jsonl").read_text().splitlines()
+    if stop > len(lines):
+        raise SystemExit(f"--items {start}:{stop}: {src / 'gsm8k' / 'test.jsonl'} has {len(lines)} items")
+    dst = Path(a.runs_dir) / "data_slices" / f"gsm8k_{start}-{stop}"
+    (dst / "gsm8k").mkdir(parents=True, exist_ok=True)
+    for folder, target in ((src, dst), (src / "gsm8k", dst / "gsm8k")):
+        for entry in folder.iterdir():
+            if entry.name not in ("gsm8k", "test.jsonl") and not (target / entry.name).exists():
+                (target / entry.name).symlink_to(entry.resolve())
+    (dst / "gsm8k" / "test.jsonl").write_text("\n".join(lines[start:stop]) + "\n")
+    return dst
 
 
 def _eval_vs_lm_eval(a: argparse.Namespace) -> List[List[str]]:
@@ -288,6 +310,9 @@ def parse(argv: List[str] | None) -> argparse.Namespace:
                    help=f"eval-vs-lm-eval-8b: tasks, both sides, from {', '.join(EVAL_TASKS)} (default mmlu,gsm8k)")
     p.add_argument("--sides", default="qbench,qbench-warm,lm-eval",
                    help="eval-vs-lm-eval-8b: which runs, in order (default qbench,qbench-warm,lm-eval)")
+    p.add_argument("--items", default=None,
+                   help="eval-vs-lm-eval-8b with --tasks gsm8k --limit 0: GSM8K test items A:B only, e.g. 0:660, so "
+                        "that the whole of it can be cut into calls that fit a lease")
     p.add_argument("--rounds", type=int, default=3, help="rounds-8b: run.rounds (default 3)")
     p.add_argument("--sweep", default=None, help="the sweep's name under --runs-dir (default: the step's own)")
     p.add_argument("--runs-dir", default="/tmp/gpu_runs", help="where the runs go (default /tmp/gpu_runs)")
@@ -304,6 +329,16 @@ def parse(argv: List[str] | None) -> argparse.Namespace:
         p.error(f"--tasks: {', '.join(unknown)} unknown; choose from {', '.join(EVAL_TASKS)}")
     if "mmlu" in _tasks(a) and any(t.startswith("mmlu_") for t in _tasks(a)):
         p.error("--tasks: mmlu already holds every category; lm-eval would run the named ones twice")
+    if a.items is not None:
+        try:
+            start, stop = (int(x) for x in a.items.split(":"))
+        except ValueError:
+            p.error(f"--items {a.items!r}: A:B, the first item and one past the last, e.g. 0:660")
+        if not 0 <= start < stop:
+            p.error(f"--items {a.items!r}: needs 0 <= A < B")
+        if a.tasks != "gsm8k" or a.limit:
+            p.error("--items: a slice of GSM8K's test items, with --tasks gsm8k --limit 0")
+        a.items = (start, stop)
     return a
 
 
@@ -318,6 +353,8 @@ def main(argv: List[str] | None = None) -> int:
     step = STEPS[a.step]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.items and a.step == "eval-vs-lm-eval-8b":
+        a.data = str(_gsm8k_slice(a))
     env, rc = environment(a), 0
     for cmd in step.commands(a):
         rc = run(cmd, a.budget if a.budget is not None else step.budget_s, out / "session.log", env) or rc

@@ -110,6 +110,40 @@ def test_eval_vs_lm_eval_full_size_one_task_per_call(gpu_run):
     assert "--tasks qbench_mmlu,qbench_gsm8k " in default[2][2] and "--limit 24 " in default[2][2]
 
 
+def test_eval_vs_lm_eval_gsm8k_items_cut_into_slices(gpu_run, tmp_path, monkeypatch):
+    """--items A:B: both sides read a data folder whose GSM8K test split is items A..B-1 of --data's, with MMLU and
+    GSM8K's train split (the few-shot examples) linked unchanged, in a sweep of its own; main builds it."""
+    import json
+
+    data = tmp_path / "data"
+    (data / "gsm8k").mkdir(parents=True)
+    (data / "mmlu" / "test").mkdir(parents=True)
+    lines = [json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) for i in range(10)]
+    (data / "gsm8k" / "test.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "gsm8k" / "train.jsonl").write_text(lines[0] + "\n")
+    argv = ["eval-vs-lm-eval-8b", "--limit", "0", "--tasks", "gsm8k", "--items", "3:7", "--sides", "qbench,lm-eval",
+            "--data", str(data), "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    calls = []
+    monkeypatch.setattr(gpu_run, "run", lambda cmd, budget, log, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(gpu_run, "pack", lambda *args: None)
+    assert gpu_run.main(argv) == 0
+    (qbench, qenv), (lm_eval, lenv) = calls
+    sliced = Path(qenv["QBENCH_DATA"])
+    assert sliced != data and lenv["QBENCH_DATA"] == str(sliced) and json.dumps(str(sliced)) in lm_eval[2].replace("\\", "")
+    assert (sliced / "gsm8k" / "test.jsonl").read_text().splitlines() == lines[3:7]
+    assert (sliced / "gsm8k" / "train.jsonl").resolve() == (data / "gsm8k" / "train.jsonl").resolve()
+    assert (sliced / "mmlu").resolve() == (data / "mmlu").resolve()
+    assert "run.sweep=eval_vs_lm_eval_gsm8k_limitall_items3-7_batch32" in qbench
+    assert gpu_run.main(argv) == 0  # a second call finds the folder there and writes the same slice
+    assert (sliced / "gsm8k" / "test.jsonl").read_text().splitlines() == lines[3:7]
+    with pytest.raises(SystemExit, match="has 10 items"):
+        gpu_run.main([*argv[:5], "--items", "8:12", *argv[7:]])
+    for bad in (["--items", "7:3"], ["--items", "x"], ["--items", "0:5", "--tasks", "mmlu_stem"],
+                ["--items", "0:5", "--limit", "24"]):
+        with pytest.raises(SystemExit):
+            gpu_run.parse(["eval-vs-lm-eval-8b", "--limit", "0", "--tasks", "gsm8k", *bad])
+
+
 def test_budget_interrupts_a_command_that_prints_nothing(gpu_run, tmp_path):
     """SIGINT at the budget even while the command is silent (a compile), and the log says what happened."""
     script = ("import signal, sys, time\n"
