@@ -336,8 +336,8 @@ def parse(argv: List[str] | None) -> argparse.Namespace:
             p.error(f"--items {a.items!r}: A:B, the first item and one past the last, e.g. 0:660")
         if not 0 <= start < stop:
             p.error(f"--items {a.items!r}: needs 0 <= A < B")
-        if a.tasks != "gsm8k" or a.limit:
-            p.error("--items: a slice of GSM8K's test items, with --tasks gsm8k --limit 0")
+        if a.step != "eval-vs-lm-eval-8b" or a.tasks != "gsm8k" or a.limit:
+            p.error("--items: a slice of GSM8K's test items, for eval-vs-lm-eval-8b with --tasks gsm8k --limit 0")
         a.items = (start, stop)
     return a
 
@@ -353,7 +353,7 @@ def main(argv: List[str] | None = None) -> int:
     step = STEPS[a.step]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    if a.items and a.step == "eval-vs-lm-eval-8b":
+    if a.items:
         a.data = str(_gsm8k_slice(a))
     env, rc = environment(a), 0
     for cmd in step.commands(a):

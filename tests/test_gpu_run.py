@@ -142,6 +142,8 @@ def test_eval_vs_lm_eval_gsm8k_items_cut_into_slices(gpu_run, tmp_path, monkeypa
                 ["--items", "0:5", "--limit", "24"]):
         with pytest.raises(SystemExit):
             gpu_run.parse(["eval-vs-lm-eval-8b", "--limit", "0", "--tasks", "gsm8k", *bad])
+    with pytest.raises(SystemExit):  # another step would silently run every item
+        gpu_run.parse(["latency-8b", "--limit", "0", "--tasks", "gsm8k", "--items", "0:5"])
 
 
 def test_budget_interrupts_a_command_that_prints_nothing(gpu_run, tmp_path):
