@@ -142,6 +142,13 @@ def _eval_vs_lm_eval(a: argparse.Namespace) -> List[List[str]]:
     return [sides[side]() for side in a.sides.split(",")]
 
 
+def _lm_eval_output(a: argparse.Namespace) -> str:
+    """The CLI side's --output_path, a folder beside qbench's sweep (packed with it): lm-eval writes its
+    results_<time>.json there before it prints its table, so its scores and total_evaluation_time_seconds survive
+    a crash in the printing (a lent H100 lacked pytz, which the table's cell typing imports, and lost them)."""
+    return f"{a.runs_dir}/{_eval_sweep(a)}_lm_eval_cli"
+
+
 def _lm_eval_alone(a: argparse.Namespace) -> List[str]:
     """lm-eval's own CLI on the folder qbench materialised for the random 8B (found under the cache at run time),
     with qbench's offline task files and the same few-shot count, limit, batch size and seed."""
@@ -150,7 +157,8 @@ def _lm_eval_alone(a: argparse.Namespace) -> List[str]:
     return ["sh", "-c", f"exec {shlex.quote(sys.executable)} -m lm_eval --model hf --model_args "
             f"pretrained={folder},dtype=bfloat16 --device cuda:0 --batch_size {a.batch} "
             f"--tasks {','.join('qbench_' + t for t in _tasks(a))} --num_fewshot 5 {_lm_eval_limit(a)}--seed 1234 "
-            f"--include_path {ROOT / 'qbench' / 'evaluate' / 'lm_eval_tasks'} --metadata {metadata}"]
+            f"--include_path {ROOT / 'qbench' / 'evaluate' / 'lm_eval_tasks'} --metadata {metadata} "
+            f"--output_path {shlex.quote(_lm_eval_output(a))}"]
 
 
 STEPS: Dict[str, Step] = {
@@ -213,8 +221,9 @@ STEPS: Dict[str, Step] = {
     "eval-vs-lm-eval-8b": Step(
         "qbench's MMLU + GSM8K (5-shot, --limit items per task, fixed batch) on the 8B shape with random weights, "
         "cold, then again with run.force=true (the request cache warm), then `lm_eval` alone with its own CLI on the "
-        "same saved model folder, tasks, few-shot, limit and batch size", 560,
-        _eval_vs_lm_eval, lambda a: [_eval_sweep(a)]),
+        "same saved model folder, tasks, few-shot, limit and batch size (its results in <sweep>_lm_eval_cli)", 560,
+        _eval_vs_lm_eval,
+        lambda a: [_eval_sweep(a), *([Path(_lm_eval_output(a)).name] if "lm-eval" in a.sides.split(",") else [])]),
     "eager-first-call": Step(
         "where the first eager generate at a batch size spends its time (SDPA backends, cuDNN plans)", 150,
         lambda a: [[sys.executable, str(ROOT / "scripts" / "probe_eager_first_call.py")]], lambda a: []),

@@ -85,6 +85,12 @@ def test_eval_vs_lm_eval_full_size_one_task_per_call(gpu_run):
     assert "run.force=true" not in qbench
     shell = lm_eval[2]
     assert "--tasks qbench_gsm8k " in shell and "--limit" not in shell and "--batch_size 96 " in shell
+    # the CLI's results file is written before its table is printed, beside qbench's sweep, and packed with it
+    assert shell.endswith(f"--output_path {a.runs_dir}/eval_vs_lm_eval_gsm8k_limitall_batch96_lm_eval_cli")
+    assert gpu_run.STEPS["eval-vs-lm-eval-8b"].sweeps(a) == ["eval_vs_lm_eval_gsm8k_limitall_batch96",
+                                                             "eval_vs_lm_eval_gsm8k_limitall_batch96_lm_eval_cli"]
+    qbench_only = gpu_run.parse(["eval-vs-lm-eval-8b", "--limit", "0", "--tasks", "gsm8k", "--sides", "qbench"])
+    assert gpu_run.STEPS["eval-vs-lm-eval-8b"].sweeps(qbench_only) == ["eval_vs_lm_eval_gsm8k_limitall_batch32"]
     # an MMLU category is lm-eval's group on its side and qbench's mmlu over the same subjects on the other
     a = gpu_run.parse(["eval-vs-lm-eval-8b", "--limit", "0", "--tasks", "mmlu_stem,mmlu_other", "--sides", "qbench,lm-eval"])
     qbench, lm_eval = gpu_run.STEPS["eval-vs-lm-eval-8b"].commands(a)
