@@ -86,6 +86,10 @@ def _tasks(a: argparse.Namespace) -> List[str]:
     return a.tasks.split(",")
 
 
+def _sides(a: argparse.Namespace) -> List[str]:
+    return a.sides.split(",")
+
+
 def _qbench_tasks(a: argparse.Namespace) -> List[str]:
     """eval.tasks (and eval.mmlu_subjects where MMLU categories were named rather than the whole of it)."""
     tasks = _tasks(a)
@@ -139,14 +143,14 @@ def _eval_vs_lm_eval(a: argparse.Namespace) -> List[List[str]]:
                   f"eval.limit={a.limit or 'null'}", f"eval.batch_size={a.batch}",
                   f"run.sweep={_eval_sweep(a)}", *force)
     sides = {"qbench": qbench, "qbench-warm": lambda: qbench("run.force=true"), "lm-eval": lambda: _lm_eval_alone(a)}
-    return [sides[side]() for side in a.sides.split(",")]
+    return [sides[side]() for side in _sides(a)]
 
 
-def _lm_eval_output(a: argparse.Namespace) -> str:
-    """The CLI side's --output_path, a folder beside qbench's sweep (packed with it): lm-eval writes its
-    results_<time>.json there before it prints its table, so its scores and total_evaluation_time_seconds survive
-    a crash in the printing (a lent H100 lacked pytz, which the table's cell typing imports, and lost them)."""
-    return f"{a.runs_dir}/{_eval_sweep(a)}_lm_eval_cli"
+def _lm_eval_sweep(a: argparse.Namespace) -> str:
+    """The CLI side's --output_path, a folder under --runs-dir beside qbench's sweep (packed with it): lm-eval writes
+    its results_<time>.json there before it prints its table, so its scores and total_evaluation_time_seconds
+    survive a crash in the printing (a lent H100 lacked pytz, which the table's cell typing imports, and lost them)."""
+    return f"{_eval_sweep(a)}_lm_eval_cli"
 
 
 def _lm_eval_alone(a: argparse.Namespace) -> List[str]:
@@ -158,7 +162,7 @@ def _lm_eval_alone(a: argparse.Namespace) -> List[str]:
             f"pretrained={folder},dtype=bfloat16 --device cuda:0 --batch_size {a.batch} "
             f"--tasks {','.join('qbench_' + t for t in _tasks(a))} --num_fewshot 5 {_lm_eval_limit(a)}--seed 1234 "
             f"--include_path {ROOT / 'qbench' / 'evaluate' / 'lm_eval_tasks'} --metadata {metadata} "
-            f"--output_path {shlex.quote(_lm_eval_output(a))}"]
+            f"--output_path {shlex.quote(f'{a.runs_dir}/{_lm_eval_sweep(a)}')}"]
 
 
 STEPS: Dict[str, Step] = {
@@ -223,7 +227,7 @@ STEPS: Dict[str, Step] = {
         "cold, then again with run.force=true (the request cache warm), then `lm_eval` alone with its own CLI on the "
         "same saved model folder, tasks, few-shot, limit and batch size (its results in <sweep>_lm_eval_cli)", 560,
         _eval_vs_lm_eval,
-        lambda a: [_eval_sweep(a), *([Path(_lm_eval_output(a)).name] if "lm-eval" in a.sides.split(",") else [])]),
+        lambda a: [_eval_sweep(a), *([_lm_eval_sweep(a)] if "lm-eval" in _sides(a) else [])]),
     "eager-first-call": Step(
         "where the first eager generate at a batch size spends its time (SDPA backends, cuDNN plans)", 150,
         lambda a: [[sys.executable, str(ROOT / "scripts" / "probe_eager_first_call.py")]], lambda a: []),
