@@ -80,6 +80,37 @@ def test_cached_requests_give_the_same_figures(tiny_model, tmp_path):
     assert all(c["s"] > 0 for c in calls.values())
 
 
+def test_cached_requests_reach_the_model_as_the_same_texts_in_the_same_order(tiny_model, tmp_path, monkeypatch):
+    """What the model is asked, not only its answers: a tiny model's few answers could agree by chance. Two runs of
+    one cell on a GPU gave different GSM8K generations (docs/time_budget.md); this pins that the requests are not
+    why: every request's document, context and generation settings, in lm-eval's order, built or read back."""
+    from lm_eval.models.huggingface import HFLM
+
+    asked = []
+
+    def record(kind, answer):
+        def call(self, requests, disable_tqdm=False):
+            asked[-1].extend((kind, r.doc_id, repr(r.args)) for r in requests)
+            return [answer(r) for r in requests]
+        return call
+
+    monkeypatch.setattr(HFLM, "generate_until", record("generate_until", lambda r: ""))
+    monkeypatch.setattr(HFLM, "loglikelihood", record("loglikelihood", lambda r: (-1.0, False)))
+    model, tok = tiny_model
+    cfg = eval_cfg(limit=None, task_limits={}, num_fewshot={"mmlu": 5, "gsm8k": 5}, max_gen_toks=256)
+    runs = {}
+    for run, cache in (("plain", None), ("first", tmp_path), ("second", tmp_path)):
+        asked.append([])
+        out = accuracy.run(model, tok, cfg, "cpu", random_weights=True, cache_dir=cache and str(cache))
+        runs[run] = asked[-1]
+        if run == "second":
+            assert out["time_budget"]["request_cache"]["hits"] == 3
+    # every fixture item: 2 subjects' MMLU items x 4 choices, and GSM8K's 20 test problems
+    kinds = [kind for kind, _, _ in runs["plain"]]
+    assert kinds.count("generate_until") == 20 and kinds.count("loglikelihood") > 0
+    assert runs["first"] == runs["plain"] and runs["second"] == runs["plain"]
+
+
 @pytest.mark.parametrize("change, rebuilt", [
     (dict(seed=7), 3),  # every task's few-shot draw
     (dict(limit=2), 2),  # the two MMLU subjects; GSM8K keeps its own limit (task_limits)
