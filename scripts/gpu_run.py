@@ -165,6 +165,15 @@ def _lm_eval_alone(a: argparse.Namespace) -> List[str]:
             f"--output_path {shlex.quote(f'{a.runs_dir}/{_lm_eval_sweep(a)}')}"]
 
 
+def _generation_repeats(a: argparse.Namespace) -> List[List[str]]:
+    """Three processes (the third with torch's deterministic algorithms), then the comparison; token files in
+    <--out>/generation_repeats."""
+    probe = [sys.executable, str(ROOT / "scripts" / "probe_generation_repeats.py")]
+    out = ["--out", str(Path(a.out) / "generation_repeats")]
+    return [[*probe, "run", "A", *out], [*probe, "run", "B", *out], [*probe, "run", "C", "--deterministic", *out],
+            [*probe, "compare", *out]]
+
+
 STEPS: Dict[str, Step] = {
     "methods-1b": Step(
         "memory and eager decode of fp32, fp16, bf16, bnb_int8, bnb_nf4 (Llama-3.2-1B shape, random weights)", 300,
@@ -231,6 +240,10 @@ STEPS: Dict[str, Step] = {
     "eager-first-call": Step(
         "where the first eager generate at a batch size spends its time (SDPA backends, cuDNN plans)", 150,
         lambda a: [[sys.executable, str(ROOT / "scripts" / "probe_eager_first_call.py")]], lambda a: []),
+    "generation-repeats": Step(
+        "whether greedy bf16 generation repeats on this GPU, in one process and across three (the 8B shape, random "
+        "weights from one seed, 32 left-padded prompts, 128 tokens), and how often the top two logits tie", 200,
+        _generation_repeats, lambda a: []),
 }
 
 
