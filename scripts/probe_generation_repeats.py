@@ -112,8 +112,8 @@ def run(a: argparse.Namespace) -> None:
                     "rows_with_a_tie": int((gap < spacing).any(dim=1).sum())}
             del logits
         print(f"[{a.tag}] repeat {r}: {time.perf_counter() - t:.1f} s", flush=True)
-    same = [bool(torch.equal(outs[0], o)) for o in outs[1:]]
     rows = [int((outs[0] != o).any(dim=1).sum()) for o in outs[1:]]
+    same = [n == 0 for n in rows]
     print(f"[{a.tag}] in-process repeats equal to the first: {same} (rows that differ: {rows})", flush=True)
     print(f"[{a.tag}] top-2 logit gaps: {json.dumps(ties)}", flush=True)
     out = Path(a.out)
