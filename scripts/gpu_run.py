@@ -174,6 +174,18 @@ def _generation_repeats(a: argparse.Namespace) -> List[List[str]]:
             [*probe, "compare", *out]]
 
 
+def _generation_repeats_trained(a: argparse.Namespace) -> List[List[str]]:
+    """The same with trained weights: SmolLM2-135M's fp32 folder, which gpu_smollm2's first cell converts from the
+    GGUF into the cache (found at run time), and prompts cut from GSM8K's test problems; 64 rows, 256 tokens."""
+    folder = '"$(ls -d "${QBENCH_CACHE:-/tmp/qbench-cache}"/models/gguf-SmolLM2-135M-Instruct* | head -1)"'
+    probe = shlex.join([sys.executable, str(ROOT / "scripts" / "probe_generation_repeats.py")])
+    rest = shlex.join(["--text", str(Path(a.data) / "gsm8k" / "test.jsonl"), "--batch", "64", "--prompt", "200:1600",
+                       "--new-tokens", "256", "--out", str(Path(a.out) / "generation_repeats_smollm2")])
+    return [["sh", "-c", f"exec {probe} run {tag} --pretrained {folder} {rest}"]
+            for tag in ("A", "B", "C --deterministic")] + [
+        ["sh", "-c", f"exec {probe} compare --out {shlex.quote(str(Path(a.out) / 'generation_repeats_smollm2'))}"]]
+
+
 STEPS: Dict[str, Step] = {
     "methods-1b": Step(
         "memory and eager decode of fp32, fp16, bf16, bnb_int8, bnb_nf4 (Llama-3.2-1B shape, random weights)", 300,
@@ -244,6 +256,9 @@ STEPS: Dict[str, Step] = {
         "whether greedy bf16 generation repeats on this GPU, in one process and across three (the 8B shape, random "
         "weights from one seed, 32 left-padded prompts, 128 tokens), and how often the top two logits tie", 200,
         _generation_repeats, lambda a: []),
+    "generation-repeats-smollm2": Step(
+        "the same with trained weights (after quality-smollm2's fp32 cell converted the GGUF): SmolLM2-135M in bf16, "
+        "64 prompts cut from GSM8K's test problems, 256 tokens", 120, _generation_repeats_trained, lambda a: []),
 }
 
 

@@ -14,7 +14,10 @@ three times in a process; and each step's gap between the top two logits against
     python scripts/probe_generation_repeats.py compare          # first differing step of every row, A against B, C
 
 Options: --arch (a qbench architecture, default llama3_1_8b_instruct), --layers (keep the first N; default all),
---batch 32, --prompt 200:1600 (lengths drawn in this range), --new-tokens 128. PYTHONPATH must hold the repo;
+--batch 32, --prompt 200:1600 (lengths drawn in this range), --new-tokens 128. A trained model instead:
+--pretrained DIR (a saved model folder with its tokenizer, e.g. the fp32 folder qbench converts SmolLM2's GGUF
+into under $QBENCH_CACHE/models/gguf-*), and --text FILE (a .jsonl of GSM8K records or plain text) for prompts cut
+from real text: random token ids are no text a trained model has seen. PYTHONPATH must hold the repo;
 `python scripts/gpu_run.py generation-repeats` runs all four.
 """
 from __future__ import annotations
@@ -41,6 +44,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     p.add_argument("--out", default=os.environ.get("OUT", "probe_out"))
     p.add_argument("--device", default="cuda")
+    p.add_argument("--pretrained", default=None, help="a saved model folder (trained weights) instead of --arch")
+    p.add_argument("--text", default=None, help="prompts cut from this file (.jsonl: question + answer fields)")
     return p.parse_args()
 
 
@@ -49,6 +54,10 @@ def _model(a: argparse.Namespace):
 
     from qbench.load import models
 
+    if a.pretrained:
+        model = AutoModelForCausalLM.from_pretrained(a.pretrained, dtype=torch.bfloat16).to(a.device).eval()
+        with torch.no_grad():
+            return model, sum(float(p.double().abs().sum()) for p in model.parameters())
     spec = json.loads(models.architecture_path(a.arch).read_text())
     if a.layers:
         spec["num_hidden_layers"] = a.layers
@@ -58,19 +67,38 @@ def _model(a: argparse.Namespace):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.eval()
     # the same weights in every process, or the comparison means nothing
-    checksum = sum(float(p.double().abs().sum()) for p in model.parameters())
+    with torch.no_grad():
+        checksum = sum(float(p.double().abs().sum()) for p in model.parameters())
     return model, checksum
+
+
+def _text_ids(a: argparse.Namespace) -> torch.Tensor:
+    """The --text file's tokens (the --pretrained folder's tokenizer), GSM8K records as question then answer."""
+    from transformers import AutoTokenizer
+
+    raw = Path(a.text).read_text()
+    if a.text.endswith(".jsonl"):
+        records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        raw = "\n\n".join(f"Question: {r['question']}\nAnswer: {r['answer']}" for r in records)
+    return torch.tensor(AutoTokenizer.from_pretrained(a.pretrained)(raw)["input_ids"])
 
 
 def _prompts(a: argparse.Namespace, vocab: int):
     lo, hi = (int(x) for x in a.prompt.split(":"))
     g = torch.Generator().manual_seed(1)
     lengths = sorted(torch.randint(lo, hi + 1, (a.batch,), generator=g).tolist(), reverse=True)
+    text = _text_ids(a) if a.text else None
+    if text is not None and len(text) < lengths[0]:
+        raise SystemExit(f"--text {a.text}: {len(text)} tokens, fewer than the longest prompt ({lengths[0]})")
     width = lengths[0]
     ids = torch.zeros(a.batch, width, dtype=torch.long)
     mask = torch.zeros(a.batch, width, dtype=torch.long)
     for row, n in enumerate(lengths):  # left padding, as lm-eval's HFLM pads for generation
-        ids[row, width - n:] = torch.randint(1000, vocab - 1000, (n,), generator=g)
+        if text is None:
+            ids[row, width - n:] = torch.randint(1000, vocab - 1000, (n,), generator=g)
+        else:  # a slice of real text from a random offset
+            start = int(torch.randint(0, len(text) - n + 1, (1,), generator=g))
+            ids[row, width - n:] = text[start:start + n]
         mask[row, width - n:] = 1
     return ids.to(a.device), mask.to(a.device), lengths
 
@@ -81,6 +109,8 @@ def _bf16_spacing(x: torch.Tensor) -> torch.Tensor:
 
 
 def run(a: argparse.Namespace) -> None:
+    if a.text and not a.pretrained:
+        raise SystemExit("--text needs --pretrained (its tokenizer)")
     if a.deterministic:
         # read when cuBLAS makes its handle, at the first matmul: here is early enough
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -51,8 +52,11 @@ def test_every_step_composes(gpu_run, tmp_path):
         for cmd in step.commands(a):
             overrides = qbench_overrides(gpu_run, cmd)
             if overrides is None:
-                if cmd[0] == "sh":  # lm_eval alone, on a folder only known at run time: its task files must exist
+                if cmd[0] == "sh" and " -m lm_eval " in cmd[2]:  # on a folder only known at run time
                     assert str(ROOT / "qbench" / "evaluate" / "lm_eval_tasks") in cmd[2], name
+                elif cmd[0] == "sh":  # a probe on a folder only known at run time: the script must exist
+                    script = Path(shlex.split(cmd[2])[2])
+                    assert script.is_file() and script.parent == ROOT / "scripts", f"{name}: {cmd[2]}"
                 else:
                     assert Path(cmd[1]).is_file(), f"{name}: {cmd[1]} does not exist"
                 continue
