@@ -8,7 +8,6 @@ for every later one: 15 s of the default cell's 133 s. This probe separates the 
   * the same with cuDNN's attention left out of SDPA's choice: cuDNN builds an execution plan per shape;
   * the top operators of a first call under torch.profiler.
 Run on a GPU: python scripts/probe_eager_first_call.py [architecture] (PYTHONPATH holding the repo)."""
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ def call(model, batch: int, prompt: int, note: str) -> None:
 
 def main() -> None:
     arch = sys.argv[1] if len(sys.argv) > 1 else "llama3_1_8b_instruct"
-    cfg = AutoConfig.for_model(**json.loads(models.architecture_path(arch).read_text()))
+    cfg = AutoConfig.for_model(**models.architecture_config(arch))
     t0 = time.perf_counter()
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()

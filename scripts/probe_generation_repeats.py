@@ -58,7 +58,7 @@ def _model(a: argparse.Namespace):
         model = AutoModelForCausalLM.from_pretrained(a.pretrained, dtype=torch.bfloat16).to(a.device).eval()
         with torch.no_grad():
             return model, sum(float(p.double().abs().sum()) for p in model.parameters())
-    spec = json.loads(models.architecture_path(a.arch).read_text())
+    spec = models.architecture_config(a.arch)
     if a.layers:
         spec["num_hidden_layers"] = a.layers
     cfg = AutoConfig.for_model(**spec)

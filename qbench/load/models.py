@@ -43,6 +43,11 @@ def architecture_path(name: str) -> Path:
     return ARCHITECTURES_DIR / f"{name}.json"
 
 
+def architecture_config(name: str) -> Dict[str, Any]:
+    """A bundled architecture's config.json (qbench/load/architectures/<name>.json) as a dict."""
+    return json.loads(architecture_path(name).read_text())
+
+
 def config_dict(model_cfg: Any) -> Dict[str, Any]:
     """The model's config.json as it will be built: its source's (or bundled architecture's) plus overrides."""
     out = _load_config_dict(model_cfg)
@@ -65,7 +70,7 @@ def _load_config_dict(model_cfg: Any) -> Dict[str, Any]:
     if (local / "config.json").exists():
         return read_config_json(local / "config.json")
     if model_cfg.architecture:
-        return json.loads(architecture_path(model_cfg.architecture).read_text())
+        return architecture_config(model_cfg.architecture)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(

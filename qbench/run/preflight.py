@@ -136,7 +136,6 @@ def base_model_config(m: Any) -> Tuple[Optional[Dict[str, Any]], bool]:
     """(config.json of the model the cell will build or load, whether model.config_overrides apply to it).
     A Hub model's config is read only where it is on disk (its bundled architecture): None otherwise, and
     the cell checks the tokenizer against the loaded model instead (check_tokenizer_fits)."""
-    import json
 
     from qbench.load import models, tiny
 
@@ -150,7 +149,7 @@ def base_model_config(m: Any) -> Tuple[Optional[Dict[str, Any]], bool]:
     if local.exists():
         return models.read_config_json(local), False
     if m.architecture:
-        return json.loads(models.architecture_path(m.architecture).read_text()), False
+        return models.architecture_config(m.architecture), False
     return None, False
 
 
