@@ -58,6 +58,13 @@ def test_the_baselines_command_writes_the_comparison_into_the_earlier_cell(two_c
     # the summary counts the cells this command ran: the settled cell is neither ran nor its own
     assert "1 cells: ran 1, skipped 0, failed 0" in second.stdout
     assert late_quality.pending_comparisons(sweep) == [] and late_quality.pending_line(sweep) is None
+    # the cell's budget splits its quality phase (the baseline's comparison came later, outside the cell)
+    r = json.loads((sweep / "tiny__fp32" / "result.json").read_text())
+    budget = r["timings"]["budget"]
+    assert "quality_s" not in budget and r["timings"]["quality_s"] > 0
+    assert budget["quality_model_calls_s"] > 0 and budget["quality_write_s"] > 0 and budget["quality_text_s"] > 0
+    assert sum(v for k, v in budget.items() if k.startswith("quality_")) == pytest.approx(r["timings"]["quality_s"],
+                                                                                          abs=0.01)
 
 
 def _undo(tmp_path: Path, sweep: Path) -> Path:

@@ -133,9 +133,13 @@ def test_the_load_splits_into_the_quantizers_parts():
 
 
 def test_measuring_parts_are_budget_keys_the_cell_writes():
+    from qbench.evaluate import quality
+
     cell = (REPO / "qbench" / "run" / "cell.py").read_text()
+    written = {f"quality_{p}" for p in quality.TIME_PARTS}  # the cell prefixes the quality phase's own parts
+    assert 'f"quality_{k}"' in cell
     for part in MEASURING:
-        assert f'"{part}"' in cell, part
+        assert f'"{part}"' in cell or part in written, part
     grouped = {p for _, parts in TB.GROUPS.values() for p in parts}
     assert set(MEASURING) - {"memory_s"} <= grouped
 
@@ -165,3 +169,43 @@ def test_a_real_cell_accounts_for_every_second(tmp_path):
         t["latency_s"], abs=0.05)
     assert t["overhead_s"] == pytest.approx(r["wall_time_s"] - sum(budget.get(k, 0) for k in MEASURING))
     assert t["eval_request_cache"]["misses"] > 0 and "time_budget" not in r["metrics"]["accuracy"]
+
+
+def test_the_quality_phase_says_where_its_seconds_went(tmp_path):
+    """quality.run's parts: the forward passes and the live comparison (measuring), the text, the baseline's file
+    and this cell's (overhead); they add up to the phase, and a compared cell's comparison is timed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qbench.config import yaml_defaults
+    from qbench.evaluate import quality
+    from qbench.load import tiny
+
+    cfg = yaml_defaults("eval", "quality").quality
+    cfg.ctx_tokens, cfg.max_windows = 64, 4
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tiny.VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         head_dim=16)).eval()
+    tok, text, meta = tiny.build_tokenizer(), tiny.TINY_TEXT.read_text()[:30000], {"source": "t", "model_config_hash": "m"}
+    base = quality.run(model, tok, cfg, text=text, cell_dir=tmp_path / "base", baseline_file=None, meta=meta)
+    cand = quality.run(model, tok, cfg, text=text, cell_dir=tmp_path / "cand",
+                       baseline_file=tmp_path / "base" / quality.LOGPROBS_FILE, meta=meta)
+    for got, compared in ((base, False), (cand, True)):
+        parts = got["time_parts_s"]
+        assert set(parts) == set(quality.TIME_PARTS)
+        assert parts["model_calls_s"] > 0 and parts["record_s"] > 0 and parts["write_s"] > 0 and parts["text_s"] > 0
+        assert (parts["compare_s"] > 0) == compared and (parts["baseline_read_s"] > 0) == compared
+        assert sum(parts.values()) <= got["eval_time_s"] + 1e-6  # the rest (summaries; scipy.stats' first import)
+    assert cand["comparison"]["kl_divergence"]["mean"] == pytest.approx(0.0, abs=1e-6)
+
+    # in the cell's budget the phase is split: the forwards and the comparison measure, the rest is overhead
+    clock = CellClock(clock=iter([0.0, 10.0]).__next__)
+    clock.lap("quality_s")
+    clock.split("quality_s", {f"quality_{k}": v for k, v in {"model_calls_s": 4.0, "compare_s": 1.0, "record_s": 2.0,
+                                                              "write_s": 1.0, "text_s": 0.5}.items()},
+                rest="quality_other_s")
+    assert overhead_s(clock.parts, 10.0) == pytest.approx(5.0)
+    grouped = {p: g for g, (_, ps) in TB.GROUPS.items() for p in ps}
+    assert grouped["quality_model_calls_s"] == grouped["quality_compare_s"] == "quality"
+    assert {grouped[p] for p in ("quality_record_s", "quality_write_s", "quality_other_s")} == {"quality: text and files"}

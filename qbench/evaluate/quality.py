@@ -117,6 +117,8 @@ def window_logprobs(model: Any, windows: np.ndarray, batch_size: int) -> Iterato
             batch = torch.as_tensor(windows[start:start + batch_size], device=dev)
             logits = model(batch).logits[:, first:first + count]
             logp = torch.log_softmax(logits.float(), dim=-1)
+            if dev.type == "cuda":  # the forward's seconds stay the forward's in the budget (compacting syncs anyway)
+                torch.cuda.synchronize(dev)
             for j in range(logp.shape[0]):
                 yield start + j, logp[j]
 
@@ -419,25 +421,38 @@ def run(model: Any, tokenizer: Any, q_cfg: Any, *, text: str, cell_dir: Path, ba
     ``baseline_file`` is None for the baseline cell itself, else where the baseline's file is (or will be).
     """
     t0 = time.perf_counter()
+    spent = dict.fromkeys(TIME_PARTS, 0.0)  # where the phase's seconds went (the cell's budget splits quality_s)
     windows = corpus_windows(tokenizer, text, int(q_cfg.ctx_tokens), q_cfg.max_windows)
     max_kept = None if q_cfg.get("max_kept") is None else int(q_cfg.max_kept)
     meta = {**meta, "format": FORMAT_VERSION, "ctx_tokens": int(q_cfg.ctx_tokens), "n_windows": len(windows),
             "tokens_sha256": tokens_hash(windows), "batch_size": int(q_cfg.batch_size), "max_kept": max_kept,
             "coverage": float(q_cfg.coverage), "vocab_size": None}
-    ref, warning = usable_reference(baseline_file, meta) if baseline_file is not None else (None, None)
+    t = time.perf_counter()
+    spent["text_s"] = t - t0
+    ref, warning = None, None
+    if baseline_file is not None:
+        ref, warning = usable_reference(baseline_file, meta)
+        spent["baseline_read_s"] = time.perf_counter() - t
     # a compared cell without a usable baseline is compared later from the files: it keeps a thinner tail for that
     if baseline_file is not None and ref is None:
         meta["coverage"] = report_coverage(q_cfg.coverage)
     recorder = Recorder(windows, meta["coverage"], max_kept)
     live: List[Dict[str, np.ndarray]] = []
     _, count = scored_positions(windows.shape[1])
+    t = time.perf_counter()
     for w, logp in window_logprobs(model, windows, int(q_cfg.batch_size)):
+        t = _lap(spent, "model_calls_s", t)  # the generator's forward (and its sync), between two windows
         meta["vocab_size"] = int(logp.shape[-1])
         recorder.add(w, logp)
+        t = _lap(spent, "record_s", t)
         if ref is not None:
             live.append(compare_live(ref, w, logp, np.arange(w * count, (w + 1) * count)))
+            t = _lap(spent, "compare_s", t)
+    _lap(spent, "model_calls_s", t)  # the generator's end
+    t = time.perf_counter()
     cell_dir.mkdir(parents=True, exist_ok=True)
     recorder.write(cell_dir / LOGPROBS_FILE, meta)
+    t = _lap(spent, "write_s", t)
     arrays = recorder.arrays()
     comparison, per_token = None, None
     if live:
@@ -461,7 +476,19 @@ def run(model: Any, tokenizer: Any, q_cfg: Any, *, text: str, cell_dir: Path, ba
                     | {"scored": "second half of each window (llama.cpp)"},
         "warnings": warnings,
         "eval_time_s": time.perf_counter() - t0,
+        "time_parts_s": spent,
     }
+
+
+# The quality phase's parts (quality.run's "time_parts_s", which the cell pops into its budget as quality_<part>):
+# reading the baseline's file, compacting and writing this cell's, and tokenizing the text measure nothing.
+TIME_PARTS = ("text_s", "baseline_read_s", "model_calls_s", "record_s", "compare_s", "write_s")
+
+
+def _lap(spent: Dict[str, float], part: str, since: float) -> float:
+    now = time.perf_counter()
+    spent[part] += now - since
+    return now
 
 
 def compare_later(cell_dir: Path, baseline_dir: Path) -> Optional[Dict[str, Any]]:

@@ -15,8 +15,10 @@ from typing import Dict, Iterable, Optional
 
 # The parts of a cell that measure something (their seconds are the figures' cost); the rest is overhead_s:
 # starting, importing, loading and quantizing, compiling, building lm-eval's tasks, and what the steps do besides.
+# quality_s: a budget written before the quality phase was split (its parts since: quality_model_calls_s, the
+# forward passes, and quality_compare_s, the live comparison with the baseline; the rest reads and writes files).
 MEASURING = ("memory_s", "latency_warmup_s", "latency_timed_s", "eval_model_calls_s", "eval_perplexity_s",
-             "quality_s")
+             "quality_model_calls_s", "quality_compare_s", "quality_s")
 
 
 class CellClock:

@@ -28,7 +28,9 @@ GROUPS: Dict[str, tuple] = {
     "latency timed runs": ("#E69F00", ("latency_timed_s",)),
     "eval: tasks and prompts": ("#CC79A7", ("eval_tasks_s", "eval_requests_s")),
     "eval: model calls": ("#009E73", ("eval_model_calls_s", "eval_perplexity_s")),
-    "quality": ("#000000", ("quality_s",)),
+    "quality": ("#000000", ("quality_s", "quality_model_calls_s", "quality_compare_s")),
+    "quality: text and files": ("#666666", ("quality_text_s", "quality_baseline_read_s", "quality_record_s",
+                                            "quality_write_s", "quality_other_s")),
     "other": ("#DDDDDD", ()),  # memory_s, latency_other_s, eval_other_s, finish_s, unaccounted_s, and new parts
 }
 GROUP_OF = {part: group for group, (_, parts) in GROUPS.items() for part in parts}

@@ -276,6 +276,8 @@ def run(spec: Dict[str, Any]) -> Dict[str, Any]:
             result["warnings"].extend(result["metrics"]["quality"].pop("warnings"))
             result["timings"]["quality_s"] = time.perf_counter() - t0
             clock.lap("quality_s")
+            parts = result["metrics"]["quality"].pop("time_parts_s")
+            clock.split("quality_s", {f"quality_{k}": v for k, v in parts.items()}, rest="quality_other_s")
         result["metrics"]["memory"].update(phases.summary())
         result["status"] = "ok"
     except KeyboardInterrupt:
@@ -531,9 +533,12 @@ def _quality(model: Any, tokenizer: Any, cfg: Any, spec: Dict[str, Any]) -> Dict
     baseline_file = None if cfg.method.name == base else cell_dir_of(cfg, base) / quality.LOGPROBS_FILE
     meta = {"source": q.source, "model": cfg.model.name, "method": cfg.method.name,
             "model_config_hash": content_hash(OmegaConf.to_container(cfg.model, resolve=True))}
+    t0 = time.perf_counter()
     text = load_perplexity_text(q.source, offline=eval_offline(cfg.eval))
+    text_s = time.perf_counter() - t0
     cell_dir = Path(spec.get("cell_dir") or cell_dir_of(cfg))
     section = quality.run(model, tokenizer, q, text=text, cell_dir=cell_dir, baseline_file=baseline_file, meta=meta)
+    section["time_parts_s"]["text_s"] += text_s
     section["baseline_method"] = base
     if section["comparison"]:
         kl = section["comparison"]["kl_divergence"]
