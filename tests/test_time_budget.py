@@ -196,7 +196,7 @@ def test_the_quality_phase_says_where_its_seconds_went(tmp_path):
         assert set(parts) == set(quality.TIME_PARTS)
         assert parts["model_calls_s"] > 0 and parts["record_s"] > 0 and parts["write_s"] > 0 and parts["text_s"] > 0
         assert (parts["compare_s"] > 0) == compared and (parts["baseline_read_s"] > 0) == compared
-        assert sum(parts.values()) <= got["eval_time_s"] + 1e-6  # the rest (summaries; scipy.stats' first import)
+        assert sum(parts.values()) <= got["eval_time_s"] + 1e-6  # the rest: summaries, scipy.stats' import
     assert cand["comparison"]["kl_divergence"]["mean"] == pytest.approx(0.0, abs=1e-6)
 
     # in the cell's budget the phase is split: the forwards and the comparison measure, the rest is overhead
