@@ -55,16 +55,15 @@ def _model(a: argparse.Namespace):
     from qbench.load import models
 
     if a.pretrained:
-        model = AutoModelForCausalLM.from_pretrained(a.pretrained, dtype=torch.bfloat16).to(a.device).eval()
-        with torch.no_grad():
-            return model, sum(float(p.double().abs().sum()) for p in model.parameters())
-    spec = models.architecture_config(a.arch)
-    if a.layers:
-        spec["num_hidden_layers"] = a.layers
-    cfg = AutoConfig.for_model(**spec)
-    torch.manual_seed(0)
-    with torch.device(a.device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(a.pretrained, dtype=torch.bfloat16).to(a.device)
+    else:
+        spec = models.architecture_config(a.arch)
+        if a.layers:
+            spec["num_hidden_layers"] = a.layers
+        cfg = AutoConfig.for_model(**spec)
+        torch.manual_seed(0)
+        with torch.device(a.device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.eval()
     # the same weights in every process, or the comparison means nothing
     with torch.no_grad():

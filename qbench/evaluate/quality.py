@@ -427,12 +427,11 @@ def run(model: Any, tokenizer: Any, q_cfg: Any, *, text: str, cell_dir: Path, ba
     meta = {**meta, "format": FORMAT_VERSION, "ctx_tokens": int(q_cfg.ctx_tokens), "n_windows": len(windows),
             "tokens_sha256": tokens_hash(windows), "batch_size": int(q_cfg.batch_size), "max_kept": max_kept,
             "coverage": float(q_cfg.coverage), "vocab_size": None}
-    t = time.perf_counter()
-    spent["text_s"] = t - t0
+    t = _lap(spent, "text_s", t0)
     ref, warning = None, None
     if baseline_file is not None:
         ref, warning = usable_reference(baseline_file, meta)
-        spent["baseline_read_s"] = time.perf_counter() - t
+        t = _lap(spent, "baseline_read_s", t)
     # a compared cell without a usable baseline is compared later from the files: it keeps a thinner tail for that
     if baseline_file is not None and ref is None:
         meta["coverage"] = report_coverage(q_cfg.coverage)
@@ -448,11 +447,10 @@ def run(model: Any, tokenizer: Any, q_cfg: Any, *, text: str, cell_dir: Path, ba
         if ref is not None:
             live.append(compare_live(ref, w, logp, np.arange(w * count, (w + 1) * count)))
             t = _lap(spent, "compare_s", t)
-    _lap(spent, "model_calls_s", t)  # the generator's end
-    t = time.perf_counter()
+    t = _lap(spent, "model_calls_s", t)  # the generator's end
     cell_dir.mkdir(parents=True, exist_ok=True)
     recorder.write(cell_dir / LOGPROBS_FILE, meta)
-    t = _lap(spent, "write_s", t)
+    _lap(spent, "write_s", t)
     arrays = recorder.arrays()
     comparison, per_token = None, None
     if live:
