@@ -431,7 +431,7 @@ def run(model: Any, tokenizer: Any, q_cfg: Any, *, text: str, cell_dir: Path, ba
     ref, warning = None, None
     if baseline_file is not None:
         ref, warning = usable_reference(baseline_file, meta)
-        t = _lap(spent, "baseline_read_s", t)
+        _lap(spent, "baseline_read_s", t)
     # a compared cell without a usable baseline is compared later from the files: it keeps a thinner tail for that
     if baseline_file is not None and ref is None:
         meta["coverage"] = report_coverage(q_cfg.coverage)
